@@ -1,0 +1,335 @@
+//! `Checkpoints`: model versions on disk, one directory each (`v00000042/`) holding
+//! `weights.safetensors` (weights and Adam moments) and `manifest.json` (format, counters, β,
+//! hyper-parameters, training figures, checksum). A version is written in a temporary directory,
+//! fsynced, renamed into place and the parent fsynced, so it is all there or not at all; loading
+//! a truncated, corrupted or foreign checkpoint fails with an error naming the problem.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::adam::Adam;
+use super::{ModelConfig, MultiVae, Trainer};
+
+/// The `format` field every manifest carries.
+pub const CHECKPOINT_FORMAT: &str = "multivaed-checkpoint";
+/// The newest manifest layout this build reads and the one it writes.
+pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
+
+const WEIGHTS: &str = "weights.safetensors";
+const MANIFEST: &str = "manifest.json";
+
+/// What `manifest.json` says about a model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// Monotonic model version number (the directory name).
+    pub model_version: u64,
+    /// Mini-batches over the model's life (drives β).
+    pub update_count: u64,
+    /// Adam's step count (its bias correction).
+    pub adam_step: u64,
+    /// Epochs over the model's life (drives the shuffling stream).
+    pub epochs_done: u64,
+    /// β of the next update.
+    pub beta: f64,
+    pub n_items: usize,
+    pub seed: u64,
+    pub config: ModelConfig,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub created_unix_ms: u64,
+    /// Free-form figures of the training that produced it (loss, validation NDCG, …).
+    #[serde(default)]
+    pub training: serde_json::Value,
+    pub weights_file: String,
+    pub weights_bytes: u64,
+    pub weights_crc32: u32,
+}
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a multivaed checkpoint: {reason}")]
+    Foreign { path: PathBuf, reason: String },
+    #[error("{path}: checkpoint format version {found} is newer than this build reads ({CHECKPOINT_FORMAT_VERSION})")]
+    UnsupportedVersion { path: PathBuf, found: u32 },
+    #[error("{path}: corrupt checkpoint: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: model version {version} already exists")]
+    Exists { path: PathBuf, version: u64 },
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path).and_then(|d| d.sync_all()).map_err(io(path))
+}
+
+/// The directory of model versions.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    dir: PathBuf,
+}
+
+impl Checkpoints {
+    /// Versions live under `dir` (created on first save).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory of model versions.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Directory of a version.
+    pub fn path_of(&self, version: u64) -> PathBuf {
+        self.dir.join(format!("v{version:08}"))
+    }
+
+    /// Writes `trainer` as `version`, atomically. `training` is stored in the manifest.
+    pub fn save(
+        &self,
+        trainer: &Trainer,
+        version: u64,
+        training: serde_json::Value,
+    ) -> Result<Manifest, CheckpointError> {
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let final_path = self.path_of(version);
+        if final_path.exists() {
+            return Err(CheckpointError::Exists {
+                path: final_path,
+                version,
+            });
+        }
+        let tmp = self
+            .dir
+            .join(format!(".tmp-v{version:08}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        let cpu = Device::Cpu;
+        let model = trainer.model();
+        for (name, t) in model.named_tensors() {
+            tensors.push((name, t.to_device(&cpu)?));
+        }
+        let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
+        let adam = trainer.adam();
+        for (i, name) in names.iter().enumerate() {
+            tensors.push((format!("adam.m.{name}"), adam.m[i].to_device(&cpu)?));
+            tensors.push((format!("adam.v.{name}"), adam.v[i].to_device(&cpu)?));
+        }
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .map_err(|e| CheckpointError::Corrupt {
+                path: tmp.clone(),
+                reason: format!("cannot serialise weights: {e}"),
+            })?;
+        write_synced(&tmp.join(WEIGHTS), &bytes)?;
+
+        let now = SystemTime::now();
+        let manifest = Manifest {
+            format: CHECKPOINT_FORMAT.into(),
+            format_version: CHECKPOINT_FORMAT_VERSION,
+            model_version: version,
+            update_count: trainer.update_count(),
+            adam_step: adam.steps(),
+            epochs_done: trainer.epochs_done(),
+            beta: trainer.beta(),
+            n_items: model.n_items(),
+            seed: trainer.seed(),
+            config: model.config().clone(),
+            created_at: humantime::format_rfc3339_millis(now).to_string(),
+            created_unix_ms: now
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            training,
+            weights_file: WEIGHTS.into(),
+            weights_bytes: bytes.len() as u64,
+            weights_crc32: crc32fast::hash(&bytes),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Corrupt {
+            path: tmp.clone(),
+            reason: e.to_string(),
+        })?;
+        write_synced(&tmp.join(MANIFEST), &json)?;
+        sync_dir(&tmp)?;
+        fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
+        sync_dir(&self.dir)?;
+        Ok(manifest)
+    }
+
+    /// Reads only the manifest of a version directory, checking its format.
+    pub fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
+        let mpath = path.join(MANIFEST);
+        let bytes = fs::read(&mpath).map_err(io(&mpath))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+                path: mpath.clone(),
+                reason: format!("manifest is not valid JSON: {e}"),
+            })?;
+        match value.get("format").and_then(|f| f.as_str()) {
+            Some(CHECKPOINT_FORMAT) => {}
+            other => {
+                return Err(CheckpointError::Foreign {
+                    path: mpath,
+                    reason: format!("format is {other:?}, expected {CHECKPOINT_FORMAT:?}"),
+                })
+            }
+        }
+        let found = value
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
+        if found > CHECKPOINT_FORMAT_VERSION || found == 0 {
+            return Err(CheckpointError::UnsupportedVersion { path: mpath, found });
+        }
+        serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt {
+            path: mpath,
+            reason: format!("manifest: {e}"),
+        })
+    }
+
+    /// Loads a version directory into a trainer on `device`, verifying size, checksum and every
+    /// tensor's shape.
+    pub fn load(path: &Path, device: &Device) -> Result<(Trainer, Manifest), CheckpointError> {
+        let manifest = Self::read_manifest(path)?;
+        let wpath = path.join(&manifest.weights_file);
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            path: wpath.clone(),
+            reason,
+        };
+        let bytes = fs::read(&wpath).map_err(io(&wpath))?;
+        if bytes.len() as u64 != manifest.weights_bytes {
+            return Err(corrupt(format!(
+                "{} bytes, the manifest says {} (truncated?)",
+                bytes.len(),
+                manifest.weights_bytes
+            )));
+        }
+        let crc = crc32fast::hash(&bytes);
+        if crc != manifest.weights_crc32 {
+            return Err(corrupt(format!(
+                "checksum {crc:08x}, the manifest says {:08x}",
+                manifest.weights_crc32
+            )));
+        }
+        let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| corrupt(format!("unreadable safetensors: {e}")))?;
+        let model = MultiVae::from_named(&manifest.config, manifest.n_items, |n| tensors.get(n).cloned())
+            .map_err(corrupt)?;
+        let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        for (name, t) in names.iter().zip(model.named_tensors()) {
+            for (kind, out) in [("m", &mut m), ("v", &mut v)] {
+                let key = format!("adam.{kind}.{name}");
+                let moment = tensors
+                    .remove(&key)
+                    .ok_or_else(|| corrupt(format!("tensor {key} is missing")))?;
+                if moment.dims() != t.1.dims() {
+                    return Err(corrupt(format!("tensor {key} has shape {:?}", moment.dims())));
+                }
+                out.push(moment);
+            }
+        }
+        let adam = Adam {
+            learning_rate: manifest.config.learning_rate,
+            step: manifest.adam_step,
+            m,
+            v,
+        };
+        let trainer = Trainer::from_parts(
+            model,
+            Some(adam),
+            manifest.update_count,
+            manifest.epochs_done,
+            manifest.seed,
+        )?;
+        Ok((trainer, manifest))
+    }
+
+    /// Version numbers present on disk (complete or not), ascending.
+    pub fn versions(&self) -> Result<Vec<u64>, CheckpointError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&self.dir)(e)),
+        };
+        let mut out: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                name.strip_prefix('v')?.parse::<u64>().ok()
+            })
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The newest version that loads; versions that fail are reported to `on_skip` and skipped.
+    pub fn load_latest(
+        &self,
+        device: &Device,
+        mut on_skip: impl FnMut(u64, &CheckpointError),
+    ) -> Result<Option<(Trainer, Manifest)>, CheckpointError> {
+        for v in self.versions()?.into_iter().rev() {
+            match Self::load(&self.path_of(v), device) {
+                Ok(loaded) => return Ok(Some(loaded)),
+                Err(e) => on_skip(v, &e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes all but the newest `keep` versions and any leftover temporary directories.
+    pub fn prune(&self, keep: usize) -> Result<Vec<u64>, CheckpointError> {
+        let versions = self.versions()?;
+        let mut removed = Vec::new();
+        if versions.len() > keep {
+            for &v in &versions[..versions.len() - keep] {
+                let p = self.path_of(v);
+                fs::remove_dir_all(&p).map_err(io(&p))?;
+                removed.push(v);
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+}

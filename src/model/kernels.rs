@@ -1,0 +1,364 @@
+//! The model's hot-path kernels. Each has a fast host implementation for CPU tensors (parallel,
+//! fused, in place where possible) and a composed-candle implementation for any other device
+//! (CUDA); tests hold the two equal on CPU.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Sparse, weighted first-layer input of a mini-batch: for user `b`, the items
+/// `items[offsets[b]..offsets[b+1]]` with weights `weights[..]` (L2 normalisation and the dropout
+/// scale already folded in). This is the row-sparse form of the dense input `x̃ = dropout(x/‖x‖)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bag {
+    pub offsets: Vec<usize>,
+    pub items: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+impl Bag {
+    /// Number of users in the bag.
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// True when the bag holds no user.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn row(&self, b: usize) -> (&[u32], &[f32]) {
+        let r = self.offsets[b]..self.offsets[b + 1];
+        (&self.items[r.clone()], &self.weights[r])
+    }
+
+    /// The un-dropped scoring input of `rows`: weight 1/√n for each of a user's n items.
+    pub fn normalised(rows: &[&[u32]]) -> Self {
+        let mut bag = Bag {
+            offsets: Vec::with_capacity(rows.len() + 1),
+            items: Vec::new(),
+            weights: Vec::new(),
+        };
+        bag.offsets.push(0);
+        for row in rows {
+            let w = if row.is_empty() {
+                0.0
+            } else {
+                1.0 / (row.len() as f32).sqrt()
+            };
+            bag.items.extend_from_slice(row);
+            bag.weights.extend(std::iter::repeat_n(w, row.len()));
+            bag.offsets.push(bag.items.len());
+        }
+        bag
+    }
+}
+
+fn not_host() -> candle_core::Error {
+    candle_core::Error::Msg("expected a contiguous f32 tensor in host memory".into())
+}
+
+/// Runs `f` on the contiguous f32 host data of `t`.
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let (a, b) = layout.contiguous_offsets().ok_or_else(not_host)?;
+            f(&v[a..b])
+        }
+        _ => Err(not_host()),
+    }
+}
+
+type MutFn<'a, R> = Box<dyn FnOnce(&mut [f32]) -> Result<R> + 'a>;
+
+struct HostMut<'a, R> {
+    f: RefCell<Option<MutFn<'a, R>>>,
+    out: RefCell<Option<R>>,
+}
+
+impl<R> InplaceOp1 for HostMut<'_, R> {
+    fn name(&self) -> &'static str {
+        "multivaed-host-mut"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(v) = storage else {
+            return Err(not_host());
+        };
+        let (a, b) = layout.contiguous_offsets().ok_or_else(not_host)?;
+        let f = self.f.borrow_mut().take().ok_or_else(not_host)?;
+        *self.out.borrow_mut() = Some(f(&mut v[a..b])?);
+        Ok(())
+    }
+}
+
+/// Runs `f` on the contiguous f32 host data of `t`, mutably (in place: every clone of `t`
+/// sharing its storage sees the change).
+pub(crate) fn with_slice_mut<'a, R>(
+    t: &Tensor,
+    f: impl FnOnce(&mut [f32]) -> Result<R> + 'a,
+) -> Result<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return Err(not_host());
+    }
+    let op = HostMut {
+        f: RefCell::new(Some(Box::new(f) as MutFn<'a, R>)),
+        out: RefCell::new(None),
+    };
+    t.inplace_op1(&op)?;
+    op.out.into_inner().ok_or_else(not_host)
+}
+
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// First layer, forward: `out[b] = bias + Σ w · W[item]` for each user of the bag
+/// (`w`: [items × hidden], `bias`: [hidden]); equals `x̃ · W + bias` of the dense formulation.
+pub fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor> {
+    let (n_items, hidden) = w.dims2()?;
+    let b = bag.len();
+    if let Some(&bad) = bag.items.iter().find(|&&i| i as usize >= n_items) {
+        candle_core::bail!("item {bad} out of range for a model of {n_items} items");
+    }
+    if w.device().is_cpu() {
+        let mut out = vec![0f32; b * hidden];
+        with_slice(w, |w| {
+            with_slice(bias, |bias| {
+                out.par_chunks_mut(hidden).enumerate().for_each(|(u, row)| {
+                    row.copy_from_slice(bias);
+                    let (items, weights) = bag.row(u);
+                    for (&i, &wt) in items.iter().zip(weights) {
+                        let i = i as usize;
+                        axpy(row, wt, &w[i * hidden..(i + 1) * hidden]);
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        Tensor::from_vec(out, (b, hidden), &Device::Cpu)
+    } else {
+        let dev = w.device();
+        let (idx, batch, wts) = bag_tensors(bag, dev)?;
+        let gathered = w.index_select(&idx, 0)?.broadcast_mul(&wts)?;
+        Tensor::zeros((b, hidden), DType::F32, dev)?
+            .index_add(&batch, &gathered, 0)?
+            .broadcast_add(bias)
+    }
+}
+
+fn bag_tensors(bag: &Bag, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let nnz = bag.items.len();
+    let batch: Vec<u32> = (0..bag.len())
+        .flat_map(|b| std::iter::repeat_n(b as u32, bag.offsets[b + 1] - bag.offsets[b]))
+        .collect();
+    Ok((
+        Tensor::from_slice(&bag.items, nnz, dev)?,
+        Tensor::from_vec(batch, nnz, dev)?,
+        Tensor::from_slice(&bag.weights, (nnz, 1), dev)?,
+    ))
+}
+
+/// First layer, weight gradient: `dW[i] = Σ_{(b,i,w) ∈ bag} w · dpre[b]`, a dense
+/// [n_items × hidden] tensor (zero for items no user of the batch holds); equals `x̃ᵀ · dpre`.
+pub fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> {
+    let (_, hidden) = dpre.dims2()?;
+    if dpre.device().is_cpu() {
+        // Counting sort of the bag's entries by item, so each gradient row has one writer.
+        let mut start = vec![0usize; n_items + 1];
+        for &i in &bag.items {
+            start[i as usize + 1] += 1;
+        }
+        for i in 0..n_items {
+            start[i + 1] += start[i];
+        }
+        let mut fill = start.clone();
+        let mut entries = vec![(0u32, 0f32); bag.items.len()];
+        for b in 0..bag.len() {
+            let (items, weights) = bag.row(b);
+            for (&i, &w) in items.iter().zip(weights) {
+                let slot = &mut fill[i as usize];
+                entries[*slot] = (b as u32, w);
+                *slot += 1;
+            }
+        }
+        let mut grad = vec![0f32; n_items * hidden];
+        with_slice(dpre, |d| {
+            grad.par_chunks_mut(hidden).enumerate().for_each(|(i, row)| {
+                for &(b, w) in &entries[start[i]..start[i + 1]] {
+                    let b = b as usize;
+                    axpy(row, w, &d[b * hidden..(b + 1) * hidden]);
+                }
+            });
+            Ok(())
+        })?;
+        Tensor::from_vec(grad, (n_items, hidden), &Device::Cpu)
+    } else {
+        let dev = dpre.device();
+        let (idx, batch, wts) = bag_tensors(bag, dev)?;
+        let src = dpre.index_select(&batch, 0)?.broadcast_mul(&wts)?;
+        Tensor::zeros((n_items, hidden), DType::F32, dev)?.index_add(&idx, &src, 0)
+    }
+}
+
+/// Output layer, fused: adds `bias` to `logits` ([B × items]), computes the multinomial
+/// negative log-likelihood `-Σ_b Σ_{i∈x_b} log softmax(logits_b)_i` (summed over the batch) and
+/// the gradient of its batch mean, `(softmax(logits_b)·|x_b| − x_b) / B`.
+/// On CPU the gradient overwrites `logits` in place (no [B × items] allocation): pass a tensor
+/// nothing else shares.
+pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Tensor, f64)> {
+    let (b, n_items) = logits.dims2()?;
+    if rows.len() != b {
+        candle_core::bail!("softmax_nll: {} target rows for {b} logit rows", rows.len());
+    }
+    let inv_b = 1.0 / b as f32;
+    if logits.device().is_cpu() {
+        let mut nll = vec![0f64; b];
+        with_slice(bias, |bias| {
+            with_slice_mut(&logits, |l| {
+                l.par_chunks_mut(n_items)
+                    .zip(nll.par_iter_mut())
+                    .enumerate()
+                    .for_each(|(u, (row, nll))| {
+                        let mut max = f32::NEG_INFINITY;
+                        for (x, b) in row.iter_mut().zip(bias) {
+                            *x += b;
+                            max = max.max(*x);
+                        }
+                        let target = rows[u];
+                        // Σ_{i∈x} log p_i = Σ_{i∈x} (l_i − max) − |x|·log Σ_j e^{l_j − max}
+                        let shifted: f64 = target.iter().map(|&i| (row[i as usize] - max) as f64).sum();
+                        let mut sum = 0f32;
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        let s = target.len() as f64 * (sum as f64).ln() - shifted;
+                        *nll = s;
+                        let scale = target.len() as f32 * inv_b / sum;
+                        for x in row.iter_mut() {
+                            *x *= scale;
+                        }
+                        for &i in target {
+                            row[i as usize] -= inv_b;
+                        }
+                    });
+                Ok(())
+            })
+        })?;
+        Ok((logits, nll.iter().sum()))
+    } else {
+        let dev = logits.device().clone();
+        let logits = logits.broadcast_add(bias)?;
+        let max = logits.max_keepdim(1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        let logp = shifted.broadcast_sub(&lse)?;
+        let x = dense_rows(rows, n_items, &dev)?;
+        let nll = (logp.mul(&x)?.sum_all()?.to_scalar::<f32>()? as f64) * -1.0;
+        let n = x.sum_keepdim(1)?;
+        let grad = (logp.exp()?.broadcast_mul(&n)? - x)?.affine(inv_b as f64, 0.0)?;
+        Ok((grad, nll))
+    }
+}
+
+/// The binary rows as a dense [rows × n_items] f32 tensor.
+pub fn dense_rows(rows: &[&[u32]], n_items: usize, dev: &Device) -> Result<Tensor> {
+    let mut x = vec![0f32; rows.len() * n_items];
+    for (u, row) in rows.iter().enumerate() {
+        for &i in *row {
+            x[u * n_items + i as usize] = 1.0;
+        }
+    }
+    Tensor::from_vec(x, (rows.len(), n_items), dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_tensor(shape: (usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap().max(1e-30)).sqrt()
+    }
+
+    fn sample_bag() -> (Bag, Vec<Vec<u32>>) {
+        let rows = vec![vec![0u32, 3, 7], vec![2], vec![1, 3, 5, 6, 9], vec![3, 8]];
+        let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let mut bag = Bag::normalised(&refs);
+        bag.weights[1] *= 2.0; // as if dropout kept it with scale 2
+        bag.weights[4] = 0.0;
+        (bag, rows)
+    }
+
+    /// The host kernels equal the dense formulation computed by candle's own ops.
+    #[test]
+    fn bag_kernels_equal_dense_matmul() {
+        let (bag, _) = sample_bag();
+        let w = rand_tensor((10, 6), 1);
+        let bias = rand_tensor((1, 6), 2).reshape(6).unwrap();
+        let mut dense = vec![0f32; 4 * 10];
+        for b in 0..4 {
+            let (items, ws) = bag.row(b);
+            for (&i, &wt) in items.iter().zip(ws) {
+                dense[b * 10 + i as usize] += wt;
+            }
+        }
+        let x = Tensor::from_vec(dense, (4, 10), &Device::Cpu).unwrap();
+        let want = x.matmul(&w).unwrap().broadcast_add(&bias).unwrap();
+        let got = bag_forward(&w, &bias, &bag).unwrap();
+        assert!(rel_err(&got, &want) < 1e-6);
+
+        let dpre = rand_tensor((4, 6), 3);
+        let want = x.t().unwrap().matmul(&dpre).unwrap();
+        let got = bag_backward(&dpre, &bag, 10).unwrap();
+        assert!(rel_err(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn softmax_nll_host_equals_composed() {
+        let (_, rows) = sample_bag();
+        let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let logits = rand_tensor((4, 10), 4).affine(5.0, 0.0).unwrap();
+        let bias = rand_tensor((1, 10), 5).reshape(10).unwrap();
+        // Composed reference, forced through the generic path by computing it by hand.
+        let l = logits.broadcast_add(&bias).unwrap();
+        let logp = candle_nn::ops::log_softmax(&l, 1).unwrap();
+        let x = dense_rows(&refs, 10, &Device::Cpu).unwrap();
+        let want_nll = -(logp.mul(&x).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
+        let n = x.sum_keepdim(1).unwrap();
+        let want_grad = (logp.exp().unwrap().broadcast_mul(&n).unwrap() - &x)
+            .unwrap()
+            .affine(0.25, 0.0)
+            .unwrap();
+        let (grad, nll) = softmax_nll(logits.copy().unwrap(), &bias, &refs).unwrap();
+        assert!((nll as f32 - want_nll).abs() < 1e-4 * want_nll.abs());
+        assert!(rel_err(&grad, &want_grad) < 1e-5);
+    }
+
+    #[test]
+    fn with_slice_mut_writes_in_place() {
+        let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        with_slice_mut(&t, |s| {
+            s[1] = 2.0;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(t.to_vec1::<f32>().unwrap(), vec![0.0, 2.0, 0.0]);
+    }
+}

@@ -1,0 +1,302 @@
+//! `MultiVae`: the network's weights and its inference path (encode to μ, decode, top-K), plus
+//! growing the catalogue. Weights are stored input-major (`x · W`), so the first layer's rows and
+//! the output layer's columns are items.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+use super::kernels::{bag_forward, with_slice, Bag};
+use super::topk::top_k_unseen;
+use super::ModelConfig;
+
+/// One affine layer, `y = x · weight + bias`, `weight`: [in × out], `bias`: [out].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+/// A Multi-VAE: encoder items → hidden… → 2·latent (μ, log σ²); decoder latent → …hidden → items.
+#[derive(Debug, Clone)]
+pub struct MultiVae {
+    config: ModelConfig,
+    n_items: usize,
+    pub(crate) encoder: Vec<Linear>,
+    pub(crate) decoder: Vec<Linear>,
+}
+
+/// Glorot/Xavier uniform values for a [fan_in × fan_out] matrix (vae_cf's weight init).
+pub(crate) fn xavier(rng: &mut impl Rng, rows: usize, cols: usize, fan_in: usize, fan_out: usize) -> Vec<f32> {
+    let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+    (0..rows * cols).map(|_| rng.gen_range(-limit..limit)).collect()
+}
+
+/// Truncated normal values with std 0.001 cut at ±2 std (vae_cf's bias init).
+pub(crate) fn bias_init(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| loop {
+            let v: f64 = StandardNormal.sample(rng);
+            if v.abs() <= 2.0 {
+                break (v * 0.001) as f32;
+            }
+        })
+        .collect()
+}
+
+fn layer_dims(config: &ModelConfig, n_items: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut enc = vec![n_items];
+    enc.extend(&config.mlp_hidden_size);
+    enc.push(2 * config.latent_dimension);
+    let mut dec = vec![config.latent_dimension];
+    dec.extend(config.mlp_hidden_size.iter().rev());
+    dec.push(n_items);
+    (enc, dec)
+}
+
+impl MultiVae {
+    /// A freshly initialised model (Xavier weights, truncated-normal biases) on `device`.
+    pub fn new(config: &ModelConfig, n_items: usize, rng: &mut impl Rng, device: &Device) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::Msg)?;
+        let (enc, dec) = layer_dims(config, n_items);
+        let mut make = |dims: &[usize]| -> Result<Vec<Linear>> {
+            dims.windows(2)
+                .map(|d| {
+                    let w = xavier(rng, d[0], d[1], d[0], d[1]);
+                    let b = bias_init(rng, d[1]);
+                    Ok(Linear {
+                        weight: Tensor::from_vec(w, (d[0], d[1]), device)?,
+                        bias: Tensor::from_vec(b, d[1], device)?,
+                    })
+                })
+                .collect()
+        };
+        let encoder = make(&enc)?;
+        let decoder = make(&dec)?;
+        Ok(Self {
+            config: config.clone(),
+            n_items,
+            encoder,
+            decoder,
+        })
+    }
+
+    /// Rebuilds a model from named tensors (as produced by [`MultiVae::named_tensors`]),
+    /// checking every shape.
+    pub fn from_named(
+        config: &ModelConfig,
+        n_items: usize,
+        mut get: impl FnMut(&str) -> Option<Tensor>,
+    ) -> std::result::Result<Self, String> {
+        config.validate()?;
+        let (enc, dec) = layer_dims(config, n_items);
+        let mut load = |prefix: &str, dims: &[usize]| -> std::result::Result<Vec<Linear>, String> {
+            dims.windows(2)
+                .enumerate()
+                .map(|(k, d)| {
+                    let wname = format!("{prefix}.{k}.weight");
+                    let bname = format!("{prefix}.{k}.bias");
+                    let weight = get(&wname).ok_or_else(|| format!("tensor {wname} is missing"))?;
+                    let bias = get(&bname).ok_or_else(|| format!("tensor {bname} is missing"))?;
+                    if weight.dims() != [d[0], d[1]] || weight.dtype() != DType::F32 {
+                        return Err(format!(
+                            "tensor {wname} has shape {:?} {:?}, expected [{}, {}] f32",
+                            weight.dims(),
+                            weight.dtype(),
+                            d[0],
+                            d[1]
+                        ));
+                    }
+                    if bias.dims() != [d[1]] || bias.dtype() != DType::F32 {
+                        return Err(format!(
+                            "tensor {bname} has shape {:?}, expected [{}] f32",
+                            bias.dims(),
+                            d[1]
+                        ));
+                    }
+                    Ok(Linear { weight, bias })
+                })
+                .collect()
+        };
+        let encoder = load("encoder", &enc)?;
+        let decoder = load("decoder", &dec)?;
+        Ok(Self {
+            config: config.clone(),
+            n_items,
+            encoder,
+            decoder,
+        })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Catalogue size (the model's input and output width).
+    pub fn n_items(&self) -> usize {
+        self.n_items
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.encoder[0].weight.device()
+    }
+
+    /// Every parameter with its checkpoint name, in a fixed order.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (prefix, layers) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
+            for (k, l) in layers.iter().enumerate() {
+                out.push((format!("{prefix}.{k}.weight"), &l.weight));
+                out.push((format!("{prefix}.{k}.bias"), &l.bias));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        self.encoder
+            .iter_mut()
+            .chain(self.decoder.iter_mut())
+            .flat_map(|l| [&mut l.weight, &mut l.bias])
+            .collect()
+    }
+
+    /// A copy that shares no storage with `self` (training updates weights in place).
+    pub fn deep_copy(&self) -> Result<Self> {
+        let copy = |ls: &[Linear]| -> Result<Vec<Linear>> {
+            ls.iter()
+                .map(|l| {
+                    Ok(Linear {
+                        weight: l.weight.copy()?,
+                        bias: l.bias.copy()?,
+                    })
+                })
+                .collect()
+        };
+        Ok(Self {
+            config: self.config.clone(),
+            n_items: self.n_items,
+            encoder: copy(&self.encoder)?,
+            decoder: copy(&self.decoder)?,
+        })
+    }
+
+    /// The same weights on another device.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let mv = |ls: &[Linear]| -> Result<Vec<Linear>> {
+            ls.iter()
+                .map(|l| {
+                    Ok(Linear {
+                        weight: l.weight.to_device(device)?,
+                        bias: l.bias.to_device(device)?,
+                    })
+                })
+                .collect()
+        };
+        Ok(Self {
+            config: self.config.clone(),
+            n_items: self.n_items,
+            encoder: mv(&self.encoder)?,
+            decoder: mv(&self.decoder)?,
+        })
+    }
+
+    /// True when every weight is finite.
+    pub fn is_finite(&self) -> Result<bool> {
+        for (_, t) in self.named_tensors() {
+            let s = t.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if !s.is_finite() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Encoder forward pass without dropout: returns (μ, log σ²), each [B × latent].
+    pub fn encode(&self, bag: &Bag) -> Result<(Tensor, Tensor)> {
+        let mut h = bag_forward(&self.encoder[0].weight, &self.encoder[0].bias, bag)?;
+        for l in &self.encoder[1..] {
+            h = h.tanh()?.matmul(&l.weight)?.broadcast_add(&l.bias)?;
+        }
+        let d = self.config.latent_dimension;
+        Ok((h.narrow(1, 0, d)?, h.narrow(1, d, d)?))
+    }
+
+    /// Decoder forward pass up to the output layer's matmul; the output bias is *not* added
+    /// (callers fuse it into the softmax or the top-K pass). Returns [B × items].
+    pub fn decode_without_output_bias(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = z.clone();
+        let last = self.decoder.len() - 1;
+        for l in &self.decoder[..last] {
+            h = h.matmul(&l.weight)?.broadcast_add(&l.bias)?.tanh()?;
+        }
+        h.matmul(&self.decoder[last].weight)
+    }
+
+    /// Full scores (logits, bias included) for users given by their items, z = μ.
+    pub fn scores(&self, rows: &[&[u32]]) -> Result<Tensor> {
+        let (mu, _) = self.encode(&Bag::normalised(rows))?;
+        self.decode_without_output_bias(&mu)?
+            .broadcast_add(&self.decoder[self.decoder.len() - 1].bias)
+    }
+
+    /// Top-`k` items for each user (given by their current items), best first, never an item
+    /// the user already has. Users are scored in chunks to bound memory.
+    pub fn recommend(&self, rows: &[&[u32]], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        const CHUNK: usize = 1024;
+        let mut out = Vec::with_capacity(rows.len());
+        let out_bias = &self.decoder[self.decoder.len() - 1].bias;
+        let host_bias;
+        let bias_ref = if out_bias.device().is_cpu() {
+            out_bias.clone()
+        } else {
+            host_bias = out_bias.to_device(&Device::Cpu)?;
+            host_bias
+        };
+        for chunk in rows.chunks(CHUNK) {
+            let (mu, _) = self.encode(&Bag::normalised(chunk))?;
+            let logits = self.decode_without_output_bias(&mu)?.to_device(&Device::Cpu)?;
+            let n = self.n_items;
+            let recs = with_slice(&logits, |l| {
+                with_slice(&bias_ref, |bias| {
+                    Ok(l.par_chunks(n)
+                        .zip(chunk.par_iter())
+                        .map(|(row, seen)| top_k_unseen(row, Some(bias), seen, k))
+                        .collect::<Vec<_>>())
+                })
+            })?;
+            out.extend(recs);
+        }
+        Ok(out)
+    }
+
+    /// Widens the catalogue to `new_n_items`: new rows of the first layer, new columns and bias
+    /// entries of the output layer, initialised as the paper's init would for the new sizes.
+    /// Every existing weight is kept, so the old items' logits are unchanged for any input.
+    pub fn grow(&mut self, new_n_items: usize, rng: &mut impl Rng) -> Result<()> {
+        if new_n_items < self.n_items {
+            candle_core::bail!("cannot shrink the catalogue from {} to {new_n_items}", self.n_items);
+        }
+        let extra = new_n_items - self.n_items;
+        if extra == 0 {
+            return Ok(());
+        }
+        let dev = self.device().clone();
+        let first = &mut self.encoder[0];
+        let h = first.weight.dim(1)?;
+        let rows = Tensor::from_vec(xavier(rng, extra, h, new_n_items, h), (extra, h), &dev)?;
+        first.weight = Tensor::cat(&[&first.weight, &rows], 0)?;
+        let last = self.decoder.len() - 1;
+        let out = &mut self.decoder[last];
+        let h = out.weight.dim(0)?;
+        let cols = Tensor::from_vec(xavier(rng, h, extra, h, new_n_items), (h, extra), &dev)?;
+        out.weight = Tensor::cat(&[&out.weight, &cols], 1)?;
+        let b = Tensor::from_vec(bias_init(rng, extra), extra, &dev)?;
+        out.bias = Tensor::cat(&[&out.bias, &b], 0)?;
+        self.n_items = new_n_items;
+        Ok(())
+    }
+}
