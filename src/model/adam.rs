@@ -40,7 +40,12 @@ impl Adam {
     /// Applies one update. `params[i]` is changed in place on CPU and replaced elsewhere.
     pub fn update(&mut self, params: &mut [&mut Tensor], grads: &[Tensor]) -> Result<()> {
         if params.len() != grads.len() || params.len() != self.m.len() {
-            candle_core::bail!("adam: {} params, {} grads, {} moments", params.len(), grads.len(), self.m.len());
+            candle_core::bail!(
+                "adam: {} params, {} grads, {} moments",
+                params.len(),
+                grads.len(),
+                self.m.len()
+            );
         }
         self.step += 1;
         let t = self.step as i32;
@@ -67,7 +72,8 @@ impl Adam {
                                         for j in 0..p.len() {
                                             let gj = g[j];
                                             m[j] = BETA1 as f32 * m[j] + (1.0 - BETA1 as f32) * gj;
-                                            v[j] = BETA2 as f32 * v[j] + (1.0 - BETA2 as f32) * gj * gj;
+                                            v[j] = BETA2 as f32 * v[j]
+                                                + (1.0 - BETA2 as f32) * gj * gj;
                                             let denom = v[j].sqrt() * inv_sqrt_bc2 + EPS as f32;
                                             p[j] -= step_size * m[j] / denom;
                                         }
@@ -91,7 +97,13 @@ impl Adam {
 
     /// Appends zero moments for `extra` new items to the first layer's weight (rows) and the
     /// output layer's weight (columns) and bias; `first`, `out_w`, `out_b` index the parameters.
-    pub(crate) fn grow(&mut self, first: usize, out_w: usize, out_b: usize, extra: usize) -> Result<()> {
+    pub(crate) fn grow(
+        &mut self,
+        first: usize,
+        out_w: usize,
+        out_b: usize,
+        extra: usize,
+    ) -> Result<()> {
         for moments in [&mut self.m, &mut self.v] {
             let t = &moments[first];
             let z = Tensor::zeros((extra, t.dim(1)?), DType::F32, t.device())?;
@@ -133,7 +145,10 @@ mod tests {
         }
         let got = p.to_vec1::<f32>().unwrap();
         for j in 0..3 {
-            assert!((got[j] as f64 - want[j]).abs() < 1e-6, "{got:?} vs {want:?}");
+            assert!(
+                (got[j] as f64 - want[j]).abs() < 1e-6,
+                "{got:?} vs {want:?}"
+            );
         }
         assert_eq!(p0.to_vec1::<f32>().unwrap(), vec![0.5, -1.0, 2.0]);
     }

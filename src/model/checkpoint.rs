@@ -88,7 +88,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path).and_then(|d| d.sync_all()).map_err(io(path))
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io(path))
 }
 
 /// The directory of model versions.
@@ -243,10 +245,13 @@ impl Checkpoints {
                 manifest.weights_crc32
             )));
         }
-        let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| corrupt(format!("unreadable safetensors: {e}")))?;
-        let model = MultiVae::from_named(&manifest.config, manifest.n_items, |n| tensors.get(n).cloned())
-            .map_err(corrupt)?;
+        let mut tensors: HashMap<String, Tensor> =
+            candle_core::safetensors::load_buffer(&bytes, device)
+                .map_err(|e| corrupt(format!("unreadable safetensors: {e}")))?;
+        let model = MultiVae::from_named(&manifest.config, manifest.n_items, |n| {
+            tensors.get(n).cloned()
+        })
+        .map_err(corrupt)?;
         let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
         let mut m = Vec::new();
         let mut v = Vec::new();
@@ -257,7 +262,10 @@ impl Checkpoints {
                     .remove(&key)
                     .ok_or_else(|| corrupt(format!("tensor {key} is missing")))?;
                 if moment.dims() != t.1.dims() {
-                    return Err(corrupt(format!("tensor {key} has shape {:?}", moment.dims())));
+                    return Err(corrupt(format!(
+                        "tensor {key} has shape {:?}",
+                        moment.dims()
+                    )));
                 }
                 out.push(moment);
             }

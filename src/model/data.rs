@@ -59,7 +59,11 @@ impl Interactions {
     }
 
     /// Builds a matrix of `n_users` rows from (user, item) pairs.
-    pub fn from_pairs(pairs: &[(u32, u32)], n_users: usize, n_items: usize) -> Result<Self, String> {
+    pub fn from_pairs(
+        pairs: &[(u32, u32)],
+        n_users: usize,
+        n_items: usize,
+    ) -> Result<Self, String> {
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n_users];
         for &(u, i) in pairs {
             let row = rows

@@ -189,12 +189,14 @@ pub fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> 
         }
         let mut grad = vec![0f32; n_items * hidden];
         with_slice(dpre, |d| {
-            grad.par_chunks_mut(hidden).enumerate().for_each(|(i, row)| {
-                for &(b, w) in &entries[start[i]..start[i + 1]] {
-                    let b = b as usize;
-                    axpy(row, w, &d[b * hidden..(b + 1) * hidden]);
-                }
-            });
+            grad.par_chunks_mut(hidden)
+                .enumerate()
+                .for_each(|(i, row)| {
+                    for &(b, w) in &entries[start[i]..start[i + 1]] {
+                        let b = b as usize;
+                        axpy(row, w, &d[b * hidden..(b + 1) * hidden]);
+                    }
+                });
             Ok(())
         })?;
         Tensor::from_vec(grad, (n_items, hidden), &Device::Cpu)
@@ -232,7 +234,8 @@ pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Te
                         }
                         let target = rows[u];
                         // Σ_{i∈x} log p_i = Σ_{i∈x} (l_i − max) − |x|·log Σ_j e^{l_j − max}
-                        let shifted: f64 = target.iter().map(|&i| (row[i as usize] - max) as f64).sum();
+                        let shifted: f64 =
+                            target.iter().map(|&i| (row[i as usize] - max) as f64).sum();
                         let mut sum = 0f32;
                         for x in row.iter_mut() {
                             *x = (*x - max).exp();
@@ -340,7 +343,13 @@ mod tests {
         let l = logits.broadcast_add(&bias).unwrap();
         let logp = candle_nn::ops::log_softmax(&l, 1).unwrap();
         let x = dense_rows(&refs, 10, &Device::Cpu).unwrap();
-        let want_nll = -(logp.mul(&x).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
+        let want_nll = -(logp
+            .mul(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap());
         let n = x.sum_keepdim(1).unwrap();
         let want_grad = (logp.exp().unwrap().broadcast_mul(&n).unwrap() - &x)
             .unwrap()

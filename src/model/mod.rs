@@ -11,11 +11,13 @@ mod trainer;
 mod vae;
 
 pub use adam::Adam;
-pub use checkpoint::{CheckpointError, Checkpoints, Manifest, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION};
+pub use checkpoint::{
+    CheckpointError, Checkpoints, Manifest, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION,
+};
 pub use config::ModelConfig;
 pub use data::Interactions;
 pub use topk::top_k_unseen;
-pub use trainer::{EpochStats, StepStats, Trainer};
+pub use trainer::{EpochStats, FirstLayer, StepStats, Trainer};
 pub use vae::{Linear, MultiVae};
 
 #[cfg(test)]

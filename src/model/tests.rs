@@ -31,8 +31,21 @@ fn small_config(hidden: Vec<usize>) -> ModelConfig {
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     (d / n.max(1e-30)).sqrt()
 }
 
@@ -77,7 +90,10 @@ fn dense_autograd(
     let z = (&mu + eps.mul(&(&logvar * 0.5).unwrap().exp().unwrap()).unwrap()).unwrap();
     let mut h = z;
     for k in 0..n_dec {
-        let (w, bias) = (vars[2 * (n_enc + k)].as_tensor(), vars[2 * (n_enc + k) + 1].as_tensor());
+        let (w, bias) = (
+            vars[2 * (n_enc + k)].as_tensor(),
+            vars[2 * (n_enc + k) + 1].as_tensor(),
+        );
         h = h.matmul(w).unwrap().broadcast_add(bias).unwrap();
         if k + 1 < n_dec {
             h = h.tanh().unwrap();
@@ -113,7 +129,16 @@ fn sparse_step_equals_dense_autograd() {
         let bag = dropout_bag(&refs, 0.5, &mut rng);
         let eps: Vec<f32> = (0..9 * 4).map(|_| rng.gen_range(-2.0..2.0)).collect();
         let beta = 0.15;
-        let (stats, grads) = trainer.loss_and_grads(&refs, bag.clone(), eps.clone(), beta).unwrap();
+        let (stats, grads) = trainer
+            .loss_and_grads(&refs, bag.clone(), eps.clone(), beta)
+            .unwrap();
+        let mut dense = trainer.clone();
+        dense.set_first_layer(FirstLayer::Dense);
+        let (dstats, dgrads) = dense
+            .loss_and_grads(&refs, bag.clone(), eps.clone(), beta)
+            .unwrap();
+        assert!((dstats.loss - stats.loss).abs() <= 1e-5 * stats.loss.abs());
+        assert!(rel_err(&grads[0], &dgrads[0]) <= 1e-5);
         let (want_loss, want_grads) = dense_autograd(trainer.model(), &refs, &bag, &eps, beta);
         assert!(
             (stats.loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
@@ -140,13 +165,19 @@ fn loss_and_kl_by_hand() {
     };
     let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
     let named = [
-        ("encoder.0.weight", t(&[0.1, -0.2, 0.3, 0.4, -0.5, 0.6], &[3, 2])),
+        (
+            "encoder.0.weight",
+            t(&[0.1, -0.2, 0.3, 0.4, -0.5, 0.6], &[3, 2]),
+        ),
         ("encoder.0.bias", t(&[0.01, -0.02], &[2])),
         ("encoder.1.weight", t(&[0.7, -0.3, 0.2, 0.5], &[2, 2])),
         ("encoder.1.bias", t(&[0.05, -0.1], &[2])),
         ("decoder.0.weight", t(&[0.9, -0.4], &[1, 2])),
         ("decoder.0.bias", t(&[0.0, 0.1], &[2])),
-        ("decoder.1.weight", t(&[0.3, -0.6, 0.2, 0.8, 0.1, -0.7], &[2, 3])),
+        (
+            "decoder.1.weight",
+            t(&[0.3, -0.6, 0.2, 0.8, 0.1, -0.7], &[2, 3]),
+        ),
         ("decoder.1.bias", t(&[0.02, 0.0, -0.03], &[3])),
     ];
     let get = |n: &str| named.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
@@ -156,7 +187,9 @@ fn loss_and_kl_by_hand() {
     let bag = Bag::normalised(&rows);
     let eps = vec![0.5f32, -1.0];
     let beta = 0.2;
-    let (stats, _) = trainer.loss_and_grads(&rows, bag, eps.clone(), beta).unwrap();
+    let (stats, _) = trainer
+        .loss_and_grads(&rows, bag, eps.clone(), beta)
+        .unwrap();
 
     // by hand
     let w1 = [[0.1, -0.2], [0.3, 0.4], [-0.5, 0.6]];
@@ -183,7 +216,9 @@ fn loss_and_kl_by_hand() {
         kl += 0.5 * (-lv + lv.exp() + mu * mu - 1.0);
         let z = mu + eps[u] as f64 * (0.5 * lv).exp();
         let g = [f64::tanh(z * wd[0] + bd[0]), f64::tanh(z * wd[1] + bd[1])];
-        let logits: Vec<f64> = (0..3).map(|i| g[0] * wo[0][i] + g[1] * wo[1][i] + bo[i]).collect();
+        let logits: Vec<f64> = (0..3)
+            .map(|i| g[0] * wo[0][i] + g[1] * wo[1][i] + bo[i])
+            .collect();
         let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
         for &i in *row {
             nll -= logits[i as usize] - lse;
@@ -228,7 +263,9 @@ fn save_load_continue_equals_straight_through_and_beta_continues() {
     for _ in 0..2 {
         first.train_epoch(&data, |s| betas.push(s.beta)).unwrap();
     }
-    let saved = store.save(&first, 1, serde_json::json!({"loss": 1.0})).unwrap();
+    let saved = store
+        .save(&first, 1, serde_json::json!({"loss": 1.0}))
+        .unwrap();
     assert_eq!(saved.update_count, 12); // 40 users / 7 per batch = 6 steps per epoch
     assert_eq!(saved.beta, 0.2f64.min(12.0 / 10.0));
     drop(first);
@@ -243,7 +280,11 @@ fn save_load_continue_equals_straight_through_and_beta_continues() {
     assert!((betas[1] - 0.1).abs() < 1e-12);
     assert!(betas[12..].iter().all(|&b| b == 0.2));
     assert_eq!(resumed.update_count(), straight.update_count());
-    assert_eq!(params(&resumed), params(&straight), "resumed training diverged");
+    assert_eq!(
+        params(&resumed),
+        params(&straight),
+        "resumed training diverged"
+    );
 }
 
 #[test]
@@ -276,7 +317,10 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     for v in 2..=4 {
         store.save(&t, v, serde_json::Value::Null).unwrap();
     }
-    assert!(matches!(store.save(&t, 4, serde_json::Value::Null), Err(CheckpointError::Exists { .. })));
+    assert!(matches!(
+        store.save(&t, 4, serde_json::Value::Null),
+        Err(CheckpointError::Exists { .. })
+    ));
 
     // v4: truncated weights
     let w4 = store.path_of(4).join("weights.safetensors");
@@ -294,7 +338,11 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     let e = Checkpoints::load(&store.path_of(3), &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("checksum"), "{e}");
     // v2: a foreign manifest
-    std::fs::write(store.path_of(2).join("manifest.json"), br#"{"format": "pytorch"}"#).unwrap();
+    std::fs::write(
+        store.path_of(2).join("manifest.json"),
+        br#"{"format": "pytorch"}"#,
+    )
+    .unwrap();
     let e = Checkpoints::load(&store.path_of(2), &Device::Cpu).unwrap_err();
     assert!(matches!(e, CheckpointError::Foreign { .. }), "{e}");
     // a manifest that is not JSON at all
@@ -328,7 +376,14 @@ fn growth_keeps_old_logits_and_training_continues() {
     let after = t.model().scores(&refs).unwrap();
     assert_eq!(after.dims(), &[10, 45]);
     let old = after.narrow(1, 0, 30).unwrap();
-    let diff = (old - &before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (old - &before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff <= 1e-6, "old logits moved by {diff}");
 
     let mut wide = Interactions::from_rows(random_rows(40, 45, 5), 45).unwrap();

@@ -12,7 +12,12 @@ fn better(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
 
 /// The `k` best items of `scores` (plus `bias`, when given), best first, excluding the items in
 /// `seen` (sorted ascending) and any non-finite score.
-pub fn top_k_unseen(scores: &[f32], bias: Option<&[f32]>, seen: &[u32], k: usize) -> Vec<(u32, f32)> {
+pub fn top_k_unseen(
+    scores: &[f32],
+    bias: Option<&[f32]>,
+    seen: &[u32],
+    k: usize,
+) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }

@@ -46,6 +46,17 @@ pub struct Trainer {
     pub(crate) update_count: u64,
     pub(crate) epochs_done: u64,
     pub(crate) seed: u64,
+    pub(crate) first_layer: FirstLayer,
+}
+
+/// How the first layer is computed. `Sparse` (the default) gathers the rows of W₁ of the
+/// clicked items; `Dense` multiplies the I-wide input, as PyTorch ports do: it exists as the
+/// reference the sparse path is measured against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FirstLayer {
+    #[default]
+    Sparse,
+    Dense,
 }
 
 /// Independent random streams derived from the seed.
@@ -72,6 +83,8 @@ fn rng_for(seed: u64, stream: Stream, counter: u64) -> rand::rngs::StdRng {
 /// What the forward pass keeps for the backward pass.
 struct Forward {
     bag: Bag,
+    /// The dense input x̃ ([B × items]) when the first layer is dense.
+    dense_input: Option<Tensor>,
     /// Input of each encoder layer after the first (tanh outputs).
     enc_inputs: Vec<Tensor>,
     mu: Tensor,
@@ -115,7 +128,13 @@ impl Trainer {
             update_count,
             epochs_done,
             seed,
+            first_layer: FirstLayer::Sparse,
         })
+    }
+
+    /// Chooses the first layer's computation (see [`FirstLayer`]); the results are equal.
+    pub fn set_first_layer(&mut self, first_layer: FirstLayer) {
+        self.first_layer = first_layer;
     }
 
     /// The model being trained (its weights change in place: `deep_copy` it to publish).
@@ -162,7 +181,8 @@ impl Trainer {
         let mut rng = rng_for(self.seed, Stream::Grow, new_n_items as u64);
         self.model.grow(new_n_items, &mut rng)?;
         let n_params = self.adam.m.len();
-        self.adam.grow(0, n_params - 2, n_params - 1, new_n_items - old)
+        self.adam
+            .grow(0, n_params - 2, n_params - 1, new_n_items - old)
     }
 
     /// One pass over the users of `data` (empty rows skipped) in a shuffled order, in
@@ -172,6 +192,20 @@ impl Trainer {
         data: &Interactions,
         mut on_step: impl FnMut(&StepStats),
     ) -> Result<EpochStats> {
+        let stats = self.train_epoch_while(data, |s| {
+            on_step(s);
+            true
+        })?;
+        Ok(stats.expect("never stopped early"))
+    }
+
+    /// As [`Trainer::train_epoch`], but stops after a step for which `keep_going` returns false:
+    /// then it returns `None` and the trainer is mid-epoch (callers discard it).
+    pub fn train_epoch_while(
+        &mut self,
+        data: &Interactions,
+        mut keep_going: impl FnMut(&StepStats) -> bool,
+    ) -> Result<Option<EpochStats>> {
         if data.n_items() > self.model.n_items() {
             candle_core::bail!(
                 "training data has {} items, the model {}: grow the model first",
@@ -179,18 +213,22 @@ impl Trainer {
                 self.model.n_items()
             );
         }
-        let mut users: Vec<usize> = (0..data.n_users()).filter(|&u| !data.row(u).is_empty()).collect();
+        let mut users: Vec<usize> = (0..data.n_users())
+            .filter(|&u| !data.row(u).is_empty())
+            .collect();
         users.shuffle(&mut rng_for(self.seed, Stream::Shuffle, self.epochs_done));
         let mut total = EpochStats::default();
         for batch in users.chunks(self.model.config().batch_size) {
             let rows: Vec<&[u32]> = batch.iter().map(|&u| data.row(u)).collect();
             let s = self.train_step(&rows)?;
-            on_step(&s);
             total.loss += s.loss;
             total.nll += s.nll;
             total.kl += s.kl;
             total.beta = s.beta;
             total.steps += 1;
+            if !keep_going(&s) {
+                return Ok(None);
+            }
         }
         if total.steps > 0 {
             let n = total.steps as f64;
@@ -199,7 +237,7 @@ impl Trainer {
             total.kl /= n;
         }
         self.epochs_done += 1;
-        Ok(total)
+        Ok(Some(total))
     }
 
     /// One Adam update on the users `rows` (each a non-empty, sorted item list).
@@ -222,7 +260,19 @@ impl Trainer {
         let dev = m.device();
         let d = m.config().latent_dimension;
         let b = bag.len();
-        let mut h = bag_forward(&m.encoder[0].weight, &m.encoder[0].bias, &bag)?;
+        let (mut h, dense_input) = match self.first_layer {
+            FirstLayer::Sparse => (
+                bag_forward(&m.encoder[0].weight, &m.encoder[0].bias, &bag)?,
+                None,
+            ),
+            FirstLayer::Dense => {
+                let x = bag_dense(&bag, m.n_items(), dev)?;
+                let h = x
+                    .matmul(&m.encoder[0].weight)?
+                    .broadcast_add(&m.encoder[0].bias)?;
+                (h, Some(x))
+            }
+        };
         let mut enc_inputs = Vec::new();
         for l in &m.encoder[1..] {
             let a = h.tanh()?;
@@ -245,6 +295,7 @@ impl Trainer {
         let logits = x.matmul(&m.decoder[last].weight)?;
         Ok(Forward {
             bag,
+            dense_input,
             enc_inputs,
             mu,
             logvar,
@@ -302,7 +353,8 @@ impl Trainer {
 
         // z = μ + ε·σ, σ = exp(½ log σ²); plus β·∂KL/∂(μ, log σ²) of the batch mean
         let dmu = (&dz + (&f.mu * (beta * inv_b))?)?;
-        let dlogvar = ((dz.mul(&f.eps)?.mul(&f.std)? * 0.5)? + (var.affine(0.5 * beta * inv_b, -0.5 * beta * inv_b))?)?;
+        let dlogvar = ((dz.mul(&f.eps)?.mul(&f.std)? * 0.5)?
+            + (var.affine(0.5 * beta * inv_b, -0.5 * beta * inv_b))?)?;
         let mut dh = Tensor::cat(&[&dmu, &dlogvar], 1)?;
 
         let mut enc_grads: Vec<(Tensor, Tensor)> = Vec::with_capacity(m.encoder.len());
@@ -314,7 +366,10 @@ impl Trainer {
             enc_grads.push((gw, gb));
             dh = dinput.mul(&input.sqr()?.affine(-1.0, 1.0)?)?;
         }
-        let gw = bag_backward(&dh, &f.bag, n_items)?;
+        let gw = match &f.dense_input {
+            None => bag_backward(&dh, &f.bag, n_items)?,
+            Some(x) => x.t()?.matmul(&dh)?,
+        };
         let gb = dh.sum(0)?;
         enc_grads.push((gw, gb));
         enc_grads.reverse();
@@ -332,6 +387,17 @@ impl Trainer {
         };
         Ok((stats, grads))
     }
+}
+
+/// The bag as the dense [B × items] input x̃.
+fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
+    let mut x = vec![0f32; bag.len() * n_items];
+    for b in 0..bag.len() {
+        for j in bag.offsets[b]..bag.offsets[b + 1] {
+            x[b * n_items + bag.items[j] as usize] += bag.weights[j];
+        }
+    }
+    Tensor::from_vec(x, (bag.len(), n_items), dev)
 }
 
 /// The training input of a batch: each item of a user kept with probability 1 − p, weighted

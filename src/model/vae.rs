@@ -28,9 +28,17 @@ pub struct MultiVae {
 }
 
 /// Glorot/Xavier uniform values for a [fan_in × fan_out] matrix (vae_cf's weight init).
-pub(crate) fn xavier(rng: &mut impl Rng, rows: usize, cols: usize, fan_in: usize, fan_out: usize) -> Vec<f32> {
+pub(crate) fn xavier(
+    rng: &mut impl Rng,
+    rows: usize,
+    cols: usize,
+    fan_in: usize,
+    fan_out: usize,
+) -> Vec<f32> {
     let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
-    (0..rows * cols).map(|_| rng.gen_range(-limit..limit)).collect()
+    (0..rows * cols)
+        .map(|_| rng.gen_range(-limit..limit))
+        .collect()
 }
 
 /// Truncated normal values with std 0.001 cut at ±2 std (vae_cf's bias init).
@@ -57,7 +65,12 @@ fn layer_dims(config: &ModelConfig, n_items: usize) -> (Vec<usize>, Vec<usize>) 
 
 impl MultiVae {
     /// A freshly initialised model (Xavier weights, truncated-normal biases) on `device`.
-    pub fn new(config: &ModelConfig, n_items: usize, rng: &mut impl Rng, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        n_items: usize,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
         let (enc, dec) = layer_dims(config, n_items);
         let mut make = |dims: &[usize]| -> Result<Vec<Linear>> {
@@ -207,7 +220,11 @@ impl MultiVae {
     /// True when every weight is finite.
     pub fn is_finite(&self) -> Result<bool> {
         for (_, t) in self.named_tensors() {
-            let s = t.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let s = t
+                .abs()?
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
             if !s.is_finite() {
                 return Ok(false);
             }
@@ -258,7 +275,9 @@ impl MultiVae {
         };
         for chunk in rows.chunks(CHUNK) {
             let (mu, _) = self.encode(&Bag::normalised(chunk))?;
-            let logits = self.decode_without_output_bias(&mu)?.to_device(&Device::Cpu)?;
+            let logits = self
+                .decode_without_output_bias(&mu)?
+                .to_device(&Device::Cpu)?;
             let n = self.n_items;
             let recs = with_slice(&logits, |l| {
                 with_slice(&bias_ref, |bias| {
@@ -278,7 +297,10 @@ impl MultiVae {
     /// Every existing weight is kept, so the old items' logits are unchanged for any input.
     pub fn grow(&mut self, new_n_items: usize, rng: &mut impl Rng) -> Result<()> {
         if new_n_items < self.n_items {
-            candle_core::bail!("cannot shrink the catalogue from {} to {new_n_items}", self.n_items);
+            candle_core::bail!(
+                "cannot shrink the catalogue from {} to {new_n_items}",
+                self.n_items
+            );
         }
         let extra = new_n_items - self.n_items;
         if extra == 0 {

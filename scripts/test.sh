@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: starts a real Kafka-protocol broker (scripts/kafka.sh) unless KAFKA_BROKERS
+# already names one, runs the whole test suite against it, and stops the broker on every exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${KAFKA_BROKERS:-}" ]; then
+  export KAFKA_PORT=${KAFKA_PORT:-19092}
+  trap 'scripts/kafka.sh stop' EXIT
+  scripts/kafka.sh start
+  export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+fi
+cargo test --all-targets "$@"

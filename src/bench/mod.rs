@@ -1,0 +1,154 @@
+//! `multivaed bench`: throughput benchmarks on synthetic data, printed as a markdown table and
+//! written as JSON. Benchmarks report figures; they never assert timings.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::model::{FirstLayer, Interactions, ModelConfig, Trainer};
+
+/// Synthetic users with a skewed (power-law-like) item popularity: `per_user` items on average.
+pub fn synthetic_users(n_users: usize, n_items: usize, per_user: usize, seed: u64) -> Interactions {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let rows = (0..n_users).map(|_| {
+        let n = rng.gen_range(per_user / 2..=per_user * 3 / 2).max(1);
+        (0..n)
+            .map(|_| {
+                let r: f64 = rng.gen();
+                ((r * r * r) * n_items as f64) as u32 % n_items as u32
+            })
+            .collect::<Vec<u32>>()
+    });
+    Interactions::from_rows(rows, n_items).expect("indices are in range")
+}
+
+/// One row of the model benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchRow {
+    pub items: usize,
+    pub first_layer: &'static str,
+    pub batch_size: usize,
+    pub step_seconds: f64,
+    pub steps_per_second: f64,
+    pub distinct_items_per_batch: f64,
+    pub score_users: usize,
+    pub score_seconds: f64,
+    pub users_per_second: f64,
+    pub single_user_ms: f64,
+}
+
+/// Options of `multivaed bench model`.
+#[derive(Debug, Clone)]
+pub struct ModelBenchOptions {
+    pub items: Vec<usize>,
+    pub dense_at: Vec<usize>,
+    pub steps: usize,
+    pub score_users: usize,
+    pub config: ModelConfig,
+}
+
+fn time_steps(
+    trainer: &mut Trainer,
+    data: &Interactions,
+    steps: usize,
+    batch: usize,
+) -> Result<(f64, f64)> {
+    let users: Vec<usize> = (0..data.n_users()).collect();
+    let mut distinct = 0usize;
+    // one warm-up step (allocations, page faults)
+    let warm: Vec<&[u32]> = users[..batch].iter().map(|&u| data.row(u)).collect();
+    trainer.train_step(&warm)?;
+    let t0 = Instant::now();
+    for s in 0..steps {
+        let start = (s * batch) % (data.n_users() - batch + 1);
+        let rows: Vec<&[u32]> = users[start..start + batch]
+            .iter()
+            .map(|&u| data.row(u))
+            .collect();
+        let mut seen: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        distinct += seen.len();
+        trainer.train_step(&rows)?;
+    }
+    Ok((
+        t0.elapsed().as_secs_f64() / steps as f64,
+        distinct as f64 / steps as f64,
+    ))
+}
+
+/// Runs the model benchmark: a training step and top-100 scoring at each catalogue size.
+pub fn run_model_bench(
+    opts: &ModelBenchOptions,
+    mut log: impl FnMut(&ModelBenchRow),
+) -> Result<Vec<ModelBenchRow>> {
+    let mut out = Vec::new();
+    let batch = opts.config.batch_size;
+    for &items in &opts.items {
+        let n_users = (batch * 4).max(opts.score_users);
+        let data = synthetic_users(n_users, items, 50, items as u64);
+        let mut layers = vec![FirstLayer::Sparse];
+        if opts.dense_at.contains(&items) {
+            layers.push(FirstLayer::Dense);
+        }
+        for layer in layers {
+            let mut trainer = Trainer::new(&opts.config, items, 1, &Device::Cpu)?;
+            trainer.set_first_layer(layer);
+            let (step_seconds, distinct) = time_steps(&mut trainer, &data, opts.steps, batch)?;
+            let rows: Vec<&[u32]> = (0..opts.score_users).map(|u| data.row(u)).collect();
+            let model = trainer.model();
+            model.recommend(&rows[..rows.len().min(100)], 100)?; // warm-up
+            let t0 = Instant::now();
+            let recs = model.recommend(&rows, 100)?;
+            let score_seconds = t0.elapsed().as_secs_f64();
+            debug_assert_eq!(recs.len(), rows.len());
+            let t1 = Instant::now();
+            let reps = 20;
+            for r in rows.iter().take(reps) {
+                model.recommend(std::slice::from_ref(r), 100)?;
+            }
+            let single_user_ms = t1.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+            let row = ModelBenchRow {
+                items,
+                first_layer: match layer {
+                    FirstLayer::Sparse => "sparse",
+                    FirstLayer::Dense => "dense",
+                },
+                batch_size: batch,
+                step_seconds,
+                steps_per_second: 1.0 / step_seconds,
+                distinct_items_per_batch: distinct,
+                score_users: rows.len(),
+                score_seconds,
+                users_per_second: rows.len() as f64 / score_seconds,
+                single_user_ms,
+            };
+            log(&row);
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// The rows as a markdown table.
+pub fn model_table(rows: &[ModelBenchRow]) -> String {
+    let mut s = String::from(
+        "| items | first layer | step (s) | steps/s | distinct items/batch | top-100 users/s | 1-user fold-in (ms) |\n|---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.3} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+            r.items,
+            r.first_layer,
+            r.step_seconds,
+            r.steps_per_second,
+            r.distinct_items_per_batch,
+            r.users_per_second,
+            r.single_user_ms
+        );
+    }
+    s
+}

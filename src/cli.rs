@@ -1,0 +1,479 @@
+//! The command line: `run` (the daemon), `demo` (everything embedded), `produce` (replay a
+//! dataset into Kafka), `recommend` (offline, from a checkpoint), `eval` (the paper's protocol)
+//! and `bench` (throughput).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench;
+use crate::eval::{self, RawFormat};
+use crate::model::ModelConfig;
+
+/// A streaming Multi-VAE recommender.
+#[derive(Debug, Parser)]
+#[command(name = "multivaed", version, about)]
+pub struct Cli {
+    /// Log format: human-readable text, or one JSON object per line for collectors.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: consume clicks, train, publish recommendations.
+    Run(RunArgs),
+    /// Everything embedded: an in-process Kafka broker, a synthetic click stream, the daemon.
+    Demo(DemoArgs),
+    /// Replay a dataset file into a topic as click events, in timestamp order.
+    Produce(ProduceArgs),
+    /// Recommend offline from the newest model version and the store of a (stopped) daemon.
+    Recommend(RecommendArgs),
+    /// Train and evaluate under the paper's strong-generalisation protocol.
+    Eval(EvalArgs),
+    /// Measure training and scoring throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Model hyper-parameters, named as in vae_cf / RecBole.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Hidden layer sizes, comma-separated (e.g. 600 or 600,600).
+    #[arg(long, value_delimiter = ',', default_value = "600")]
+    pub mlp_hidden_size: Vec<usize>,
+    /// Size of z (the paper's 200; RecBole's 128 is really 64).
+    #[arg(long, default_value_t = 200)]
+    pub latent_dimension: usize,
+    #[arg(long, default_value_t = 0.5)]
+    pub dropout_prob: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub anneal_cap: f64,
+    #[arg(long, default_value_t = 200_000)]
+    pub total_anneal_steps: u64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+}
+
+impl ModelArgs {
+    fn config(&self) -> Result<ModelConfig> {
+        let c = ModelConfig {
+            mlp_hidden_size: self.mlp_hidden_size.clone(),
+            latent_dimension: self.latent_dimension,
+            dropout_prob: self.dropout_prob,
+            anneal_cap: self.anneal_cap,
+            total_anneal_steps: self.total_anneal_steps,
+            learning_rate: self.learning_rate,
+            batch_size: self.batch_size,
+        };
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A split directory in dawenl/vae_cf's format (train.csv, validation_tr.csv, …, unique_sid.txt).
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    pub split: Option<PathBuf>,
+    /// A raw interaction file to split with the paper's rules.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Layout of --data (default: from the extension: .inter, .csv, else one line per user).
+    #[arg(long, value_enum, requires = "data")]
+    pub format: Option<RawFormat>,
+    /// Validation users, and as many test users (default: 10% of the users, at most 10,000).
+    #[arg(long, requires = "data")]
+    pub heldout_users: Option<usize>,
+    /// Interactions with a rating below this are dropped (where the file has ratings).
+    #[arg(long, default_value_t = 4.0, requires = "data")]
+    pub min_rating: f64,
+    /// Seed of the user shuffle and the 80/20 fold-in split.
+    #[arg(long, default_value_t = 98765, requires = "data")]
+    pub split_seed: u64,
+    /// Write the split built from --data in vae_cf's format to this directory.
+    #[arg(long, requires = "data")]
+    pub write_split: Option<PathBuf>,
+    /// Training epochs; the epoch with the best validation NDCG@100 is kept.
+    #[arg(long, default_value_t = 200)]
+    pub epochs: usize,
+    /// Seed of initialisation, shuffling, dropout and ε.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object as the last line of standard output.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The TOML configuration (configs/multivaed.toml documents every key).
+    #[arg(long, short, env = "MULTIVAED_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop by itself after this many seconds and print a summary.
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Replay this dataset (ml-100k .inter, CSV, or one line per user) instead of synthetic clicks.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Clicks per second.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Keep the store and models here (default: a fresh temporary directory).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP address (metrics, health, pull API).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: String,
+    #[arg(long, default_value = "clicks")]
+    pub topic: String,
+    /// The dataset file.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: Option<RawFormat>,
+    /// Skip interactions rated below this (where the file has ratings).
+    #[arg(long)]
+    pub min_rating: Option<f64>,
+    /// Clicks per second (0: as fast as possible).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Send at most this many clicks.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Extra librdkafka properties, KEY=VALUE (repeatable), e.g. security.protocol=SASL_SSL.
+    #[arg(long = "property", short = 'X')]
+    pub properties: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecommendArgs {
+    /// The configuration of the daemon whose data to read.
+    #[arg(long, short, env = "MULTIVAED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A user id known to the store.
+    #[arg(long, conflicts_with = "items", required_unless_present = "items")]
+    pub user: Option<String>,
+    /// Or an ad-hoc history: item ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub items: Option<Vec<String>>,
+    #[arg(long, short, default_value_t = 10)]
+    pub k: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// A training step and top-100 scoring at several catalogue sizes (synthetic users).
+    Model(ModelBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelBenchArgs {
+    /// Catalogue sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1700,20000,100000")]
+    pub items: Vec<usize>,
+    /// Sizes at which the dense first layer is measured too.
+    #[arg(long, value_delimiter = ',', default_value = "20000")]
+    pub dense_at: Vec<usize>,
+    /// Timed training steps per size.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Users scored per size.
+    #[arg(long, default_value_t = 2000)]
+    pub score_users: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Sizes the global thread pool (rayon, which candle's matmul also uses).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads: must be at least 1");
+        }
+        // candle reads RAYON_NUM_THREADS for its matmul parallelism; set before any thread starts
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot size the thread pool")?;
+    }
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let config = args.model.config()?;
+    let split = match (&args.split, &args.data) {
+        (Some(dir), _) => {
+            eval::read_split_dir(dir).with_context(|| format!("--split {}", dir.display()))?
+        }
+        (None, Some(file)) => {
+            let format = args.format.unwrap_or_else(|| RawFormat::from_path(file));
+            let raw = eval::read_raw(file, format)
+                .with_context(|| format!("--data {}", file.display()))?;
+            let n_users = raw
+                .iter()
+                .map(|r| r.user.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            let heldout = args
+                .heldout_users
+                .unwrap_or_else(|| (n_users / 10).clamp(1, 10_000));
+            let split = eval::build_split(&raw, args.min_rating, heldout, args.split_seed)?;
+            if let Some(dir) = &args.write_split {
+                eval::write_split_dir(&split, dir)?;
+                eprintln!("split written to {}", dir.display());
+            }
+            split
+        }
+        (None, None) => bail!("give --split DIR or --data FILE"),
+    };
+    eprintln!(
+        "{} training users, {} validation, {} test, {} items, {} training interactions",
+        split.train.n_users(),
+        split.validation_tr.n_users(),
+        split.test_tr.n_users(),
+        split.item_ids.len(),
+        split.train.nnz()
+    );
+    let opts = eval::EvalOptions {
+        config,
+        epochs: args.epochs,
+        seed: args.seed,
+        device: Device::Cpu,
+    };
+    let bar = indicatif::ProgressBar::new(args.epochs as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} epochs [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let interactive = std::io::stderr().is_terminal();
+    let report = eval::run(&split, &opts, &mut |epoch, loss, beta, ndcg, best| {
+        bar.set_message(format!(
+            "loss {loss:.2} β {beta:.5} val ndcg@100 {ndcg:.4} (best {best:.4})"
+        ));
+        bar.inc(1);
+        if !interactive && (epoch % 20 == 0 || epoch + 1 == args.epochs) {
+            eprintln!(
+                "epoch {epoch}: loss {loss:.3} β {beta:.5} val ndcg@100 {ndcg:.4} (best {best:.4})"
+            );
+        }
+    })?;
+    bar.finish_and_clear();
+    let m = &report.multivae;
+    let p = &report.popularity;
+    println!("| model | NDCG@100 | Recall@20 | Recall@50 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| Multi-VAE (best epoch {}) | {:.4} ± {:.4} | {:.4} | {:.4} |",
+        m.best_epoch, m.ndcg100, m.ndcg100_se, m.recall20, m.recall50
+    );
+    println!(
+        "| Popularity | {:.4} | {:.4} | {:.4} |",
+        p.ndcg100, p.recall20, p.recall50
+    );
+    println!(
+        "{} test users, {} items, {:.3} s per training epoch",
+        report.users.test, report.items, m.train_seconds_per_epoch
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn run_bench(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Model(args) => {
+            set_threads(args.threads)?;
+            let opts = bench::ModelBenchOptions {
+                items: args.items,
+                dense_at: args.dense_at,
+                steps: args.steps,
+                score_users: args.score_users,
+                config: args.model.config()?,
+            };
+            let rows = bench::run_model_bench(&opts, |r| {
+                eprintln!(
+                    "{} items, {} first layer: {:.3} s/step, {:.0} users/s",
+                    r.items, r.first_layer, r.step_seconds, r.users_per_second
+                )
+            })?;
+            println!("{}", bench::model_table(&rows));
+            if let Some(path) = args.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_recommend(args: RecommendArgs) -> Result<()> {
+    let config = crate::config::Config::load(args.config.as_deref())?;
+    let store = crate::store::Store::open(&config.data_dir, config.store.max_history)
+        .context("cannot open the store (is a daemon still running on this data_dir?)")?;
+    let checkpoints = crate::model::Checkpoints::new(config.data_dir.join("models"));
+    let loaded = checkpoints.load_latest(&Device::Cpu, |v, e| {
+        eprintln!("skipping model version {v}: {e}")
+    })?;
+    let live = loaded.map(|(t, m)| crate::registry::LiveModel {
+        version: m.model_version,
+        model: t.model().clone(),
+        swapped_at: std::time::SystemTime::now(),
+        validation_ndcg: 0.0,
+    });
+    let rec = match (args.user, args.items) {
+        (Some(user), _) => {
+            let u = store
+                .user_index(&user)?
+                .with_context(|| format!("unknown user {user:?}"))?;
+            crate::serve::recommend_users(&store, live.as_ref(), &[u], args.k)?.pop()
+        }
+        (None, Some(items)) => {
+            let live = live.context("no model version to score with")?;
+            let mut idx = Vec::new();
+            for i in &items {
+                match store.item_index(i)? {
+                    Some(x) if (x as usize) < live.model.n_items() => idx.push(x),
+                    _ => eprintln!("ignoring item {i:?}: unknown to the model"),
+                }
+            }
+            idx.sort_unstable();
+            idx.dedup();
+            let recs = live.model.recommend(&[&idx], args.k)?;
+            let items = recs
+                .into_iter()
+                .flatten()
+                .filter_map(|(i, score)| {
+                    store
+                        .item_id(i)
+                        .map(|item_id| crate::serve::ScoredItem { item_id, score })
+                })
+                .collect();
+            Some(crate::serve::Recommendation {
+                user_id: String::new(),
+                items,
+                model_version: Some(live.version),
+                generated_at: 0,
+                source: "model".into(),
+            })
+        }
+        (None, None) => bail!("give --user or --items"),
+    };
+    println!("{}", serde_json::to_string_pretty(&rec)?);
+    Ok(())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => {
+            let config = crate::config::Config::load(args.config.as_deref())?;
+            runtime()?.block_on(async move {
+                let shared = crate::daemon::open(config)?;
+                crate::daemon::run(shared).await
+            })
+        }
+        Command::Demo(args) => {
+            runtime()?.block_on(crate::demo::run_demo(crate::demo::DemoOptions {
+                duration: args.duration.map(std::time::Duration::from_secs),
+                data: args.data,
+                rate: args.rate,
+                data_dir: args.data_dir,
+                listen: args.listen,
+            }))
+        }
+        Command::Produce(args) => {
+            let mut msgs = crate::demo::dataset_messages(&args.data, args.format, args.min_rating)?;
+            if let Some(n) = args.limit {
+                msgs.truncate(n);
+            }
+            let mut props = Vec::new();
+            for p in &args.properties {
+                let (k, v) = p
+                    .split_once('=')
+                    .with_context(|| format!("--property {p:?}: expected KEY=VALUE"))?;
+                props.push((k.to_string(), v.to_string()));
+            }
+            let sent = runtime()?.block_on(crate::demo::run_produce(
+                &args.brokers,
+                &args.topic,
+                msgs,
+                args.rate,
+                &props,
+            ))?;
+            eprintln!("produced {sent} clicks to {}", args.topic);
+            Ok(())
+        }
+        Command::Recommend(args) => run_recommend(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Bench(cmd) => run_bench(cmd),
+    }
+}

@@ -1,0 +1,304 @@
+//! `Config`: one TOML file (`configs/multivaed.toml` documents every key and its default), with
+//! `MULTIVAED_*` environment overrides (`__` separates sections: `MULTIVAED_KAFKA__BROKERS`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelConfig;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the store and model versions live.
+    pub data_dir: PathBuf,
+    /// Training device: "auto", "cpu" or "cuda:N".
+    pub device: String,
+    pub kafka: KafkaConfig,
+    pub store: StoreConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub serve: ServeConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    pub group_id: String,
+    pub clicks_topic: String,
+    pub recommendations_topic: String,
+    pub dead_letter_topic: String,
+    /// Event types that count as a positive interaction (an event without a type counts).
+    pub positive_event_types: Vec<String>,
+    /// Messages larger than this are dead-lettered unparsed.
+    pub max_message_bytes: usize,
+    /// Messages per ingest batch (one store write, one offset commit).
+    pub batch_size: usize,
+    /// Longest wait to fill a batch.
+    #[serde(with = "humantime_serde")]
+    pub batch_timeout: Duration,
+    /// Extra librdkafka properties for every client (SASL/SSL, timeouts, …).
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Items kept per user (the most recent).
+    pub max_history: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Start a fine-tuning round at least this often (when there is new data).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// … or as soon as this many new interactions arrived.
+    pub min_new_events: u64,
+    pub epochs_per_round: usize,
+    /// Users needed before the first model is trained.
+    pub min_users: usize,
+    /// Held-out users for validation (a fixed sample; they are not trained on).
+    pub validation_users: usize,
+    /// A new model is rejected when its validation NDCG@100 is lower than the live one's by more.
+    pub max_ndcg_drop: f64,
+    /// Model versions kept on disk.
+    pub keep_versions: usize,
+    /// A round running longer is abandoned.
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// Seed of initialisation, shuffling, dropout and ε.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub interval_ms: u64,
+    /// Users scored per tick.
+    pub batch_size: usize,
+    /// Items per recommendation.
+    pub k: usize,
+    /// After a model swap, users active this recently are re-scored.
+    #[serde(with = "humantime_serde")]
+    pub rescore_window: Duration,
+    /// Users waiting to be scored, at most (the oldest are dropped past it).
+    pub max_dirty_users: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("multivaed-data"),
+            device: "auto".into(),
+            kafka: KafkaConfig::default(),
+            store: StoreConfig::default(),
+            model: ModelConfig::default(),
+            train: TrainConfig::default(),
+            serve: ServeConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            group_id: "multivaed".into(),
+            clicks_topic: "clicks".into(),
+            recommendations_topic: "recommendations".into(),
+            dead_letter_topic: "clicks-dead-letter".into(),
+            positive_event_types: vec!["click".into()],
+            max_message_bytes: 64 * 1024,
+            batch_size: 2000,
+            batch_timeout: Duration::from_millis(50),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { max_history: 500 }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(300),
+            min_new_events: 50_000,
+            epochs_per_round: 2,
+            min_users: 50,
+            validation_users: 500,
+            max_ndcg_drop: 0.02,
+            keep_versions: 5,
+            max_duration: Duration::from_secs(1800),
+            seed: 1,
+        }
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 100,
+            batch_size: 1000,
+            k: 20,
+            rescore_window: Duration::from_secs(3600),
+            max_dirty_users: 1_000_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file (when given), then `MULTIVAED_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(p) = path {
+            if !p.exists() {
+                bail!("config file {} does not exist", p.display());
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        fig = fig.merge(Env::prefixed("MULTIVAED_").split("__"));
+        let config: Config = fig.extract().map_err(|e| {
+            let mut msg = String::from("invalid configuration");
+            for err in e {
+                msg.push_str(&format!("\n  {err}"));
+            }
+            anyhow::anyhow!(msg)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        self.model
+            .validate()
+            .map_err(|e| anyhow::anyhow!("model.{e}"))?;
+        let checks: [(bool, &str); 9] = [
+            (
+                self.kafka.batch_size > 0,
+                "kafka.batch_size: must be at least 1",
+            ),
+            (
+                self.kafka.max_message_bytes > 0,
+                "kafka.max_message_bytes: must be at least 1",
+            ),
+            (
+                !self.kafka.clicks_topic.is_empty(),
+                "kafka.clicks_topic: must not be empty",
+            ),
+            (
+                self.store.max_history > 0,
+                "store.max_history: must be at least 1",
+            ),
+            (
+                self.train.epochs_per_round > 0,
+                "train.epochs_per_round: must be at least 1",
+            ),
+            (
+                self.train.keep_versions > 0,
+                "train.keep_versions: must be at least 1",
+            ),
+            (self.serve.k > 0, "serve.k: must be at least 1"),
+            (
+                self.serve.batch_size > 0,
+                "serve.batch_size: must be at least 1",
+            ),
+            (
+                self.train.max_ndcg_drop >= 0.0,
+                "train.max_ndcg_drop: must be >= 0",
+            ),
+        ];
+        for (ok, msg) in checks {
+            if !ok {
+                bail!("invalid configuration: {msg}");
+            }
+        }
+        parse_device(&self.device)?;
+        Ok(())
+    }
+}
+
+/// The training device a `device` setting asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parses "auto", "cpu" or "cuda:N".
+pub fn parse_device(s: &str) -> Result<DeviceChoice> {
+    match s {
+        "auto" => Ok(DeviceChoice::Auto),
+        "cpu" => Ok(DeviceChoice::Cpu),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
+            _ => bail!("invalid configuration: device: expected \"auto\", \"cpu\" or \"cuda:N\", got {s:?}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_file_is_the_defaults() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/multivaed.toml");
+        let text = std::fs::read_to_string(&shipped).unwrap();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[serve]\nk = \"many\"\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("serve.k"), "{e}");
+        std::fs::write(&p, "[train]\nkeep_versions = 0\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("train.keep_versions"), "{e}");
+        std::fs::write(&p, "[kafka]\nbrokerz = \"x\"\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("brokerz"), "{e}");
+        std::fs::write(&p, "device = \"tpu\"\n").unwrap();
+        assert!(format!("{:#}", Config::load(Some(&p)).unwrap_err()).contains("device"));
+        std::fs::write(&p, "[train]\ninterval = \"10s\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.train.interval, Duration::from_secs(10));
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+    }
+}

@@ -1,0 +1,273 @@
+//! Parsing and validation of one click-event message. Never panics: every bad message becomes a
+//! `Rejection` with a stable reason (the metric label and dead-letter header).
+
+use serde_json::Value;
+
+use crate::store::Click;
+
+/// Longest accepted id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Why a message was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("message of {size} bytes exceeds the maximum of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("message has no payload")]
+    Empty,
+    #[error("payload is not valid UTF-8")]
+    NotUtf8,
+    #[error("payload is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("payload is not a JSON object")]
+    NotAnObject,
+    #[error("field {0} is missing")]
+    MissingField(&'static str),
+    #[error("field {field} must be {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("field {field} is empty")]
+    EmptyId { field: &'static str },
+    #[error("field {field} is {len} bytes long, more than {MAX_ID_BYTES}")]
+    IdTooLong { field: &'static str, len: usize },
+    #[error("field {field} contains a NUL or control character")]
+    ControlCharacter { field: &'static str },
+    #[error("field {field} is a number outside 0..2^64")]
+    OutOfRange { field: &'static str },
+}
+
+impl Rejection {
+    /// A short, stable reason (metric label, dead-letter header).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::Empty => "empty",
+            Self::NotUtf8 => "not_utf8",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::NotAnObject => "not_an_object",
+            Self::MissingField(_) => "missing_field",
+            Self::WrongType { .. } => "wrong_type",
+            Self::EmptyId { .. } => "empty_id",
+            Self::IdTooLong { .. } => "id_too_long",
+            Self::ControlCharacter { .. } => "control_character",
+            Self::OutOfRange { .. } => "out_of_range",
+        }
+    }
+}
+
+/// A valid message: a positive click, or an event of a type that does not count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Click(Click),
+    Ignored { event_type: String },
+}
+
+fn id(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<String, Rejection> {
+    let s = match obj.get(field) {
+        None | Some(Value::Null) => return Err(Rejection::MissingField(field)),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => v.to_string(),
+            None if n.is_i64() || n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+                return Err(Rejection::OutOfRange { field })
+            }
+            None => {
+                return Err(Rejection::WrongType {
+                    field,
+                    expected: "a string or a non-negative integer",
+                })
+            }
+        },
+        Some(_) => {
+            return Err(Rejection::WrongType {
+                field,
+                expected: "a string or a non-negative integer",
+            })
+        }
+    };
+    if s.is_empty() {
+        return Err(Rejection::EmptyId { field });
+    }
+    if s.len() > MAX_ID_BYTES {
+        return Err(Rejection::IdTooLong {
+            field,
+            len: s.len(),
+        });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Rejection::ControlCharacter { field });
+    }
+    Ok(s)
+}
+
+/// Parses one message payload. Size is checked before any parsing.
+pub fn parse_event(
+    payload: Option<&[u8]>,
+    max_bytes: usize,
+    positive_types: &[String],
+) -> Result<Event, Rejection> {
+    let bytes = payload.ok_or(Rejection::Empty)?;
+    if bytes.len() > max_bytes {
+        return Err(Rejection::TooLarge {
+            size: bytes.len(),
+            max: max_bytes,
+        });
+    }
+    if bytes.is_empty() {
+        return Err(Rejection::Empty);
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| Rejection::NotUtf8)?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+    let Value::Object(obj) = value else {
+        return Err(Rejection::NotAnObject);
+    };
+    let user = id(&obj, "user_id")?;
+    let item = id(&obj, "item_id")?;
+    let timestamp_ms = match obj.get("timestamp") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t) => Some(t),
+            None => {
+                return Err(Rejection::WrongType {
+                    field: "timestamp",
+                    expected: "a non-negative integer (milliseconds since the epoch)",
+                })
+            }
+        },
+        Some(_) => {
+            return Err(Rejection::WrongType {
+                field: "timestamp",
+                expected: "a non-negative integer (milliseconds since the epoch)",
+            })
+        }
+    };
+    match obj.get("event_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) => {
+            if !positive_types.iter().any(|p| p == t) {
+                return Ok(Event::Ignored {
+                    event_type: t.clone(),
+                });
+            }
+        }
+        Some(_) => {
+            return Err(Rejection::WrongType {
+                field: "event_type",
+                expected: "a string",
+            })
+        }
+    }
+    Ok(Event::Click(Click {
+        user,
+        item,
+        timestamp_ms,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &[u8]) -> Result<Event, Rejection> {
+        parse_event(Some(s), 1024, &["click".to_string()])
+    }
+
+    #[test]
+    fn accepts_strings_and_integers() {
+        let e = parse(br#"{"user_id": "u1", "item_id": 42, "timestamp": 1700000000000, "event_type": "click"}"#).unwrap();
+        assert_eq!(
+            e,
+            Event::Click(Click {
+                user: "u1".into(),
+                item: "42".into(),
+                timestamp_ms: Some(1_700_000_000_000)
+            })
+        );
+        assert!(matches!(
+            parse(br#"{"user_id": 1, "item_id": "x"}"#),
+            Ok(Event::Click(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"user_id": 1, "item_id": "x", "event_type": "view"}"#),
+            Ok(Event::Ignored { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_with_reasons() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"\xff\xfe", "not_utf8"),
+            (b"{\"user_id\": ", "invalid_json"),
+            (b"[1,2]", "not_an_object"),
+            (br#"{"item_id": "x"}"#, "missing_field"),
+            (br#"{"user_id": "u"}"#, "missing_field"),
+            (br#"{"user_id": true, "item_id": "x"}"#, "wrong_type"),
+            (br#"{"user_id": 1.5, "item_id": "x"}"#, "wrong_type"),
+            (br#"{"user_id": -3, "item_id": "x"}"#, "out_of_range"),
+            (
+                br#"{"user_id": 184467440737095516150, "item_id": "x"}"#,
+                "out_of_range",
+            ),
+            (br#"{"user_id": "", "item_id": "x"}"#, "empty_id"),
+            (
+                br#"{"user_id": "a\u0000b", "item_id": "x"}"#,
+                "control_character",
+            ),
+            (
+                br#"{"user_id": "u", "item_id": "x", "timestamp": "yesterday"}"#,
+                "wrong_type",
+            ),
+            (
+                br#"{"user_id": "u", "item_id": "x", "event_type": 7}"#,
+                "wrong_type",
+            ),
+        ];
+        for (payload, reason) in cases {
+            let got = parse(payload).unwrap_err();
+            assert_eq!(
+                got.reason(),
+                *reason,
+                "{:?}: {got}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+        let long = format!(r#"{{"user_id": "{}", "item_id": "x"}}"#, "a".repeat(300));
+        assert_eq!(parse(long.as_bytes()).unwrap_err().reason(), "id_too_long");
+        let big = vec![b' '; 2000];
+        assert_eq!(parse(&big).unwrap_err().reason(), "too_large");
+        assert_eq!(parse_event(None, 10, &[]).unwrap_err().reason(), "empty");
+        let deep = "[".repeat(100_000);
+        assert_eq!(
+            parse_event(Some(deep.as_bytes()), 1 << 20, &[])
+                .unwrap_err()
+                .reason(),
+            "invalid_json"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn accepted_ids_are_valid(user in any::<String>(), item in any::<u64>()) {
+            let payload = serde_json::json!({"user_id": user, "item_id": item}).to_string();
+            match parse_event(Some(payload.as_bytes()), 1 << 20, &[]) {
+                Ok(Event::Click(c)) => {
+                    prop_assert!(!c.user.is_empty() && c.user.len() <= MAX_ID_BYTES);
+                    prop_assert!(!c.user.chars().any(char::is_control));
+                    prop_assert_eq!(c.item, item.to_string());
+                }
+                Ok(other) => prop_assert!(false, "unexpected {:?}", other),
+                Err(r) => prop_assert!(["empty_id", "id_too_long", "control_character"].contains(&r.reason())),
+            }
+        }
+    }
+}

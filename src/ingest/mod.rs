@@ -1,0 +1,371 @@
+//! Events in: an rdkafka consumer in a consumer group on the clicks topic. Messages are handled
+//! in batches: parsed, bad ones dead-lettered (delivery awaited), good ones stored with the next
+//! offset of each partition in one atomic store batch, the store flushed, then offsets committed
+//! to Kafka (for lag visibility). On assignment each partition starts from the store's offset, so
+//! a crash anywhere loses no acknowledged click and counts none twice.
+
+pub mod event;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tracing::{debug, error, info, warn};
+
+use crate::daemon::Shared;
+use crate::store::{Click, PartitionOffset};
+use event::{parse_event, Event};
+
+/// Consumer callbacks: seek to stored offsets on assignment, track assignment, lag and broker
+/// health.
+pub struct IngestContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, stats: Statistics) {
+        for topic in stats.topics.values() {
+            for (p, part) in &topic.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .consumer_lag
+                        .with_label_values(&[&p.to_string()])
+                        .set(part.consumer_lag.max(0));
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.shared.health.broker_up.store(false, Ordering::Release);
+        }
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let elems: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                for (topic, partition) in &elems {
+                    match self.shared.store.stored_offset(topic, *partition) {
+                        Ok(Some(o)) => {
+                            if let Err(e) =
+                                tpl.set_partition_offset(topic, *partition, Offset::Offset(o))
+                            {
+                                error!(error = %e, topic, partition, "cannot set the start offset");
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = tpl.set_partition_offset(topic, *partition, Offset::Beginning);
+                        }
+                        Err(e) => error!(error = %e, "cannot read stored offsets"),
+                    }
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    error!(error = %e, "cannot assign partitions");
+                }
+                self.shared
+                    .health
+                    .partitions
+                    .store(elems.len(), Ordering::Release);
+                self.shared
+                    .metrics
+                    .partitions_assigned
+                    .set(elems.len() as i64);
+                info!(partitions = ?elems.iter().map(|e| e.1).collect::<Vec<_>>(), "partitions assigned; resuming from stored offsets");
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Err(e) = consumer.unassign() {
+                    error!(error = %e, "cannot unassign partitions");
+                }
+                self.shared.health.partitions.store(0, Ordering::Release);
+                self.shared.metrics.partitions_assigned.set(0);
+                self.shared.metrics.consumer_lag.reset();
+                info!("partitions revoked");
+            }
+            other => {
+                error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+                self.shared.health.partitions.store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The client configuration shared by every client: brokers plus the configured passthrough
+/// librdkafka properties.
+pub fn client_config(shared: &Shared) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &shared.config.kafka.brokers);
+    for (k, v) in &shared.config.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates the group consumer, subscribed to the clicks topic.
+pub fn consumer(shared: Arc<Shared>) -> Result<StreamConsumer<IngestContext>> {
+    let k = &shared.config.kafka;
+    let mut c = client_config(&shared);
+    c.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range,roundrobin")
+        .set("statistics.interval.ms", "5000")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    // passthrough properties win over the defaults above
+    for (key, v) in &k.properties {
+        c.set(key, v);
+    }
+    let topic = k.clicks_topic.clone();
+    let consumer: StreamConsumer<IngestContext> = c
+        .create_with_context(IngestContext {
+            shared: shared.clone(),
+        })
+        .context("cannot create the Kafka consumer")?;
+    consumer
+        .subscribe(&[&topic])
+        .context("cannot subscribe to the clicks topic")?;
+    Ok(consumer)
+}
+
+/// Creates a producer (dead letters, recommendations).
+pub fn producer(shared: &Shared) -> Result<FutureProducer> {
+    let mut c = client_config(shared);
+    c.set("linger.ms", "5").set("message.timeout.ms", "30000");
+    for (key, v) in &shared.config.kafka.properties {
+        c.set(key, v);
+    }
+    c.create().context("cannot create the Kafka producer")
+}
+
+struct DeadLetter {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    reason: &'static str,
+    detail: String,
+}
+
+async fn send_dead_letters(shared: &Shared, producer: &FutureProducer, letters: &[DeadLetter]) {
+    let topic = &shared.config.kafka.dead_letter_topic;
+    for l in letters {
+        let (partition, offset) = (l.partition.to_string(), l.offset.to_string());
+        let mut attempt = 0u32;
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "multivaed.source.topic",
+                    value: Some(l.topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: "multivaed.source.partition",
+                    value: Some(partition.as_bytes()),
+                })
+                .insert(Header {
+                    key: "multivaed.source.offset",
+                    value: Some(offset.as_bytes()),
+                })
+                .insert(Header {
+                    key: "multivaed.error",
+                    value: Some(l.reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "multivaed.error.detail",
+                    value: Some(l.detail.as_bytes()),
+                });
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .payload(&l.payload[..])
+                .headers(headers);
+            if let Some(k) = &l.key {
+                record = record.key(&k[..]);
+            }
+            match producer.send(record, Duration::from_secs(10)).await {
+                Ok(_) => {
+                    shared.metrics.events_dead_lettered.inc();
+                    break;
+                }
+                Err((e, _)) => {
+                    attempt += 1;
+                    // the offset is not stored until the dead letter is delivered: keep trying
+                    warn!(error = %e, attempt, "cannot write a dead letter; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt.min(25) as u64)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The ingest loop; returns at shutdown after committing what it stored.
+pub async fn run(
+    shared: Arc<Shared>,
+    consumer: StreamConsumer<IngestContext>,
+    producer: FutureProducer,
+) -> Result<()> {
+    let k = shared.config.kafka.clone();
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        // wait for the first message of a batch
+        let first = tokio::select! {
+            m = consumer.recv() => m,
+            _ = shutdown.changed() => break,
+        };
+        let mut msgs: Vec<BorrowedMessage<'_>> = Vec::with_capacity(k.batch_size);
+        match first {
+            Ok(m) => msgs.push(m),
+            Err(e) => {
+                warn!(error = %e, "consume error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + k.batch_timeout;
+        while msgs.len() < k.batch_size {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => msgs.push(m),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "consume error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let received = Instant::now();
+        shared.health.broker_up.store(true, Ordering::Release);
+        let mut clicks: Vec<Click> = Vec::with_capacity(msgs.len());
+        let mut letters = Vec::new();
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for m in &msgs {
+            shared.metrics.events_consumed.inc();
+            let e = next
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+            match parse_event(m.payload(), k.max_message_bytes, &k.positive_event_types) {
+                Ok(Event::Click(c)) => clicks.push(c),
+                Ok(Event::Ignored { .. }) => shared.metrics.events_ignored.inc(),
+                Err(r) => {
+                    shared
+                        .metrics
+                        .events_rejected
+                        .with_label_values(&[r.reason()])
+                        .inc();
+                    debug!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        reason = r.reason(),
+                        "dead-lettering a message"
+                    );
+                    letters.push(DeadLetter {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(|k| k.to_vec()),
+                        payload: m.payload().map(|p| p.to_vec()).unwrap_or_default(),
+                        reason: r.reason(),
+                        detail: r.to_string(),
+                    });
+                }
+            }
+        }
+        if !letters.is_empty() {
+            send_dead_letters(&shared, &producer, &letters).await;
+        }
+        let offsets: Vec<PartitionOffset> = next
+            .iter()
+            .map(|((topic, partition), o)| PartitionOffset {
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: *o,
+            })
+            .collect();
+        let store = shared.store.clone();
+        let offsets_for_store = offsets.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let a = store.apply(&clicks, &offsets_for_store)?;
+            store.flush()?;
+            anyhow::Ok(a)
+        })
+        .await
+        .context("store task failed")?
+        .context("cannot store a batch")?;
+        let mut tpl = TopicPartitionList::new();
+        for o in &offsets {
+            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
+        }
+        shared.metrics.ingest_batches.inc();
+        shared.metrics.events_duplicate.inc_by(applied.duplicates);
+        shared
+            .new_interactions
+            .fetch_add(applied.new_interactions, Ordering::AcqRel);
+        let dropped = shared.dirty.mark(&applied.changed_users, received);
+        shared.metrics.dirty_users_dropped.inc_by(dropped);
+        let counts = shared.store.counts();
+        shared.metrics.store_users.set(counts.users as i64);
+        shared.metrics.store_items.set(counts.items as i64);
+        shared
+            .metrics
+            .store_interactions
+            .set(counts.interactions as i64);
+    }
+    // final synchronous commit of what the store holds
+    let owned: Vec<(String, i32)> = consumer
+        .assignment()
+        .map(|a| {
+            a.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(offsets) = shared.store.stored_offsets() {
+        let mut tpl = TopicPartitionList::new();
+        for o in offsets
+            .iter()
+            .filter(|o| owned.contains(&(o.topic.clone(), o.partition)))
+        {
+            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                debug!(error = %e, "final offset commit failed (the store holds the offsets)");
+            }
+        }
+    }
+    info!("ingest stopped");
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! `Metrics`: every Prometheus metric multivaed exports (`multivaed_*`, base units, `_total` only
+//! on counters, never a user or item id in a label).
+
+use prometheus::{
+    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The daemon's metrics, registered in their own registry.
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounter,
+    pub events_rejected: IntCounterVec,
+    pub events_dead_lettered: IntCounter,
+    pub events_ignored: IntCounter,
+    pub events_duplicate: IntCounter,
+    pub ingest_batches: IntCounter,
+    pub consumer_lag: IntGaugeVec,
+    pub partitions_assigned: IntGauge,
+    pub store_users: IntGauge,
+    pub store_items: IntGauge,
+    pub store_interactions: IntGauge,
+    pub training_rounds: IntCounterVec,
+    pub training_duration: Histogram,
+    pub train_loss: Gauge,
+    pub kl_beta: Gauge,
+    pub update_count: IntGauge,
+    pub validation_ndcg: Gauge,
+    pub model_version: IntGauge,
+    pub model_swap_time: Gauge,
+    pub model_items: IntGauge,
+    pub scoring_latency: Histogram,
+    pub recommendations_published: IntCounterVec,
+    pub publish_errors: IntCounter,
+    pub click_to_recommendation: Histogram,
+    pub dirty_users: IntGauge,
+    pub dirty_users_dropped: IntCounter,
+    pub device_info: GaugeVec,
+    pub ready: IntGauge,
+    pub up: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric (plus process metrics: RSS, CPU, open fds).
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let r = &registry;
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            m: T,
+        ) -> prometheus::Result<T> {
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        }
+        let lat = |name: &str, help: &str| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .buckets(exponential_buckets(0.0005, 2.0, 18).expect("valid buckets")),
+            )
+        };
+        let m = Self {
+            events_consumed: reg(r, IntCounter::new("multivaed_events_consumed_total", "Click-topic messages consumed")?)?,
+            events_rejected: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("multivaed_events_rejected_total", "Messages rejected, by reason"),
+                    &["reason"],
+                )?,
+            )?,
+            events_dead_lettered: reg(
+                r,
+                IntCounter::new("multivaed_events_dead_lettered_total", "Messages written to the dead-letter topic")?,
+            )?,
+            events_ignored: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_events_ignored_total",
+                    "Valid events skipped because their event_type is not positive",
+                )?,
+            )?,
+            events_duplicate: reg(
+                r,
+                IntCounter::new("multivaed_events_duplicate_total", "Clicks already stored (replays, repeats)")?,
+            )?,
+            ingest_batches: reg(r, IntCounter::new("multivaed_ingest_batches_total", "Ingest batches stored")?)?,
+            consumer_lag: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("multivaed_consumer_lag_messages", "Messages behind the high watermark, per partition"),
+                    &["partition"],
+                )?,
+            )?,
+            partitions_assigned: reg(
+                r,
+                IntGauge::new("multivaed_partitions_assigned", "Click-topic partitions assigned to this instance")?,
+            )?,
+            store_users: reg(r, IntGauge::new("multivaed_store_users", "Users in the store")?)?,
+            store_items: reg(r, IntGauge::new("multivaed_store_items", "Items in the store")?)?,
+            store_interactions: reg(
+                r,
+                IntGauge::new("multivaed_store_interactions", "User-item interactions in the store")?,
+            )?,
+            training_rounds: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "multivaed_training_rounds_total",
+                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_ndcg, abandoned, failed)",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            training_duration: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("multivaed_training_duration_seconds", "Duration of a fine-tuning round")
+                        .buckets(exponential_buckets(0.1, 2.0, 16).expect("valid buckets")),
+                )?,
+            )?,
+            train_loss: reg(r, Gauge::new("multivaed_train_loss", "Negative ELBO of the last training epoch")?)?,
+            kl_beta: reg(r, Gauge::new("multivaed_kl_beta", "KL weight β of the live training state")?)?,
+            update_count: reg(
+                r,
+                IntGauge::new("multivaed_update_count", "Mini-batch updates over the model's life (drives β)")?,
+            )?,
+            validation_ndcg: reg(
+                r,
+                Gauge::new("multivaed_validation_ndcg_at_100", "Validation NDCG@100 of the last trained model")?,
+            )?,
+            model_version: reg(r, IntGauge::new("multivaed_model_version", "Version of the live model")?)?,
+            model_swap_time: reg(
+                r,
+                Gauge::new("multivaed_model_swap_timestamp_seconds", "When the live model was swapped in")?,
+            )?,
+            model_items: reg(r, IntGauge::new("multivaed_model_items", "Catalogue size of the live model")?)?,
+            scoring_latency: reg(
+                r,
+                lat("multivaed_scoring_duration_seconds", "Time to score one batch of users")?,
+            )?,
+            recommendations_published: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "multivaed_recommendations_published_total",
+                        "Recommendation messages published, by source (model, popular)",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            publish_errors: reg(
+                r,
+                IntCounter::new("multivaed_publish_errors_total", "Recommendation messages that failed to publish")?,
+            )?,
+            click_to_recommendation: reg(
+                r,
+                lat(
+                    "multivaed_click_to_recommendation_seconds",
+                    "From a click's receipt to its user's new recommendation being delivered",
+                )?,
+            )?,
+            dirty_users: reg(r, IntGauge::new("multivaed_dirty_users", "Users waiting to be scored")?)?,
+            dirty_users_dropped: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_dirty_users_dropped_total",
+                    "Users dropped from the scoring queue because it was full",
+                )?,
+            )?,
+            device_info: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new("multivaed_device_info", "Training device (1 for the one in use)"),
+                    &["device"],
+                )?,
+            )?,
+            ready: reg(r, IntGauge::new("multivaed_ready", "1 when /readyz answers ready")?)?,
+            up: reg(r, IntGauge::new("multivaed_up", "1 while the daemon runs")?)?,
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "multivaed",
+            ),
+        ))?;
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let enc = prometheus::TextEncoder::new();
+        if enc.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = Metrics::new().unwrap();
+        m.events_rejected.with_label_values(&["invalid_json"]).inc();
+        m.training_rounds.with_label_values(&["accepted"]).inc();
+        m.recommendations_published
+            .with_label_values(&["model"])
+            .inc();
+        m.consumer_lag.with_label_values(&["0"]).set(1);
+        m.device_info.with_label_values(&["cpu"]).set(1.0);
+        for fam in m.registry.gather() {
+            let name = fam.name();
+            assert!(name.starts_with("multivaed_"), "{name}");
+            let is_counter = fam.get_field_type() == prometheus::proto::MetricType::COUNTER;
+            assert_eq!(name.ends_with("_total"), is_counter, "{name}");
+            for metric in fam.get_metric() {
+                for l in metric.get_label() {
+                    assert!(
+                        ["reason", "result", "source", "partition", "device"].contains(&l.name()),
+                        "{name} has label {}",
+                        l.name()
+                    );
+                }
+            }
+        }
+        assert!(m
+            .render()
+            .contains("multivaed_process_resident_memory_bytes"));
+    }
+}
