@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::adam::Adam;
-use super::kernels::{bag_backward, bag_forward, softmax_nll, Bag};
+use super::kernels::{bag_backward, bag_forward, col_sum, softmax_nll, tanh, tanh_backward, Bag};
 use super::{Interactions, ModelConfig, MultiVae};
 
 /// Figures of one mini-batch update.
@@ -275,7 +275,7 @@ impl Trainer {
         };
         let mut enc_inputs = Vec::new();
         for l in &m.encoder[1..] {
-            let a = h.tanh()?;
+            let a = tanh(&h)?;
             h = a.matmul(&l.weight)?.broadcast_add(&l.bias)?;
             enc_inputs.push(a);
         }
@@ -288,7 +288,7 @@ impl Trainer {
         let last = m.decoder.len() - 1;
         for l in &m.decoder[..last] {
             let x = dec_inputs.last().expect("z is always present");
-            let a = x.matmul(&l.weight)?.broadcast_add(&l.bias)?.tanh()?;
+            let a = tanh(&x.matmul(&l.weight)?.broadcast_add(&l.bias)?)?;
             dec_inputs.push(a);
         }
         let x = dec_inputs.last().expect("z is always present");
@@ -339,11 +339,11 @@ impl Trainer {
         for k in (0..m.decoder.len()).rev() {
             let input = &f.dec_inputs[k];
             let gw = input.t()?.matmul(&dh)?;
-            let gb = dh.sum(0)?;
+            let gb = col_sum(&dh)?;
             let dinput = dh.matmul(&m.decoder[k].weight.t()?)?;
             dec_grads.push((gw, gb));
             if k > 0 {
-                dh = dinput.mul(&input.sqr()?.affine(-1.0, 1.0)?)?;
+                dh = tanh_backward(&dinput, input)?;
             } else {
                 dz = Some(dinput);
             }
@@ -361,16 +361,16 @@ impl Trainer {
         for k in (1..m.encoder.len()).rev() {
             let input = &f.enc_inputs[k - 1];
             let gw = input.t()?.matmul(&dh)?;
-            let gb = dh.sum(0)?;
+            let gb = col_sum(&dh)?;
             let dinput = dh.matmul(&m.encoder[k].weight.t()?)?;
             enc_grads.push((gw, gb));
-            dh = dinput.mul(&input.sqr()?.affine(-1.0, 1.0)?)?;
+            dh = tanh_backward(&dinput, input)?;
         }
         let gw = match &f.dense_input {
             None => bag_backward(&dh, &f.bag, n_items)?,
             Some(x) => x.t()?.matmul(&dh)?,
         };
-        let gb = dh.sum(0)?;
+        let gb = col_sum(&dh)?;
         enc_grads.push((gw, gb));
         enc_grads.reverse();
 

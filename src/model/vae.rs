@@ -7,7 +7,7 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use super::kernels::{bag_forward, with_slice, Bag};
+use super::kernels::{bag_forward, tanh, with_slice, Bag};
 use super::topk::top_k_unseen;
 use super::ModelConfig;
 
@@ -236,7 +236,7 @@ impl MultiVae {
     pub fn encode(&self, bag: &Bag) -> Result<(Tensor, Tensor)> {
         let mut h = bag_forward(&self.encoder[0].weight, &self.encoder[0].bias, bag)?;
         for l in &self.encoder[1..] {
-            h = h.tanh()?.matmul(&l.weight)?.broadcast_add(&l.bias)?;
+            h = tanh(&h)?.matmul(&l.weight)?.broadcast_add(&l.bias)?;
         }
         let d = self.config.latent_dimension;
         Ok((h.narrow(1, 0, d)?, h.narrow(1, d, d)?))
@@ -248,7 +248,7 @@ impl MultiVae {
         let mut h = z.clone();
         let last = self.decoder.len() - 1;
         for l in &self.decoder[..last] {
-            h = h.matmul(&l.weight)?.broadcast_add(&l.bias)?.tanh()?;
+            h = tanh(&h.matmul(&l.weight)?.broadcast_add(&l.bias)?)?;
         }
         h.matmul(&self.decoder[last].weight)
     }

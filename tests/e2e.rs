@@ -1,0 +1,312 @@
+//! End to end against a real Kafka-protocol broker, the daemon as a child process: clicks in,
+//! recommendations and dead letters out, metrics, restart without double counting, and the KL
+//! anneal continuing from the checkpoint.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use multivaed::demo::SyntheticStream;
+use multivaed::serve::Recommendation;
+
+fn click(user: usize, item: usize, integer_ids: bool) -> Vec<u8> {
+    if integer_ids {
+        format!(r#"{{"user_id": {user}, "item_id": {item}, "event_type": "click"}}"#).into_bytes()
+    } else {
+        format!(r#"{{"user_id": "{user}", "item_id": "{item}", "timestamp": 1700000000000}}"#)
+            .into_bytes()
+    }
+}
+
+fn poison() -> Vec<Vec<u8>> {
+    let mut p: Vec<Vec<u8>> = vec![
+        b"not json".to_vec(),
+        b"\xff\xfe\xfd".to_vec(),
+        br#"{"user_id": "u"}"#.to_vec(),
+        br#"{"item_id": "i"}"#.to_vec(),
+        br#"{"user_id": [1], "item_id": "i"}"#.to_vec(),
+        br#"{"user_id": -1, "item_id": "i"}"#.to_vec(),
+        br#"{"user_id": 99999999999999999999999, "item_id": "i"}"#.to_vec(),
+        br#"[]"#.to_vec(),
+        br#"{"user_id": "", "item_id": "i"}"#.to_vec(),
+        br#"{"user_id": "u", "item_id": "i", "timestamp": "now"}"#.to_vec(),
+        format!(r#"{{"user_id": "{}", "item_id": "i"}}"#, "x".repeat(300)).into_bytes(),
+        "[".repeat(5000).into_bytes(),
+    ];
+    p.push(vec![b'a'; 70_000]); // over max_message_bytes
+    p
+}
+
+fn latency_quantile(text: &str, q: f64) -> f64 {
+    let name = "multivaed_click_to_recommendation_seconds_bucket";
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    buckets
+        .iter()
+        .find(|b| b.1 >= q * total)
+        .map(|b| b.0)
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn clicks_in_recommendations_out_restart_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 3);
+    let port = free_port();
+    let daemon = Daemon::start(&setup.env(), port);
+
+    // phase 1: 20k clicks of 2k users with taste groups, plus poison
+    let mut stream = SyntheticStream::new(2000, 1000, 20, 11);
+    let mut pairs: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut msgs = Vec::new();
+    let poison = poison();
+    for n in 0..20_000 {
+        let (u, i) = if n < 2000 {
+            (n, stream.item_for(n))
+        } else {
+            stream.next_click()
+        };
+        pairs
+            .entry(u.to_string())
+            .or_default()
+            .insert(i.to_string());
+        msgs.push((u.to_string(), click(u, i, n % 3 == 0)));
+        if n % 1500 == 0 && n / 1500 < poison.len() {
+            msgs.push(("poison".to_string(), poison[n / 1500].clone()));
+        }
+    }
+    let n_poison = poison.len().min(20_000 / 1500 + 1) as f64;
+    let started = Instant::now();
+    produce(&setup.clicks, &msgs);
+    let produced = msgs.len() as f64;
+    daemon.wait_for(Duration::from_secs(120), "all clicks consumed", |d| {
+        d.metric("multivaed_events_consumed_total", "") >= produced
+    });
+    let ingest_seconds = started.elapsed().as_secs_f64();
+    daemon.wait_for(Duration::from_secs(240), "a first model", |d| {
+        d.metric("multivaed_model_version", "") >= 1.0
+    });
+    let v1 = daemon.metric("multivaed_model_version", "");
+
+    // phase 2: more clicks trigger a fine-tune: the version increases
+    let mut more = Vec::new();
+    for _ in 0..5000 {
+        let (u, i) = stream.next_click();
+        pairs
+            .entry(u.to_string())
+            .or_default()
+            .insert(i.to_string());
+        more.push((u.to_string(), click(u, i, false)));
+    }
+    produce(&setup.clicks, &more);
+    let produced = produced + more.len() as f64;
+    daemon.wait_for(Duration::from_secs(240), "a fine-tuned model", |d| {
+        d.metric("multivaed_model_version", "") > v1
+    });
+    daemon.wait_for(
+        Duration::from_secs(60),
+        "all clicks consumed and scored",
+        |d| {
+            d.metric("multivaed_events_consumed_total", "") >= produced
+                && d.metric("multivaed_dirty_users", "") == 0.0
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // metrics match what was produced
+    let distinct: usize = pairs.values().map(|s| s.len()).sum();
+    assert_eq!(
+        daemon.metric("multivaed_events_consumed_total", ""),
+        produced
+    );
+    assert_eq!(
+        daemon.metric("multivaed_events_rejected_total", ""),
+        n_poison
+    );
+    assert_eq!(
+        daemon.metric("multivaed_events_dead_lettered_total", ""),
+        n_poison
+    );
+    assert_eq!(
+        daemon.metric("multivaed_store_interactions", ""),
+        distinct as f64
+    );
+    assert_eq!(
+        daemon.metric("multivaed_store_users", ""),
+        pairs.len() as f64
+    );
+    assert!(daemon.metric("multivaed_training_rounds_total", "result=\"accepted\"") >= 2.0);
+    let (_, text) = daemon.get("/metrics").unwrap();
+    let (p50, p99) = (latency_quantile(&text, 0.5), latency_quantile(&text, 0.99));
+    eprintln!(
+        "e2e: {produced} events consumed in {ingest_seconds:.1} s ({:.0} events/s incl. the group join); click-to-recommendation p50 <= {:.0} ms, p99 <= {:.0} ms (histogram bucket bounds)",
+        msgs.len() as f64 / ingest_seconds,
+        p50 * 1000.0,
+        p99 * 1000.0
+    );
+
+    // every active user got a recommendation, never of an item they have
+    let recs = read_all(&setup.recs, 1, Duration::from_secs(3));
+    let mut latest: HashMap<String, Recommendation> = HashMap::new();
+    for m in &recs {
+        let r: Recommendation = serde_json::from_slice(&m.payload).expect("recommendation JSON");
+        assert_eq!(m.key.as_deref(), Some(r.user_id.as_bytes()));
+        assert_eq!(
+            m.headers.get("model_version").map(String::as_str),
+            Some(
+                r.model_version
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+                    .as_str()
+            )
+        );
+        let keep = latest
+            .get(&r.user_id)
+            .is_none_or(|old| old.generated_at <= r.generated_at);
+        if keep {
+            latest.insert(r.user_id.clone(), r);
+        }
+    }
+    for (user, items) in &pairs {
+        let r = latest
+            .get(user)
+            .unwrap_or_else(|| panic!("no recommendation for active user {user}"));
+        assert_eq!(r.items.len(), 10);
+        for it in &r.items {
+            assert!(
+                !items.contains(&it.item_id),
+                "user {user} was recommended item {} they already have",
+                it.item_id
+            );
+        }
+    }
+    let by_model = latest.values().filter(|r| r.source == "model").count();
+    assert!(
+        by_model * 10 >= latest.len() * 9,
+        "{by_model} of {} scored by the model",
+        latest.len()
+    );
+
+    // the poison is in the dead-letter topic, with its provenance
+    let dead = read_all(&setup.dlq, 1, Duration::from_secs(2));
+    assert_eq!(dead.len() as f64, n_poison);
+    for d in &dead {
+        assert_eq!(d.headers.get("multivaed.source.topic"), Some(&setup.clicks));
+        assert!(d
+            .headers
+            .get("multivaed.source.offset")
+            .unwrap()
+            .parse::<i64>()
+            .is_ok());
+        assert!(!d.headers.get("multivaed.error").unwrap().is_empty());
+    }
+
+    // the pull path
+    let (status, body) = daemon.get("/v1/users/7/recommendations?k=5").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let r: Recommendation = serde_json::from_str(&body).unwrap();
+    assert_eq!(r.items.len(), 5);
+    assert!(r.items.iter().all(|i| !pairs["7"].contains(&i.item_id)));
+    assert_eq!(
+        daemon.get("/v1/users/nobody/recommendations").unwrap().0,
+        404
+    );
+    assert_eq!(
+        daemon.get("/v1/users/7/recommendations?k=0").unwrap().0,
+        400
+    );
+    assert_eq!(
+        daemon.get("/v1/users/7/recommendations?k=abc").unwrap().0,
+        400
+    );
+    assert_eq!(daemon.get("/readyz").unwrap().0, 200);
+
+    // SIGTERM: clean exit, then a restart on the same data_dir
+    let updates = daemon.metric("multivaed_update_count", "");
+    let beta = daemon.metric("multivaed_kl_beta", "");
+    let version = daemon.metric("multivaed_model_version", "");
+    assert!(updates > 0.0);
+    let (code, took) = daemon.terminate();
+    assert_eq!(code, Some(0), "exit status after SIGTERM");
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+
+    let daemon = Daemon::start(&setup.env(), port);
+    daemon.wait_for(Duration::from_secs(60), "the model loaded", |d| {
+        d.metric("multivaed_model_version", "") == version
+    });
+    assert_eq!(
+        daemon.metric("multivaed_update_count", ""),
+        updates,
+        "update_count must survive a restart"
+    );
+    assert_eq!(daemon.metric("multivaed_kl_beta", ""), beta);
+    assert_eq!(
+        daemon.metric("multivaed_store_interactions", ""),
+        distinct as f64
+    );
+
+    // more clicks, new and replayed: nothing counted twice; β continues from the checkpoint
+    let mut third = Vec::new();
+    for _ in 0..3000 {
+        let (u, i) = stream.next_click();
+        pairs
+            .entry(u.to_string())
+            .or_default()
+            .insert(i.to_string());
+        third.push((u.to_string(), click(u, i, false)));
+    }
+    third.extend(
+        msgs.iter()
+            .filter(|(k, _)| k != "poison")
+            .take(2000)
+            .cloned(),
+    );
+    produce(&setup.clicks, &third);
+    daemon.wait_for(Duration::from_secs(120), "the new clicks consumed", |d| {
+        d.metric("multivaed_events_consumed_total", "") >= third.len() as f64
+    });
+    assert_eq!(
+        daemon.metric("multivaed_events_consumed_total", ""),
+        third.len() as f64,
+        "old messages were re-consumed"
+    );
+    let distinct: usize = pairs.values().map(|s| s.len()).sum();
+    daemon.wait_for(
+        Duration::from_secs(30),
+        "the store to hold every distinct click",
+        |d| d.metric("multivaed_store_interactions", "") == distinct as f64,
+    );
+    assert!(daemon.metric("multivaed_events_duplicate_total", "") >= 2000.0);
+    daemon.wait_for(
+        Duration::from_secs(240),
+        "a fine-tune after the restart",
+        |d| d.metric("multivaed_model_version", "") > version,
+    );
+    let updates2 = daemon.metric("multivaed_update_count", "");
+    let beta2 = daemon.metric("multivaed_kl_beta", "");
+    assert!(
+        updates2 > updates,
+        "update_count restarted: {updates} -> {updates2}"
+    );
+    assert!(
+        beta2 >= beta && beta2 > 0.0,
+        "β restarted: {beta} -> {beta2}"
+    );
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
