@@ -183,7 +183,19 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     use rdkafka::producer::Producer;
     let _ = producer.flush(Duration::from_secs(5));
     shared.metrics.up.set(0);
-    info!("stopped");
+    let ms = |q: f64| {
+        shared
+            .latencies
+            .quantile(q)
+            .map(|s| s * 1000.0)
+            .unwrap_or(f64::NAN)
+    };
+    info!(
+        recommendations = shared.latencies.count(),
+        click_to_recommendation_p50_ms = ms(0.5),
+        click_to_recommendation_p99_ms = ms(0.99),
+        "stopped"
+    );
     match ingest_result {
         Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!("ingest task failed: {e}")),

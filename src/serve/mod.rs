@@ -84,12 +84,12 @@ impl DirtyUsers {
             }
         }
         if g.recent.len() > self.cap {
-            // keep the most recent `cap` activity entries
-            let mut times: Vec<Instant> = g.recent.values().copied().collect();
-            let cut = times.len() - self.cap;
-            times.select_nth_unstable(cut);
-            let threshold = times[cut];
-            g.recent.retain(|_, t| *t >= threshold);
+            // forget the least recently active, down to 3/4 of the bound (amortised)
+            let keep = (self.cap * 3 / 4).max(1);
+            let mut v: Vec<(Instant, u32)> = g.recent.iter().map(|(u, t)| (*t, *u)).collect();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v.truncate(keep);
+            g.recent = v.into_iter().map(|(t, u)| (u, t)).collect();
         }
         dropped
     }
@@ -337,11 +337,15 @@ mod tests {
         let t = Instant::now();
         assert_eq!(d.mark(&[1, 2, 1, 3], t), 0);
         assert_eq!(d.len(), 3);
-        assert_eq!(d.mark(&[4], t), 1); // 1 dropped
-        let got: Vec<u32> = d.take(10).into_iter().map(|(u, _)| u).collect();
-        assert_eq!(got, vec![2, 3, 4]);
+        let later = t + Duration::from_millis(1);
+        assert_eq!(d.mark(&[4], later), 1); // 1 dropped
+        let got: Vec<(u32, Instant)> = d.take(10);
+        assert_eq!(got, vec![(2, t), (3, t), (4, later)]);
         assert!(d.is_empty());
-        assert_eq!(d.requeue_recent(Duration::from_secs(60)), 3);
-        assert_eq!(d.len(), 3);
+        // the activity record is bounded too: the least recent were forgotten
+        assert_eq!(d.requeue_recent(Duration::from_secs(60)), 2);
+        let again: Vec<u32> = d.take(10).into_iter().map(|(u, _)| u).collect();
+        assert!(again.contains(&4), "{again:?}");
+        assert_eq!(d.requeue_recent(Duration::ZERO), 0);
     }
 }
