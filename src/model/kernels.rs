@@ -35,6 +35,12 @@ impl Bag {
 
     /// The un-dropped scoring input of `rows`: weight 1/√n for each of a user's n items.
     pub fn normalised(rows: &[&[u32]]) -> Self {
+        Self::build(rows, 1.0, || true)
+    }
+
+    /// Each item of a user for which `keep()` holds, weighted `scale`/√n (n: all the user's
+    /// items, so the L2 normalisation comes before dropout, as in the paper).
+    pub(crate) fn build(rows: &[&[u32]], scale: f32, mut keep: impl FnMut() -> bool) -> Self {
         let mut bag = Bag {
             offsets: Vec::with_capacity(rows.len() + 1),
             items: Vec::new(),
@@ -45,10 +51,14 @@ impl Bag {
             let w = if row.is_empty() {
                 0.0
             } else {
-                1.0 / (row.len() as f32).sqrt()
+                scale / (row.len() as f32).sqrt()
             };
-            bag.items.extend_from_slice(row);
-            bag.weights.extend(std::iter::repeat_n(w, row.len()));
+            for &i in *row {
+                if keep() {
+                    bag.items.push(i);
+                    bag.weights.push(w);
+                }
+            }
             bag.offsets.push(bag.items.len());
         }
         bag

@@ -17,7 +17,7 @@ pub use checkpoint::{
 pub use config::ModelConfig;
 pub use data::Interactions;
 pub use topk::top_k_unseen;
-pub use trainer::{EpochStats, FirstLayer, StepStats, Trainer};
+pub use trainer::{splitmix, EpochStats, FirstLayer, StepStats, Trainer};
 pub use vae::{Linear, MultiVae};
 
 #[cfg(test)]

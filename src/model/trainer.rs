@@ -68,7 +68,8 @@ enum Stream {
     Grow = 4,
 }
 
-fn splitmix(mut x: u64) -> u64 {
+/// A 64-bit mixer (splitmix64's finaliser): seeds and hash-based sampling.
+pub fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -403,26 +404,7 @@ fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
 /// The training input of a batch: each item of a user kept with probability 1 − p, weighted
 /// 1/√n (L2 normalisation over all n items) × 1/(1 − p) (inverted dropout).
 pub(crate) fn dropout_bag(rows: &[&[u32]], p: f64, rng: &mut impl Rng) -> Bag {
-    let keep_scale = 1.0 / (1.0 - p) as f32;
-    let mut bag = Bag {
-        offsets: Vec::with_capacity(rows.len() + 1),
-        items: Vec::new(),
-        weights: Vec::new(),
-    };
-    bag.offsets.push(0);
-    for row in rows {
-        let w = if row.is_empty() {
-            0.0
-        } else {
-            keep_scale / (row.len() as f32).sqrt()
-        };
-        for &i in *row {
-            if p == 0.0 || rng.gen::<f64>() >= p {
-                bag.items.push(i);
-                bag.weights.push(w);
-            }
-        }
-        bag.offsets.push(bag.items.len());
-    }
-    bag
+    Bag::build(rows, 1.0 / (1.0 - p) as f32, || {
+        p == 0.0 || rng.gen::<f64>() >= p
+    })
 }

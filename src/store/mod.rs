@@ -167,41 +167,23 @@ impl Store {
         let mut pop_delta: HashMap<u32, i64> = HashMap::new();
         let mut interactions = self.interactions.load(Ordering::Acquire) as i64;
         for c in clicks {
-            let u = match users.get(c.user.as_str()) {
-                Some(&u) => u,
-                None => {
-                    let u = match self.tree.get(key(b'U', c.user.as_bytes()))? {
-                        Some(v) if v.len() == 4 => u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
-                        _ => {
-                            let u = next_user;
-                            next_user += 1;
-                            batch.insert(key(b'U', c.user.as_bytes()), &u.to_be_bytes());
-                            batch.insert(&idx_key(b'u', u), c.user.as_bytes());
-                            u
-                        }
-                    };
-                    users.insert(&c.user, u);
-                    u
-                }
-            };
-            let i = match items.get(c.item.as_str()) {
-                Some(&i) => i,
-                None => {
-                    let i = match self.tree.get(key(b'I', c.item.as_bytes()))? {
-                        Some(v) if v.len() == 4 => u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
-                        _ => {
-                            let i = next_item;
-                            next_item += 1;
-                            batch.insert(key(b'I', c.item.as_bytes()), &i.to_be_bytes());
-                            batch.insert(&idx_key(b'i', i), c.item.as_bytes());
-                            new_item_ids.push(c.item.clone());
-                            i
-                        }
-                    };
-                    items.insert(&c.item, i);
-                    i
-                }
-            };
+            let (u, _) = self.intern(
+                &mut users,
+                &c.user,
+                [b'U', b'u'],
+                &mut next_user,
+                &mut batch,
+            )?;
+            let (i, new_item) = self.intern(
+                &mut items,
+                &c.item,
+                [b'I', b'i'],
+                &mut next_item,
+                &mut batch,
+            )?;
+            if new_item {
+                new_item_ids.push(c.item.clone());
+            }
             if let std::collections::hash_map::Entry::Vacant(e) = histories.entry(u) {
                 let h = self
                     .tree
@@ -269,6 +251,33 @@ impl Store {
         self.interactions
             .store(interactions.max(0) as u64, Ordering::Release);
         Ok(applied)
+    }
+
+    /// The index of an external id (`prefixes`: id → index, index → id), assigning the next free
+    /// one (written to `batch`) for a new id; also says whether it was new.
+    fn intern<'a>(
+        &self,
+        seen: &mut HashMap<&'a str, u32>,
+        id: &'a str,
+        prefixes: [u8; 2],
+        next: &mut u32,
+        batch: &mut sled::Batch,
+    ) -> Result<(u32, bool)> {
+        if let Some(&idx) = seen.get(id) {
+            return Ok((idx, false));
+        }
+        let (idx, new) = match self.tree.get(key(prefixes[0], id.as_bytes()))? {
+            Some(v) if v.len() == 4 => (u32::from_be_bytes([v[0], v[1], v[2], v[3]]), false),
+            _ => {
+                let idx = *next;
+                *next += 1;
+                batch.insert(key(prefixes[0], id.as_bytes()), &idx.to_be_bytes());
+                batch.insert(&idx_key(prefixes[1], idx), id.as_bytes());
+                (idx, true)
+            }
+        };
+        seen.insert(id, idx);
+        Ok((idx, new))
     }
 
     /// Makes everything applied so far durable (fsync).

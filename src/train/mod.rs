@@ -16,8 +16,8 @@ use candle_core::Device;
 use tracing::{error, info, info_span, warn};
 
 use crate::daemon::Shared;
-use crate::eval::score_rankings;
-use crate::model::{Checkpoints, Interactions, MultiVae, Trainer};
+use crate::eval::evaluate_model;
+use crate::model::{splitmix as mix, Checkpoints, Interactions, MultiVae, Trainer};
 use crate::registry::LiveModel;
 
 /// Validation data: the fold-in and held-out items of a fixed sample of users.
@@ -25,13 +25,6 @@ pub struct Validation {
     pub users: Vec<u32>,
     pub fold_in: Interactions,
     pub heldout: Interactions,
-}
-
-fn mix(x: u64) -> u64 {
-    let mut x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Whether a user belongs to the fixed validation sample (about 1 in 20, chosen by a hash of the
@@ -86,22 +79,14 @@ pub fn validation_ndcg(model: &MultiVae, val: &Validation) -> Result<f64> {
         return Ok(0.0);
     }
     let n = model.n_items() as u32;
-    let inputs: Vec<Vec<u32>> = val
-        .fold_in
-        .rows()
-        .map(|r| r.iter().copied().filter(|&i| i < n).collect())
-        .collect();
-    let refs: Vec<&[u32]> = inputs.iter().map(|r| r.as_slice()).collect();
-    let recs = model.recommend(&refs, 100)?;
-    let ranked: Vec<Vec<u32>> = recs
-        .into_iter()
-        .map(|r| r.into_iter().map(|(i, _)| i).collect())
-        .collect();
-    Ok(
-        score_rankings(ranked.iter().map(|r| r.as_slice()).zip(val.heldout.rows()))
-            .ndcg100
-            .mean,
+    let known = Interactions::from_rows(
+        val.fold_in
+            .rows()
+            .map(|r| r.iter().copied().filter(|&i| i < n).collect::<Vec<_>>()),
+        model.n_items(),
     )
+    .map_err(anyhow::Error::msg)?;
+    Ok(evaluate_model(model, &known, &val.heldout)?.ndcg100.mean)
 }
 
 /// How a round ended.
