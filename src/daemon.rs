@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::config::{parse_device, Config, DeviceChoice};
 use crate::metrics::Metrics;
 use crate::registry::ModelRegistry;
-use crate::serve::{DirtyUsers, LatencySamples};
+use crate::serve::{DirtyUsers, LastRecommendations, LatencySamples};
 use crate::store::Store;
 
 /// Liveness facts for `/readyz`.
@@ -79,6 +79,8 @@ pub struct Shared {
     pub health: Health,
     pub shutdown: Shutdown,
     pub latencies: LatencySamples,
+    /// What each user was last shown (online hit rate).
+    pub last_recs: LastRecommendations,
 }
 
 /// Chooses the training device; logs it and sets `multivaed_device_info`.
@@ -129,6 +131,7 @@ pub fn open(config: Config) -> Result<Arc<Shared>> {
         health: Health::default(),
         shutdown: Shutdown::default(),
         latencies: LatencySamples::new(100_000),
+        last_recs: LastRecommendations::new(config.serve.max_dirty_users),
         config,
     });
     shared.health.broker_up.store(true, Ordering::Release);

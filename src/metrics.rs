@@ -36,6 +36,8 @@ pub struct Metrics {
     pub dirty_users: IntGauge,
     pub dirty_users_dropped: IntCounter,
     pub device_info: GaugeVec,
+    pub online_hits: IntCounterVec,
+    pub online_events_scored: IntCounterVec,
     pub ready: IntGauge,
     pub up: IntGauge,
 }
@@ -173,6 +175,26 @@ impl Metrics {
                     &["device"],
                 )?,
             )?,
+            online_hits: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "multivaed_online_hits_total",
+                        "Clicks on an item that was in the top k of the user's last published recommendation, by k and model version",
+                    ),
+                    &["k", "model_version"],
+                )?,
+            )?,
+            online_events_scored: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "multivaed_online_events_scored_total",
+                        "New clicks of users who had a published recommendation, by k and model version",
+                    ),
+                    &["k", "model_version"],
+                )?,
+            )?,
             ready: reg(r, IntGauge::new("multivaed_ready", "1 when /readyz answers ready")?)?,
             up: reg(r, IntGauge::new("multivaed_up", "1 while the daemon runs")?)?,
             registry,
@@ -221,7 +243,16 @@ mod tests {
             for metric in fam.get_metric() {
                 for l in metric.get_label() {
                     assert!(
-                        ["reason", "result", "source", "partition", "device"].contains(&l.name()),
+                        [
+                            "reason",
+                            "result",
+                            "source",
+                            "partition",
+                            "device",
+                            "k",
+                            "model_version"
+                        ]
+                        .contains(&l.name()),
                         "{name} has label {}",
                         l.name()
                     );

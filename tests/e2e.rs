@@ -39,6 +39,25 @@ fn poison() -> Vec<Vec<u8>> {
     p
 }
 
+/// Online hits and scored clicks at k = 10 of model-made recommendations (not popular ones).
+fn model_hits_at_10(d: &Daemon) -> (f64, f64) {
+    let (_, text) = d.get("/metrics").unwrap();
+    let all = |name: &str| metric_value(&text, name, "k=\"10\"");
+    let popular = |name: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && l.contains("k=\"10\"")
+                    && l.contains("model_version=\"popular\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let h = "multivaed_online_hits_total";
+    let s = "multivaed_online_events_scored_total";
+    (all(h) - popular(h), all(s) - popular(s))
+}
+
 fn latency_quantile(text: &str, q: f64) -> f64 {
     let name = "multivaed_click_to_recommendation_seconds_bucket";
     let mut buckets: Vec<(f64, f64)> = text
@@ -105,15 +124,40 @@ fn clicks_in_recommendations_out_restart_and_resume() {
         d.metric("multivaed_model_version", "") >= 1.0
     });
     let v1 = daemon.metric("multivaed_model_version", "");
+    daemon.wait_for(
+        Duration::from_secs(60),
+        "every user re-scored with the model",
+        |d| d.metric("multivaed_dirty_users", "") == 0.0,
+    );
+    let (hits0, scored0) = model_hits_at_10(&daemon);
 
-    // phase 2: more clicks trigger a fine-tune: the version increases
+    // phase 2: more clicks trigger a fine-tune: the version increases. Meanwhile the online hit
+    // rate of the model is compared with what popularity would have scored on the same clicks.
+    let mut holders: HashMap<String, usize> = HashMap::new();
+    for items in pairs.values() {
+        for i in items {
+            *holders.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let (mut pop_hits, mut pop_scored) = (0u64, 0u64);
     let mut more = Vec::new();
     for _ in 0..5000 {
         let (u, i) = stream.next_click();
-        pairs
-            .entry(u.to_string())
-            .or_default()
-            .insert(i.to_string());
+        let item = i.to_string();
+        let seen = pairs.entry(u.to_string()).or_default();
+        if !seen.contains(&item) {
+            let mut ranked: Vec<(&String, &usize)> = holders
+                .iter()
+                .filter(|(it, _)| !seen.contains(*it))
+                .collect();
+            ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            pop_scored += 1;
+            if ranked.iter().take(10).any(|(it, _)| **it == item) {
+                pop_hits += 1;
+            }
+            seen.insert(item.clone());
+            *holders.entry(item).or_default() += 1;
+        }
         more.push((u.to_string(), click(u, i, false)));
     }
     produce(&setup.clicks, &more);
@@ -130,6 +174,21 @@ fn clicks_in_recommendations_out_restart_and_resume() {
         },
     );
     std::thread::sleep(Duration::from_secs(2));
+
+    // the live hit rate of the model beats popularity's on the same clicks
+    let (hits1, scored1) = model_hits_at_10(&daemon);
+    let model_rate = (hits1 - hits0) / (scored1 - scored0).max(1.0);
+    let pop_rate = pop_hits as f64 / pop_scored.max(1) as f64;
+    eprintln!("e2e: online hit rate @10 of the model {model_rate:.3} over {} clicks; popularity on the same clicks {pop_rate:.3}", scored1 - scored0);
+    assert!(
+        scored1 - scored0 > 1000.0,
+        "too few clicks scored online: {}",
+        scored1 - scored0
+    );
+    assert!(
+        model_rate > pop_rate * 1.5,
+        "model {model_rate:.3} vs popularity {pop_rate:.3}"
+    );
 
     // metrics match what was produced
     let distinct: usize = pairs.values().map(|s| s.len()).sum();

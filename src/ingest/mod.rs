@@ -327,6 +327,9 @@ pub async fn run(
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
         }
+        shared
+            .last_recs
+            .observe(&applied.new_pairs, &shared.metrics);
         shared.metrics.ingest_batches.inc();
         shared.metrics.events_duplicate.inc_by(applied.duplicates);
         shared

@@ -183,21 +183,30 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Top-`k` recommendations for `users` (store indices) with the live model, or popular items for
-/// users the model cannot score (no model yet, or only items newer than the model).
-pub fn recommend_users(
+/// A user's ranked items before publishing (store indices).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub user: u32,
+    pub items: Vec<(u32, f32)>,
+    /// "model" or "popular".
+    pub source: &'static str,
+}
+
+/// Ranks the top `depth` items for `users` (store indices) with the live model, or the popular
+/// items for users the model cannot score (no model yet, or only items newer than the model).
+/// Never an item the user has.
+pub fn score_users(
     store: &Store,
     live: Option<&LiveModel>,
     users: &[u32],
-    k: usize,
-) -> Result<Vec<Recommendation>> {
+    depth: usize,
+) -> Result<Vec<Scored>> {
     let mut histories = Vec::with_capacity(users.len());
     for &u in users {
         let mut h = store.history(u)?;
         h.sort_unstable();
         histories.push(h);
     }
-    let generated_at = now_ms();
     let mut scored: Vec<Option<Vec<(u32, f32)>>> = vec![None; users.len()];
     if let Some(live) = live {
         let n = live.model.n_items() as u32;
@@ -210,35 +219,125 @@ pub fn recommend_users(
             .collect();
         let rows: Vec<&[u32]> = idx.iter().map(|&j| inputs[j].as_slice()).collect();
         if !rows.is_empty() {
-            let recs = live.model.recommend(&rows, k)?;
+            let recs = live.model.recommend(&rows, depth)?;
             for (j, r) in idx.into_iter().zip(recs) {
                 scored[j] = Some(r);
             }
         }
     }
-    let mut out = Vec::with_capacity(users.len());
-    for ((&u, h), s) in users.iter().zip(&histories).zip(scored) {
-        let (items, source) = match s {
-            Some(r) => (r, "model"),
-            None => (store.popular(k, h), "popular"),
-        };
-        let user_id = store.user_id(u)?.unwrap_or_else(|| u.to_string());
-        out.push(Recommendation {
-            user_id,
-            items: items
-                .into_iter()
-                .filter_map(|(i, score)| {
-                    store
-                        .item_id(i)
-                        .map(|item_id| ScoredItem { item_id, score })
-                })
-                .collect(),
-            model_version: live.map(|l| l.version),
-            generated_at,
-            source: source.into(),
-        });
+    Ok(users
+        .iter()
+        .zip(&histories)
+        .zip(scored)
+        .map(|((&user, h), s)| match s {
+            Some(items) => Scored {
+                user,
+                items,
+                source: "model",
+            },
+            None => Scored {
+                user,
+                items: store.popular(depth, h),
+                source: "popular",
+            },
+        })
+        .collect())
+}
+
+/// The published message of a scored user: its top `k` items by external id.
+pub fn to_recommendation(
+    store: &Store,
+    s: &Scored,
+    k: usize,
+    model_version: Option<u64>,
+) -> Result<Recommendation> {
+    Ok(Recommendation {
+        user_id: store.user_id(s.user)?.unwrap_or_else(|| s.user.to_string()),
+        items: s
+            .items
+            .iter()
+            .take(k)
+            .filter_map(|&(i, score)| {
+                store
+                    .item_id(i)
+                    .map(|item_id| ScoredItem { item_id, score })
+            })
+            .collect(),
+        model_version: model_version.filter(|_| s.source == "model"),
+        generated_at: now_ms(),
+        source: s.source.into(),
+    })
+}
+
+/// Top-`k` recommendations for `users` (store indices); see [`score_users`].
+pub fn recommend_users(
+    store: &Store,
+    live: Option<&LiveModel>,
+    users: &[u32],
+    k: usize,
+) -> Result<Vec<Recommendation>> {
+    let version = live.map(|l| l.version);
+    score_users(store, live, users, k)?
+        .iter()
+        .map(|s| to_recommendation(store, s, k, version))
+        .collect()
+}
+
+/// Rank cut-offs of the online (prequential) hit rate.
+pub const ONLINE_CUTOFFS: [usize; 2] = [10, 100];
+
+/// The last recommendation published per user (top 100, bounded number of users), so each new
+/// click can be checked against it: the live, prequential hit rate of the model.
+pub struct LastRecommendations {
+    inner: Mutex<(HashMap<u32, (String, Vec<u32>)>, VecDeque<u32>)>,
+    cap: usize,
+}
+
+impl LastRecommendations {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            inner: Mutex::new((HashMap::new(), VecDeque::new())),
+            cap: cap.max(1),
+        }
     }
-    Ok(out)
+
+    /// Remembers what was published to `user` (`label`: the model version, or "popular").
+    pub fn record(&self, user: u32, label: String, items: Vec<u32>) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        if g.0.insert(user, (label, items)).is_none() {
+            g.1.push_back(user);
+        }
+        while g.0.len() > self.cap {
+            match g.1.pop_front() {
+                Some(old) => {
+                    g.0.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Counts, for each new (user, item) click, whether the item was in the top k of the user's
+    /// last published recommendation.
+    pub fn observe(&self, clicks: &[(u32, u32)], metrics: &crate::metrics::Metrics) {
+        let Ok(g) = self.inner.lock() else { return };
+        for (u, i) in clicks {
+            let Some((label, items)) = g.0.get(u) else {
+                continue;
+            };
+            let rank = items.iter().position(|x| x == i);
+            for k in ONLINE_CUTOFFS {
+                let ks = k.to_string();
+                metrics
+                    .online_events_scored
+                    .with_label_values(&[&ks, label])
+                    .inc();
+                if rank.is_some_and(|r| r < k) {
+                    metrics.online_hits.with_label_values(&[&ks, label]).inc();
+                }
+            }
+        }
+    }
 }
 
 /// The scoring loop; returns at shutdown.
@@ -270,7 +369,12 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
         let k = cfg.k;
         let recs = match tokio::task::spawn_blocking(move || {
             let live = s.registry.current();
-            recommend_users(&s.store, live.as_deref(), &users, k)
+            let version = live.as_ref().map(|l| l.version);
+            let depth = k.max(ONLINE_CUTOFFS[ONLINE_CUTOFFS.len() - 1]);
+            score_users(&s.store, live.as_deref(), &users, depth)?
+                .into_iter()
+                .map(|sc| Ok((to_recommendation(&s.store, &sc, k, version)?, sc)))
+                .collect::<Result<Vec<_>>>()
         })
         .await
         {
@@ -288,7 +392,7 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
             .metrics
             .scoring_latency
             .observe(started.elapsed().as_secs_f64());
-        let sends = recs.iter().map(|r| {
+        let sends = recs.iter().map(|(r, _)| {
             let payload = serde_json::to_vec(r).unwrap_or_default();
             let version = r.model_version.map(|v| v.to_string()).unwrap_or_default();
             let producer = &producer;
@@ -306,9 +410,18 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
             }
         });
         let results = futures::future::join_all(sends).await;
-        for ((r, (_, received)), res) in recs.iter().zip(&batch).zip(results) {
+        for (((r, sc), (_, received)), res) in recs.into_iter().zip(&batch).zip(results) {
             match res {
                 Ok(_) => {
+                    let label = match r.model_version {
+                        Some(v) if sc.source == "model" => v.to_string(),
+                        _ => "popular".to_string(),
+                    };
+                    shared.last_recs.record(
+                        sc.user,
+                        label,
+                        sc.items.iter().map(|(i, _)| *i).collect(),
+                    );
                     shared
                         .metrics
                         .recommendations_published
@@ -330,6 +443,26 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus::IntCounterVec;
+
+    #[test]
+    fn online_hits_count_clicks_on_recommended_items_by_cutoff() {
+        let m = crate::metrics::Metrics::new().unwrap();
+        let last = LastRecommendations::new(2);
+        let top: Vec<u32> = (0..100).collect();
+        last.record(1, "3".into(), top.clone());
+        last.observe(&[(1, 5), (1, 50), (1, 500), (9, 5)], &m);
+        let get = |c: &IntCounterVec, k: &str| c.with_label_values(&[k, "3"]).get();
+        assert_eq!(get(&m.online_events_scored, "10"), 3);
+        assert_eq!(get(&m.online_hits, "10"), 1);
+        assert_eq!(get(&m.online_events_scored, "100"), 3);
+        assert_eq!(get(&m.online_hits, "100"), 2);
+        // bounded: the oldest user is forgotten
+        last.record(2, "popular".into(), top.clone());
+        last.record(3, "popular".into(), top);
+        last.observe(&[(1, 5)], &m);
+        assert_eq!(get(&m.online_events_scored, "10"), 3);
+    }
 
     #[test]
     fn dirty_queue_is_bounded_and_deduplicated() {

@@ -37,6 +37,8 @@ pub struct Applied {
     pub changed_users: Vec<u32>,
     /// (user, item) pairs newly stored.
     pub new_interactions: u64,
+    /// Those pairs, in arrival order (for online evaluation).
+    pub new_pairs: Vec<(u32, u32)>,
     /// Clicks that were already stored (replays, repeats).
     pub duplicates: u64,
     pub new_users: u32,
@@ -198,6 +200,7 @@ impl Store {
                 continue;
             }
             h.push(i);
+            applied.new_pairs.push((u, i));
             *pop_delta.entry(i).or_default() += 1;
             applied.new_interactions += 1;
             interactions += 1;
