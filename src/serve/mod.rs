@@ -288,8 +288,11 @@ pub const ONLINE_CUTOFFS: [usize; 2] = [10, 100];
 
 /// The last recommendation published per user (top 100, bounded number of users), so each new
 /// click can be checked against it: the live, prequential hit rate of the model.
+/// Per user: the version label and the items shown; plus insertion order for the bound.
+type Shown = (HashMap<u32, (String, Vec<u32>)>, VecDeque<u32>);
+
 pub struct LastRecommendations {
-    inner: Mutex<(HashMap<u32, (String, Vec<u32>)>, VecDeque<u32>)>,
+    inner: Mutex<Shown>,
     cap: usize,
 }
 
