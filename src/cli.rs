@@ -40,6 +40,8 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Recommend offline from the newest model version and the store of a (stopped) daemon.
     Recommend(RecommendArgs),
+    /// List the model versions of a data_dir, or roll back to one (daemon stopped).
+    Models(ModelsArgs),
     /// Train and evaluate under the paper's strong-generalisation protocol.
     Eval(EvalArgs),
     /// Measure training and scoring throughput.
@@ -189,6 +191,26 @@ pub struct RecommendArgs {
     pub items: Option<Vec<String>>,
     #[arg(long, short, default_value_t = 10)]
     pub k: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// The configuration of the daemon whose models to read.
+    #[arg(long, short, env = "MULTIVAED_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Every version on disk with its manifest figures and whether it loads.
+    List,
+    /// Make VERSION the newest again (newer ones are moved aside); the daemon loads it at start.
+    Rollback {
+        /// The version to return to.
+        version: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +452,46 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_models(args: ModelsArgs) -> Result<()> {
+    let config = crate::config::Config::load(args.config.as_deref())?;
+    let checkpoints = crate::model::Checkpoints::new(config.data_dir.join("models"));
+    match args.command {
+        ModelsCommand::List => {
+            println!(
+                "| version | created | update_count | β | items | validation NDCG@100 | status |"
+            );
+            println!("|---:|---|---:|---:|---:|---:|---|");
+            for v in checkpoints.versions()? {
+                let path = checkpoints.path_of(v);
+                match crate::model::Checkpoints::load(&path, &Device::Cpu) {
+                    Ok((_, m)) => println!(
+                        "| {} | {} | {} | {:.5} | {} | {} | ok |",
+                        m.model_version,
+                        m.created_at,
+                        m.update_count,
+                        m.beta,
+                        m.n_items,
+                        m.training
+                            .get("validation_ndcg")
+                            .and_then(|x| x.as_f64())
+                            .map(|x| format!("{x:.4}"))
+                            .unwrap_or_else(|| "-".into())
+                    ),
+                    Err(e) => println!("| {v} | | | | | | unusable: {e} |"),
+                }
+            }
+            Ok(())
+        }
+        ModelsCommand::Rollback { version } => {
+            let moved = checkpoints.rollback(version)?;
+            println!(
+                "model version {version} is the newest again; moved aside: {moved:?}. Restart the daemon to serve it."
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
@@ -473,6 +535,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Recommend(args) => run_recommend(args),
+        Command::Models(args) => run_models(args),
         Command::Eval(args) => run_eval(args),
         Command::Bench(cmd) => run_bench(cmd),
     }

@@ -168,6 +168,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
         producer.clone(),
     ));
     let serve = tokio::spawn(crate::serve::run(shared.clone(), producer.clone()));
+    let notify = tokio::spawn(crate::notify::run(shared.clone()));
     {
         let s = shared.clone();
         tokio::spawn(async move {
@@ -178,6 +179,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     }
     let mut rx = shared.shutdown.subscribe();
     let _ = rx.changed().await;
+    let _ = notify.await;
     let ingest_result = ingest.await;
     let _ = serve.await;
     let _ = http.await;

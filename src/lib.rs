@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod registry;
 pub mod serve;
 pub mod store;

@@ -320,6 +320,27 @@ impl Checkpoints {
         Ok(None)
     }
 
+    /// Makes `version` the newest again: every newer version is moved aside (renamed
+    /// `.rolled-back-vNNNNNNNN-<unix seconds>`, not deleted). `version` must load. Returns the
+    /// versions moved aside. Run it with the daemon stopped.
+    pub fn rollback(&self, version: u64) -> Result<Vec<u64>, CheckpointError> {
+        let path = self.path_of(version);
+        Self::load(&path, &Device::Cpu)?;
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut moved = Vec::new();
+        for v in self.versions()?.into_iter().filter(|&v| v > version) {
+            let from = self.path_of(v);
+            let to = self.dir.join(format!(".rolled-back-v{v:08}-{stamp}"));
+            fs::rename(&from, &to).map_err(io(&from))?;
+            moved.push(v);
+        }
+        sync_dir(&self.dir)?;
+        Ok(moved)
+    }
+
     /// Removes all but the newest `keep` versions and any leftover temporary directories.
     pub fn prune(&self, keep: usize) -> Result<Vec<u64>, CheckpointError> {
         let versions = self.versions()?;

@@ -358,6 +358,19 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     assert_eq!(m.model_version, 1);
     assert_eq!(skipped, vec![4, 3, 2]);
 
+    // roll back to v1: newer versions are moved aside, not deleted
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = Checkpoints::new(dir2.path());
+    for v in 1..=3 {
+        store2.save(&t, v, serde_json::Value::Null).unwrap();
+    }
+    assert_eq!(store2.rollback(1).unwrap(), vec![2, 3]);
+    assert_eq!(store2.versions().unwrap(), vec![1]);
+    assert!(
+        store.rollback(3).is_err(),
+        "v3 is corrupt: no rollback to it"
+    );
+
     assert_eq!(store.prune(2).unwrap(), vec![1, 2]);
     assert_eq!(store.versions().unwrap(), vec![3, 4]);
 }
