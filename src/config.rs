@@ -129,7 +129,7 @@ impl Default for KafkaConfig {
             positive_event_types: vec!["click".into()],
             max_message_bytes: 64 * 1024,
             batch_size: 2000,
-            batch_timeout: Duration::from_millis(50),
+            batch_timeout: Duration::from_millis(5),
             properties: BTreeMap::new(),
         }
     }
@@ -160,7 +160,7 @@ impl Default for TrainConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
-            interval_ms: 100,
+            interval_ms: 20,
             batch_size: 1000,
             k: 20,
             rescore_window: Duration::from_secs(3600),

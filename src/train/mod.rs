@@ -306,6 +306,12 @@ impl Worker {
 
     /// Runs rounds until shutdown.
     pub fn run(mut self) {
+        // Training gets a thread pool of its own, so the scorer's parallel work (in the global
+        // pool) never queues behind a multi-second training GEMM; the OS shares the cores.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("multivaed-train-{i}"))
+            .build();
         let mut last_round = Instant::now();
         while !self.shared.shutdown.is_set() {
             if !self.due(last_round) {
@@ -315,7 +321,11 @@ impl Worker {
                 continue;
             }
             last_round = Instant::now();
-            let result = match self.round() {
+            let outcome = match &pool {
+                Ok(p) => p.install(|| self.round()),
+                Err(_) => self.round(),
+            };
+            let result = match outcome {
                 Ok(r) => r,
                 Err(e) => {
                     error!(error = %format!("{e:#}"), "training round failed");
