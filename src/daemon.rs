@@ -162,11 +162,19 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let trainer = crate::train::spawn(shared.clone(), device)?;
     let consumer = crate::ingest::consumer(shared.clone())?;
     let producer = crate::ingest::producer(&shared)?;
-    let ingest = tokio::spawn(crate::ingest::run(
-        shared.clone(),
-        consumer,
-        producer.clone(),
-    ));
+    let ingest = {
+        let s = shared.clone();
+        let run = crate::ingest::run(shared.clone(), consumer, producer.clone());
+        tokio::spawn(async move {
+            let r = run.await;
+            if let Err(e) = &r {
+                // without ingestion the daemon is useless: stop (non-zero exit, the supervisor restarts)
+                tracing::error!(error = %format!("{e:#}"), "ingest failed; shutting down");
+                s.shutdown.trigger();
+            }
+            r
+        })
+    };
     let serve = tokio::spawn(crate::serve::run(shared.clone(), producer.clone()));
     let notify = tokio::spawn(crate::notify::run(shared.clone()));
     {
