@@ -323,21 +323,33 @@ impl LastRecommendations {
     /// Counts, for each new (user, item) click, whether the item was in the top k of the user's
     /// last published recommendation.
     pub fn observe(&self, clicks: &[(u32, u32)], metrics: &crate::metrics::Metrics) {
+        // counted per (label, cut-off) first: one metric update per label and batch
+        let mut counts: HashMap<&str, [(u64, u64); ONLINE_CUTOFFS.len()]> = HashMap::new();
         let Ok(g) = self.inner.lock() else { return };
         for (u, i) in clicks {
             let Some((label, items)) = g.0.get(u) else {
                 continue;
             };
             let rank = items.iter().position(|x| x == i);
-            for k in ONLINE_CUTOFFS {
-                let ks = k.to_string();
+            let c = counts.entry(label.as_str()).or_default();
+            for (slot, k) in c.iter_mut().zip(ONLINE_CUTOFFS) {
+                slot.1 += 1;
+                if rank.is_some_and(|r| r < k) {
+                    slot.0 += 1;
+                }
+            }
+        }
+        for (label, c) in counts {
+            for ((hits, scored), k) in c.into_iter().zip(ONLINE_CUTOFFS) {
+                let k = k.to_string();
                 metrics
                     .online_events_scored
-                    .with_label_values(&[&ks, label])
-                    .inc();
-                if rank.is_some_and(|r| r < k) {
-                    metrics.online_hits.with_label_values(&[&ks, label]).inc();
-                }
+                    .with_label_values(&[&k, label])
+                    .inc_by(scored);
+                metrics
+                    .online_hits
+                    .with_label_values(&[&k, label])
+                    .inc_by(hits);
             }
         }
     }
