@@ -327,7 +327,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     println!("|---|---|---|---|");
     println!(
         "| Multi-VAE (best epoch {}) | {:.4} ± {:.4} | {:.4} | {:.4} |",
-        m.best_epoch, m.ndcg100, m.ndcg100_se, m.recall20, m.recall50
+        m.best_epoch, m.test.ndcg100, m.ndcg100_se, m.test.recall20, m.test.recall50
     );
     println!(
         "| Popularity | {:.4} | {:.4} | {:.4} |",
@@ -429,15 +429,8 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
             idx.sort_unstable();
             idx.dedup();
             let recs = live.model.recommend(&[&idx], args.k)?;
-            let items = recs
-                .into_iter()
-                .flatten()
-                .filter_map(|(i, score)| {
-                    store
-                        .item_id(i)
-                        .map(|item_id| crate::serve::ScoredItem { item_id, score })
-                })
-                .collect();
+            let items =
+                crate::serve::scored_items(&store, recs.first().map_or(&[][..], |r| r), args.k);
             Some(crate::serve::Recommendation {
                 user_id: String::new(),
                 items,

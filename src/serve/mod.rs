@@ -244,6 +244,19 @@ pub fn score_users(
         .collect())
 }
 
+/// The first `k` of ranked store items, by external id (items unknown to the store are skipped).
+pub fn scored_items(store: &Store, items: &[(u32, f32)], k: usize) -> Vec<ScoredItem> {
+    items
+        .iter()
+        .take(k)
+        .filter_map(|&(i, score)| {
+            store
+                .item_id(i)
+                .map(|item_id| ScoredItem { item_id, score })
+        })
+        .collect()
+}
+
 /// The published message of a scored user: its top `k` items by external id.
 pub fn to_recommendation(
     store: &Store,
@@ -253,16 +266,7 @@ pub fn to_recommendation(
 ) -> Result<Recommendation> {
     Ok(Recommendation {
         user_id: store.user_id(s.user)?.unwrap_or_else(|| s.user.to_string()),
-        items: s
-            .items
-            .iter()
-            .take(k)
-            .filter_map(|&(i, score)| {
-                store
-                    .item_id(i)
-                    .map(|item_id| ScoredItem { item_id, score })
-            })
-            .collect(),
+        items: scored_items(store, &s.items, k),
         model_version: model_version.filter(|_| s.source == "model"),
         generated_at: now_ms(),
         source: s.source.into(),
