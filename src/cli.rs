@@ -122,6 +122,9 @@ pub struct EvalArgs {
     /// Print one JSON object as the last line of standard output.
     #[arg(long)]
     pub json: bool,
+    /// Training device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -233,6 +236,9 @@ pub struct ModelBenchArgs {
     /// Users scored per size.
     #[arg(long, default_value_t = 2000)]
     pub score_users: usize,
+    /// Device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -299,7 +305,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         config,
         epochs: args.epochs,
         seed: args.seed,
-        device: Device::Cpu,
+        device: crate::daemon::open_device(&args.device)?.0,
     };
     let bar = indicatif::ProgressBar::new(args.epochs as u64);
     bar.set_style(
@@ -347,7 +353,10 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(args) => {
             set_threads(args.threads)?;
+            let (device, device_name) = crate::daemon::open_device(&args.device)?;
             let opts = bench::ModelBenchOptions {
+                device,
+                device_name,
                 items: args.items,
                 dense_at: args.dense_at,
                 steps: args.steps,
@@ -356,8 +365,8 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
             };
             let rows = bench::run_model_bench(&opts, |r| {
                 eprintln!(
-                    "{} items, {} first layer: {:.3} s/step, {:.0} users/s",
-                    r.items, r.first_layer, r.step_seconds, r.users_per_second
+                    "{} items, {} first layer, {}: {:.4} s/step, {:.0} users/s",
+                    r.items, r.first_layer, r.device, r.step_seconds, r.users_per_second
                 )
             })?;
             println!("{}", bench::model_table(&rows));

@@ -85,6 +85,14 @@ pub struct Shared {
 
 /// Chooses the training device; logs it and sets `multivaed_device_info`.
 pub fn select_device(setting: &str, metrics: &Metrics) -> Result<Device> {
+    let (device, name) = open_device(setting)?;
+    metrics.device_info.with_label_values(&[&name]).set(1.0);
+    info!(device = %name, "training device");
+    Ok(device)
+}
+
+/// Opens the device a `device` setting ("auto", "cpu", "cuda:N") names, and its resolved name.
+pub fn open_device(setting: &str) -> Result<(Device, String)> {
     let device = match parse_device(setting)? {
         DeviceChoice::Cpu => Device::Cpu,
         DeviceChoice::Cuda(n) => {
@@ -112,9 +120,7 @@ pub fn select_device(setting: &str, metrics: &Metrics) -> Result<Device> {
     } else {
         "cpu".into()
     };
-    metrics.device_info.with_label_values(&[&name]).set(1.0);
-    info!(device = %name, "training device");
-    Ok(device)
+    Ok((device, name))
 }
 
 /// Opens the store, builds the shared state.

@@ -28,6 +28,7 @@ pub fn synthetic_users(n_users: usize, n_items: usize, per_user: usize, seed: u6
 /// One row of the model benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelBenchRow {
+    pub device: String,
     pub items: usize,
     pub first_layer: &'static str,
     pub batch_size: usize,
@@ -43,6 +44,8 @@ pub struct ModelBenchRow {
 /// Options of `multivaed bench model`.
 #[derive(Debug, Clone)]
 pub struct ModelBenchOptions {
+    pub device: Device,
+    pub device_name: String,
     pub items: Vec<usize>,
     pub dense_at: Vec<usize>,
     pub steps: usize,
@@ -74,6 +77,7 @@ fn time_steps(
         distinct += seen.len();
         trainer.train_step(&rows)?;
     }
+    trainer.model().device().synchronize()?;
     Ok((
         t0.elapsed().as_secs_f64() / steps as f64,
         distinct as f64 / steps as f64,
@@ -95,7 +99,7 @@ pub fn run_model_bench(
             layers.push(FirstLayer::Dense);
         }
         for layer in layers {
-            let mut trainer = Trainer::new(&opts.config, items, 1, &Device::Cpu)?;
+            let mut trainer = Trainer::new(&opts.config, items, 1, &opts.device)?;
             trainer.set_first_layer(layer);
             let (step_seconds, distinct) = time_steps(&mut trainer, &data, opts.steps, batch)?;
             let rows: Vec<&[u32]> = (0..opts.score_users).map(|u| data.row(u)).collect();
@@ -112,6 +116,7 @@ pub fn run_model_bench(
             }
             let single_user_ms = t1.elapsed().as_secs_f64() * 1000.0 / reps as f64;
             let row = ModelBenchRow {
+                device: opts.device_name.clone(),
                 items,
                 first_layer: match layer {
                     FirstLayer::Sparse => "sparse",
@@ -136,11 +141,12 @@ pub fn run_model_bench(
 /// The rows as a markdown table.
 pub fn model_table(rows: &[ModelBenchRow]) -> String {
     let mut s = String::from(
-        "| items | first layer | step (s) | steps/s | distinct items/batch | top-100 users/s | 1-user fold-in (ms) |\n|---:|---|---:|---:|---:|---:|---:|\n",
+        "| device | items | first layer | step (s) | steps/s | distinct items/batch | top-100 users/s | 1-user fold-in (ms) |\n|---|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {} | {:.3} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+            "| {} | {} | {} | {:.4} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+            r.device,
             r.items,
             r.first_layer,
             r.step_seconds,

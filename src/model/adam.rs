@@ -5,7 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{with_slice, with_slice_mut};
+use super::kernels::{on_host, with_slice, with_slice_mut};
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -58,7 +58,7 @@ impl Adam {
                 candle_core::bail!("adam: gradient {:?} for parameter {:?}", g.dims(), p.dims());
             }
             let (m, v) = (&self.m[i], &self.v[i]);
-            if p.device().is_cpu() {
+            if on_host(p.device()) {
                 with_slice_mut(p, |p| {
                     with_slice_mut(m, |m| {
                         with_slice_mut(v, |v| {

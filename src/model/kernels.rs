@@ -1,8 +1,9 @@
 //! The model's hot-path kernels. Each has a fast host implementation for CPU tensors (parallel,
 //! fused, in place where possible) and a composed-candle implementation for any other device
-//! (CUDA); tests hold the two equal on CPU.
+//! (CUDA: dense GEMMs and element-wise kernels only, no serial scatter loops); tests run the
+//! composed path on CPU and hold the two equal.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -63,6 +64,25 @@ impl Bag {
         }
         bag
     }
+}
+
+thread_local! {
+    static COMPOSED_ON_CPU: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True when the fast host kernels apply to tensors on `dev`.
+pub(crate) fn on_host(dev: &Device) -> bool {
+    dev.is_cpu() && !COMPOSED_ON_CPU.with(Cell::get)
+}
+
+/// Runs `f` with the composed (device) kernels on CPU tensors, on this thread: how the tests
+/// check the CUDA code path without a GPU.
+#[cfg(test)]
+pub(crate) fn with_composed_kernels<R>(f: impl FnOnce() -> R) -> R {
+    COMPOSED_ON_CPU.with(|c| c.set(true));
+    let out = f();
+    COMPOSED_ON_CPU.with(|c| c.set(false));
+    out
 }
 
 fn not_host() -> candle_core::Error {
@@ -136,7 +156,7 @@ pub fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor> {
     if let Some(&bad) = bag.items.iter().find(|&&i| i as usize >= n_items) {
         candle_core::bail!("item {bad} out of range for a model of {n_items} items");
     }
-    if w.device().is_cpu() {
+    if on_host(w.device()) {
         let mut out = vec![0f32; b * hidden];
         with_slice(w, |w| {
             with_slice(bias, |bias| {
@@ -153,32 +173,63 @@ pub fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor> {
         })?;
         Tensor::from_vec(out, (b, hidden), &Device::Cpu)
     } else {
-        let dev = w.device();
-        let (idx, batch, wts) = bag_tensors(bag, dev)?;
-        let gathered = w.index_select(&idx, 0)?.broadcast_mul(&wts)?;
-        Tensor::zeros((b, hidden), DType::F32, dev)?
-            .index_add(&batch, &gathered, 0)?
+        // candle's CUDA index_add loops serially over the indices: a dense GEMM is far faster.
+        bag_dense(bag, n_items, w.device())?
+            .matmul(w)?
             .broadcast_add(bias)
     }
 }
 
-fn bag_tensors(bag: &Bag, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
-    let nnz = bag.items.len();
-    let batch: Vec<u32> = (0..bag.len())
-        .flat_map(|b| std::iter::repeat_n(b as u32, bag.offsets[b + 1] - bag.offsets[b]))
-        .collect();
+/// Ragged rows as a [rows × longest] index matrix padded with `u32::MAX` (which candle's
+/// scatter skips) and the matching values (0 in the padding).
+fn padded(
+    rows: usize,
+    row: impl Fn(usize) -> (Vec<u32>, Vec<f32>),
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let rows: Vec<_> = (0..rows).map(row).collect();
+    let width = rows.iter().map(|(i, _)| i.len()).max().unwrap_or(0).max(1);
+    let mut idx = vec![u32::MAX; rows.len() * width];
+    let mut val = vec![0f32; rows.len() * width];
+    for (r, (i, v)) in rows.iter().enumerate() {
+        idx[r * width..r * width + i.len()].copy_from_slice(i);
+        val[r * width..r * width + v.len()].copy_from_slice(v);
+    }
     Ok((
-        Tensor::from_slice(&bag.items, nnz, dev)?,
-        Tensor::from_vec(batch, nnz, dev)?,
-        Tensor::from_slice(&bag.weights, (nnz, 1), dev)?,
+        Tensor::from_vec(idx, (rows.len(), width), dev)?,
+        Tensor::from_vec(val, (rows.len(), width), dev)?,
     ))
+}
+
+/// The bag as the dense [B × items] input `x̃`, built where it is used (a scatter on the
+/// device, so only the sparse entries cross the bus).
+pub fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
+    if on_host(dev) {
+        let mut x = vec![0f32; bag.len() * n_items];
+        for b in 0..bag.len() {
+            let (items, weights) = bag.row(b);
+            for (&i, &w) in items.iter().zip(weights) {
+                x[b * n_items + i as usize] += w;
+            }
+        }
+        return Tensor::from_vec(x, (bag.len(), n_items), dev);
+    }
+    let (idx, val) = padded(
+        bag.len(),
+        |b| {
+            let (i, w) = bag.row(b);
+            (i.to_vec(), w.to_vec())
+        },
+        dev,
+    )?;
+    Tensor::zeros((bag.len(), n_items), DType::F32, dev)?.scatter_add(&idx, &val, 1)
 }
 
 /// First layer, weight gradient: `dW[i] = Σ_{(b,i,w) ∈ bag} w · dpre[b]`, a dense
 /// [n_items × hidden] tensor (zero for items no user of the batch holds); equals `x̃ᵀ · dpre`.
 pub fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> {
     let (_, hidden) = dpre.dims2()?;
-    if dpre.device().is_cpu() {
+    if on_host(dpre.device()) {
         // Counting sort of the bag's entries by item, so each gradient row has one writer.
         let mut start = vec![0usize; n_items + 1];
         for &i in &bag.items {
@@ -211,10 +262,7 @@ pub fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> 
         })?;
         Tensor::from_vec(grad, (n_items, hidden), &Device::Cpu)
     } else {
-        let dev = dpre.device();
-        let (idx, batch, wts) = bag_tensors(bag, dev)?;
-        let src = dpre.index_select(&batch, 0)?.broadcast_mul(&wts)?;
-        Tensor::zeros((n_items, hidden), DType::F32, dev)?.index_add(&idx, &src, 0)
+        bag_dense(bag, n_items, dpre.device())?.t()?.matmul(dpre)
     }
 }
 
@@ -229,7 +277,7 @@ pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Te
         candle_core::bail!("softmax_nll: {} target rows for {b} logit rows", rows.len());
     }
     let inv_b = 1.0 / b as f32;
-    if logits.device().is_cpu() {
+    if on_host(logits.device()) {
         let mut nll = vec![0f64; b];
         with_slice(bias, |bias| {
             with_slice_mut(&logits, |l| {
@@ -280,15 +328,23 @@ pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Te
     }
 }
 
-/// The binary rows as a dense [rows × n_items] f32 tensor.
+/// The binary rows as a dense [rows × n_items] f32 tensor (built on the device by a scatter).
 pub fn dense_rows(rows: &[&[u32]], n_items: usize, dev: &Device) -> Result<Tensor> {
-    let mut x = vec![0f32; rows.len() * n_items];
-    for (u, row) in rows.iter().enumerate() {
-        for &i in *row {
-            x[u * n_items + i as usize] = 1.0;
+    if on_host(dev) {
+        let mut x = vec![0f32; rows.len() * n_items];
+        for (u, row) in rows.iter().enumerate() {
+            for &i in *row {
+                x[u * n_items + i as usize] = 1.0;
+            }
         }
+        return Tensor::from_vec(x, (rows.len(), n_items), dev);
     }
-    Tensor::from_vec(x, (rows.len(), n_items), dev)
+    let (idx, ones) = padded(
+        rows.len(),
+        |r| (rows[r].to_vec(), vec![1.0; rows[r].len()]),
+        dev,
+    )?;
+    Tensor::zeros((rows.len(), n_items), DType::F32, dev)?.scatter(&idx, &ones, 1)
 }
 
 #[cfg(test)]
@@ -410,7 +466,7 @@ const CHUNK: usize = 4096;
 
 /// Element-wise tanh (host: parallel, fast approximation; elsewhere: candle's).
 pub fn tanh(t: &Tensor) -> Result<Tensor> {
-    if !t.device().is_cpu() {
+    if !on_host(t.device()) {
         return t.tanh();
     }
     let t = t.contiguous()?;
@@ -430,7 +486,7 @@ pub fn tanh(t: &Tensor) -> Result<Tensor> {
 
 /// Gradient through `a = tanh(z)`: `d ⊙ (1 − a²)`.
 pub fn tanh_backward(d: &Tensor, a: &Tensor) -> Result<Tensor> {
-    if !d.device().is_cpu() {
+    if !on_host(d.device()) {
         return d.mul(&a.sqr()?.affine(-1.0, 1.0)?);
     }
     let (d, a) = (d.contiguous()?, a.contiguous()?);
@@ -452,7 +508,7 @@ pub fn tanh_backward(d: &Tensor, a: &Tensor) -> Result<Tensor> {
 
 /// Column sums of a [rows × cols] matrix (bias gradients): [cols].
 pub fn col_sum(t: &Tensor) -> Result<Tensor> {
-    if !t.device().is_cpu() {
+    if !on_host(t.device()) {
         return t.sum(0);
     }
     let t = t.contiguous()?;

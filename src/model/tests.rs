@@ -434,3 +434,39 @@ fn recommendations_never_contain_seen_items() {
         }
     }
 }
+
+/// The composed kernels (the code path CUDA runs) train the same model as the host kernels:
+/// same losses and parameters after several epochs, up to float rounding (the host tanh is a
+/// rational approximation within 1e-6).
+#[test]
+fn device_code_path_trains_like_the_host_path() {
+    for hidden in [vec![16], vec![16, 12]] {
+        let config = small_config(hidden);
+        let data = train_data();
+        let run = || {
+            let mut t = Trainer::new(&config, 30, 5, &Device::Cpu).unwrap();
+            let mut nll = Vec::new();
+            for _ in 0..5 {
+                nll.push(t.train_epoch(&data, |_| {}).unwrap().nll);
+            }
+            let rows: Vec<&[u32]> = data.rows().collect();
+            let scores = t.model().scores(&rows).unwrap();
+            (params(&t), nll, scores)
+        };
+        let (host_params, host_nll, host_scores) = run();
+        let (dev_params, dev_nll, dev_scores) = kernels::with_composed_kernels(run);
+        for (a, b) in host_nll.iter().zip(&dev_nll) {
+            assert!((a - b).abs() <= 1e-4 * a.abs(), "nll {a} vs {b}");
+        }
+        for (a, b) in host_params.iter().zip(&dev_params) {
+            let a = Tensor::new(a.as_slice(), &Device::Cpu).unwrap();
+            let b = Tensor::new(b.as_slice(), &Device::Cpu).unwrap();
+            assert!(
+                rel_err(&b, &a) < 1e-4,
+                "parameters differ: {}",
+                rel_err(&b, &a)
+            );
+        }
+        assert!(rel_err(&dev_scores, &host_scores) < 1e-4);
+    }
+}

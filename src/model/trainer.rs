@@ -11,7 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::adam::Adam;
-use super::kernels::{bag_backward, bag_forward, col_sum, softmax_nll, tanh, tanh_backward, Bag};
+use super::kernels::{
+    bag_backward, bag_dense, bag_forward, col_sum, softmax_nll, tanh, tanh_backward, Bag,
+};
 use super::{Interactions, ModelConfig, MultiVae};
 
 /// Figures of one mini-batch update.
@@ -388,17 +390,6 @@ impl Trainer {
         };
         Ok((stats, grads))
     }
-}
-
-/// The bag as the dense [B × items] input x̃.
-fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
-    let mut x = vec![0f32; bag.len() * n_items];
-    for b in 0..bag.len() {
-        for j in bag.offsets[b]..bag.offsets[b + 1] {
-            x[b * n_items + bag.items[j] as usize] += bag.weights[j];
-        }
-    }
-    Tensor::from_vec(x, (bag.len(), n_items), dev)
 }
 
 /// The training input of a batch: each item of a user kept with probability 1 − p, weighted
