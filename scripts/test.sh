@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command: starts a real Kafka-protocol broker (scripts/kafka.sh) unless KAFKA_BROKERS
-# already names one, runs the whole test suite against it, and stops the broker on every exit.
+# The test command: installs the deployment tools (scripts/tools.sh: promtool/prometheus,
+# systemd-analyze, kubernetes-validate, hadolint), starts a real Kafka-protocol broker
+# (scripts/kafka.sh) unless KAFKA_BROKERS already names one, runs the whole test suite against
+# them, and stops the broker on every exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+eval "$(bash scripts/tools.sh)"
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   export KAFKA_PORT=${KAFKA_PORT:-19092}
   trap 'scripts/kafka.sh stop' EXIT

@@ -199,6 +199,19 @@ impl Metrics {
             up: reg(r, IntGauge::new("multivaed_up", "1 while the daemon runs")?)?,
             registry,
         };
+        // Series that alerts and dashboards read exist from the start, at 0.
+        for result in [
+            "accepted",
+            "rejected_nonfinite",
+            "rejected_ndcg",
+            "abandoned",
+            "failed",
+        ] {
+            m.training_rounds.with_label_values(&[result]);
+        }
+        for source in ["model", "popular"] {
+            m.recommendations_published.with_label_values(&[source]);
+        }
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::new(

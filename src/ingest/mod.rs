@@ -37,12 +37,19 @@ impl ClientContext for IngestContext {
     fn stats(&self, stats: Statistics) {
         for topic in stats.topics.values() {
             for (p, part) in &topic.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
+                // messages behind the high watermark: from what this instance consumed, else
+                // from the committed offset
+                let position = if part.app_offset >= 0 {
+                    part.app_offset
+                } else {
+                    part.committed_offset
+                };
+                if *p >= 0 && part.hi_offset >= 0 && position >= 0 {
                     self.shared
                         .metrics
                         .consumer_lag
                         .with_label_values(&[&p.to_string()])
-                        .set(part.consumer_lag.max(0));
+                        .set((part.hi_offset - position).max(0));
                 }
             }
         }

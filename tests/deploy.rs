@@ -1,0 +1,381 @@
+//! deploy/ checked by the tools its users use (systemd-analyze, kubernetes-validate with the
+//! Kubernetes OpenAPI schemas, hadolint, promtool) and kept consistent with itself and with the
+//! daemon (paths, port, user, config keys). The tools come from scripts/tools.sh, which the test
+//! command runs; a missing tool fails the test, it never skips it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tool(name: &str) -> PathBuf {
+    let venv = std::env::var("MULTIVAED_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/tmp/multivaed-tools"))
+        .join("py/bin")
+        .join(name);
+    if venv.exists() {
+        return venv;
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed: run scripts/tools.sh (scripts/test.sh does)")
+    })
+}
+
+/// Runs a tool; returns (success, stdout + stderr).
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    let mut cur = v;
+    for key in path.split('.') {
+        cur = match key.parse::<usize>() {
+            Ok(i) => &cur[i],
+            Err(_) => &cur[key],
+        };
+    }
+    assert!(!cur.is_null(), "missing {path}");
+    cur
+}
+
+fn str_at<'a>(v: &'a Value, path: &str) -> &'a str {
+    get(v, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not a string"))
+}
+
+/// A strategic merge of `patch` over `base`, as kustomize does for the fields used here: maps
+/// merge key by key, lists of named maps merge by `name`, anything else is replaced.
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Mapping(b), Value::Mapping(p)) => {
+            for (k, pv) in p {
+                match b.get_mut(k) {
+                    Some(bv) => merge(bv, pv),
+                    None => {
+                        b.insert(k.clone(), pv.clone());
+                    }
+                }
+            }
+        }
+        (Value::Sequence(b), Value::Sequence(p))
+            if p.iter().all(|v| v.get("name").is_some()) && !p.is_empty() =>
+        {
+            for pv in p {
+                match b.iter_mut().find(|bv| bv.get("name") == pv.get("name")) {
+                    Some(bv) => merge(bv, pv),
+                    None => b.push(pv.clone()),
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+fn gpu_statefulset() -> Value {
+    let k8s = root().join("deploy/k8s");
+    let mut sts = yaml(&k8s.join("statefulset.yaml"));
+    merge(&mut sts, &yaml(&k8s.join("gpu/statefulset-gpu.yaml")));
+    sts
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/multivaed.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/multivaed "));
+    // verify checks that the ExecStart binary exists: point it at the one just built
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("multivaed.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/multivaed", env!("CARGO_BIN_EXE_multivaed")),
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new(tool("systemd-analyze"))
+        .arg("verify")
+        .arg(&path)
+        .env("SYSTEMD_LOG_LEVEL", "warning"));
+    // systemd-analyze exits 0 on many problems (an unknown Type= is "ignored"): any output fails
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify:\n{out}"
+    );
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "StateDirectory=multivaed",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line}");
+    }
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_openapi_schemas() {
+    let k8s = root().join("deploy/k8s");
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = dir.path().join("statefulset-gpu-rendered.yaml");
+    std::fs::write(&gpu, serde_yaml::to_string(&gpu_statefulset()).unwrap()).unwrap();
+    let files = [
+        k8s.join("configmap.yaml"),
+        k8s.join("service.yaml"),
+        k8s.join("statefulset.yaml"),
+        k8s.join("pdb.yaml"),
+        gpu,
+    ];
+    let (ok, out) = run(Command::new(tool("kubernetes-validate"))
+        .arg("--strict")
+        .args(&files));
+    assert!(ok, "kubernetes-validate:\n{out}");
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy();
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&*name) && l.contains("passed")),
+            "{name} was not validated:\n{out}"
+        );
+    }
+    assert!(!out.contains("WARN") && !out.contains("ERROR"), "{out}");
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let (ok, out) = run(Command::new(tool("hadolint")).arg(root().join("deploy/Dockerfile")));
+    assert!(ok && out.trim().is_empty(), "hadolint:\n{out}");
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let dir = root().join("deploy/prometheus");
+    let (ok, out) = run(Command::new(tool("promtool"))
+        .args(["check", "rules", "alerts.yml"])
+        .current_dir(&dir));
+    assert!(ok, "promtool check rules:\n{out}");
+    let (ok, out) = run(Command::new(tool("promtool"))
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(&dir));
+    assert!(ok, "promtool test rules:\n{out}");
+    let (ok, out) = run(Command::new(tool("promtool"))
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(&dir));
+    assert!(ok, "promtool check config:\n{out}");
+}
+
+/// The image, the manifests, the config in the ConfigMap and the daemon agree: paths, port,
+/// user, probes, config keys, shutdown grace.
+#[test]
+fn dockerfile_manifests_and_config_agree() {
+    let k8s = root().join("deploy/k8s");
+    let docker = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let sts = yaml(&k8s.join("statefulset.yaml"));
+    let cm = yaml(&k8s.join("configmap.yaml"));
+    let svc = yaml(&k8s.join("service.yaml"));
+
+    // the ConfigMap's multivaed.toml is a valid configuration of this daemon
+    let toml_text = cm["data"]["multivaed.toml"]
+        .as_str()
+        .expect("the ConfigMap holds multivaed.toml");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg_path = tmp.path().join("multivaed.toml");
+    std::fs::write(&cfg_path, toml_text).unwrap();
+    let config = multivaed::config::Config::load(Some(&cfg_path))
+        .unwrap_or_else(|e| panic!("the ConfigMap's multivaed.toml: {e:#}"));
+    let port = config.http.listen.port();
+    assert!(
+        !config.http.listen.ip().is_loopback(),
+        "in a pod the probes need a non-loopback listen address"
+    );
+
+    let pod = get(&sts, "spec.template.spec");
+    let c = get(pod, "containers.0");
+    // port: EXPOSE = containerPort = config = Service
+    assert!(
+        docker.contains(&format!("EXPOSE {port}\n")),
+        "EXPOSE {port}"
+    );
+    assert!(docker.contains(&format!("MULTIVAED_HTTP__LISTEN=0.0.0.0:{port}")));
+    assert_eq!(get(c, "ports.0.containerPort").as_u64(), Some(port as u64));
+    assert_eq!(str_at(c, "ports.0.name"), "http");
+    assert_eq!(str_at(&svc, "spec.ports.0.targetPort"), "http");
+    // config path: CMD = args = ConfigMap mount
+    let args: Vec<&str> = get(c, "args")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let cfg_arg = args[args.iter().position(|&a| a == "--config").unwrap() + 1];
+    assert!(docker.contains(&format!(
+        "CMD [\"run\", \"--config\", \"{cfg_arg}\", \"--log-format\", \"json\"]"
+    )));
+    assert!(docker.contains(&format!("COPY configs/multivaed.toml {cfg_arg}")));
+    let mounts = get(c, "volumeMounts").as_sequence().unwrap();
+    let mount = |name: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"].as_str() == Some(name))
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no volume mount {name}"))
+            .to_string()
+    };
+    assert_eq!(
+        Path::new(cfg_arg).parent().unwrap(),
+        Path::new(&mount("config"))
+    );
+    assert_eq!(
+        str_at(pod, "volumes.0.configMap.name"),
+        str_at(&cm, "metadata.name")
+    );
+    // data: ConfigMap data_dir = volume mount = image VOLUME and env
+    let data = mount("data");
+    assert_eq!(config.data_dir, PathBuf::from(&data));
+    assert!(docker.contains(&format!("VOLUME [\"{data}\"]")));
+    assert!(docker.contains(&format!("MULTIVAED_DATA_DIR={data}")));
+    assert_eq!(
+        str_at(&sts, "spec.volumeClaimTemplates.0.metadata.name"),
+        "data"
+    );
+    // user: image USER = runAsUser, non-root
+    let uid = get(pod, "securityContext.runAsUser").as_u64().unwrap();
+    assert!(uid != 0);
+    assert!(docker.contains(&format!("USER {uid}:{uid}")));
+    assert_eq!(
+        get(pod, "securityContext.runAsNonRoot").as_bool(),
+        Some(true)
+    );
+    // probes on the daemon's endpoints
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        assert_eq!(str_at(c, &format!("{probe}.httpGet.path")), path);
+        assert_eq!(str_at(c, &format!("{probe}.httpGet.port")), "http");
+    }
+    // the startup probe allows for the first model load (≥ 5 minutes)
+    let startup = get(c, "startupProbe.periodSeconds").as_u64().unwrap()
+        * get(c, "startupProbe.failureThreshold").as_u64().unwrap();
+    assert!(startup >= 300, "startup probe allows only {startup} s");
+    // grace period covers the shutdown path (≤ 10 s under load, tested in tests/e2e.rs) twice over
+    let grace = get(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
+    assert!(grace >= 30, "terminationGracePeriodSeconds {grace}");
+    // resources are set
+    for k in [
+        "requests.cpu",
+        "requests.memory",
+        "limits.cpu",
+        "limits.memory",
+    ] {
+        get(c, &format!("resources.{k}"));
+    }
+    // selectors match the pod labels (StatefulSet, Service, PDB, PodMonitor)
+    let labels = get(&sts, "spec.template.metadata.labels");
+    for (file, path) in [
+        ("statefulset.yaml", "spec.selector.matchLabels"),
+        ("service.yaml", "spec.selector"),
+        ("pdb.yaml", "spec.selector.matchLabels"),
+        ("podmonitor.yaml", "spec.selector.matchLabels"),
+    ] {
+        let sel = get(&yaml(&k8s.join(file)), path)
+            .as_mapping()
+            .unwrap()
+            .clone();
+        for (k, v) in &sel {
+            assert_eq!(labels.get(k), Some(v), "{file} selects {k:?}={v:?}");
+        }
+    }
+    assert_eq!(
+        str_at(&sts, "spec.serviceName"),
+        str_at(&svc, "metadata.name")
+    );
+    // the PodMonitor (a Prometheus Operator CRD, outside the Kubernetes schemas) scrapes the
+    // named port's /metrics
+    let pm = yaml(&k8s.join("podmonitor.yaml"));
+    assert_eq!(str_at(&pm, "apiVersion"), "monitoring.coreos.com/v1");
+    assert_eq!(str_at(&pm, "kind"), "PodMonitor");
+    assert_eq!(str_at(&pm, "spec.podMetricsEndpoints.0.port"), "http");
+    assert_eq!(str_at(&pm, "spec.podMetricsEndpoints.0.path"), "/metrics");
+}
+
+/// kustomize's inputs: the base lists every manifest, the GPU overlay only adds the GPU.
+#[test]
+fn kustomizations_and_the_gpu_variant_are_consistent() {
+    let k8s = root().join("deploy/k8s");
+    let kust = yaml(&k8s.join("kustomization.yaml"));
+    let listed: Vec<&str> = get(&kust, "resources")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let mut files: Vec<String> = std::fs::read_dir(&k8s)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            (name.ends_with(".yaml") && name != "kustomization.yaml").then_some(name)
+        })
+        .collect();
+    files.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, files, "kustomization.yaml must list every manifest");
+
+    let gpu_kust = yaml(&k8s.join("gpu/kustomization.yaml"));
+    assert_eq!(str_at(&gpu_kust, "resources.0"), "../");
+    assert_eq!(str_at(&gpu_kust, "patches.0.path"), "statefulset-gpu.yaml");
+    let base = yaml(&k8s.join("statefulset.yaml"));
+    let gpu = gpu_statefulset();
+    let c = get(&gpu, "spec.template.spec.containers.0");
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"].as_u64(), Some(1));
+    assert!(str_at(c, "image").ends_with("-cuda"));
+    let env = get(c, "env").as_sequence().unwrap();
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "MULTIVAED_DEVICE" && e["value"] == "cuda:0"));
+    assert!(
+        env.iter().any(|e| e["name"] == "RUST_LOG"),
+        "the patch must keep the base's env"
+    );
+    // nothing but the GPU parts differ
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        let spec = v["spec"]["template"]["spec"].as_mapping_mut().unwrap();
+        spec.remove("nodeSelector");
+        spec.remove("tolerations");
+        let c = &mut v["spec"]["template"]["spec"]["containers"][0];
+        let c = c.as_mapping_mut().unwrap();
+        c.remove("image");
+        c.remove("env");
+        c["resources"]["limits"]
+            .as_mapping_mut()
+            .unwrap()
+            .remove("nvidia.com/gpu");
+        v
+    };
+    assert_eq!(strip(&gpu), strip(&base));
+}
