@@ -187,7 +187,12 @@ impl Config {
             }
             fig = fig.merge(Toml::file(p));
         }
-        fig = fig.merge(Env::prefixed("MULTIVAED_").split("__"));
+        // MULTIVAED_CONFIG names the file (clap); MULTIVAED_CRASH_AT is the fault-injection hook
+        fig = fig.merge(
+            Env::prefixed("MULTIVAED_")
+                .ignore(&["config", "crash_at"])
+                .split("__"),
+        );
         let config: Config = fig.extract().map_err(|e| {
             let mut msg = String::from("invalid configuration");
             for err in e {

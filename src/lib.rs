@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod eval;
+pub mod fault;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

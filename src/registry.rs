@@ -46,7 +46,9 @@ impl ModelRegistry {
     /// Swaps in a new model and announces its version.
     pub fn publish(&self, model: LiveModel) {
         let version = model.version;
+        crate::fault::crash_point("registry.before_swap");
         self.live.store(Some(Arc::new(model)));
+        crate::fault::crash_point("registry.swapped");
         self.version_tx.send_replace(version);
     }
 

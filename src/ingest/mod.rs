@@ -306,6 +306,7 @@ pub async fn run(
                 }
             }
         }
+        crate::fault::crash_point("ingest.parsed");
         if !letters.is_empty() {
             send_dead_letters(&shared, &producer, &letters).await;
         }
@@ -321,7 +322,9 @@ pub async fn run(
         let offsets_for_store = offsets.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let a = store.apply(&clicks, &offsets_for_store)?;
+            crate::fault::crash_point("ingest.applied");
             store.flush()?;
+            crate::fault::crash_point("ingest.flushed");
             anyhow::Ok(a)
         })
         .await

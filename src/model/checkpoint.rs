@@ -155,7 +155,9 @@ impl Checkpoints {
                 path: tmp.clone(),
                 reason: format!("cannot serialise weights: {e}"),
             })?;
+        crate::fault::crash_point("checkpoint.before_weights");
         write_synced(&tmp.join(WEIGHTS), &bytes)?;
+        crate::fault::crash_point("checkpoint.weights_written");
 
         let now = SystemTime::now();
         let manifest = Manifest {
@@ -186,6 +188,7 @@ impl Checkpoints {
         write_synced(&tmp.join(MANIFEST), &json)?;
         sync_dir(&tmp)?;
         fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
+        crate::fault::crash_point("checkpoint.renamed");
         sync_dir(&self.dir)?;
         Ok(manifest)
     }

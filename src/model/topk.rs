@@ -18,6 +18,7 @@ pub fn top_k_unseen(
     seen: &[u32],
     k: usize,
 ) -> Vec<(u32, f32)> {
+    let k = k.min(scores.len());
     if k == 0 {
         return Vec::new();
     }

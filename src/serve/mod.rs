@@ -429,6 +429,7 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
             }
         });
         let results = futures::future::join_all(sends).await;
+        crate::fault::crash_point("serve.published");
         for (((r, sc), (_, received)), res) in recs.into_iter().zip(&batch).zip(results) {
             match res {
                 Ok(_) => {

@@ -1,0 +1,434 @@
+//! Fault injection against the real broker: the daemon killed (SIGKILL, and aborts at named crash
+//! points inside ingest, checkpoint writing, the model swap and publishing) while clicks keep
+//! arriving; SIGTERM under full load; a truncated or corrupted newest checkpoint at start.
+//! Each test is bounded in kills and time and stops by itself.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 2;
+
+/// Environment of a small, fast-training daemon (many rounds, checkpoints and swaps).
+fn env(setup: &Setup, dir: &Path) -> Vec<(String, String)> {
+    let config = dir.join("faults.toml");
+    // a killed member is dropped from the group after 6 s instead of 45 s
+    std::fs::write(
+        &config,
+        "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+    )
+    .unwrap();
+    let mut env = setup.env();
+    env.retain(|(k, _)| !k.starts_with("MULTIVAED_TRAIN__") && !k.starts_with("MULTIVAED_MODEL__"));
+    env.extend(
+        [
+            ("MULTIVAED_CONFIG", config.display().to_string()),
+            ("MULTIVAED_TRAIN__INTERVAL", "1s".into()),
+            ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "200".into()),
+            ("MULTIVAED_TRAIN__MIN_USERS", "50".into()),
+            ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1".into()),
+            ("MULTIVAED_TRAIN__VALIDATION_USERS", "20".into()),
+            ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0".into()),
+            ("MULTIVAED_MODEL__MLP_HIDDEN_SIZE", "[32]".into()),
+            ("MULTIVAED_MODEL__LATENT_DIMENSION", "8".into()),
+            ("MULTIVAED_MODEL__BATCH_SIZE", "100".into()),
+            ("MULTIVAED_KAFKA__BATCH_SIZE", "200".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    env
+}
+
+/// The daemon as a bare child process (no waiting: it may crash before its HTTP is up).
+fn spawn(env: &[(String, String)], extra: &[(&str, String)], port: u16, log: &Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multivaed"));
+    cmd.arg("run")
+        .stdout(Stdio::null())
+        .stderr(File::create(log).unwrap())
+        .env("RUST_LOG", "info,rdkafka=warn")
+        .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start multivaed run")
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// What a stopped daemon's store holds: every (user, item) pair, the total interactions it
+/// counts, the sum of item popularities, and its stored next offsets per partition.
+type StoreContents = (HashSet<(String, String)>, u64, u64, HashMap<i32, i64>);
+
+fn read_store(data_dir: &Path) -> StoreContents {
+    let store = multivaed::store::Store::open(data_dir, 500).expect("open the store");
+    let counts = store.counts();
+    let mut pairs = HashSet::new();
+    for u in 0..counts.users as u32 {
+        let user = store.user_id(u).unwrap().expect("user id");
+        for i in store.history(u).unwrap() {
+            let item = store.item_id(i).expect("item id");
+            assert!(pairs.insert((user.clone(), item)), "pair stored twice");
+        }
+    }
+    let popularity: u64 = store
+        .popular(usize::MAX, &[])
+        .iter()
+        .map(|(_, c)| *c as u64)
+        .sum();
+    let offsets = store
+        .stored_offsets()
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.partition, o.next_offset))
+        .collect();
+    (pairs, counts.interactions, popularity, offsets)
+}
+
+fn high_watermarks(topic: &str) -> HashMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    (0..PARTITIONS)
+        .map(|p| {
+            let (_, hi) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            (p, hi)
+        })
+        .collect()
+}
+
+fn committed_offsets(topic: &str, group: &str) -> HashMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements()
+        .iter()
+        .map(|e| {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            };
+            (e.partition(), o)
+        })
+        .collect()
+}
+
+/// Click `n` of the test stream: 3000 users, each pair (user, item) distinct.
+fn click(n: usize) -> (i32, String, String, Vec<u8>) {
+    let u = n % 3000;
+    let item = (n / 3000) + (u % 50) * 16;
+    let payload = format!(r#"{{"user_id": "u{u}", "item_id": "i{item}"}}"#).into_bytes();
+    (
+        (u % PARTITIONS as usize) as i32,
+        format!("u{u}"),
+        format!("i{item}"),
+        payload,
+    )
+}
+
+/// Produces clicks `range` at about `rate` per second, in the background.
+fn produce_paced(
+    topic: String,
+    range: std::ops::Range<usize>,
+    rate: f64,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let p = producer();
+        let start = Instant::now();
+        let first = range.start;
+        for n in range {
+            let (part, key, _, payload) = click(n);
+            let due = Duration::from_secs_f64((n - first) as f64 / rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            let mut rec = BaseRecord::to(&topic)
+                .partition(part)
+                .key(key.as_bytes())
+                .payload(&payload[..]);
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        rec = r;
+                    }
+                }
+            }
+        }
+        p.flush(Duration::from_secs(30)).expect("flush");
+        done.store(true, Ordering::Release);
+    })
+}
+
+const CRASH_POINTS: [&str; 9] = [
+    "ingest.parsed",
+    "ingest.applied",
+    "ingest.flushed",
+    "checkpoint.before_weights",
+    "checkpoint.weights_written",
+    "checkpoint.renamed",
+    "registry.before_swap",
+    "registry.swapped",
+    "serve.published",
+];
+
+/// ≥ 20 abrupt deaths (SIGKILL at random moments, aborts at each crash point) while a producer
+/// keeps sending a known set of clicks; afterwards the store holds exactly that set, each pair
+/// once, its offsets are past every message, and every checkpoint left on disk loads.
+#[test]
+fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let setup = Setup::new(&data, PARTITIONS);
+    let env = env(&setup, dir.path());
+    let total = 30_000;
+    let done = Arc::new(AtomicBool::new(false));
+    let producer = produce_paced(setup.clicks.clone(), 0..total, 350.0, done.clone());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (mut by_signal, mut at_points) = (0usize, HashMap::<&str, usize>::new());
+    let started = Instant::now();
+    let kills = 24;
+    for round in 0..kills {
+        let port = free_port();
+        let log = dir.path().join(format!("run-{round}.log"));
+        let point = CRASH_POINTS[round / 2 % CRASH_POINTS.len()];
+        if round % 2 == 1 {
+            // abort at a named point (its 1st to 3rd passage), SIGKILL if it is not reached
+            let n = rng.gen_range(1..=3);
+            let mut child = spawn(
+                &env,
+                &[("MULTIVAED_CRASH_AT", format!("{point}:{n}"))],
+                port,
+                &log,
+            );
+            let t0 = Instant::now();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    assert!(
+                        text.contains(&format!("aborting at {point}")),
+                        "run {round} exited ({status}) without reaching {point}:\n{text}"
+                    );
+                    *at_points.entry(point).or_default() += 1;
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(20) {
+                    sigkill(&mut child);
+                    by_signal += 1;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            let mut child = spawn(&env, &[], port, &log);
+            std::thread::sleep(Duration::from_millis(rng.gen_range(500..6000)));
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "run {round} died by itself ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            sigkill(&mut child);
+            by_signal += 1;
+        }
+    }
+    let kill_seconds = started.elapsed().as_secs_f64();
+    producer.join().unwrap();
+    assert!(done.load(Ordering::Acquire));
+
+    // the last life: runs until everything is stored, then SIGTERM
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(120), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= total as f64
+    });
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+
+    let expected: HashSet<(String, String)> = (0..total)
+        .map(|n| {
+            let (_, u, i, _) = click(n);
+            (u, i)
+        })
+        .collect();
+    let (pairs, interactions, popularity, offsets) = read_store(&data);
+    assert_eq!(pairs.len(), total, "distinct pairs stored");
+    assert!(
+        pairs == expected,
+        "the store's pairs differ from those produced"
+    );
+    assert_eq!(interactions, total as u64, "interactions counted");
+    assert_eq!(popularity, total as u64, "item popularity counts");
+    // offsets are contiguous from 0: the next offset of a partition is its message count
+    let hi = high_watermarks(&setup.clicks);
+    for p in 0..PARTITIONS {
+        let sent = (0..total).filter(|&n| click(n).0 == p).count() as i64;
+        assert_eq!(
+            offsets.get(&p),
+            Some(&sent),
+            "partition {p}: stored next offset"
+        );
+        assert!(
+            sent >= hi[&p],
+            "partition {p}: end {} beyond what was sent",
+            hi[&p]
+        );
+    }
+    // every version on disk loads (no half-written model was left loadable or unloadable)
+    let checkpoints = multivaed::model::Checkpoints::new(data.join("models"));
+    let versions = checkpoints.versions().unwrap();
+    assert!(!versions.is_empty(), "no model was ever saved");
+    for v in versions {
+        multivaed::model::Checkpoints::load(&checkpoints.path_of(v), &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("version {v} does not load: {e}"));
+    }
+    let survived = by_signal + at_points.values().sum::<usize>();
+    eprintln!(
+        "survived {survived} kills in {kill_seconds:.0} s: {by_signal} SIGKILL, aborts at {at_points:?}"
+    );
+    assert!(survived >= 20);
+    assert!(
+        at_points.len() >= 6,
+        "too few crash points reached: {at_points:?}"
+    );
+}
+
+/// SIGTERM while clicks pour in and a model trains: exit 0 within 10 s, the store flushed and
+/// the offsets committed to Kafka equal to those stored with the data.
+#[test]
+fn sigterm_under_full_load_exits_cleanly_with_offsets_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let setup = Setup::new(&data, PARTITIONS);
+    let env = env(&setup, dir.path());
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "partitions assigned", |d| {
+        d.metric("multivaed_partitions_assigned", "") >= PARTITIONS as f64
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    // far faster than the daemon ingests while it trains: it is under load when stopped
+    let producer = produce_paced(setup.clicks.clone(), 0..60_000, 20_000.0, done.clone());
+    daemon.wait_for(
+        Duration::from_secs(60),
+        "a model training under load",
+        |d| {
+            d.metric("multivaed_model_version", "") >= 1.0
+                && d.metric("multivaed_store_interactions", "") >= 10_000.0
+        },
+    );
+    let (code, took) = daemon.terminate();
+    assert_eq!(code, Some(0), "exit code");
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    producer.join().unwrap();
+    let (pairs, interactions, _, stored) = read_store(&data);
+    assert_eq!(pairs.len() as u64, interactions);
+    let committed = committed_offsets(&setup.clicks, &setup.group);
+    assert_eq!(stored, committed, "store offsets vs Kafka commits");
+    let hi = high_watermarks(&setup.clicks);
+    let stored_total: i64 = stored.values().sum();
+    assert!(
+        stored_total < hi.values().sum::<i64>(),
+        "the daemon had caught up: it was not under load"
+    );
+    assert_eq!(
+        stored_total as usize,
+        pairs.len(),
+        "one stored pair per consumed click"
+    );
+}
+
+/// A truncated or corrupted newest model version: the daemon starts on the newest complete one
+/// and says which it skipped.
+#[test]
+fn a_damaged_newest_checkpoint_is_skipped_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let setup = Setup::new(&data, PARTITIONS);
+    let env = env(&setup, dir.path());
+    let daemon = Daemon::start(&env, free_port());
+    for v in 1..=3 {
+        let done = Arc::new(AtomicBool::new(false));
+        let clicks = (v - 1) * 3000..v * 3000;
+        produce_paced(setup.clicks.clone(), clicks, 1e9, done)
+            .join()
+            .unwrap();
+        daemon.wait_for(Duration::from_secs(120), "a new model version", |d| {
+            d.metric("multivaed_model_version", "") >= v as f64
+        });
+    }
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+    let checkpoints = multivaed::model::Checkpoints::new(data.join("models"));
+    let versions = checkpoints.versions().unwrap();
+    let (v2, v1) = (versions[versions.len() - 1], versions[versions.len() - 2]);
+    let v0 = versions[versions.len() - 3];
+    let weights = |v: u64| -> PathBuf { checkpoints.path_of(v).join("weights.safetensors") };
+
+    // newest truncated → the one before
+    let len = std::fs::metadata(weights(v2)).unwrap().len();
+    File::options()
+        .write(true)
+        .open(weights(v2))
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "a model loaded", |d| {
+        d.metric("multivaed_model_version", "") >= 1.0
+    });
+    assert_eq!(daemon.metric("multivaed_model_version", ""), v1 as f64);
+    assert!(
+        daemon.log_contains("skipping"),
+        "the skipped version is not logged"
+    );
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+
+    // and one flipped byte in that one too → the one before it
+    let mut bytes = std::fs::read(weights(v1)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(weights(v1), bytes).unwrap();
+    let versions_now = checkpoints.versions().unwrap();
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "a model loaded", |d| {
+        d.metric("multivaed_model_version", "") >= 1.0
+    });
+    assert_eq!(
+        daemon.metric("multivaed_model_version", ""),
+        v0 as f64,
+        "versions on disk: {versions_now:?}"
+    );
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
