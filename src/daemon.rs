@@ -182,6 +182,10 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
         })
     };
     let serve = tokio::spawn(crate::serve::run(shared.clone(), producer.clone()));
+    tokio::spawn(crate::ingest::probe_brokers(
+        shared.clone(),
+        producer.clone(),
+    ));
     let notify = tokio::spawn(crate::notify::run(shared.clone()));
     {
         let s = shared.clone();

@@ -234,6 +234,39 @@ async fn send_dead_letters(shared: &Shared, producer: &FutureProducer, letters: 
     }
 }
 
+/// Asks the cluster about the consumer group every 2 s and keeps `broker_up` (part of
+/// `/readyz`) true only while it answers within 3 s: a broker that is down, unreachable or
+/// frozen turns the daemon not-ready without waiting for client timeouts.
+pub async fn probe_brokers(shared: Arc<Shared>, producer: FutureProducer) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut was_up = true;
+    loop {
+        let (p, group) = (producer.clone(), shared.config.kafka.group_id.clone());
+        // a small request answered by the group coordinator (a topic metadata request could
+        // auto-create the topic on some brokers)
+        let probe = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            p.client()
+                .fetch_group_list(Some(&group), Duration::from_secs(3))
+                .map(|_| ())
+        });
+        let up = matches!(probe.await, Ok(Ok(())));
+        shared.health.broker_up.store(up, Ordering::Release);
+        if up != was_up {
+            if up {
+                info!("kafka brokers reachable again");
+            } else {
+                warn!("kafka brokers unreachable: not ready until they answer");
+            }
+            was_up = up;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// The ingest loop; returns at shutdown after committing what it stored.
 pub async fn run(
     shared: Arc<Shared>,

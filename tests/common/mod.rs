@@ -274,15 +274,20 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(dir: &Path, partitions: i32) -> Self {
-        let s = Self {
+        let s = Self::named(dir);
+        create_topics(&[(&s.clicks, partitions), (&s.recs, 1), (&s.dlq, 1)]);
+        s
+    }
+
+    /// Fresh names, no topics created.
+    pub fn named(dir: &Path) -> Self {
+        Self {
             clicks: unique("clicks"),
             recs: unique("recs"),
             dlq: unique("dlq"),
             group: unique("group"),
             data_dir: dir.to_path_buf(),
-        };
-        create_topics(&[(&s.clicks, partitions), (&s.recs, 1), (&s.dlq, 1)]);
-        s
+        }
     }
 
     pub fn env(&self) -> Vec<(String, String)> {

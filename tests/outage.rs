@@ -1,0 +1,261 @@
+//! Broker outages against a Tansu broker of the test's own (the shared one keeps serving the
+//! other tests): frozen for 30 s mid-stream (SIGSTOP/SIGCONT), and absent when the daemon starts.
+//! The daemon stays up, /healthz stays OK, /readyz turns not-ready and back, nothing is lost and
+//! consumption resumes by itself.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Broker {
+    fn start(port: u16) -> Self {
+        let bin = std::env::var("MULTIVAED_TOOLS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("/var/tmp/multivaed-tools"))
+            .join("tansu");
+        assert!(
+            bin.exists(),
+            "{} missing: run scripts/kafka.sh start (scripts/test.sh does)",
+            bin.display()
+        );
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tansu did not open its port"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn create_topics(&self, setup: &Setup) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let topics = [(&setup.clicks, 2), (&setup.recs, 1), (&setup.dlq, 1)];
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for r in rt
+            .block_on(admin.create_topics(&new, &AdminOptions::new()))
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+
+    fn producer(&self) -> ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("linger.ms", "5")
+            .create()
+            .unwrap()
+    }
+}
+
+fn click(n: usize) -> (String, Vec<u8>) {
+    let u = n % 700;
+    (
+        format!("u{u}"),
+        format!(
+            r#"{{"user_id": "u{u}", "item_id": "i{}"}}"#,
+            (n / 700) * 3 + u % 40
+        )
+        .into_bytes(),
+    )
+}
+
+fn produce_range(
+    p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    range: std::ops::Range<usize>,
+    per_second: f64,
+) {
+    let start = Instant::now();
+    let first = range.start;
+    for n in range {
+        let due = Duration::from_secs_f64((n - first) as f64 / per_second);
+        if let Some(w) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(w);
+        }
+        let (k, v) = click(n);
+        let mut rec = BaseRecord::to(topic).key(k.as_bytes()).payload(&v[..]);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    rec = r;
+                }
+            }
+        }
+    }
+}
+
+fn env_for(setup: &Setup, broker: &str) -> Vec<(String, String)> {
+    let mut env = setup.env();
+    env.retain(|(k, _)| k != "MULTIVAED_KAFKA__BROKERS" && k != "MULTIVAED_TRAIN__MIN_USERS");
+    env.push(("MULTIVAED_KAFKA__BROKERS".into(), broker.into()));
+    env.push(("MULTIVAED_TRAIN__MIN_USERS".into(), "100".into()));
+    env
+}
+
+fn status(d: &Daemon, path: &str) -> u16 {
+    d.get(path).map(|(s, _)| s).unwrap_or(0)
+}
+
+#[test]
+fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing() {
+    let broker = Broker::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::named(dir.path());
+    broker.create_topics(&setup);
+    let mut daemon = Daemon::start(&env_for(&setup, &broker.addr), free_port());
+    let p = broker.producer();
+    produce_range(&p, &setup.clicks, 0..2800, 1e9);
+    p.flush(Duration::from_secs(30)).unwrap();
+    daemon.wait_for(Duration::from_secs(120), "ready with a model", |d| {
+        status(d, "/readyz") == 200
+    });
+
+    // clicks keep coming during the outage (the producer buffers and retries)
+    let total = 2800 + 6000;
+    let topic = setup.clicks.clone();
+    let addr = broker.addr.clone();
+    let feeder = std::thread::spawn(move || {
+        let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &addr)
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "300000")
+            .create()
+            .unwrap();
+        produce_range(&p, &topic, 2800..total, 300.0);
+        p.flush(Duration::from_secs(120)).unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    broker.signal("-STOP");
+    let frozen = Instant::now();
+    let mut saw_not_ready = None;
+    while frozen.elapsed() < Duration::from_secs(30) {
+        assert_eq!(
+            status(&daemon, "/healthz"),
+            200,
+            "/healthz failed during the outage"
+        );
+        if saw_not_ready.is_none() && status(&daemon, "/readyz") == 503 {
+            saw_not_ready = Some(frozen.elapsed());
+        }
+        assert!(
+            daemon.child.try_wait().unwrap().is_none(),
+            "the daemon exited"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let not_ready_after =
+        saw_not_ready.expect("/readyz never turned not-ready while the broker was frozen");
+    broker.signal("-CONT");
+    let thawed = Instant::now();
+    daemon.wait_for(Duration::from_secs(90), "ready again", |d| {
+        status(d, "/readyz") == 200
+    });
+    let ready_after = thawed.elapsed();
+    feeder.join().unwrap();
+    daemon.wait_for(Duration::from_secs(120), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= total as f64
+    });
+    assert_eq!(
+        daemon.metric("multivaed_store_interactions", ""),
+        total as f64
+    );
+    assert!(daemon.child.try_wait().unwrap().is_none());
+    eprintln!(
+        "not ready {not_ready_after:?} after the freeze, ready {ready_after:?} after the thaw"
+    );
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_daemon_started_without_a_broker_waits_for_it() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::named(dir.path());
+    let daemon = Daemon::start(&env_for(&setup, &addr), free_port());
+    for _ in 0..10 {
+        assert_eq!(status(&daemon, "/healthz"), 200);
+        assert_eq!(status(&daemon, "/readyz"), 503);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let broker = Broker::start(port);
+    broker.create_topics(&setup);
+    let p = broker.producer();
+    produce_range(&p, &setup.clicks, 0..2800, 1e9);
+    p.flush(Duration::from_secs(30)).unwrap();
+    daemon.wait_for(
+        Duration::from_secs(120),
+        "ready once the broker is there",
+        |d| status(d, "/readyz") == 200,
+    );
+    daemon.wait_for(Duration::from_secs(60), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= 2800.0
+    });
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
