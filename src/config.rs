@@ -72,6 +72,7 @@ pub struct TrainConfig {
     /// Held-out users for validation (a fixed sample; they are not trained on).
     pub validation_users: usize,
     /// A new model is rejected when its validation NDCG@100 is lower than the live one's by more.
+    #[serde(deserialize_with = "crate::model::number")]
     pub max_ndcg_drop: f64,
     /// Model versions kept on disk.
     pub keep_versions: usize,
@@ -305,5 +306,17 @@ mod tests {
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.train.interval, Duration::from_secs(10));
         assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+        // floats in exponent form arrive from the environment as strings
+        std::fs::write(
+            &p,
+            "[model]\nlearning_rate = \"1e-4\"\n[train]\nmax_ndcg_drop = \"5e-2\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.model.learning_rate, 1e-4);
+        assert_eq!(c.train.max_ndcg_drop, 5e-2);
+        std::fs::write(&p, "[model]\nlearning_rate = \"fast\"\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("learning_rate") && e.contains("fast"), "{e}");
     }
 }

@@ -432,3 +432,91 @@ fn a_damaged_newest_checkpoint_is_skipped_at_start() {
     let (code, _) = daemon.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// An absurd learning rate (weights blow up, or validation NDCG collapses) and a round longer
+/// than `train.max_duration`: the rounds are rejected or abandoned, counted in
+/// `multivaed_training_rounds_total`, and the live model keeps serving.
+#[test]
+fn runaway_training_is_rejected_and_the_live_model_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let setup = Setup::new(&data, PARTITIONS);
+    let mut env = env(&setup, dir.path());
+    env.retain(|(k, _)| k != "MULTIVAED_TRAIN__MAX_NDCG_DROP");
+    env.push(("MULTIVAED_TRAIN__MAX_NDCG_DROP".into(), "0.05".into()));
+    let feed = |range: std::ops::Range<usize>| {
+        let done = Arc::new(AtomicBool::new(false));
+        produce_paced(setup.clicks.clone(), range, 1e9, done)
+            .join()
+            .unwrap();
+    };
+    let rounds = |d: &Daemon, result: &str| {
+        d.metric(
+            "multivaed_training_rounds_total",
+            &format!("result=\"{result}\""),
+        )
+    };
+
+    let daemon = Daemon::start(&env, free_port());
+    feed(0..3000);
+    daemon.wait_for(Duration::from_secs(120), "a first model", |d| {
+        d.metric("multivaed_model_version", "") >= 1.0
+    });
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+    let live = multivaed::model::Checkpoints::new(data.join("models"))
+        .versions()
+        .unwrap()
+        .last()
+        .copied()
+        .unwrap() as f64;
+
+    for (setting, value, results) in [
+        (
+            "MULTIVAED_MODEL__LEARNING_RATE",
+            "1e6",
+            &["rejected_nonfinite", "rejected_ndcg"][..],
+        ),
+        ("MULTIVAED_TRAIN__MAX_DURATION", "1ms", &["abandoned"][..]),
+    ] {
+        let mut env = env.clone();
+        env.push((setting.into(), value.into()));
+        let daemon = Daemon::start(&env, free_port());
+        daemon.wait_for(Duration::from_secs(60), "the live model loaded", |d| {
+            d.metric("multivaed_model_version", "") == live
+        });
+        let published = daemon.metric(
+            "multivaed_recommendations_published_total",
+            "source=\"model\"",
+        );
+        let offset = if value == "1e6" { 3000 } else { 6000 };
+        feed(offset..offset + 3000);
+        daemon.wait_for(Duration::from_secs(120), "a bad round refused", |d| {
+            results.iter().map(|r| rounds(d, r)).sum::<f64>() >= 1.0
+        });
+        // the live model is unchanged and keeps serving the new clicks
+        assert_eq!(
+            rounds(&daemon, "accepted"),
+            0.0,
+            "{setting}={value}: a round was accepted"
+        );
+        assert_eq!(daemon.metric("multivaed_model_version", ""), live);
+        daemon.wait_for(
+            Duration::from_secs(60),
+            "recommendations from the live model",
+            |d| {
+                d.metric(
+                    "multivaed_recommendations_published_total",
+                    "source=\"model\"",
+                ) > published
+            },
+        );
+        let (status, body) = daemon.get("/v1/users/u1/recommendations").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let rec: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(rec["model_version"].as_f64(), Some(live), "{body}");
+        assert_eq!(rec["source"], "model", "{body}");
+        let (code, _) = daemon.terminate();
+        assert_eq!(code, Some(0));
+    }
+}

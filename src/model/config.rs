@@ -14,15 +14,36 @@ pub struct ModelConfig {
     /// Size of the latent code z (μ and log σ² each have this many values).
     pub latent_dimension: usize,
     /// Dropout probability on the normalised input during training.
+    #[serde(deserialize_with = "number")]
     pub dropout_prob: f64,
     /// Largest KL weight β.
+    #[serde(deserialize_with = "number")]
     pub anneal_cap: f64,
     /// Mini-batches over which β grows linearly from 0 to `anneal_cap`.
     pub total_anneal_steps: u64,
     /// Adam learning rate.
+    #[serde(deserialize_with = "number")]
     pub learning_rate: f64,
     /// Users per mini-batch.
     pub batch_size: usize,
+}
+
+/// A float given as a number or as a string ("1e-4": environment variables arrive as text and
+/// figment reads only plain decimals as numbers).
+pub fn number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Num {
+        F(f64),
+        S(String),
+    }
+    match Num::deserialize(d)? {
+        Num::F(f) => Ok(f),
+        Num::S(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("expected a number, got {s:?}"))),
+    }
 }
 
 impl Default for ModelConfig {

@@ -14,7 +14,7 @@ pub use adam::Adam;
 pub use checkpoint::{
     CheckpointError, Checkpoints, Manifest, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION,
 };
-pub use config::ModelConfig;
+pub use config::{number, ModelConfig};
 pub use data::Interactions;
 pub use topk::top_k_unseen;
 pub use trainer::{splitmix, EpochStats, FirstLayer, StepStats, Trainer};

@@ -141,7 +141,18 @@ impl Worker {
             warn!(model_version = v, error = %e, "skipping a checkpoint that does not load");
         })?;
         match loaded {
-            Some((trainer, manifest)) => {
+            Some((mut trainer, manifest)) => {
+                // the optimiser's step size follows the configuration (the architecture and the
+                // anneal state come from the checkpoint)
+                let lr = self.shared.config.model.learning_rate;
+                if lr != manifest.config.learning_rate {
+                    info!(
+                        checkpoint = manifest.config.learning_rate,
+                        configured = lr,
+                        "fine-tuning with the configured learning rate"
+                    );
+                }
+                trainer.set_learning_rate(lr);
                 if publish {
                     let ndcg = manifest
                         .training
