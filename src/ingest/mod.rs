@@ -158,7 +158,7 @@ pub fn consumer(shared: Arc<Shared>) -> Result<StreamConsumer<IngestContext>> {
         .create_with_context(IngestContext {
             shared: shared.clone(),
         })
-        .context("cannot create the Kafka consumer")?;
+        .map_err(|e| client_error("cannot create the Kafka consumer", e))?;
     consumer
         .subscribe(&[&topic])
         .context("cannot subscribe to the clicks topic")?;
@@ -172,7 +172,23 @@ pub fn producer(shared: &Shared) -> Result<FutureProducer> {
     for (key, v) in &shared.config.kafka.properties {
         c.set(key, v);
     }
-    c.create().context("cannot create the Kafka producer")
+    c.create()
+        .map_err(|e| client_error("cannot create the Kafka producer", e))
+}
+
+/// A client-creation error that never shows a property's value (it may be a password).
+fn client_error(what: &str, e: KafkaError) -> anyhow::Error {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            let desc = if value.is_empty() {
+                desc
+            } else {
+                desc.replace(&value, "<redacted>")
+            };
+            anyhow::anyhow!("{what}: kafka property {key:?}: {desc}")
+        }
+        e => anyhow::Error::new(e).context(what.to_string()),
+    }
 }
 
 struct DeadLetter {
@@ -414,4 +430,29 @@ pub async fn run(
     }
     info!("ingest stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod client_error_tests {
+    use rdkafka::producer::BaseProducer;
+
+    use super::*;
+
+    #[test]
+    fn a_rejected_property_value_is_never_shown() {
+        let secret = "hunter2-secret";
+        let err = ClientConfig::new()
+            .set("queue.buffering.max.ms", secret)
+            .create::<BaseProducer>()
+            .err()
+            .expect("an invalid value is refused");
+        let raw = err.to_string();
+        assert!(
+            raw.contains(secret),
+            "rdkafka's own message shows it: {raw}"
+        );
+        let shown = format!("{:#}", client_error("cannot create", err));
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("queue.buffering.max.ms"), "{shown}");
+    }
 }
