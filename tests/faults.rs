@@ -104,11 +104,15 @@ fn read_store(data_dir: &Path) -> StoreContents {
 }
 
 fn high_watermarks(topic: &str) -> HashMap<i32, i64> {
+    high_watermarks_in(topic, PARTITIONS)
+}
+
+fn high_watermarks_in(topic: &str, partitions: i32) -> HashMap<i32, i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .unwrap();
-    (0..PARTITIONS)
+    (0..partitions)
         .map(|p| {
             let (_, hi) = c
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -142,17 +146,22 @@ fn committed_offsets(topic: &str, group: &str) -> HashMap<i32, i64> {
         .collect()
 }
 
-/// Click `n` of the test stream: 3000 users, each pair (user, item) distinct.
-fn click(n: usize) -> (i32, String, String, Vec<u8>) {
+/// Click `n` of the test stream: 3000 users, each pair (user, item) distinct, user u on
+/// partition u mod `partitions`.
+fn click_in(n: usize, partitions: i32) -> (i32, String, String, Vec<u8>) {
     let u = n % 3000;
     let item = (n / 3000) + (u % 50) * 16;
     let payload = format!(r#"{{"user_id": "u{u}", "item_id": "i{item}"}}"#).into_bytes();
     (
-        (u % PARTITIONS as usize) as i32,
+        (u % partitions as usize) as i32,
         format!("u{u}"),
         format!("i{item}"),
         payload,
     )
+}
+
+fn click(n: usize) -> (i32, String, String, Vec<u8>) {
+    click_in(n, PARTITIONS)
 }
 
 /// Produces clicks `range` at about `rate` per second, in the background.
@@ -162,12 +171,22 @@ fn produce_paced(
     rate: f64,
     done: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
+    produce_paced_in(topic, range, rate, PARTITIONS, done)
+}
+
+fn produce_paced_in(
+    topic: String,
+    range: std::ops::Range<usize>,
+    rate: f64,
+    partitions: i32,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let p = producer();
         let start = Instant::now();
         let first = range.start;
         for n in range {
-            let (part, key, _, payload) = click(n);
+            let (part, key, _, payload) = click_in(n, partitions);
             let due = Duration::from_secs_f64((n - first) as f64 / rate);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
@@ -519,4 +538,98 @@ fn runaway_training_is_rejected_and_the_live_model_keeps_serving() {
         let (code, _) = daemon.terminate();
         assert_eq!(code, Some(0));
     }
+}
+
+/// Two daemons in one consumer group (separate data dirs) over 4 partitions while clicks keep
+/// coming: B joins, B leaves (SIGTERM), B joins again, A dies (SIGKILL). B, owning every
+/// partition after the last assignment, stores each partition's events exactly once, up to the
+/// end of each partition (no partition stalls after a rebalance).
+#[test]
+fn rebalances_leave_each_partition_stored_once_by_its_owner() {
+    let partitions = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let setup = Setup::new(&data_a, partitions);
+    let env_a = env(&setup, dir.path());
+    let mut env_b = env_a.clone();
+    for (k, v) in env_b.iter_mut() {
+        if k == "MULTIVAED_DATA_DIR" {
+            *v = data_b.display().to_string();
+        }
+    }
+    let assigned = |d: &Daemon| d.metric("multivaed_partitions_assigned", "");
+    let total = 16_000;
+    let done = Arc::new(AtomicBool::new(false));
+    let a = Daemon::start(&env_a, free_port());
+    a.wait_for(Duration::from_secs(60), "A owns all", |d| {
+        assigned(d) == 4.0
+    });
+    let producer = produce_paced_in(
+        setup.clicks.clone(),
+        0..total,
+        300.0,
+        partitions,
+        done.clone(),
+    );
+    let both = |a: &Daemon, b: &Daemon| {
+        let (x, y) = (assigned(a), assigned(b));
+        x >= 1.0 && y >= 1.0 && x + y == 4.0
+    };
+    let mut steps = Vec::new();
+    let t0 = Instant::now();
+
+    let b = Daemon::start(&env_b, free_port());
+    b.wait_for(Duration::from_secs(60), "B joins: a split", |b| both(&a, b));
+    steps.push(("B joined", t0.elapsed()));
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, _) = b.terminate();
+    assert_eq!(code, Some(0));
+    a.wait_for(Duration::from_secs(60), "B left: A owns all", |a| {
+        assigned(a) == 4.0
+    });
+    steps.push(("B left", t0.elapsed()));
+    std::thread::sleep(Duration::from_secs(3));
+    let b = Daemon::start(&env_b, free_port());
+    b.wait_for(Duration::from_secs(60), "B joins again", |b| both(&a, b));
+    steps.push(("B joined again", t0.elapsed()));
+    std::thread::sleep(Duration::from_secs(3));
+    drop(a); // SIGKILL
+    b.wait_for(Duration::from_secs(60), "A died: B owns all", |b| {
+        assigned(b) == 4.0
+    });
+    steps.push(("A died", t0.elapsed()));
+    producer.join().unwrap();
+    assert!(done.load(Ordering::Acquire));
+    b.wait_for(Duration::from_secs(120), "B stored every click", |b| {
+        b.metric("multivaed_store_interactions", "") >= total as f64
+    });
+    let (code, _) = b.terminate();
+    assert_eq!(code, Some(0));
+
+    let (pairs, interactions, popularity, offsets) = read_store(&data_b);
+    let expected: HashSet<(String, String)> = (0..total)
+        .map(|n| {
+            let (_, u, i, _) = click_in(n, partitions);
+            (u, i)
+        })
+        .collect();
+    assert_eq!(interactions, total as u64);
+    assert_eq!(popularity, total as u64);
+    assert!(
+        pairs == expected,
+        "B's store differs from what was produced"
+    );
+    let hi = high_watermarks_in(&setup.clicks, partitions);
+    for p in 0..partitions {
+        let sent = (0..total)
+            .filter(|&n| click_in(n, partitions).0 == p)
+            .count() as i64;
+        assert_eq!(
+            offsets.get(&p),
+            Some(&sent),
+            "partition {p}: B's stored next offset"
+        );
+        assert!(sent >= hi[&p]);
+    }
+    eprintln!("rebalance steps: {steps:?}");
 }
