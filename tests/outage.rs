@@ -10,8 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
@@ -79,25 +77,10 @@ impl Broker {
     }
 
     fn create_topics(&self, setup: &Setup) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .create()
-            .unwrap();
-        let topics = [(&setup.clicks, 2), (&setup.recs, 1), (&setup.dlq, 1)];
-        let new: Vec<NewTopic> = topics
-            .iter()
-            .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-            .collect();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        for r in rt
-            .block_on(admin.create_topics(&new, &AdminOptions::new()))
-            .unwrap()
-        {
-            r.unwrap();
-        }
+        create_topics_on(
+            &self.addr,
+            &[(&setup.clicks, 2), (&setup.recs, 1), (&setup.dlq, 1)],
+        );
     }
 
     fn producer(&self) -> ThreadedProducer<rdkafka::producer::DefaultProducerContext> {

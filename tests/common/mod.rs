@@ -35,8 +35,13 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn create_topics(topics: &[(&str, i32)]) {
+    create_topics_on(&brokers(), topics)
+}
+
+/// Creates topics (name, partitions) on the broker at `bootstrap`.
+pub fn create_topics_on(bootstrap: &str, topics: &[(&str, i32)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
     let new: Vec<NewTopic> = topics
