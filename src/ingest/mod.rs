@@ -201,7 +201,13 @@ struct DeadLetter {
     detail: String,
 }
 
-async fn send_dead_letters(shared: &Shared, producer: &FutureProducer, letters: &[DeadLetter]) {
+/// Delivers the dead letters, retrying; false when shutdown came first (the batch must then not
+/// be stored: it is consumed again, dead letters included, after the restart).
+async fn send_dead_letters(
+    shared: &Shared,
+    producer: &FutureProducer,
+    letters: &[DeadLetter],
+) -> bool {
     let topic = &shared.config.kafka.dead_letter_topic;
     for l in letters {
         let (partition, offset) = (l.partition.to_string(), l.offset.to_string());
@@ -243,11 +249,15 @@ async fn send_dead_letters(shared: &Shared, producer: &FutureProducer, letters: 
                     attempt += 1;
                     // the offset is not stored until the dead letter is delivered: keep trying
                     warn!(error = %e, attempt, "cannot write a dead letter; retrying");
+                    if shared.shutdown.is_set() {
+                        return false;
+                    }
                     tokio::time::sleep(Duration::from_millis(200 * attempt.min(25) as u64)).await;
                 }
             }
         }
     }
+    true
 }
 
 /// Asks the cluster about the consumer group every 2 s and keeps `broker_up` (part of
@@ -356,8 +366,9 @@ pub async fn run(
             }
         }
         crate::fault::crash_point("ingest.parsed");
-        if !letters.is_empty() {
-            send_dead_letters(&shared, &producer, &letters).await;
+        if !letters.is_empty() && !send_dead_letters(&shared, &producer, &letters).await {
+            warn!("shutdown while dead letters were undelivered: the batch is not stored and will be consumed again");
+            break;
         }
         let offsets: Vec<PartitionOffset> = next
             .iter()
