@@ -110,10 +110,21 @@ impl Store {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path, max_history: usize) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let db = sled::Config::new()
-            .path(dir.join("store"))
-            .open()
-            .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+        // the file lock of a store just closed (this process's previous handle, whose flusher
+        // thread is finishing, or a previous process still exiting) is released within moments
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(dir.join("store")).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().starts_with("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r,
+            }
+        }
+        .with_context(|| format!("cannot open the store in {}", dir.display()))?;
         let tree = db.open_tree("interactions")?;
         let n_users = read_u64(tree.get(NEXT_USER)?);
         let n_items = read_u64(tree.get(NEXT_ITEM)?);
@@ -419,6 +430,19 @@ mod tests {
             partition: p,
             next_offset: o,
         }
+    }
+
+    #[test]
+    fn a_store_closing_elsewhere_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), 3).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = Store::open(dir.path(), 3);
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]
