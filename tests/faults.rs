@@ -191,19 +191,13 @@ fn produce_paced_in(
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }
-            let mut rec = BaseRecord::to(&topic)
-                .partition(part)
-                .key(key.as_bytes())
-                .payload(&payload[..]);
-            loop {
-                match p.send(rec) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        std::thread::sleep(Duration::from_millis(5));
-                        rec = r;
-                    }
-                }
-            }
+            send(
+                &p,
+                BaseRecord::to(&topic)
+                    .partition(part)
+                    .key(key.as_bytes())
+                    .payload(&payload[..]),
+            );
         }
         p.flush(Duration::from_secs(30)).expect("flush");
         done.store(true, Ordering::Release);

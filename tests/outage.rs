@@ -118,16 +118,7 @@ fn produce_range(
             std::thread::sleep(w);
         }
         let (k, v) = click(n);
-        let mut rec = BaseRecord::to(topic).key(k.as_bytes()).payload(&v[..]);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    rec = r;
-                }
-            }
-        }
+        send(p, BaseRecord::to(topic).key(k.as_bytes()).payload(&v[..]));
     }
 }
 

@@ -78,27 +78,31 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
 pub fn produce(topic: &str, msgs: &[(String, Vec<u8>)]) {
     let p = producer();
     for (k, v) in msgs {
-        let mut rec = BaseRecord::to(topic).key(k.as_bytes()).payload(&v[..]);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((e, r)) => {
-                    assert!(
-                        matches!(
-                            e,
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull
-                            )
-                        ),
-                        "{e}"
-                    );
-                    std::thread::sleep(Duration::from_millis(5));
-                    rec = r;
-                }
+        send(&p, BaseRecord::to(topic).key(k.as_bytes()).payload(&v[..]));
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// Enqueues one record, waiting while the producer's queue is full; any other error fails.
+pub fn send(p: &ThreadedProducer<DefaultProducerContext>, mut rec: BaseRecord<'_, [u8], [u8]>) {
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((e, r)) => {
+                assert!(
+                    matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ),
+                    "{e}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+                rec = r;
             }
         }
     }
-    p.flush(Duration::from_secs(30)).expect("flush");
 }
 
 /// A consumed message.
