@@ -220,6 +220,65 @@ pub enum ModelsCommand {
 pub enum BenchCommand {
     /// A training step and top-100 scoring at several catalogue sizes (synthetic users).
     Model(ModelBenchArgs),
+    /// The daemon against a real broker: ingest rate vs raw consume, click-to-recommendation
+    /// latency under steady load with a 20k-item model.
+    Stream(StreamBenchArgs),
+    /// Everything, each part in its own process, with the PyTorch reference beside it:
+    /// writes report.json and report.md.
+    Suite(SuiteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StreamBenchArgs {
+    /// Bootstrap servers of the broker to measure against (topics are created per run).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: String,
+    /// Clicks in the ingest benchmark.
+    #[arg(long, default_value_t = 300_000)]
+    pub events: usize,
+    /// Loads of the latency benchmark, clicks/s.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    pub rates: Vec<f64>,
+    /// Seconds per load.
+    #[arg(long, default_value_t = 40.0)]
+    pub seconds: f64,
+    /// Catalogue size of the latency benchmark's model.
+    #[arg(long, default_value_t = 20_000)]
+    pub items: usize,
+    /// Working directory (daemon data and logs).
+    #[arg(long, default_value = "bench-out/work")]
+    pub work_dir: PathBuf,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SuiteArgs {
+    /// Bootstrap servers for the ingest and latency parts (skipped without).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// Where report.json, report.md and each part's output go.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Worker threads of every part (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// The reference MovieLens-100K split (vae_cf format).
+    #[arg(long, default_value = "../shared/reference/ml-100k-split")]
+    pub ml100k_split: PathBuf,
+    /// Gowalla's train.txt (one line per user).
+    #[arg(long, default_value = "../shared/data/gowalla/train.txt")]
+    pub gowalla: PathBuf,
+    /// Python with PyTorch for the reference run (skipped without).
+    #[arg(long, env = "REF_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// The directory holding the reference's paper_protocol.py.
+    #[arg(long, default_value = "../shared/reference")]
+    pub reference: PathBuf,
+    /// Smaller and shorter: 50k ingest events, 15 s per load, 10 epochs, no Gowalla.
+    #[arg(long)]
+    pub quick: bool,
 }
 
 #[derive(Debug, Args)]
@@ -344,13 +403,54 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         report.users.test, report.items, m.train_seconds_per_epoch
     );
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["peak_rss_bytes"] = bench::peak_rss_bytes(None).into();
+        println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
 }
 
 fn run_bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Stream(args) => {
+            let figures = bench::run_stream_bench(&bench::StreamBenchOptions {
+                brokers: args.brokers,
+                ingest_events: args.events,
+                items: args.items,
+                rates: args.rates,
+                seconds: args.seconds,
+                exe: std::env::current_exe().context("cannot find this executable")?,
+                work_dir: args.work_dir,
+            })?;
+            let text = serde_json::to_string_pretty(&figures)?;
+            match args.json {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        BenchCommand::Suite(args) => {
+            let threads = args.threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let existing = |p: PathBuf| p.exists().then_some(p);
+            let md = bench::run_suite(&bench::SuiteOptions {
+                brokers: args.brokers,
+                out: args.out.clone(),
+                threads,
+                ml100k_split: existing(args.ml100k_split),
+                gowalla: existing(args.gowalla),
+                python: args.python,
+                reference: existing(args.reference),
+                quick: args.quick,
+            })?;
+            println!("{md}");
+            eprintln!("report: {}", args.out.join("report.md").display());
+            Ok(())
+        }
         BenchCommand::Model(args) => {
             set_threads(args.threads)?;
             let (device, device_name) = crate::daemon::open_device(&args.device)?;
@@ -413,12 +513,16 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
     let loaded = checkpoints.load_latest(&Device::Cpu, |v, e| {
         eprintln!("skipping model version {v}: {e}")
     })?;
-    let live = loaded.map(|(t, m)| crate::registry::LiveModel {
-        version: m.model_version,
-        model: t.model().clone(),
-        swapped_at: std::time::SystemTime::now(),
-        validation_ndcg: 0.0,
-    });
+    let live = loaded
+        .map(|(t, m)| -> Result<_> {
+            Ok(crate::registry::LiveModel {
+                version: m.model_version,
+                model: t.model().for_serving()?,
+                swapped_at: std::time::SystemTime::now(),
+                validation_ndcg: 0.0,
+            })
+        })
+        .transpose()?;
     let rec = match (args.user, args.items) {
         (Some(user), _) => {
             let u = store

@@ -56,6 +56,8 @@ pub struct KafkaConfig {
 pub struct StoreConfig {
     /// Items kept per user (the most recent).
     pub max_history: usize,
+    /// sled's page cache, in MiB (sled's own default is 1 GiB).
+    pub cache_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +73,9 @@ pub struct TrainConfig {
     pub min_users: usize,
     /// Held-out users for validation (a fixed sample; they are not trained on).
     pub validation_users: usize,
+    /// Users trained on per round, at most: those active since the last round first, then a
+    /// uniform sample of the rest (new each round). Bounds a round's memory and duration.
+    pub max_users_per_round: usize,
     /// A new model is rejected when its validation NDCG@100 is lower than the live one's by more.
     #[serde(deserialize_with = "crate::model::number")]
     pub max_ndcg_drop: f64,
@@ -96,6 +101,9 @@ pub struct ServeConfig {
     pub rescore_window: Duration,
     /// Users waiting to be scored, at most (the oldest are dropped past it).
     pub max_dirty_users: usize,
+    /// Users whose last recommendation is kept for the online hit rate, at most (the least
+    /// recently recommended are forgotten): ~0.5 KB each.
+    pub online_eval_users: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,7 +146,10 @@ impl Default for KafkaConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { max_history: 500 }
+        Self {
+            max_history: 500,
+            cache_mb: 128,
+        }
     }
 }
 
@@ -150,6 +161,7 @@ impl Default for TrainConfig {
             epochs_per_round: 2,
             min_users: 50,
             validation_users: 500,
+            max_users_per_round: 100_000,
             max_ndcg_drop: 0.02,
             keep_versions: 5,
             max_duration: Duration::from_secs(1800),
@@ -161,11 +173,12 @@ impl Default for TrainConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
-            interval_ms: 20,
+            interval_ms: 10,
             batch_size: 1000,
             k: 20,
             rescore_window: Duration::from_secs(3600),
             max_dirty_users: 1_000_000,
+            online_eval_users: 100_000,
         }
     }
 }
@@ -210,7 +223,7 @@ impl Config {
         self.model
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
-        let checks: [(bool, &str); 9] = [
+        let checks: [(bool, &str); 10] = [
             (
                 self.kafka.batch_size > 0,
                 "kafka.batch_size: must be at least 1",
@@ -230,6 +243,10 @@ impl Config {
             (
                 self.train.epochs_per_round > 0,
                 "train.epochs_per_round: must be at least 1",
+            ),
+            (
+                self.train.max_users_per_round > 0,
+                "train.max_users_per_round: must be at least 1",
             ),
             (
                 self.train.keep_versions > 0,

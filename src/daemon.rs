@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::registry::ModelRegistry;
 use crate::serve::{DirtyUsers, LastRecommendations, LatencySamples};
 use crate::store::Store;
+use crate::train::RecentlyActive;
 
 /// Liveness facts for `/readyz`.
 #[derive(Default)]
@@ -76,6 +77,8 @@ pub struct Shared {
     pub dirty: DirtyUsers,
     /// Interactions stored since the last training round started.
     pub new_interactions: AtomicU64,
+    /// Users active since the last training round started (trained on first).
+    pub recently_active: RecentlyActive,
     pub health: Health,
     pub shutdown: Shutdown,
     pub latencies: LatencySamples,
@@ -125,7 +128,11 @@ pub fn open_device(setting: &str) -> Result<(Device, String)> {
 
 /// Opens the store, builds the shared state.
 pub fn open(config: Config) -> Result<Arc<Shared>> {
-    let store = Store::open(&config.data_dir, config.store.max_history)?;
+    let store = Store::open_with_cache(
+        &config.data_dir,
+        config.store.max_history,
+        config.store.cache_mb << 20,
+    )?;
     let metrics = Metrics::new().context("cannot register metrics")?;
     metrics.up.set(1);
     let shared = Arc::new(Shared {
@@ -134,10 +141,11 @@ pub fn open(config: Config) -> Result<Arc<Shared>> {
         metrics,
         registry: ModelRegistry::new(),
         new_interactions: AtomicU64::new(0),
+        recently_active: RecentlyActive::new(config.train.max_users_per_round),
         health: Health::default(),
         shutdown: Shutdown::default(),
         latencies: LatencySamples::new(100_000),
-        last_recs: LastRecommendations::new(config.serve.max_dirty_users),
+        last_recs: LastRecommendations::new(config.serve.online_eval_users),
         config,
     });
     shared.health.broker_up.store(true, Ordering::Release);

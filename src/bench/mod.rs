@@ -1,6 +1,14 @@
 //! `multivaed bench`: throughput benchmarks on synthetic data, printed as a markdown table and
 //! written as JSON. Benchmarks report figures; they never assert timings.
 
+mod stream;
+mod suite;
+
+pub use stream::{
+    create_topics, peak_rss_bytes, run_stream_bench, StreamBenchOptions, StreamFigures,
+};
+pub use suite::{run_suite, SuiteOptions, SuiteReport};
+
 use std::time::Instant;
 
 use anyhow::Result;
@@ -39,6 +47,8 @@ pub struct ModelBenchRow {
     pub score_seconds: f64,
     pub users_per_second: f64,
     pub single_user_ms: f64,
+    /// This process's peak RSS so far (all sizes measured before included).
+    pub peak_rss_bytes: u64,
 }
 
 /// Options of `multivaed bench model`.
@@ -130,6 +140,7 @@ pub fn run_model_bench(
                 score_seconds,
                 users_per_second: rows.len() as f64 / score_seconds,
                 single_user_ms,
+                peak_rss_bytes: peak_rss_bytes(None),
             };
             log(&row);
             out.push(row);

@@ -148,7 +148,11 @@ pub fn consumer(shared: Arc<Shared>) -> Result<StreamConsumer<IngestContext>> {
         .set("partition.assignment.strategy", "range,roundrobin")
         .set("statistics.interval.ms", "5000")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        // a click waits at most this long in the broker before a fetch returns it (librdkafka's
+        // 500 ms default dominated click-to-recommendation latency on brokers that do not wake
+        // waiting fetches); costs ~100 small fetch requests/s per broker when idle
+        .set("fetch.wait.max.ms", "20");
     // passthrough properties win over the defaults above
     for (key, v) in &k.properties {
         c.set(key, v);
@@ -168,7 +172,8 @@ pub fn consumer(shared: Arc<Shared>) -> Result<StreamConsumer<IngestContext>> {
 /// Creates a producer (dead letters, recommendations).
 pub fn producer(shared: &Shared) -> Result<FutureProducer> {
     let mut c = client_config(shared);
-    c.set("linger.ms", "5").set("message.timeout.ms", "30000");
+    // recommendations are latency-bound: batch for 1 ms at most
+    c.set("linger.ms", "1").set("message.timeout.ms", "30000");
     for (key, v) in &shared.config.kafka.properties {
         c.set(key, v);
     }
@@ -405,6 +410,7 @@ pub async fn run(
         shared
             .new_interactions
             .fetch_add(applied.new_interactions, Ordering::AcqRel);
+        shared.recently_active.note(&applied.changed_users);
         let dropped = shared.dirty.mark(&applied.changed_users, received);
         shared.metrics.dirty_users_dropped.inc_by(dropped);
         let counts = shared.store.counts();

@@ -470,3 +470,38 @@ fn device_code_path_trains_like_the_host_path() {
         assert!(rel_err(&dev_scores, &host_scores) < 1e-4);
     }
 }
+
+#[test]
+fn a_serving_copy_recommends_what_the_model_does() {
+    let cfg = ModelConfig {
+        mlp_hidden_size: vec![40],
+        latent_dimension: 8,
+        ..ModelConfig::default()
+    };
+    let t = Trainer::new(&cfg, 700, 3, &Device::Cpu).unwrap();
+    let serving = t.model().for_serving().unwrap();
+    let rows: Vec<Vec<u32>> = (0..300u32)
+        .map(|u| {
+            let mut r: Vec<u32> = (0..(u % 9 + 1))
+                .map(|j| (u * 131 + j * 397) % 700)
+                .collect();
+            r.sort_unstable();
+            r.dedup();
+            r
+        })
+        .collect();
+    // small batches take the transposed path, 300 users the plain GEMM
+    for b in [1usize, 7, 64, 65, 300] {
+        let rr: Vec<&[u32]> = rows[..b].iter().map(|r| r.as_slice()).collect();
+        let want = t.model().recommend(&rr, 20).unwrap();
+        let got = serving.recommend(&rr, 20).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            let wi: Vec<u32> = w.iter().map(|x| x.0).collect();
+            let gi: Vec<u32> = g.iter().map(|x| x.0).collect();
+            assert_eq!(wi, gi, "batch of {b}");
+            for (a, e) in w.iter().zip(g) {
+                assert!((a.1 - e.1).abs() < 1e-4, "batch of {b}: {} vs {}", a.1, e.1);
+            }
+        }
+    }
+}

@@ -25,6 +25,9 @@ pub struct MultiVae {
     n_items: usize,
     pub(crate) encoder: Vec<Linear>,
     pub(crate) decoder: Vec<Linear>,
+    /// Serving copies only (`for_serving`): the output layer's weight transposed to
+    /// [items × hidden] (contiguous), which makes scoring a few users about twice as fast.
+    output_t: Option<Tensor>,
 }
 
 /// Glorot/Xavier uniform values for a [fan_in × fan_out] matrix (vae_cf's weight init).
@@ -92,6 +95,7 @@ impl MultiVae {
             n_items,
             encoder,
             decoder,
+            output_t: None,
         })
     }
 
@@ -139,6 +143,7 @@ impl MultiVae {
             n_items,
             encoder,
             decoder,
+            output_t: None,
         })
     }
 
@@ -194,6 +199,7 @@ impl MultiVae {
             n_items: self.n_items,
             encoder: copy(&self.encoder)?,
             decoder: copy(&self.decoder)?,
+            output_t: self.output_t.as_ref().map(|t| t.copy()).transpose()?,
         })
     }
 
@@ -214,6 +220,11 @@ impl MultiVae {
             n_items: self.n_items,
             encoder: mv(&self.encoder)?,
             decoder: mv(&self.decoder)?,
+            output_t: self
+                .output_t
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
         })
     }
 
@@ -245,12 +256,27 @@ impl MultiVae {
     /// Decoder forward pass up to the output layer's matmul; the output bias is *not* added
     /// (callers fuse it into the softmax or the top-K pass). Returns [B × items].
     pub fn decode_without_output_bias(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_hidden(z)?
+            .matmul(&self.decoder[self.decoder.len() - 1].weight)
+    }
+
+    /// The decoder's last hidden activation (the output layer's input).
+    fn decode_hidden(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = z.clone();
         let last = self.decoder.len() - 1;
         for l in &self.decoder[..last] {
             h = tanh(&h.matmul(&l.weight)?.broadcast_add(&l.bias)?)?;
         }
-        h.matmul(&self.decoder[last].weight)
+        Ok(h)
+    }
+
+    /// An inference-only copy in host memory for the scorer, with the output layer also kept
+    /// transposed for fast scoring of small batches. Never train it.
+    pub fn for_serving(&self) -> Result<Self> {
+        let mut m = self.to_device(&Device::Cpu)?.deep_copy()?;
+        let w = &m.decoder[m.decoder.len() - 1].weight;
+        m.output_t = Some(w.t()?.contiguous()?);
+        Ok(m)
     }
 
     /// Full scores (logits, bias included) for users given by their items, z = μ.
@@ -275,9 +301,30 @@ impl MultiVae {
         };
         for chunk in rows.chunks(CHUNK) {
             let (mu, _) = self.encode(&Bag::normalised(chunk))?;
-            let logits = self
-                .decode_without_output_bias(&mu)?
-                .to_device(&Device::Cpu)?;
+            let logits = match &self.output_t {
+                // [items × hidden]·[hidden × B], then transposed by hand (candle's strided copy
+                // is slow): at 20k items 9.6 ms instead of 13.1 for 20 users, 17.7 instead of
+                // 20.5 for 50; slower than the GEMM below from ~100 users on
+                Some(wt) if chunk.len() <= 64 => {
+                    let b = chunk.len();
+                    let h = self.decode_hidden(&mu)?.t()?.contiguous()?;
+                    let lt = wt.matmul(&h)?;
+                    let n = self.n_items;
+                    let mut rows = vec![0f32; b * n];
+                    with_slice(&lt, |lt| {
+                        rows.par_chunks_mut(n).enumerate().for_each(|(u, row)| {
+                            for (i, x) in row.iter_mut().enumerate() {
+                                *x = lt[i * b + u];
+                            }
+                        });
+                        Ok(())
+                    })?;
+                    Tensor::from_vec(rows, (b, n), &Device::Cpu)?
+                }
+                _ => self
+                    .decode_without_output_bias(&mu)?
+                    .to_device(&Device::Cpu)?,
+            };
             let n = self.n_items;
             let recs = with_slice(&logits, |l| {
                 with_slice(&bias_ref, |bias| {
@@ -319,6 +366,7 @@ impl MultiVae {
         let b = Tensor::from_vec(bias_init(rng, extra), extra, &dev)?;
         out.bias = Tensor::cat(&[&out.bias, &b], 0)?;
         self.n_items = new_n_items;
+        self.output_t = None;
         Ok(())
     }
 }

@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -367,6 +369,7 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut versions = shared.registry.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
+    let mut in_flight: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -411,50 +414,102 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
             .metrics
             .scoring_latency
             .observe(started.elapsed().as_secs_f64());
-        let sends = recs.iter().map(|(r, _)| {
-            let payload = serde_json::to_vec(r).unwrap_or_default();
-            let version = r.model_version.map(|v| v.to_string()).unwrap_or_default();
-            let producer = &producer;
-            let topic = &topic;
-            async move {
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: "model_version",
-                    value: Some(version.as_bytes()),
-                });
-                let record = FutureRecord::to(topic)
-                    .key(r.user_id.as_bytes())
-                    .payload(&payload)
-                    .headers(headers);
-                producer.send(record, Duration::from_secs(10)).await
+        // enqueue every message now; their deliveries are awaited off the scoring loop (the next
+        // tick scores while the broker acknowledges), at most MAX_IN_FLIGHT batches at a time
+        let mut deliveries = Vec::with_capacity(recs.len());
+        for (r, _) in &recs {
+            deliveries.push(enqueue(&producer, &topic, r).await);
+        }
+        let deliveries = futures::future::join_all(deliveries.into_iter().map(|d| async move {
+            match d {
+                Ok(f) => match f.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(e) => Err(e),
             }
+        }));
+        let s = shared.clone();
+        in_flight.push_back(tokio::spawn(async move {
+            let results = deliveries.await;
+            crate::fault::crash_point("serve.published");
+            record_deliveries(&s, recs, &batch, results);
+        }));
+        while in_flight.len() > MAX_IN_FLIGHT {
+            if let Some(oldest) = in_flight.pop_front() {
+                let _ = oldest.await;
+            }
+        }
+        in_flight.retain(|h| !h.is_finished());
+    }
+    for h in in_flight {
+        let _ = h.await;
+    }
+}
+
+/// Enqueues one recommendation, waiting (up to 10 s) while the producer's queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    r: &Recommendation,
+) -> std::result::Result<DeliveryFuture, KafkaError> {
+    let payload = serde_json::to_vec(r).unwrap_or_default();
+    let version = r.model_version.map(|v| v.to_string()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "model_version",
+            value: Some(version.as_bytes()),
         });
-        let results = futures::future::join_all(sends).await;
-        crate::fault::crash_point("serve.published");
-        for (((r, sc), (_, received)), res) in recs.into_iter().zip(&batch).zip(results) {
-            match res {
-                Ok(_) => {
-                    let label = match r.model_version {
-                        Some(v) if sc.source == "model" => v.to_string(),
-                        _ => "popular".to_string(),
-                    };
-                    shared.last_recs.record(
-                        sc.user,
-                        label,
-                        sc.items.iter().map(|(i, _)| *i).collect(),
-                    );
-                    shared
-                        .metrics
-                        .recommendations_published
-                        .with_label_values(&[r.source.as_str()])
-                        .inc();
-                    let latency = received.elapsed().as_secs_f64();
-                    shared.metrics.click_to_recommendation.observe(latency);
-                    shared.latencies.record(latency);
-                }
-                Err((e, _)) => {
-                    shared.metrics.publish_errors.inc();
-                    warn!(error = %e, "cannot publish a recommendation");
-                }
+        let record = FutureRecord::to(topic)
+            .key(r.user_id.as_bytes())
+            .payload(&payload)
+            .headers(headers);
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Scored batches whose deliveries are awaited at once, at most.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Metrics and the online-evaluation record of a delivered batch.
+fn record_deliveries(
+    shared: &Shared,
+    recs: Vec<(Recommendation, Scored)>,
+    batch: &[(u32, Instant)],
+    results: Vec<std::result::Result<(), KafkaError>>,
+) {
+    for (((r, sc), (_, received)), res) in recs.into_iter().zip(batch).zip(results) {
+        match res {
+            Ok(_) => {
+                let label = match r.model_version {
+                    Some(v) if sc.source == "model" => v.to_string(),
+                    _ => "popular".to_string(),
+                };
+                shared
+                    .last_recs
+                    .record(sc.user, label, sc.items.iter().map(|(i, _)| *i).collect());
+                shared
+                    .metrics
+                    .recommendations_published
+                    .with_label_values(&[r.source.as_str()])
+                    .inc();
+                let latency = received.elapsed().as_secs_f64();
+                shared.metrics.click_to_recommendation.observe(latency);
+                shared.latencies.record(latency);
+            }
+            Err(e) => {
+                shared.metrics.publish_errors.inc();
+                warn!(error = %e, "cannot publish a recommendation");
             }
         }
     }

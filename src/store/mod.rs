@@ -4,12 +4,14 @@
 //! atomic batch as the events it covers, so replaying from the stored offsets never loses or
 //! double-counts a click.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use anyhow::{Context, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 
 use crate::model::Interactions;
 
@@ -107,14 +109,23 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `dir`.
+    /// Opens (or creates) the store under `dir`, with a 128 MiB page cache.
     pub fn open(dir: &Path, max_history: usize) -> Result<Self> {
+        Self::open_with_cache(dir, max_history, 128 << 20)
+    }
+
+    /// Opens (or creates) the store under `dir`; sled caches up to `cache_bytes` of pages.
+    pub fn open_with_cache(dir: &Path, max_history: usize, cache_bytes: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // the file lock of a store just closed (this process's previous handle, whose flusher
         // thread is finishing, or a previous process still exiting) is released within moments
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
-            match sled::Config::new().path(dir.join("store")).open() {
+            match sled::Config::new()
+                .path(dir.join("store"))
+                .cache_capacity(cache_bytes)
+                .open()
+            {
                 Err(sled::Error::Io(e))
                     if e.to_string().starts_with("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
@@ -389,27 +400,77 @@ impl Store {
         }
     }
 
-    /// Every user's history as a matrix (row = user index), read while ingestion continues.
-    pub fn snapshot(&self) -> Result<Interactions> {
-        let n_users = self.n_users.load(Ordering::Acquire) as usize;
-        let n_items = self.counts().items as usize;
-        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n_users];
+    /// Every user with a history, as a sample (row r = user `users[r]`).
+    pub fn snapshot(&self) -> Result<Sample> {
+        self.sample(usize::MAX, &HashSet::new(), |_, _| false, 0)
+    }
+
+    /// The histories of one training round's users, read while ingestion continues, in user
+    /// order: every user `always` picks (called in user order), then up to `max_users` others —
+    /// those in `preferred` first, the rest of the budget a uniform random sample (`seed`).
+    /// Memory is bounded by the sample, not by the number of users stored.
+    pub fn sample(
+        &self,
+        max_users: usize,
+        preferred: &HashSet<u32>,
+        mut always: impl FnMut(u32, &[u32]) -> bool,
+        seed: u64,
+    ) -> Result<Sample> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut kept: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut chosen: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut reservoir: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut others_seen = 0usize;
         let mut max_item = 0usize;
         for kv in self.tree.scan_prefix([b'h']) {
             let (k, v) = kv?;
             if k.len() != 5 {
                 continue;
             }
-            let u = u32::from_be_bytes([k[1], k[2], k[3], k[4]]) as usize;
+            let u = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
             let items = decode_items(&v);
-            if u >= rows.len() {
-                rows.resize(u + 1, Vec::new());
+            if items.is_empty() {
+                continue;
             }
             max_item = max_item.max(items.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
-            rows[u] = items;
+            if always(u, &items) {
+                kept.push((u, items));
+            } else if preferred.contains(&u) && chosen.len() < max_users {
+                chosen.push((u, items));
+            } else {
+                // reservoir sampling (algorithm R) over the other users
+                if reservoir.len() < max_users {
+                    reservoir.push((u, items));
+                } else {
+                    let j = rng.gen_range(0..=others_seen);
+                    if j < max_users {
+                        reservoir[j] = (u, items);
+                    }
+                }
+                others_seen += 1;
+            }
         }
-        Interactions::from_rows(rows, n_items.max(max_item)).map_err(anyhow::Error::msg)
+        let room = max_users.saturating_sub(chosen.len());
+        if reservoir.len() > room {
+            reservoir.shuffle(&mut rng);
+            reservoir.truncate(room);
+        }
+        kept.extend(chosen);
+        kept.extend(reservoir);
+        kept.sort_unstable_by_key(|(u, _)| *u);
+        let n_items = (self.counts().items as usize).max(max_item);
+        let users = kept.iter().map(|(u, _)| *u).collect();
+        let rows = Interactions::from_rows(kept.into_iter().map(|(_, r)| r), n_items)
+            .map_err(anyhow::Error::msg)?;
+        Ok(Sample { users, rows })
     }
+}
+
+/// Some users' histories: row r of `rows` is user `users[r]` (ascending).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub users: Vec<u32>,
+    pub rows: Interactions,
 }
 
 #[cfg(test)]
@@ -507,11 +568,48 @@ mod tests {
         assert_eq!(s.stored_offsets().unwrap().len(), 2);
         assert_eq!(s.item_id(0).as_deref(), Some("x"));
         let snap = s.snapshot().unwrap();
-        assert_eq!(snap.n_users(), 2);
-        assert_eq!(snap.row(1), &[0]);
+        assert_eq!(snap.users, vec![0, 1]);
+        assert_eq!(snap.rows.row(1), &[0]);
         // x was evicted from alice's history, so only bob holds it now
         let top = s.popular(1, &[]);
         assert_eq!(top.len(), 1);
         assert_eq!(s.user_id(1).unwrap().as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn a_sample_is_bounded_keeps_the_chosen_and_varies_by_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        let clicks: Vec<Click> = (0..2000)
+            .map(|u| click(&format!("u{u}"), &format!("i{}", u % 37)))
+            .collect();
+        s.apply(&clicks, &[off(0, 2000)]).unwrap();
+        let preferred: HashSet<u32> = [5, 6, 7, 1999].into_iter().collect();
+        let take = |seed| {
+            s.sample(
+                100,
+                &preferred,
+                |u, items| u % 500 == 0 && !items.is_empty(),
+                seed,
+            )
+            .unwrap()
+        };
+        let a = take(1);
+        assert_eq!(a.users.len(), 104, "4 always + 100 others");
+        assert_eq!(a.rows.n_users(), a.users.len());
+        assert!(a.users.windows(2).all(|w| w[0] < w[1]), "in user order");
+        for u in [0, 500, 1000, 1500, 5, 6, 7, 1999] {
+            assert!(a.users.contains(&u), "user {u} missing");
+        }
+        // rows match their users
+        for (r, &u) in a.users.iter().enumerate() {
+            assert_eq!(a.rows.row(r), s.history(u).unwrap().as_slice());
+        }
+        let b = take(2);
+        assert_ne!(a.users, b.users, "a new sample each seed");
+        // the random part spreads over all users, not just the first ones read
+        let late = a.users.iter().filter(|&&u| u >= 1000).count();
+        assert!(late > 30, "only {late} of the sample from the second half");
+        assert_eq!(s.snapshot().unwrap().users.len(), 2000);
     }
 }

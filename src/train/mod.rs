@@ -1,13 +1,15 @@
 //! The training worker: its own thread (candle training blocks). A fine-tuning round starts every
-//! `train.interval` (when there is new data) or after `train.min_new_events`. It snapshots the
-//! user histories (ingestion continues), grows the model to new items, trains
+//! `train.interval` (when there is new data) or after `train.min_new_events`. It reads (while
+//! ingestion continues) the histories of at most `train.max_users_per_round` users, those
+//! active since the last round first, then a uniform sample of the others; grows the model to new items, trains
 //! `train.epochs_per_round` epochs continuing the lifelong KL anneal, validates on a fixed
 //! sample of held-out users, and publishes the model only if it is finite and its NDCG@100 is
 //! not worse than the live model's by more than `train.max_ndcg_drop`. Accepted models are
 //! checkpointed before they are published.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +21,7 @@ use crate::daemon::Shared;
 use crate::eval::evaluate_model;
 use crate::model::{splitmix as mix, Checkpoints, Interactions, MultiVae, Trainer};
 use crate::registry::LiveModel;
+use crate::store::Sample;
 
 /// Validation data: the fold-in and held-out items of a fixed sample of users.
 pub struct Validation {
@@ -33,23 +36,28 @@ pub fn is_validation_user(user: u32, seed: u64) -> bool {
     mix(user as u64 ^ seed.rotate_left(17)) % 20 == 0
 }
 
-/// Splits a snapshot into training rows (validation users emptied) and validation data: up to
-/// `max_users` sampled users with at least 5 items, 20% of their items (chosen by hash) held out.
+/// Whether user `u` (with `items`) is one of the validation users, `picked` being how many were
+/// picked before it in user order: the first `max_users` hashed-in users with at least 5 items.
+fn picks_for_validation(u: u32, items: &[u32], picked: usize, max_users: usize, seed: u64) -> bool {
+    picked < max_users && items.len() >= 5 && is_validation_user(u, seed)
+}
+
+/// Splits a sample (in user order) into training rows and validation data: the validation users
+/// (see `picks_for_validation`), 20% of their items (chosen by hash) held out, are not trained on.
 pub fn split_validation(
-    snapshot: &Interactions,
+    sample: &Sample,
     max_users: usize,
     seed: u64,
 ) -> Result<(Interactions, Validation)> {
-    let n_items = snapshot.n_items();
+    let n_items = sample.rows.n_items();
     let mut train = Interactions::new(n_items);
     let mut val = Validation {
         users: Vec::new(),
         fold_in: Interactions::new(n_items),
         heldout: Interactions::new(n_items),
     };
-    for (u, row) in snapshot.rows().enumerate() {
-        let u = u as u32;
-        if val.users.len() < max_users && row.len() >= 5 && is_validation_user(u, seed) {
+    for (&u, row) in sample.users.iter().zip(sample.rows.rows()) {
+        if picks_for_validation(u, row, val.users.len(), max_users, seed) {
             let mut order: Vec<u32> = row.to_vec();
             order.sort_by_key(|&i| mix(((u as u64) << 32) ^ i as u64 ^ seed));
             let n_te = row.len() / 5;
@@ -60,9 +68,6 @@ pub fn split_validation(
                 .push_row(order[n_te..].iter().copied())
                 .map_err(anyhow::Error::msg)?;
             val.users.push(u);
-            train
-                .push_row(std::iter::empty())
-                .map_err(anyhow::Error::msg)?;
         } else {
             train
                 .push_row(row.iter().copied())
@@ -70,6 +75,41 @@ pub fn split_validation(
         }
     }
     Ok((train, val))
+}
+
+/// Users whose history changed since the last round started (bounded: past `cap` the newest are
+/// not noted; they may still be drawn in the round's random sample).
+pub struct RecentlyActive {
+    users: Mutex<HashSet<u32>>,
+    cap: usize,
+}
+
+impl RecentlyActive {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            users: Mutex::new(HashSet::new()),
+            cap,
+        }
+    }
+
+    pub fn note(&self, users: &[u32]) {
+        if let Ok(mut set) = self.users.lock() {
+            for &u in users {
+                if set.len() >= self.cap {
+                    break;
+                }
+                set.insert(u);
+            }
+        }
+    }
+
+    /// The users noted so far, forgetting them.
+    pub fn take(&self) -> HashSet<u32> {
+        self.users
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
 }
 
 /// NDCG@100 of `model` on the validation users (fold-in items the model does not know are
@@ -175,7 +215,7 @@ impl Worker {
     }
 
     fn publish(&self, trainer: &Trainer, version: u64, ndcg: f64) -> Result<()> {
-        let model = trainer.model().to_device(&Device::Cpu)?.deep_copy()?;
+        let model = trainer.model().for_serving()?;
         let m = &self.shared.metrics;
         m.model_version.set(version as i64);
         m.model_items.set(model.n_items() as i64);
@@ -212,28 +252,44 @@ impl Worker {
         let cfg = self.shared.config.clone();
         let started = Instant::now();
         let consumed = self.shared.new_interactions.swap(0, Ordering::AcqRel);
-        let snapshot = self
+        let active = self.shared.recently_active.take();
+        let mut picked = 0usize;
+        let (max_val, seed) = (cfg.train.validation_users, cfg.train.seed);
+        let sample = self
             .shared
             .store
-            .snapshot()
-            .context("cannot snapshot the store")?;
-        let (train, val) = split_validation(&snapshot, cfg.train.validation_users, cfg.train.seed)?;
+            .sample(
+                cfg.train.max_users_per_round,
+                &active,
+                |u, items| {
+                    let p = picks_for_validation(u, items, picked, max_val, seed);
+                    picked += p as usize;
+                    p
+                },
+                seed ^ self.version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )
+            .context("cannot read the store")?;
+        drop(active);
+        let (train, val) = split_validation(&sample, max_val, seed)?;
+        let n_items = sample.rows.n_items();
+        drop(sample);
         let trainer = match self.trainer.as_mut() {
             Some(t) => t,
             None => self.trainer.insert(Trainer::new(
                 &cfg.model,
-                snapshot.n_items().max(1),
+                n_items.max(1),
                 cfg.train.seed,
                 &self.device,
             )?),
         };
-        trainer.grow(snapshot.n_items())?;
+        trainer.grow(n_items)?;
         let next_version = self.version + 1;
         let span = info_span!("training_round", model_version = next_version);
         let _enter = span.enter();
         info!(
             users = train.n_users(),
-            items = snapshot.n_items(),
+            items = n_items,
+            stored_users = self.shared.store.counts().users,
             interactions = train.nnz(),
             new_interactions = consumed,
             validation_users = val.users.len(),
@@ -302,7 +358,7 @@ impl Worker {
         let figures = serde_json::json!({
             "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "beta": stats.beta,
             "validation_ndcg": ndcg, "live_validation_ndcg": live_ndcg,
-            "validation_users": val.users.len(), "training_users": train.rows().filter(|r| !r.is_empty()).count(),
+            "validation_users": val.users.len(), "training_users": train.n_users(),
             "interactions": train.nnz(), "seconds": started.elapsed().as_secs_f64(),
         });
         self.checkpoints.save(trainer, next_version, figures)?;

@@ -9,8 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -40,28 +38,8 @@ pub fn create_topics(topics: &[(&str, i32)]) {
 
 /// Creates topics (name, partitions) on the broker at `bootstrap`.
 pub fn create_topics_on(bootstrap: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let res = rt
-        .block_on(admin.create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        ))
-        .expect("create topics");
-    for r in res {
-        if let Err((t, e)) = r {
-            panic!("cannot create topic {t}: {e}");
-        }
+    if let Err(e) = multivaed::bench::create_topics(bootstrap, topics) {
+        panic!("{e:#}");
     }
 }
 

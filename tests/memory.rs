@@ -1,0 +1,144 @@
+//! Bounded memory at scale: 1M distinct users clicking over a 20k-item catalogue, the paper's
+//! model size (600-200-600), through the real broker. The daemon's peak RSS (VmHWM) must stay
+//! under the bound the README documents while it ingests everything, trains on a bounded sample
+//! of users per round and scores the users whose history changed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+const USERS: u64 = 1_000_000;
+const ITEMS: u64 = 20_000;
+/// Clicks beyond one per user (these users get a second item).
+const EXTRA: u64 = 200_000;
+/// The bound in README "Guarantees" (peak RSS, default store cache and serving bounds).
+const RSS_BOUND_BYTES: u64 = 2 << 30;
+
+/// A process's peak and current resident set (bytes), from /proc.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Click `n`: every user once (users 0..1M), then EXTRA second clicks; items skewed but each of
+/// the 20k seen in the first 20k clicks.
+fn click(n: u64) -> (String, String) {
+    let user = n % USERS;
+    let item = if n < ITEMS {
+        n
+    } else {
+        let h = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        ((h * h * ITEMS as f64) as u64 + user * 7) % ITEMS
+    };
+    (format!("user-{user}"), format!("item-{item}"))
+}
+
+#[test]
+fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&dir.path().join("data"), 4);
+    let mut env = setup.env();
+    env.retain(|(k, _)| !k.starts_with("MULTIVAED_TRAIN__") && !k.starts_with("MULTIVAED_MODEL__"));
+    env.extend(
+        [
+            ("MULTIVAED_TRAIN__INTERVAL", "15s"),
+            ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "100000000"),
+            ("MULTIVAED_TRAIN__MIN_USERS", "1000"),
+            ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1"),
+            ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", "5000"),
+            ("MULTIVAED_TRAIN__VALIDATION_USERS", "200"),
+            ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let daemon = Daemon::start(&env, free_port());
+    let pid = daemon.child.id();
+    daemon.wait_for(Duration::from_secs(60), "partitions assigned", |d| {
+        d.metric("multivaed_partitions_assigned", "") >= 4.0
+    });
+
+    let started = Instant::now();
+    let producer: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let clicks = setup.clicks.clone();
+    let produced = std::thread::spawn(move || {
+        for n in 0..USERS + EXTRA {
+            let (user, item) = click(n);
+            let payload = format!(r#"{{"user_id":"{user}","item_id":"{item}"}}"#);
+            send(
+                &producer,
+                BaseRecord::to(&clicks)
+                    .key(user.as_bytes())
+                    .payload(payload.as_bytes()),
+            );
+        }
+        producer.flush(Duration::from_secs(120)).expect("flush");
+        Instant::now()
+    });
+
+    let mut peak_seen = 0u64;
+    daemon.wait_for(Duration::from_secs(900), "every click stored", |d| {
+        peak_seen = peak_seen.max(rss(pid).1);
+        d.metric("multivaed_store_users", "") >= USERS as f64
+            && d.metric("multivaed_store_interactions", "") >= (USERS + EXTRA) as f64
+    });
+    let produced_at = produced.join().unwrap();
+    let ingested_in = started.elapsed();
+    let version_then = daemon.metric("multivaed_model_version", "");
+    daemon.wait_for(
+        Duration::from_secs(600),
+        "a round over the whole catalogue",
+        |d| {
+            peak_seen = peak_seen.max(rss(pid).1);
+            d.metric("multivaed_model_version", "") > version_then
+                && d.metric("multivaed_model_items", "") >= ITEMS as f64
+        },
+    );
+    let published = daemon.metric("multivaed_recommendations_published_total", "");
+    let (hwm, now) = rss(pid);
+    eprintln!(
+        "memory: {USERS} users, {ITEMS} items, {} clicks: produced in {:.0} s, stored in {:.0} s, \
+         model v{} over {} items, {published} recommendations published; \
+         peak RSS {:.0} MiB, RSS now {:.0} MiB (bound {} MiB)",
+        USERS + EXTRA,
+        (produced_at - started).as_secs_f64(),
+        ingested_in.as_secs_f64(),
+        daemon.metric("multivaed_model_version", ""),
+        daemon.metric("multivaed_model_items", ""),
+        hwm as f64 / 1048576.0,
+        now as f64 / 1048576.0,
+        RSS_BOUND_BYTES >> 20,
+    );
+    assert!(hwm > 0, "no VmHWM read from /proc/{pid}/status");
+    assert!(
+        peak_seen <= hwm,
+        "sampled RSS above the peak: not the daemon's figures"
+    );
+    assert!(published > 0.0, "nothing was scored");
+    assert!(
+        hwm < RSS_BOUND_BYTES,
+        "peak RSS {} MiB exceeds the documented bound {} MiB",
+        hwm >> 20,
+        RSS_BOUND_BYTES >> 20
+    );
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
