@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use multivaed::bench::proc_status_bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
@@ -20,17 +21,10 @@ const RSS_BOUND_BYTES: u64 = 2 << 30;
 
 /// A process's peak and current resident set (bytes), from /proc.
 fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    (
+        proc_status_bytes(Some(pid), "VmHWM"),
+        proc_status_bytes(Some(pid), "VmRSS"),
+    )
 }
 
 /// Click `n`: every user once (users 0..1M), then EXTRA second clicks; items skewed but each of

@@ -5,7 +5,8 @@ mod stream;
 mod suite;
 
 pub use stream::{
-    create_topics, peak_rss_bytes, run_stream_bench, StreamBenchOptions, StreamFigures,
+    create_topics, peak_rss_bytes, proc_status_bytes, run_stream_bench, StreamBenchOptions,
+    StreamFigures,
 };
 pub use suite::{run_suite, SuiteOptions, SuiteReport};
 

@@ -17,9 +17,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
 use crate::serve::Recommendation;
@@ -135,25 +137,33 @@ fn producer(brokers: &str, linger_ms: &str) -> Result<ThreadedProducer<DefaultPr
         .context("cannot create a producer")
 }
 
-fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, user: &str, item: &str) {
+/// Enqueues one click, waiting while the producer's queue is full; any other error is returned.
+fn send(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    user: &str,
+    item: &str,
+) -> Result<()> {
     let payload = format!(r#"{{"user_id":"{user}","item_id":"{item}"}}"#);
     let mut rec = BaseRecord::to(topic)
         .key(user.as_bytes())
         .payload(payload.as_bytes());
     loop {
         match p.send(rec) {
-            Ok(()) => return,
-            Err((_, r)) => {
-                // queue full: let the background thread deliver
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                // let the background thread deliver
                 std::thread::sleep(Duration::from_millis(2));
                 rec = r;
             }
+            Err((e, _)) => bail!("cannot produce a benchmark click: {e}"),
         }
     }
 }
 
-/// A peak resident set (VmHWM) from /proc, in bytes; 0 where unavailable.
-pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
+/// A memory figure of a process's /proc status in bytes (`field`: "VmHWM" for the peak
+/// resident set, "VmRSS" for the current one; `pid` None: this process); 0 where unavailable.
+pub fn proc_status_bytes(pid: Option<u32>, field: &str) -> u64 {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".into(),
@@ -162,12 +172,17 @@ pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.split(':').next() == Some(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// A process's peak resident set (VmHWM) in bytes; see [`proc_status_bytes`].
+pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
+    proc_status_bytes(pid, "VmHWM")
 }
 
 /// The daemon under test.
@@ -327,7 +342,7 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
         let u: u32 = rng.gen_range(0..(n as u32 / 4).max(1));
         let r: f64 = rng.gen();
         let i = (r * r * 5000.0) as u32;
-        send(&p, &topics.clicks, &format!("u{u}"), &format!("i{i}"));
+        send(&p, &topics.clicks, &format!("u{u}"), &format!("i{i}"))?;
     }
     p.flush(Duration::from_secs(120))
         .context("cannot deliver the benchmark's clicks")?;
@@ -469,7 +484,7 @@ fn measure(
             .entry(user.clone())
             .or_default()
             .push_back(now_us());
-        send(&p, &topics.clicks, &user, &item);
+        send(&p, &topics.clicks, &user, &item)?;
         sent += 1;
     }
     let achieved = sent as f64 / start.elapsed().as_secs_f64();
@@ -524,13 +539,13 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             &topics.clicks,
             &format!("u{u}"),
             &format!("i{}", u % opts.items),
-        );
+        )?;
     }
     for _ in 0..users * 5 {
         let u = rng.gen_range(0..users);
         let r: f64 = rng.gen();
         let i = ((r * r * opts.items as f64) as usize + u) % opts.items;
-        send(&p, &topics.clicks, &format!("u{u}"), &format!("i{i}"));
+        send(&p, &topics.clicks, &format!("u{u}"), &format!("i{i}"))?;
     }
     p.flush(Duration::from_secs(120))?;
     let items = opts.items as f64;

@@ -109,9 +109,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `dir`, with a 128 MiB page cache.
+    /// Opens (or creates) the store under `dir`, with the default page cache (`store.cache_mb`).
     pub fn open(dir: &Path, max_history: usize) -> Result<Self> {
-        Self::open_with_cache(dir, max_history, 128 << 20)
+        let cache_mb = crate::config::StoreConfig::default().cache_mb;
+        Self::open_with_cache(dir, max_history, cache_mb << 20)
     }
 
     /// Opens (or creates) the store under `dir`; sled caches up to `cache_bytes` of pages.
@@ -401,7 +402,8 @@ impl Store {
     }
 
     /// Every user with a history, as a sample (row r = user `users[r]`).
-    pub fn snapshot(&self) -> Result<Sample> {
+    #[cfg(test)]
+    fn snapshot(&self) -> Result<Sample> {
         self.sample(usize::MAX, &HashSet::new(), |_, _| false, 0)
     }
 
