@@ -91,8 +91,10 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
+    /// Shortest time between the starts of two scoring batches (the scorer wakes as soon as a
+    /// user is waiting; users arriving meanwhile share the next batch).
     pub interval_ms: u64,
-    /// Users scored per tick.
+    /// Users scored per batch, at most.
     pub batch_size: usize,
     /// Items per recommendation.
     pub k: usize,
@@ -173,7 +175,7 @@ impl Default for TrainConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
-            interval_ms: 10,
+            interval_ms: 5,
             batch_size: 1000,
             k: 20,
             rescore_window: Duration::from_secs(3600),

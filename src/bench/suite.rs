@@ -123,13 +123,16 @@ fn our_training(opts: &SuiteOptions, data: &[&str], epochs: usize) -> Result<(f6
         &mut cmd,
         &format!("multivaed eval {}", data.join(" ")),
     )?)?;
+    eval_figures(&v)
+}
+
+/// (seconds per epoch, test NDCG@100, peak RSS) of an `eval --json` report.
+fn eval_figures(v: &Value) -> Result<(f64, f64, u64)> {
+    let report: crate::eval::EvalReport =
+        serde_json::from_value(v.clone()).context("not an eval report")?;
     Ok((
-        v["multivae"]["train_seconds_per_epoch"]
-            .as_f64()
-            .unwrap_or(f64::NAN),
-        v["multivae"]["test"]["ndcg100"]
-            .as_f64()
-            .unwrap_or(f64::NAN),
+        report.multivae.train_seconds_per_epoch,
+        report.multivae.test.ndcg100,
         v["peak_rss_bytes"].as_u64().unwrap_or(0),
     ))
 }
@@ -424,4 +427,35 @@ pub fn markdown(r: &SuiteReport) -> String {
         s += &format!("- skipped: {k}\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::{BaselineFigures, EvalReport, UserCounts, VaeFigures};
+
+    #[test]
+    fn an_eval_report_gives_its_epoch_time_ndcg_and_rss() {
+        let figures = |ndcg100| BaselineFigures {
+            ndcg100,
+            recall20: 0.1,
+            recall50: 0.2,
+        };
+        let report = EvalReport {
+            multivae: VaeFigures {
+                test: figures(0.4321),
+                ndcg100_se: 0.01,
+                best_epoch: 3,
+                train_seconds_per_epoch: 1.5,
+            },
+            popularity: figures(0.25),
+            users: UserCounts { train: 10, test: 2 },
+            items: 7,
+        };
+        // as `eval --json` prints it: the report plus the peak RSS
+        let mut v = serde_json::to_value(&report).unwrap();
+        v["peak_rss_bytes"] = 1234.into();
+        assert_eq!(eval_figures(&v).unwrap(), (1.5, 0.4321, 1234));
+        assert!(eval_figures(&serde_json::json!({"multivae": {}})).is_err());
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use metrics::{ndcg_at_k, recall_at_k, score_rankings, RankingScores, Summary};
 pub use split::{
@@ -64,7 +64,7 @@ pub struct EvalOptions {
 }
 
 /// Multi-VAE's test figures in the `--json` report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VaeFigures {
     #[serde(flatten)]
     pub test: BaselineFigures,
@@ -75,7 +75,7 @@ pub struct VaeFigures {
 }
 
 /// The three test figures of a model in the `--json` report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaselineFigures {
     #[serde(rename = "ndcg@100")]
     pub ndcg100: f64,
@@ -86,14 +86,14 @@ pub struct BaselineFigures {
 }
 
 /// User counts of the split.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserCounts {
     pub train: usize,
     pub test: usize,
 }
 
 /// What `multivaed eval --json` prints as its last line.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
     pub multivae: VaeFigures,
     pub popularity: BaselineFigures,

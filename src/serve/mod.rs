@@ -1,5 +1,6 @@
-//! Scoring and publishing. Users whose history changed wait in a bounded queue; every
-//! `serve.interval_ms` the scorer takes up to `serve.batch_size` of them, scores them with the
+//! Scoring and publishing. Users whose history changed wait in a bounded queue; the scorer wakes
+//! as soon as one is waiting (batches start at least `serve.interval_ms` apart, so users arriving
+//! meanwhile share a batch), takes up to `serve.batch_size` of them, scores them with the
 //! live model (never an item the user has) and publishes one message per user to the
 //! recommendations topic. Users the model cannot score yet get the most popular items, marked as
 //! such. After a swap, users active within `serve.rescore_window` are re-scored.
@@ -51,6 +52,8 @@ struct DirtyInner {
 pub struct DirtyUsers {
     inner: Mutex<DirtyInner>,
     cap: usize,
+    /// Wakes the scorer when users start waiting.
+    waiting: tokio::sync::Notify,
 }
 
 impl DirtyUsers {
@@ -62,6 +65,14 @@ impl DirtyUsers {
                 recent: HashMap::new(),
             }),
             cap: cap.max(1),
+            waiting: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves once users are waiting (at once if some were marked since the last call).
+    pub async fn wait(&self) {
+        if self.is_empty() {
+            self.waiting.notified().await;
         }
     }
 
@@ -78,6 +89,7 @@ impl DirtyUsers {
             }
             g.pending.insert(u, received);
             g.queue.push_back(u);
+            self.waiting.notify_one();
             while g.queue.len() > self.cap {
                 if let Some(old) = g.queue.pop_front() {
                     g.pending.remove(&old);
@@ -365,14 +377,15 @@ impl LastRecommendations {
 pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
     let cfg = shared.config.serve.clone();
     let topic = shared.config.kafka.recommendations_topic.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let min_gap = Duration::from_millis(cfg.interval_ms);
     let mut versions = shared.registry.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
     let mut in_flight: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
+    let mut last_batch: Option<tokio::time::Instant> = None;
     loop {
+        // wait for waiting users (woken by ingest), a swap, or shutdown
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = shared.dirty.wait() => {}
             _ = shutdown.changed() => break,
             Ok(()) = versions.changed() => {
                 let n = shared.dirty.requeue_recent(cfg.rescore_window);
@@ -380,6 +393,13 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
                 continue;
             }
         }
+        if let Some(at) = last_batch {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at + min_gap) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        last_batch = Some(tokio::time::Instant::now());
         shared.metrics.dirty_users.set(shared.dirty.len() as i64);
         let batch = shared.dirty.take(cfg.batch_size);
         if batch.is_empty() {
