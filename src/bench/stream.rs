@@ -200,7 +200,13 @@ impl DaemonChild {
         cmd.arg("run")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log)?)
-            .env("RUST_LOG", "info,rdkafka=warn")
+            // BENCH_DAEMON_RUST_LOG: the daemon's log filter (e.g. "info,rdkafka=debug" with
+            // MULTIVAED_KAFKA__PROPERTIES__DEBUG=fetch to see librdkafka's fetch decisions)
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_DAEMON_RUST_LOG")
+                    .unwrap_or_else(|_| "info,rdkafka=warn".into()),
+            )
             .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
         for (k, v) in env {
             cmd.env(k, v);

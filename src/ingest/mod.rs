@@ -151,8 +151,10 @@ pub fn consumer(shared: Arc<Shared>) -> Result<StreamConsumer<IngestContext>> {
         .set("heartbeat.interval.ms", "1000")
         // a click waits at most this long in the broker before a fetch returns it (librdkafka's
         // 500 ms default dominated click-to-recommendation latency on brokers that do not wake
-        // waiting fetches); costs ~100 small fetch requests/s per broker when idle
-        .set("fetch.wait.max.ms", "20");
+        // waiting fetches). Not shorter: with 20 ms, Tansu on a CPU busy with training answered
+        // fetches empty or with one message while thousands waited (consumption fell to ~150
+        // clicks/s and stayed there), and its fetch handling took a core at 1k clicks/s
+        .set("fetch.wait.max.ms", "100");
     // passthrough properties win over the defaults above
     for (key, v) in &k.properties {
         c.set(key, v);

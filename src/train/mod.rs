@@ -374,10 +374,12 @@ impl Worker {
     /// Runs rounds until shutdown.
     pub fn run(mut self) {
         // Training gets a thread pool of its own, so the scorer's parallel work (in the global
-        // pool) never queues behind a multi-second training GEMM; the OS shares the cores.
+        // pool) never queues behind a multi-second training GEMM, and its threads run at a lower
+        // OS priority, so scoring and ingestion take the cores first when they need them.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
             .thread_name(|i| format!("multivaed-train-{i}"))
+            .start_handler(|_| lower_this_threads_priority())
             .build();
         let mut last_round = Instant::now();
         while !self.shared.shutdown.is_set() {
@@ -409,6 +411,19 @@ impl Worker {
         info!("training worker stopped");
     }
 }
+
+/// Training threads yield to the scorer: nice 10 (on Linux, setpriority with who = 0 applies
+/// to the calling thread only). Best effort: a refusal leaves the priority as it was.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a system call on the calling thread's own scheduling priority, no memory involved
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, TRAINING_NICE);
+    }
+}
+
+/// The nice value of the training threads (CFS gives a nice-0 thread ~9× their share).
+const TRAINING_NICE: i32 = 10;
 
 /// Starts the worker thread.
 pub fn spawn(shared: Arc<Shared>, device: Device) -> Result<JoinHandle<()>> {
