@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use multivaed::bench::proc_status_bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 const USERS: u64 = 1_000_000;
 const ITEMS: u64 = 20_000;
@@ -41,6 +41,18 @@ fn click(n: u64) -> (String, String) {
         ((h * h * ITEMS as f64) as u64 + user * 7) % ITEMS
     };
     (format!("user-{user}"), format!("item-{item}"))
+}
+
+/// Sends click `n` as the daemon's JSON event, keyed by user.
+fn send_click(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, n: u64) {
+    let (user, item) = click(n);
+    let payload = format!(r#"{{"user_id":"{user}","item_id":"{item}"}}"#);
+    send(
+        producer,
+        BaseRecord::to(topic)
+            .key(user.as_bytes())
+            .payload(payload.as_bytes()),
+    );
 }
 
 #[test]
@@ -78,14 +90,7 @@ fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
     let clicks = setup.clicks.clone();
     let produced = std::thread::spawn(move || {
         for n in 0..USERS + EXTRA {
-            let (user, item) = click(n);
-            let payload = format!(r#"{{"user_id":"{user}","item_id":"{item}"}}"#);
-            send(
-                &producer,
-                BaseRecord::to(&clicks)
-                    .key(user.as_bytes())
-                    .payload(payload.as_bytes()),
-            );
+            send_click(&producer, &clicks, n);
         }
         producer.flush(Duration::from_secs(120)).expect("flush");
         Instant::now()
@@ -114,14 +119,7 @@ fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
             let mut n = USERS + EXTRA;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 for _ in 0..500 {
-                    let (user, item) = click(n);
-                    let payload = format!(r#"{{"user_id":"{user}","item_id":"{item}"}}"#);
-                    send(
-                        &producer,
-                        BaseRecord::to(&clicks)
-                            .key(user.as_bytes())
-                            .payload(payload.as_bytes()),
-                    );
+                    send_click(&producer, &clicks, n);
                     n += 1;
                 }
                 std::thread::sleep(Duration::from_millis(500));
