@@ -140,29 +140,33 @@ fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
     trickle.join().expect("trickle producer");
     let published = daemon.metric("multivaed_recommendations_published_total", "");
     let (hwm, now) = rss(pid);
+    // VmHWM alone can under-report: the kernel updates the high-water mark lazily, and memory
+    // the allocator hands back with madvise lowers VmRSS without raising it first (seen in CI:
+    // a sampled VmRSS above the later VmHWM). The peak is the larger of both.
+    let peak = hwm.max(peak_seen);
     eprintln!(
         "memory: {USERS} users, {ITEMS} items, {} clicks: produced in {:.0} s, stored in {:.0} s, \
          model v{} over {} items, {published} recommendations published; \
-         peak RSS {:.0} MiB, RSS now {:.0} MiB (bound {} MiB)",
+         peak RSS {:.0} MiB (VmHWM {:.0}, highest sampled VmRSS {:.0}), RSS now {:.0} MiB \
+         (bound {} MiB)",
         USERS + EXTRA,
         (produced_at - started).as_secs_f64(),
         ingested_in.as_secs_f64(),
         daemon.metric("multivaed_model_version", ""),
         daemon.metric("multivaed_model_items", ""),
+        peak as f64 / 1048576.0,
         hwm as f64 / 1048576.0,
+        peak_seen as f64 / 1048576.0,
         now as f64 / 1048576.0,
         RSS_BOUND_BYTES >> 20,
     );
     assert!(hwm > 0, "no VmHWM read from /proc/{pid}/status");
-    assert!(
-        peak_seen <= hwm,
-        "sampled RSS above the peak: not the daemon's figures"
-    );
+    assert!(peak_seen > 0, "no VmRSS sampled from /proc/{pid}/status");
     assert!(published > 0.0, "nothing was scored");
     assert!(
-        hwm < RSS_BOUND_BYTES,
+        peak < RSS_BOUND_BYTES,
         "peak RSS {} MiB exceeds the documented bound {} MiB",
-        hwm >> 20,
+        peak >> 20,
         RSS_BOUND_BYTES >> 20
     );
     let (code, _) = daemon.terminate();
