@@ -223,6 +223,9 @@ pub enum BenchCommand {
     /// The daemon against a real broker: ingest rate vs raw consume, click-to-recommendation
     /// latency under steady load with a 20k-item model.
     Stream(StreamBenchArgs),
+    /// The store alone (no broker): the ingest benchmark's clicks written in ingest batches,
+    /// then history reads as the scorer does them.
+    Store(StoreBenchArgs),
     /// Everything, each part in its own process, with the PyTorch reference beside it:
     /// writes report.json and report.md.
     Suite(SuiteArgs),
@@ -236,8 +239,8 @@ pub struct StreamBenchArgs {
     /// Clicks in the ingest benchmark.
     #[arg(long, default_value_t = 300_000)]
     pub events: usize,
-    /// Loads of the latency benchmark, clicks/s.
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    /// Loads of the latency benchmark, clicks/s (`--rates=` alone: ingest only).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,5000")]
     pub rates: Vec<f64>,
     /// Seconds per load.
     #[arg(long, default_value_t = 40.0)]
@@ -251,6 +254,19 @@ pub struct StreamBenchArgs {
     /// Write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreBenchArgs {
+    /// Clicks to write.
+    #[arg(long, default_value_t = 300_000)]
+    pub events: usize,
+    /// Clicks per batch (the ingest loop's `kafka.batch_size`).
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Where the store is created (a fresh directory inside it; removed afterwards).
+    #[arg(long, default_value = "bench-out/work")]
+    pub work_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -428,6 +444,17 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                     .with_context(|| format!("cannot write {}", path.display()))?,
                 None => println!("{text}"),
             }
+            Ok(())
+        }
+        BenchCommand::Store(args) => {
+            std::fs::create_dir_all(&args.work_dir)
+                .with_context(|| format!("cannot create {}", args.work_dir.display()))?;
+            let dir = args
+                .work_dir
+                .join(format!("bench-store-{}", std::process::id()));
+            let figures = bench::run_store_bench(&dir, args.events, args.batch_size);
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("{}", serde_json::to_string_pretty(&figures?)?);
             Ok(())
         }
         BenchCommand::Suite(args) => {

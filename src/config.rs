@@ -1,5 +1,6 @@
 //! `Config`: one TOML file (`configs/multivaed.toml` documents every key and its default), with
-//! `MULTIVAED_*` environment overrides (`__` separates sections: `MULTIVAED_KAFKA__BROKERS`).
+//! `MULTIVAED_*` environment overrides (`__` separates sections: `MULTIVAED_KAFKA__BROKERS`;
+//! `MULTIVAED_KAFKA__PROPERTIES__SASL_PASSWORD` sets the librdkafka property `sasl.password`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -193,6 +194,25 @@ impl Default for HttpConfig {
     }
 }
 
+/// `MULTIVAED_KAFKA__PROPERTIES__SASL_PASSWORD=…` sets the librdkafka property `sasl.password`.
+const PROPERTY_ENV: &str = "kafka__properties__";
+
+/// librdkafka properties from the environment: after `MULTIVAED_KAFKA__PROPERTIES__`, the name
+/// in any case with `_` for `.` (`FETCH_WAIT_MAX_MS` → `fetch.wait.max.ms`).
+fn kafka_properties_from_env(
+    vars: impl Iterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    vars.filter_map(|(k, v)| {
+        let name = k.strip_prefix("MULTIVAED_")?;
+        let name = name
+            .get(..PROPERTY_ENV.len())
+            .filter(|p| p.eq_ignore_ascii_case(PROPERTY_ENV))
+            .map(|_| &name[PROPERTY_ENV.len()..])?;
+        (!name.is_empty()).then(|| (name.to_ascii_lowercase().replace('_', "."), v))
+    })
+    .collect()
+}
+
 impl Config {
     /// Defaults, then the TOML file (when given), then `MULTIVAED_*` variables.
     pub fn load(path: Option<&Path>) -> Result<Self> {
@@ -207,8 +227,14 @@ impl Config {
         fig = fig.merge(
             Env::prefixed("MULTIVAED_")
                 .ignore(&["config", "crash_at"])
+                .filter(|k| !k.as_str().to_ascii_lowercase().starts_with(PROPERTY_ENV))
                 .split("__"),
         );
+        // librdkafka property names have dots, which figment would take as nesting
+        let properties = kafka_properties_from_env(std::env::vars());
+        if !properties.is_empty() {
+            fig = fig.merge(Serialized::default("kafka.properties", properties));
+        }
         let config: Config = fig.extract().map_err(|e| {
             let mut msg = String::from("invalid configuration");
             for err in e {
@@ -297,6 +323,39 @@ pub fn parse_device(s: &str) -> Result<DeviceChoice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail returns its own error type
+    fn kafka_properties_come_from_the_environment_with_dots() {
+        figment::Jail::expect_with(|jail| {
+            let p = jail.directory().join("c.toml");
+            std::fs::write(
+                &p,
+                "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n",
+            )
+            .map_err(|e| e.to_string())?;
+            jail.set_env("MULTIVAED_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "250");
+            jail.set_env("MULTIVAED_KAFKA__PROPERTIES__sasl_password", "s3cret");
+            jail.set_env("MULTIVAED_KAFKA__BROKERS", "b1:9092");
+            let c = Config::load(Some(&p)).map_err(|e| format!("{e:#}"))?;
+            assert_eq!(c.kafka.brokers, "b1:9092");
+            let props: Vec<(&str, &str)> = c
+                .kafka
+                .properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(
+                props,
+                vec![
+                    ("fetch.wait.max.ms", "250"),
+                    ("sasl.password", "s3cret"),
+                    ("security.protocol", "SASL_SSL"),
+                ]
+            );
+            Ok(())
+        });
+    }
 
     #[test]
     fn the_shipped_file_is_the_defaults() {

@@ -170,3 +170,77 @@ pub fn model_table(rows: &[ModelBenchRow]) -> String {
     }
     s
 }
+
+/// What `bench store` measured: the ingest path's store writes without a broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreBenchFigures {
+    pub events: usize,
+    pub batch_size: usize,
+    pub users: usize,
+    /// Clicks per second through `Store::apply` + `Store::flush`, one batch at a time.
+    pub events_per_second: f64,
+    /// Mean milliseconds per batch in `apply` and in `flush`.
+    pub apply_ms: f64,
+    pub flush_ms: f64,
+    /// Histories read back per second (what the scorer does per waiting user).
+    pub histories_per_second: f64,
+}
+
+/// The ingest benchmark's clicks (users uniform over `events / 4`, items skewed over 5,000)
+/// written to a fresh store under `dir` in batches of `batch_size`, as the ingest loop does.
+pub fn run_store_bench(
+    dir: &std::path::Path,
+    events: usize,
+    batch_size: usize,
+) -> Result<StoreBenchFigures> {
+    use crate::store::{Click, PartitionOffset, Store};
+    let store = Store::open(dir, crate::config::StoreConfig::default().max_history)?;
+    let users = (events / 4).max(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let clicks: Vec<Click> = (0..events)
+        .map(|_| {
+            let r: f64 = rng.gen();
+            Click {
+                user: format!("u{}", rng.gen_range(0..users)),
+                item: format!("i{}", (r * r * 5000.0) as u32),
+                timestamp_ms: None,
+            }
+        })
+        .collect();
+    let (mut apply_s, mut flush_s) = (0.0, 0.0);
+    let batch_size = batch_size.max(1);
+    let t0 = Instant::now();
+    for (b, chunk) in clicks.chunks(batch_size).enumerate() {
+        let offsets = [PartitionOffset {
+            topic: "clicks".into(),
+            partition: 0,
+            next_offset: (b * batch_size + chunk.len()) as i64,
+        }];
+        let t = Instant::now();
+        store.apply(chunk, &offsets)?;
+        apply_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        store.flush()?;
+        flush_s += t.elapsed().as_secs_f64();
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let batches = events.div_ceil(batch_size).max(1) as f64;
+    let n_users = store.counts().users as u32;
+    let reads = 20_000usize;
+    let t = Instant::now();
+    for _ in 0..reads {
+        let u = rng.gen_range(0..n_users.max(1));
+        std::hint::black_box(store.history(u)?);
+        std::hint::black_box(store.user_id(u)?);
+    }
+    let read_s = t.elapsed().as_secs_f64();
+    Ok(StoreBenchFigures {
+        events,
+        batch_size,
+        users,
+        events_per_second: events as f64 / seconds.max(1e-9),
+        apply_ms: apply_s * 1000.0 / batches,
+        flush_ms: flush_s * 1000.0 / batches,
+        histories_per_second: reads as f64 / read_s.max(1e-9),
+    })
+}

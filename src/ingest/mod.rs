@@ -24,7 +24,7 @@ use rdkafka::ClientContext;
 use tracing::{debug, error, info, warn};
 
 use crate::daemon::Shared;
-use crate::store::{Click, PartitionOffset};
+use crate::store::{Applied, Click, PartitionOffset};
 use event::{parse_event, Event};
 
 /// Consumer callbacks: seek to stored offsets on assignment, track assignment, lag and broker
@@ -300,6 +300,53 @@ pub async fn probe_brokers(shared: Arc<Shared>, producer: FutureProducer) {
     }
 }
 
+/// A batch being written to the store.
+struct StoreTask {
+    handle: tokio::task::JoinHandle<Result<Applied>>,
+    offsets: Vec<PartitionOffset>,
+    /// When its messages were consumed (the scorer's latency counts from here).
+    received: Instant,
+}
+
+/// After a batch is stored: commits its offsets to Kafka, tells the scorer and the online
+/// evaluation, updates the metrics. A store failure ends ingestion (nothing is committed).
+fn finish_batch(
+    shared: &Arc<Shared>,
+    consumer: &StreamConsumer<IngestContext>,
+    task: &StoreTask,
+    done: Result<Result<Applied>, tokio::task::JoinError>,
+) -> Result<()> {
+    let applied = done
+        .context("store task failed")?
+        .context("cannot store a batch")?;
+    let mut tpl = TopicPartitionList::new();
+    for o in &task.offsets {
+        let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
+    }
+    shared
+        .last_recs
+        .observe(&applied.new_pairs, &shared.metrics);
+    shared.metrics.ingest_batches.inc();
+    shared.metrics.events_duplicate.inc_by(applied.duplicates);
+    shared
+        .new_interactions
+        .fetch_add(applied.new_interactions, Ordering::AcqRel);
+    shared.recently_active.note(&applied.changed_users);
+    let dropped = shared.dirty.mark(&applied.changed_users, task.received);
+    shared.metrics.dirty_users_dropped.inc_by(dropped);
+    let counts = shared.store.counts();
+    shared.metrics.store_users.set(counts.users as i64);
+    shared.metrics.store_items.set(counts.items as i64);
+    shared
+        .metrics
+        .store_interactions
+        .set(counts.interactions as i64);
+    Ok(())
+}
+
 /// The ingest loop; returns at shutdown after committing what it stored.
 pub async fn run(
     shared: Arc<Shared>,
@@ -308,10 +355,21 @@ pub async fn run(
 ) -> Result<()> {
     let k = shared.config.kafka.clone();
     let mut shutdown = shared.shutdown.subscribe();
+    // the batch being written to the store while the next one is consumed and parsed; batches
+    // are stored one at a time, in order, and each is committed to Kafka only once stored
+    let mut storing: Option<StoreTask> = None;
     loop {
-        // wait for the first message of a batch
+        // wait for the first message of a batch (finishing the batch being stored meanwhile)
         let first = tokio::select! {
             m = consumer.recv() => m,
+            done = async { storing.as_mut().map(|t| &mut t.handle).expect("guarded").await },
+                if storing.is_some() =>
+            {
+                if let Some(task) = storing.take() {
+                    finish_batch(&shared, &consumer, &task, done)?;
+                }
+                continue;
+            }
             _ = shutdown.changed() => break,
         };
         let mut msgs: Vec<BorrowedMessage<'_>> = Vec::with_capacity(k.batch_size);
@@ -385,43 +443,30 @@ pub async fn run(
                 next_offset: *o,
             })
             .collect();
+        drop(msgs);
+        // one batch in the store at a time, in consumption order
+        if let Some(mut task) = storing.take() {
+            let done = (&mut task.handle).await;
+            finish_batch(&shared, &consumer, &task, done)?;
+        }
         let store = shared.store.clone();
         let offsets_for_store = offsets.clone();
-        let applied = tokio::task::spawn_blocking(move || {
+        let handle = tokio::task::spawn_blocking(move || {
             let a = store.apply(&clicks, &offsets_for_store)?;
             crate::fault::crash_point("ingest.applied");
             store.flush()?;
             crate::fault::crash_point("ingest.flushed");
             anyhow::Ok(a)
-        })
-        .await
-        .context("store task failed")?
-        .context("cannot store a batch")?;
-        let mut tpl = TopicPartitionList::new();
-        for o in &offsets {
-            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
-        }
-        shared
-            .last_recs
-            .observe(&applied.new_pairs, &shared.metrics);
-        shared.metrics.ingest_batches.inc();
-        shared.metrics.events_duplicate.inc_by(applied.duplicates);
-        shared
-            .new_interactions
-            .fetch_add(applied.new_interactions, Ordering::AcqRel);
-        shared.recently_active.note(&applied.changed_users);
-        let dropped = shared.dirty.mark(&applied.changed_users, received);
-        shared.metrics.dirty_users_dropped.inc_by(dropped);
-        let counts = shared.store.counts();
-        shared.metrics.store_users.set(counts.users as i64);
-        shared.metrics.store_items.set(counts.items as i64);
-        shared
-            .metrics
-            .store_interactions
-            .set(counts.interactions as i64);
+        });
+        storing = Some(StoreTask {
+            handle,
+            offsets,
+            received,
+        });
+    }
+    if let Some(mut task) = storing.take() {
+        let done = (&mut task.handle).await;
+        finish_batch(&shared, &consumer, &task, done)?;
     }
     // final synchronous commit of what the store holds
     let owned: Vec<(String, i32)> = consumer

@@ -81,7 +81,7 @@ impl DirtyUsers {
         let Ok(mut g) = self.inner.lock() else {
             return 0;
         };
-        let mut dropped = 0;
+        let (mut dropped, mut queued) = (0, false);
         for &u in users {
             g.recent.insert(u, received);
             if g.pending.contains_key(&u) {
@@ -89,7 +89,7 @@ impl DirtyUsers {
             }
             g.pending.insert(u, received);
             g.queue.push_back(u);
-            self.waiting.notify_one();
+            queued = true;
             while g.queue.len() > self.cap {
                 if let Some(old) = g.queue.pop_front() {
                     g.pending.remove(&old);
@@ -104,6 +104,11 @@ impl DirtyUsers {
             v.sort_unstable_by(|a, b| b.cmp(a));
             v.truncate(keep);
             g.recent = v.into_iter().map(|(t, u)| (u, t)).collect();
+        }
+        drop(g);
+        if queued {
+            // one scorer waits; a permit is kept if it is busy, so no wake-up is lost
+            self.waiting.notify_one();
         }
         dropped
     }
@@ -201,6 +206,8 @@ fn now_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
     pub user: u32,
+    /// The user's external id (the store index when the store has none).
+    pub user_id: String,
     pub items: Vec<(u32, f32)>,
     /// "model" or "popular".
     pub source: &'static str,
@@ -216,10 +223,14 @@ pub fn score_users(
     depth: usize,
 ) -> Result<Vec<Scored>> {
     let mut histories = Vec::with_capacity(users.len());
+    let mut ids = Vec::with_capacity(users.len());
     for &u in users {
-        let mut h = store.history(u)?;
+        let (id, mut h) = store
+            .user(u)?
+            .unwrap_or_else(|| (u.to_string(), Vec::new()));
         h.sort_unstable();
         histories.push(h);
+        ids.push(id);
     }
     let mut scored: Vec<Option<Vec<(u32, f32)>>> = vec![None; users.len()];
     if let Some(live) = live {
@@ -239,19 +250,36 @@ pub fn score_users(
             }
         }
     }
+    // the popular ranking once for the batch: deep enough that every user keeps `depth` items
+    // after dropping the ones they have (the same result as ranking per user)
+    let longest = (0..users.len())
+        .filter(|&j| scored[j].is_none())
+        .map(|j| histories[j].len())
+        .max();
+    let popular = longest
+        .map(|n| store.popular(depth.saturating_add(n), &[]))
+        .unwrap_or_default();
     Ok(users
         .iter()
+        .zip(ids)
         .zip(&histories)
         .zip(scored)
-        .map(|((&user, h), s)| match s {
+        .map(|(((&user, user_id), h), s)| match s {
             Some(items) => Scored {
                 user,
+                user_id,
                 items,
                 source: "model",
             },
             None => Scored {
                 user,
-                items: store.popular(depth, h),
+                user_id,
+                items: popular
+                    .iter()
+                    .filter(|(i, _)| h.binary_search(i).is_err())
+                    .take(depth)
+                    .copied()
+                    .collect(),
                 source: "popular",
             },
         })
@@ -279,7 +307,7 @@ pub fn to_recommendation(
     model_version: Option<u64>,
 ) -> Result<Recommendation> {
     Ok(Recommendation {
-        user_id: store.user_id(s.user)?.unwrap_or_else(|| s.user.to_string()),
+        user_id: s.user_id.clone(),
         items: scored_items(store, &s.items, k),
         model_version: model_version.filter(|_| s.source == "model"),
         generated_at: now_ms(),
@@ -557,6 +585,47 @@ mod tests {
         last.record(3, "popular".into(), top);
         last.observe(&[(1, 5)], &m);
         assert_eq!(get(&m.online_events_scored, "10"), 3);
+    }
+
+    #[test]
+    fn without_a_model_each_user_gets_the_popular_items_they_do_not_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        let click = |u: &str, i: usize| crate::store::Click {
+            user: u.into(),
+            item: format!("i{i}"),
+            timestamp_ms: None,
+        };
+        // item i is held by 40 - i fillers; "heavy" holds the 30 most popular, "light" one
+        let mut clicks: Vec<_> = (0..40)
+            .flat_map(|i| (0..40 - i).map(move |f| click(&format!("f{f}"), i)))
+            .collect();
+        clicks.extend((0..30).map(|i| click("heavy", i)));
+        clicks.push(click("light", 3));
+        store
+            .apply(
+                &clicks,
+                &[crate::store::PartitionOffset {
+                    topic: "clicks".into(),
+                    partition: 0,
+                    next_offset: 1,
+                }],
+            )
+            .unwrap();
+        let heavy = store.user_index("heavy").unwrap().unwrap();
+        let light = store.user_index("light").unwrap().unwrap();
+        let scored = score_users(&store, None, &[heavy, light], 5).unwrap();
+        for (s, u) in scored.iter().zip([heavy, light]) {
+            let mut h = store.history(u).unwrap();
+            h.sort_unstable();
+            assert_eq!(s.items, store.popular(5, &h), "user {u}");
+            assert_eq!(s.items.len(), 5);
+            assert!(s.items.iter().all(|(i, _)| !h.contains(i)));
+            assert_eq!(s.source, "popular");
+        }
+        assert_eq!(scored[0].user_id, "heavy");
+        assert_eq!(store.item_id(scored[0].items[0].0).unwrap(), "i30");
+        assert_eq!(store.item_id(scored[1].items[0].0).unwrap(), "i0");
     }
 
     #[test]

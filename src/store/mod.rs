@@ -4,10 +4,10 @@
 //! atomic batch as the events it covers, so replaying from the stored offsets never loses or
 //! double-counts a click.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
@@ -58,6 +58,23 @@ pub struct StoreCounts {
 const NEXT_USER: &[u8] = b"mnext_user";
 const NEXT_ITEM: &[u8] = b"mnext_item";
 const INTERACTIONS: &[u8] = b"minteractions";
+/// The layout of the records (absent: format 1, before 2026-11-28).
+const FORMAT: &[u8] = b"mformat";
+/// Format 2: a user's index and history in one record under its external id (one read and one
+/// write per click); items are found through the in-memory catalogue.
+const CURRENT_FORMAT: u64 = 2;
+/// Items per popularity record.
+const POPULARITY_BLOCK: usize = 256;
+
+// Records, by first byte of the key:
+//   'U' + user id   → user index (u32 BE), then the history, oldest first (u32 LE each)
+//   'u' + index BE  → user id
+//   'i' + index BE  → item id (the catalogue, loaded into memory at open)
+//   'p' + block BE  → how many users hold each of items 256·block.. (u32 LE each)
+//   'o' + topic + 0 + partition BE → next offset (i64 BE)
+//   'm' + name      → counters and the format
+// Format 1 had 'h' + user index → history, 'I' + item id → item index and 'c' + item index →
+// count instead.
 
 fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + rest.len());
@@ -94,13 +111,52 @@ fn encode_items(items: &[u32]) -> Vec<u8> {
     items.iter().flat_map(|i| i.to_le_bytes()).collect()
 }
 
+/// A user record: its index, then its history.
+fn encode_user(idx: u32, items: &[u32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + 4 * items.len());
+    v.extend_from_slice(&idx.to_be_bytes());
+    for i in items {
+        v.extend_from_slice(&i.to_le_bytes());
+    }
+    v
+}
+
+/// The index and history of a user record (`None` when it is not one).
+fn decode_user(v: &[u8]) -> Option<(u32, Vec<u32>)> {
+    let idx = u32::from_be_bytes(<[u8; 4]>::try_from(v.get(..4)?).ok()?);
+    Some((idx, decode_items(&v[4..])))
+}
+
+/// The item catalogue: index → external id and back.
+#[derive(Default)]
+struct Catalogue {
+    ids: Vec<Arc<str>>,
+    index: HashMap<Arc<str>, u32>,
+}
+
+impl Catalogue {
+    fn push(&mut self, id: Arc<str>) {
+        self.index.insert(id.clone(), self.ids.len() as u32);
+        self.ids.push(id);
+    }
+}
+
+/// A user touched by the batch being applied.
+struct Touched<'a> {
+    id: &'a str,
+    idx: u32,
+    items: Vec<u32>,
+    new: bool,
+    changed: bool,
+}
+
 /// The interaction store (one writer: the ingest loop; any number of readers).
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     max_history: usize,
-    /// Item index → external id (the whole catalogue is kept in memory for publishing).
-    item_ids: RwLock<Vec<String>>,
+    /// The whole catalogue is kept in memory (for interning and publishing).
+    items: RwLock<Catalogue>,
     /// How many users hold each item (popularity fallback).
     popularity: RwLock<Vec<u32>>,
     n_users: AtomicU64,
@@ -115,7 +171,8 @@ impl Store {
         Self::open_with_cache(dir, max_history, cache_mb << 20)
     }
 
-    /// Opens (or creates) the store under `dir`; sled caches up to `cache_bytes` of pages.
+    /// Opens (or creates) the store under `dir`; sled caches up to `cache_bytes` of pages. A
+    /// store written by an earlier version is converted in place first.
     pub fn open_with_cache(dir: &Path, max_history: usize, cache_bytes: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // the file lock of a store just closed (this process's previous handle, whose flusher
@@ -138,26 +195,38 @@ impl Store {
         }
         .with_context(|| format!("cannot open the store in {}", dir.display()))?;
         let tree = db.open_tree("interactions")?;
+        upgrade(&db, &tree).with_context(|| {
+            format!(
+                "cannot convert the store in {} to this version",
+                dir.display()
+            )
+        })?;
         let n_users = read_u64(tree.get(NEXT_USER)?);
         let n_items = read_u64(tree.get(NEXT_ITEM)?);
         let interactions = read_u64(tree.get(INTERACTIONS)?);
-        let mut item_ids = vec![String::new(); n_items as usize];
+        let mut ids: Vec<Arc<str>> = vec![Arc::from(""); n_items as usize];
         for kv in tree.scan_prefix([b'i']) {
             let (k, v) = kv?;
             if k.len() == 5 {
                 let idx = u32::from_be_bytes([k[1], k[2], k[3], k[4]]) as usize;
-                if let Some(slot) = item_ids.get_mut(idx) {
-                    *slot = String::from_utf8_lossy(&v).into_owned();
+                if let Some(slot) = ids.get_mut(idx) {
+                    *slot = Arc::from(String::from_utf8_lossy(&v).as_ref());
                 }
             }
         }
+        let mut catalogue = Catalogue::default();
+        for id in ids {
+            catalogue.push(id);
+        }
         let mut popularity = vec![0u32; n_items as usize];
-        for kv in tree.scan_prefix([b'c']) {
+        for kv in tree.scan_prefix([b'p']) {
             let (k, v) = kv?;
-            if k.len() == 5 && v.len() == 4 {
-                let idx = u32::from_be_bytes([k[1], k[2], k[3], k[4]]) as usize;
-                if let Some(slot) = popularity.get_mut(idx) {
-                    *slot = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+            if let Ok(block) = <[u8; 4]>::try_from(&k[1..]) {
+                let first = u32::from_be_bytes(block) as usize * POPULARITY_BLOCK;
+                for (j, count) in decode_items(&v).into_iter().enumerate() {
+                    if let Some(slot) = popularity.get_mut(first + j) {
+                        *slot = count;
+                    }
                 }
             }
         }
@@ -165,7 +234,7 @@ impl Store {
             db,
             tree,
             max_history: max_history.max(1),
-            item_ids: RwLock::new(item_ids),
+            items: RwLock::new(catalogue),
             popularity: RwLock::new(popularity),
             n_users: AtomicU64::new(n_users),
             interactions: AtomicU64::new(interactions),
@@ -183,63 +252,85 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut applied = Applied::default();
         let next_user0 = self.n_users.load(Ordering::Acquire) as u32;
-        let next_item0 = self.item_ids.read().map(|v| v.len()).unwrap_or(0) as u32;
-        let (mut next_user, mut next_item) = (next_user0, next_item0);
-        let mut users: HashMap<&str, u32> = HashMap::new();
-        let mut items: HashMap<&str, u32> = HashMap::new();
-        let mut new_item_ids: Vec<String> = Vec::new();
-        let mut histories: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut next_user = next_user0;
+        let mut touched: Vec<Touched<'_>> = Vec::new();
+        let mut by_user: HashMap<&str, usize> = HashMap::with_capacity(clicks.len());
+        let mut new_items: Vec<&str> = Vec::new();
+        let mut new_item_index: HashMap<&str, u32> = HashMap::new();
         let mut pop_delta: HashMap<u32, i64> = HashMap::new();
         let mut interactions = self.interactions.load(Ordering::Acquire) as i64;
+        let catalogue = self
+            .items
+            .read()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        let next_item0 = catalogue.ids.len() as u32;
         for c in clicks {
-            let (u, _) = self.intern(
-                &mut users,
-                &c.user,
-                [b'U', b'u'],
-                &mut next_user,
-                &mut batch,
-            )?;
-            let (i, new_item) = self.intern(
-                &mut items,
-                &c.item,
-                [b'I', b'i'],
-                &mut next_item,
-                &mut batch,
-            )?;
-            if new_item {
-                new_item_ids.push(c.item.clone());
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = histories.entry(u) {
-                let h = self
-                    .tree
-                    .get(idx_key(b'h', u))?
-                    .map(|v| decode_items(&v))
-                    .unwrap_or_default();
-                e.insert(h);
-            }
-            let h = histories.get_mut(&u).expect("inserted above");
-            if h.contains(&i) {
+            let t = match by_user.get(c.user.as_str()) {
+                Some(&t) => t,
+                None => {
+                    let (idx, items, new) = match self.tree.get(key(b'U', c.user.as_bytes()))? {
+                        Some(v) => match decode_user(&v) {
+                            Some((idx, items)) => (idx, items, false),
+                            None => anyhow::bail!("the record of user {:?} is damaged", c.user),
+                        },
+                        None => {
+                            next_user += 1;
+                            (next_user - 1, Vec::new(), true)
+                        }
+                    };
+                    touched.push(Touched {
+                        id: &c.user,
+                        idx,
+                        items,
+                        new,
+                        changed: false,
+                    });
+                    by_user.insert(&c.user, touched.len() - 1);
+                    touched.len() - 1
+                }
+            };
+            let i = match catalogue.index.get(c.item.as_str()) {
+                Some(&i) => i,
+                None => *new_item_index.entry(&c.item).or_insert_with(|| {
+                    new_items.push(&c.item);
+                    next_item0 + new_items.len() as u32 - 1
+                }),
+            };
+            let user = &mut touched[t];
+            if user.items.contains(&i) {
                 applied.duplicates += 1;
                 continue;
             }
-            h.push(i);
-            applied.new_pairs.push((u, i));
+            user.items.push(i);
+            applied.new_pairs.push((user.idx, i));
             *pop_delta.entry(i).or_default() += 1;
             applied.new_interactions += 1;
             interactions += 1;
-            if h.len() > self.max_history {
-                let evicted = h.len() - self.max_history;
-                for old in h.drain(..evicted) {
+            if user.items.len() > self.max_history {
+                let evicted = user.items.len() - self.max_history;
+                for old in user.items.drain(..evicted) {
                     *pop_delta.entry(old).or_default() -= 1;
                     interactions -= 1;
                 }
             }
-            if !applied.changed_users.contains(&u) {
-                applied.changed_users.push(u);
+            if !user.changed {
+                user.changed = true;
+                applied.changed_users.push(user.idx);
             }
         }
-        for &u in &applied.changed_users {
-            batch.insert(&idx_key(b'h', u), encode_items(&histories[&u]));
+        drop(catalogue);
+        for user in touched.iter().filter(|u| u.changed) {
+            batch.insert(
+                key(b'U', user.id.as_bytes()),
+                encode_user(user.idx, &user.items),
+            );
+            if user.new {
+                batch.insert(&idx_key(b'u', user.idx), user.id.as_bytes());
+            }
+        }
+        let next_item = next_item0 + new_items.len() as u32;
+        for (n, id) in new_items.iter().enumerate() {
+            batch.insert(&idx_key(b'i', next_item0 + n as u32), id.as_bytes());
         }
         let mut pop = self
             .popularity
@@ -248,9 +339,31 @@ impl Store {
         let mut new_pop: Vec<(u32, u32)> = Vec::new();
         for (&i, &d) in &pop_delta {
             let cur = pop.get(i as usize).copied().unwrap_or(0) as i64;
-            let v = (cur + d).max(0) as u32;
-            batch.insert(&idx_key(b'c', i), &v.to_be_bytes());
-            new_pop.push((i, v));
+            new_pop.push((i, (cur + d).max(0) as u32));
+        }
+        // each block of counts touched is written whole, as it will read after the batch
+        let mut blocks: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for &(i, _) in &new_pop {
+            let b = i / POPULARITY_BLOCK as u32;
+            blocks.entry(b).or_insert_with(|| {
+                let first = b as usize * POPULARITY_BLOCK;
+                let end = (first + POPULARITY_BLOCK).min(next_item as usize);
+                (first..end)
+                    .map(|j| pop.get(j).copied().unwrap_or(0))
+                    .collect()
+            });
+        }
+        for &(i, v) in &new_pop {
+            let b = i / POPULARITY_BLOCK as u32;
+            if let Some(slot) = blocks
+                .get_mut(&b)
+                .and_then(|block| block.get_mut(i as usize % POPULARITY_BLOCK))
+            {
+                *slot = v;
+            }
+        }
+        for (b, block) in blocks {
+            batch.insert(&idx_key(b'p', b), encode_items(&block));
         }
         for o in offsets {
             batch.insert(
@@ -265,10 +378,15 @@ impl Store {
         // the batch is in: publish the new state to readers
         applied.new_users = next_user - next_user0;
         applied.new_items = next_item - next_item0;
-        self.item_ids
-            .write()
-            .map_err(|_| anyhow::anyhow!("store poisoned"))?
-            .extend(new_item_ids);
+        {
+            let mut catalogue = self
+                .items
+                .write()
+                .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+            for id in new_items {
+                catalogue.push(Arc::from(id));
+            }
+        }
         pop.resize(next_item as usize, 0);
         for (i, v) in new_pop {
             pop[i as usize] = v;
@@ -277,33 +395,6 @@ impl Store {
         self.interactions
             .store(interactions.max(0) as u64, Ordering::Release);
         Ok(applied)
-    }
-
-    /// The index of an external id (`prefixes`: id → index, index → id), assigning the next free
-    /// one (written to `batch`) for a new id; also says whether it was new.
-    fn intern<'a>(
-        &self,
-        seen: &mut HashMap<&'a str, u32>,
-        id: &'a str,
-        prefixes: [u8; 2],
-        next: &mut u32,
-        batch: &mut sled::Batch,
-    ) -> Result<(u32, bool)> {
-        if let Some(&idx) = seen.get(id) {
-            return Ok((idx, false));
-        }
-        let (idx, new) = match self.tree.get(key(prefixes[0], id.as_bytes()))? {
-            Some(v) if v.len() == 4 => (u32::from_be_bytes([v[0], v[1], v[2], v[3]]), false),
-            _ => {
-                let idx = *next;
-                *next += 1;
-                batch.insert(key(prefixes[0], id.as_bytes()), &idx.to_be_bytes());
-                batch.insert(&idx_key(prefixes[1], idx), id.as_bytes());
-                (idx, true)
-            }
-        };
-        seen.insert(id, idx);
-        Ok((idx, new))
     }
 
     /// Makes everything applied so far durable (fsync).
@@ -347,17 +438,17 @@ impl Store {
         Ok(self
             .tree
             .get(key(b'U', user.as_bytes()))?
-            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
-            .map(u32::from_be_bytes))
+            .and_then(|v| decode_user(&v))
+            .map(|(idx, _)| idx))
     }
 
     /// The index of an external item id.
     pub fn item_index(&self, item: &str) -> Result<Option<u32>> {
-        Ok(self
-            .tree
-            .get(key(b'I', item.as_bytes()))?
-            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
-            .map(u32::from_be_bytes))
+        let catalogue = self
+            .items
+            .read()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        Ok(catalogue.index.get(item).copied())
     }
 
     /// The external id of a user index.
@@ -370,16 +461,26 @@ impl Store {
 
     /// The external id of an item index.
     pub fn item_id(&self, item: u32) -> Option<String> {
-        self.item_ids.read().ok()?.get(item as usize).cloned()
+        Some(self.items.read().ok()?.ids.get(item as usize)?.to_string())
+    }
+
+    /// A user's external id and items, oldest first (`None` for an unknown index).
+    pub fn user(&self, user: u32) -> Result<Option<(String, Vec<u32>)>> {
+        let Some(id) = self.user_id(user)? else {
+            return Ok(None);
+        };
+        let items = self
+            .tree
+            .get(key(b'U', id.as_bytes()))?
+            .and_then(|v| decode_user(&v))
+            .map(|(_, items)| items)
+            .unwrap_or_default();
+        Ok(Some((id, items)))
     }
 
     /// A user's items, oldest first.
     pub fn history(&self, user: u32) -> Result<Vec<u32>> {
-        Ok(self
-            .tree
-            .get(idx_key(b'h', user))?
-            .map(|v| decode_items(&v))
-            .unwrap_or_default())
+        Ok(self.user(user)?.map(|(_, items)| items).unwrap_or_default())
     }
 
     /// The most popular items (by users holding them), best first, excluding `seen` (sorted).
@@ -396,7 +497,7 @@ impl Store {
     pub fn counts(&self) -> StoreCounts {
         StoreCounts {
             users: self.n_users.load(Ordering::Acquire),
-            items: self.item_ids.read().map(|v| v.len()).unwrap_or(0) as u64,
+            items: self.items.read().map(|c| c.ids.len()).unwrap_or(0) as u64,
             interactions: self.interactions.load(Ordering::Acquire),
         }
     }
@@ -424,13 +525,11 @@ impl Store {
         let mut reservoir: Vec<(u32, Vec<u32>)> = Vec::new();
         let mut others_seen = 0usize;
         let mut max_item = 0usize;
-        for kv in self.tree.scan_prefix([b'h']) {
-            let (k, v) = kv?;
-            if k.len() != 5 {
+        for kv in self.tree.scan_prefix([b'U']) {
+            let (_, v) = kv?;
+            let Some((u, items)) = decode_user(&v) else {
                 continue;
-            }
-            let u = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
-            let items = decode_items(&v);
+            };
             if items.is_empty() {
                 continue;
             }
@@ -466,6 +565,92 @@ impl Store {
             .map_err(anyhow::Error::msg)?;
         Ok(Sample { users, rows })
     }
+}
+
+/// Brings a store written by an earlier version to the current format, in place. Each chunk
+/// is one atomic batch and the format is written last, so a conversion interrupted at any
+/// moment resumes where it stopped at the next open.
+fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
+    let format = read_u64(tree.get(FORMAT)?);
+    if format == CURRENT_FORMAT {
+        return Ok(());
+    }
+    if format > CURRENT_FORMAT {
+        anyhow::bail!(
+            "it was written by a newer multivaed (store format {format}; this version reads \
+             format {CURRENT_FORMAT} and earlier)"
+        );
+    }
+    const CHUNK: usize = 10_000;
+    let mut users = 0usize;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in tree.scan_prefix([b'h']).take(CHUNK) {
+            let (k, v) = kv?;
+            n += 1;
+            if let Ok(idx) = <[u8; 4]>::try_from(&k[1..]) {
+                let idx = u32::from_be_bytes(idx);
+                if let Some(id) = tree.get(idx_key(b'u', idx))? {
+                    batch.insert(key(b'U', &id), encode_user(idx, &decode_items(&v)));
+                }
+            }
+            batch.remove(k);
+        }
+        if n == 0 {
+            break;
+        }
+        users += n;
+        tree.apply_batch(batch)?;
+    }
+    // per-item counts → blocks of counts (the catalogue's counts fit in memory)
+    let mut counts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut old_counts = Vec::new();
+    for kv in tree.scan_prefix([b'c']) {
+        let (k, v) = kv?;
+        if let (Ok(i), Ok(c)) = (
+            <[u8; 4]>::try_from(&k[1..]),
+            <[u8; 4]>::try_from(v.as_ref()),
+        ) {
+            let i = u32::from_be_bytes(i) as usize;
+            let block = counts
+                .entry((i / POPULARITY_BLOCK) as u32)
+                .or_insert_with(|| vec![0; POPULARITY_BLOCK]);
+            block[i % POPULARITY_BLOCK] = u32::from_be_bytes(c);
+        }
+        old_counts.push(k);
+    }
+    let mut batch = sled::Batch::default();
+    for (b, block) in counts {
+        batch.insert(&idx_key(b'p', b), encode_items(&block));
+    }
+    for k in old_counts {
+        batch.remove(k);
+    }
+    tree.apply_batch(batch)?;
+    // item id → index lives in memory now
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in tree.scan_prefix([b'I']).take(CHUNK) {
+            batch.remove(kv?.0);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        tree.apply_batch(batch)?;
+    }
+    tree.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
+    db.flush()?;
+    if users > 0 {
+        tracing::info!(
+            users,
+            format = CURRENT_FORMAT,
+            "the store's user histories were converted to the current format"
+        );
+    }
+    Ok(())
 }
 
 /// Some users' histories: row r of `rows` is user `users[r]` (ascending).
@@ -576,6 +761,111 @@ mod tests {
         let top = s.popular(1, &[]);
         assert_eq!(top.len(), 1);
         assert_eq!(s.user_id(1).unwrap().as_deref(), Some("bob"));
+    }
+
+    /// A store as the format-1 code wrote it (per-item counts, 'h' histories, 'I' item index).
+    fn write_format_1(dir: &Path) {
+        let db = sled::Config::new().path(dir.join("store")).open().unwrap();
+        let t = db.open_tree("interactions").unwrap();
+        let put = |k: &[u8], v: &[u8]| {
+            t.insert(k, v).unwrap();
+        };
+        for (idx, id) in ["alice", "bob"].iter().enumerate() {
+            put(&key(b'U', id.as_bytes()), &(idx as u32).to_be_bytes());
+            put(&idx_key(b'u', idx as u32), id.as_bytes());
+        }
+        for (idx, id) in ["x", "y", "z"].iter().enumerate() {
+            put(&key(b'I', id.as_bytes()), &(idx as u32).to_be_bytes());
+            put(&idx_key(b'i', idx as u32), id.as_bytes());
+        }
+        put(&idx_key(b'h', 0), &encode_items(&[2, 0]));
+        put(&idx_key(b'h', 1), &encode_items(&[0]));
+        for (i, c) in [(0u32, 2u32), (2, 1)] {
+            put(&idx_key(b'c', i), &c.to_be_bytes());
+        }
+        put(NEXT_USER, &2u64.to_be_bytes());
+        put(NEXT_ITEM, &3u64.to_be_bytes());
+        put(INTERACTIONS, &3u64.to_be_bytes());
+        put(&offset_key("clicks", 0), &3i64.to_be_bytes());
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_format_1_store_is_converted_in_place_and_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        write_format_1(dir.path());
+        {
+            let s = Store::open(dir.path(), 10).unwrap();
+            assert_eq!(
+                s.counts(),
+                StoreCounts {
+                    users: 2,
+                    items: 3,
+                    interactions: 3
+                }
+            );
+            assert_eq!(s.user_index("alice").unwrap(), Some(0));
+            assert_eq!(s.user(0).unwrap().unwrap().1, vec![2, 0]);
+            assert_eq!(s.history(1).unwrap(), vec![0]);
+            assert_eq!(s.item_index("z").unwrap(), Some(2));
+            assert_eq!(s.stored_offset("clicks", 0).unwrap(), Some(3));
+            assert_eq!(s.popular(3, &[]), vec![(0, 2.0), (2, 1.0), (1, 0.0)]);
+            let snap = s.snapshot().unwrap();
+            assert_eq!(snap.users, vec![0, 1]);
+            assert_eq!(snap.rows.row(0), &[0, 2]);
+            // old records are gone; new clicks land on the converted users and items
+            assert_eq!(s.tree.scan_prefix([b'h']).count(), 0);
+            assert_eq!(s.tree.scan_prefix([b'I']).count(), 0);
+            assert_eq!(s.tree.scan_prefix([b'c']).count(), 0);
+            let a = s
+                .apply(&[click("bob", "z"), click("carol", "y")], &[off(0, 5)])
+                .unwrap();
+            assert_eq!((a.new_users, a.new_items, a.new_interactions), (1, 0, 2));
+            assert_eq!(s.history(1).unwrap(), vec![0, 2]);
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 10).unwrap();
+        assert_eq!(s.user(2).unwrap(), Some(("carol".into(), vec![1])));
+        assert_eq!(s.popular(3, &[]), vec![(0, 2.0), (2, 2.0), (1, 1.0)]);
+        assert_eq!(s.counts().interactions, 5);
+    }
+
+    #[test]
+    fn a_store_from_a_newer_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 3).unwrap();
+            s.tree.insert(FORMAT, &99u64.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+        }
+        let err = Store::open(dir.path(), 3).err().expect("refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("newer multivaed"), "{msg}");
+    }
+
+    #[test]
+    fn popularity_spans_blocks_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = POPULARITY_BLOCK * 2 + 10;
+        {
+            let s = Store::open(dir.path(), 1000).unwrap();
+            // item i is held by (i % 7) + 1 users
+            let clicks: Vec<Click> = (0..n)
+                .flat_map(|i| (0..=(i % 7)).map(move |u| click(&format!("u{u}"), &format!("i{i}"))))
+                .collect();
+            s.apply(&clicks, &[off(0, clicks.len() as i64)]).unwrap();
+            // one more holder for the last item, in a later batch
+            s.apply(&[click("u99", &format!("i{}", n - 1))], &[off(0, 1 << 20)])
+                .unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 1000).unwrap();
+        let all = s.popular(n, &[]);
+        assert_eq!(all.len(), n);
+        for (i, count) in all {
+            let expected = (i as usize % 7) + 1 + usize::from(i as usize == n - 1);
+            assert_eq!(count as usize, expected, "item {i}");
+        }
     }
 
     #[test]
