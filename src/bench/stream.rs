@@ -75,6 +75,11 @@ pub struct LatencyFigures {
     pub scoring_batches: f64,
     pub users_per_scoring_batch: f64,
     pub seconds_per_scoring_batch: f64,
+    /// The daemon's own click → recommendation during the load (the click's receipt by the
+    /// consumer to the recommendation's delivery), p50 and p99 interpolated in its histogram's
+    /// buckets (each twice the last); the rest of the end-to-end figures is the broker hops.
+    pub daemon_p50_ms: f64,
+    pub daemon_p99_ms: f64,
     pub daemon_peak_rss_bytes: u64,
 }
 
@@ -228,6 +233,27 @@ impl DaemonChild {
                 .call()?
                 .into_string()?,
         )
+    }
+
+    /// A histogram's cumulative buckets: (upper bound, count), ascending, `+Inf` last.
+    fn buckets(&self, name: &str) -> Result<Vec<(f64, f64)>> {
+        let text = self.metrics()?;
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut out: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(out)
     }
 
     /// Sum of a metric over its label sets.
@@ -514,6 +540,44 @@ fn caught_up(d: &mut DaemonChild, expected: usize) -> Result<()> {
     })
 }
 
+/// What a histogram counted between two readings of its cumulative buckets.
+fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - was)
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly inside its bucket (NaN when
+/// empty; the last finite bound when it falls in `+Inf`).
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let target = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, n) in buckets {
+        if n >= target {
+            if !le.is_finite() {
+                return lo;
+            }
+            let inside = n - below;
+            let frac = if inside > 0.0 {
+                (target - below) / inside
+            } else {
+                1.0
+            };
+            return lo + (le - lo) * frac;
+        }
+        (lo, below) = (le, n);
+    }
+    lo
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -579,13 +643,20 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         let batches0 = d.metric("multivaed_scoring_duration_seconds_count")?;
         let busy0 = d.metric("multivaed_scoring_duration_seconds_sum")?;
         let recs0 = d.metric("multivaed_recommendations_published_total")?;
+        let inside0 = d.buckets("multivaed_click_to_recommendation_seconds")?;
         let (mut l, clicks, achieved) = measure(opts, &topics, users, rate, seed)?;
         produced += clicks;
         l.sort_by(|a, b| a.total_cmp(b));
         let batches = d.metric("multivaed_scoring_duration_seconds_count")? - batches0;
         let busy = d.metric("multivaed_scoring_duration_seconds_sum")? - busy0;
         let recs = d.metric("multivaed_recommendations_published_total")? - recs0;
+        let inside = bucket_delta(
+            &inside0,
+            &d.buckets("multivaed_click_to_recommendation_seconds")?,
+        );
         let f = LatencyFigures {
+            daemon_p50_ms: bucket_quantile(&inside, 0.5) * 1000.0,
+            daemon_p99_ms: bucket_quantile(&inside, 0.99) * 1000.0,
             scoring_batches: batches,
             users_per_scoring_batch: recs / batches.max(1.0),
             seconds_per_scoring_batch: busy / batches.max(1.0),
@@ -603,10 +674,12 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             daemon_peak_rss_bytes: d.peak_rss(),
         };
         eprintln!(
-            "latency at {rate} clicks/s ({training}): p50 {:.1} ms, p99 {:.1} ms, {} of {} answered; \
-             {} scoring batches of {:.1} users, {:.1} ms each",
+            "latency at {rate} clicks/s ({training}): p50 {:.1} ms, p99 {:.1} ms (the daemon's own: p50 \
+             {:.1} ms, p99 {:.1} ms), {} of {} answered; {} scoring batches of {:.1} users, {:.1} ms each",
             f.p50_ms,
             f.p99_ms,
+            f.daemon_p50_ms,
+            f.daemon_p99_ms,
             f.answered,
             f.clicks,
             f.scoring_batches,
@@ -654,4 +727,37 @@ pub fn run_stream_bench(opts: &StreamBenchOptions) -> Result<StreamFigures> {
         latency(opts)?
     };
     Ok(StreamFigures { ingest, latency })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_come_from_the_buckets_counted_between_readings() {
+        let before = [
+            (0.001, 10.0),
+            (0.002, 10.0),
+            (0.004, 10.0),
+            (f64::INFINITY, 10.0),
+        ];
+        // 100 more: 50 at or below 2 ms (above 1 ms), 49 in (2, 4] ms, 1 beyond 4 ms
+        let after = [
+            (0.001, 10.0),
+            (0.002, 60.0),
+            (0.004, 109.0),
+            (f64::INFINITY, 110.0),
+        ];
+        let d = bucket_delta(&before, &after);
+        assert_eq!(d.last(), Some(&(f64::INFINITY, 100.0)));
+        assert!((bucket_quantile(&d, 0.5) - 0.002).abs() < 1e-12);
+        assert!((bucket_quantile(&d, 0.25) - 0.0015).abs() < 1e-12);
+        assert!((bucket_quantile(&d, 0.99) - 0.004).abs() < 1e-12);
+        assert_eq!(
+            bucket_quantile(&d, 1.0),
+            0.004,
+            "in +Inf: the last finite bound"
+        );
+        assert!(bucket_quantile(&bucket_delta(&after, &after), 0.5).is_nan());
+    }
 }
