@@ -197,17 +197,20 @@ impl Default for HttpConfig {
 /// `MULTIVAED_KAFKA__PROPERTIES__SASL_PASSWORD=…` sets the librdkafka property `sasl.password`.
 const PROPERTY_ENV: &str = "kafka__properties__";
 
+/// What follows `KAFKA__PROPERTIES__` (in any case) in a variable name without `MULTIVAED_`.
+fn property_suffix(name: &str) -> Option<&str> {
+    name.get(..PROPERTY_ENV.len())
+        .filter(|p| p.eq_ignore_ascii_case(PROPERTY_ENV))
+        .map(|_| &name[PROPERTY_ENV.len()..])
+}
+
 /// librdkafka properties from the environment: after `MULTIVAED_KAFKA__PROPERTIES__`, the name
 /// in any case with `_` for `.` (`FETCH_WAIT_MAX_MS` → `fetch.wait.max.ms`).
 fn kafka_properties_from_env(
     vars: impl Iterator<Item = (String, String)>,
 ) -> BTreeMap<String, String> {
     vars.filter_map(|(k, v)| {
-        let name = k.strip_prefix("MULTIVAED_")?;
-        let name = name
-            .get(..PROPERTY_ENV.len())
-            .filter(|p| p.eq_ignore_ascii_case(PROPERTY_ENV))
-            .map(|_| &name[PROPERTY_ENV.len()..])?;
+        let name = property_suffix(k.strip_prefix("MULTIVAED_")?)?;
         (!name.is_empty()).then(|| (name.to_ascii_lowercase().replace('_', "."), v))
     })
     .collect()
@@ -227,7 +230,7 @@ impl Config {
         fig = fig.merge(
             Env::prefixed("MULTIVAED_")
                 .ignore(&["config", "crash_at"])
-                .filter(|k| !k.as_str().to_ascii_lowercase().starts_with(PROPERTY_ENV))
+                .filter(|k| property_suffix(k.as_str()).is_none())
                 .split("__"),
         );
         // librdkafka property names have dots, which figment would take as nesting

@@ -347,6 +347,19 @@ fn finish_batch(
     Ok(())
 }
 
+/// Waits for the batch being stored, if any, and finishes it.
+async fn finish_stored(
+    shared: &Arc<Shared>,
+    consumer: &StreamConsumer<IngestContext>,
+    storing: &mut Option<StoreTask>,
+) -> Result<()> {
+    if let Some(mut task) = storing.take() {
+        let done = (&mut task.handle).await;
+        finish_batch(shared, consumer, &task, done)?;
+    }
+    Ok(())
+}
+
 /// The ingest loop; returns at shutdown after committing what it stored.
 pub async fn run(
     shared: Arc<Shared>,
@@ -445,10 +458,7 @@ pub async fn run(
             .collect();
         drop(msgs);
         // one batch in the store at a time, in consumption order
-        if let Some(mut task) = storing.take() {
-            let done = (&mut task.handle).await;
-            finish_batch(&shared, &consumer, &task, done)?;
-        }
+        finish_stored(&shared, &consumer, &mut storing).await?;
         let store = shared.store.clone();
         let offsets_for_store = offsets.clone();
         let handle = tokio::task::spawn_blocking(move || {
@@ -464,10 +474,7 @@ pub async fn run(
             received,
         });
     }
-    if let Some(mut task) = storing.take() {
-        let done = (&mut task.handle).await;
-        finish_batch(&shared, &consumer, &task, done)?;
-    }
+    finish_stored(&shared, &consumer, &mut storing).await?;
     // final synchronous commit of what the store holds
     let owned: Vec<(String, i32)> = consumer
         .assignment()

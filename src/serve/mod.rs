@@ -305,14 +305,14 @@ pub fn to_recommendation(
     s: &Scored,
     k: usize,
     model_version: Option<u64>,
-) -> Result<Recommendation> {
-    Ok(Recommendation {
+) -> Recommendation {
+    Recommendation {
         user_id: s.user_id.clone(),
         items: scored_items(store, &s.items, k),
         model_version: model_version.filter(|_| s.source == "model"),
         generated_at: now_ms(),
         source: s.source.into(),
-    })
+    }
 }
 
 /// Top-`k` recommendations for `users` (store indices); see [`score_users`].
@@ -323,10 +323,10 @@ pub fn recommend_users(
     k: usize,
 ) -> Result<Vec<Recommendation>> {
     let version = live.map(|l| l.version);
-    score_users(store, live, users, k)?
+    Ok(score_users(store, live, users, k)?
         .iter()
         .map(|s| to_recommendation(store, s, k, version))
-        .collect()
+        .collect())
 }
 
 /// Rank cut-offs of the online (prequential) hit rate.
@@ -441,10 +441,12 @@ pub async fn run(shared: Arc<Shared>, producer: FutureProducer) {
             let live = s.registry.current();
             let version = live.as_ref().map(|l| l.version);
             let depth = k.max(ONLINE_CUTOFFS[ONLINE_CUTOFFS.len() - 1]);
-            score_users(&s.store, live.as_deref(), &users, depth)?
-                .into_iter()
-                .map(|sc| Ok((to_recommendation(&s.store, &sc, k, version)?, sc)))
-                .collect::<Result<Vec<_>>>()
+            anyhow::Ok(
+                score_users(&s.store, live.as_deref(), &users, depth)?
+                    .into_iter()
+                    .map(|sc| (to_recommendation(&s.store, &sc, k, version), sc))
+                    .collect::<Vec<_>>(),
+            )
         })
         .await
         {

@@ -113,11 +113,8 @@ fn encode_items(items: &[u32]) -> Vec<u8> {
 
 /// A user record: its index, then its history.
 fn encode_user(idx: u32, items: &[u32]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + 4 * items.len());
-    v.extend_from_slice(&idx.to_be_bytes());
-    for i in items {
-        v.extend_from_slice(&i.to_le_bytes());
-    }
+    let mut v = idx.to_be_bytes().to_vec();
+    v.extend(encode_items(items));
     v
 }
 
@@ -343,22 +340,16 @@ impl Store {
         }
         // each block of counts touched is written whole, as it will read after the batch
         let mut blocks: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for &(i, _) in &new_pop {
+        for &(i, v) in &new_pop {
             let b = i / POPULARITY_BLOCK as u32;
-            blocks.entry(b).or_insert_with(|| {
+            let block = blocks.entry(b).or_insert_with(|| {
                 let first = b as usize * POPULARITY_BLOCK;
                 let end = (first + POPULARITY_BLOCK).min(next_item as usize);
                 (first..end)
                     .map(|j| pop.get(j).copied().unwrap_or(0))
                     .collect()
             });
-        }
-        for &(i, v) in &new_pop {
-            let b = i / POPULARITY_BLOCK as u32;
-            if let Some(slot) = blocks
-                .get_mut(&b)
-                .and_then(|block| block.get_mut(i as usize % POPULARITY_BLOCK))
-            {
+            if let Some(slot) = block.get_mut(i as usize % POPULARITY_BLOCK) {
                 *slot = v;
             }
         }
@@ -581,28 +572,15 @@ fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
              format {CURRENT_FORMAT} and earlier)"
         );
     }
-    const CHUNK: usize = 10_000;
-    let mut users = 0usize;
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in tree.scan_prefix([b'h']).take(CHUNK) {
-            let (k, v) = kv?;
-            n += 1;
-            if let Ok(idx) = <[u8; 4]>::try_from(&k[1..]) {
-                let idx = u32::from_be_bytes(idx);
-                if let Some(id) = tree.get(idx_key(b'u', idx))? {
-                    batch.insert(key(b'U', &id), encode_user(idx, &decode_items(&v)));
-                }
+    let users = drain_prefix(tree, b'h', |k, v, batch| {
+        if let Ok(idx) = <[u8; 4]>::try_from(&k[1..]) {
+            let idx = u32::from_be_bytes(idx);
+            if let Some(id) = tree.get(idx_key(b'u', idx))? {
+                batch.insert(key(b'U', &id), encode_user(idx, &decode_items(v)));
             }
-            batch.remove(k);
         }
-        if n == 0 {
-            break;
-        }
-        users += n;
-        tree.apply_batch(batch)?;
-    }
+        Ok(())
+    })?;
     // per-item counts → blocks of counts (the catalogue's counts fit in memory)
     let mut counts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     let mut old_counts = Vec::new();
@@ -629,18 +607,7 @@ fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
     }
     tree.apply_batch(batch)?;
     // item id → index lives in memory now
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in tree.scan_prefix([b'I']).take(CHUNK) {
-            batch.remove(kv?.0);
-            n += 1;
-        }
-        if n == 0 {
-            break;
-        }
-        tree.apply_batch(batch)?;
-    }
+    drain_prefix(tree, b'I', |_, _, _| Ok(()))?;
     tree.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
     db.flush()?;
     if users > 0 {
@@ -651,6 +618,32 @@ fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Removes every record under `prefix`, in atomic chunks of 10,000, after `convert` has added
+/// what replaces each to the same chunk; returns how many there were.
+fn drain_prefix(
+    tree: &sled::Tree,
+    prefix: u8,
+    mut convert: impl FnMut(&[u8], &[u8], &mut sled::Batch) -> Result<()>,
+) -> Result<usize> {
+    const CHUNK: usize = 10_000;
+    let mut total = 0;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in tree.scan_prefix([prefix]).take(CHUNK) {
+            let (k, v) = kv?;
+            convert(&k, &v, &mut batch)?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n;
+        tree.apply_batch(batch)?;
+    }
 }
 
 /// Some users' histories: row r of `rows` is user `users[r]` (ascending).
