@@ -138,7 +138,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Stop by itself after this many seconds and print a summary.
+    /// Stop by itself after this many seconds (or, if no model is live by then, as soon as the
+    /// first one is, at most 5 minutes later) and print a summary.
     #[arg(long)]
     pub duration: Option<u64>,
     /// Replay this dataset (ml-100k .inter, CSV, or one line per user) instead of synthetic clicks.

@@ -74,6 +74,10 @@ pub struct TrainConfig {
     pub min_users: usize,
     /// Held-out users for validation (a fixed sample; they are not trained on).
     pub validation_users: usize,
+    /// Validation users needed before NDCG decides anything (beating popularity, not falling
+    /// below the live model); with fewer, only the loss floor (better than a uniform guess) is
+    /// checked.
+    pub min_validation_users: usize,
     /// Users trained on per round, at most: those active since the last round first, then a
     /// uniform sample of the rest (new each round). Bounds a round's memory and duration.
     pub max_users_per_round: usize,
@@ -164,6 +168,7 @@ impl Default for TrainConfig {
             epochs_per_round: 2,
             min_users: 50,
             validation_users: 500,
+            min_validation_users: 50,
             max_users_per_round: 100_000,
             max_ndcg_drop: 0.02,
             keep_versions: 5,

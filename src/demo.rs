@@ -270,6 +270,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
     });
 
     let started = Instant::now();
+    let mut waiting_said = false;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     loop {
@@ -278,8 +279,23 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
         println!("{}", summary_line(&shared, started.elapsed()));
-        if opts.duration.is_some_and(|d| started.elapsed() >= d) || shared.shutdown.is_set() {
+        if shared.shutdown.is_set() {
             break;
+        }
+        let Some(d) = opts.duration else { continue };
+        if started.elapsed() < d {
+            continue;
+        }
+        // the demo shows the whole path: past --duration it waits (bounded) for its first model
+        if shared.metrics.model_version.get() >= 1 || started.elapsed() >= d + MAX_WAIT_FOR_MODEL {
+            break;
+        }
+        if !waiting_said {
+            waiting_said = true;
+            println!(
+                "--duration reached without a model yet: waiting for the first one (at most {} s more)",
+                MAX_WAIT_FOR_MODEL.as_secs()
+            );
         }
     }
     shared.shutdown.trigger();
@@ -289,6 +305,9 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
     println!("summary: {}", summary_line(&shared, started.elapsed()));
     result
 }
+
+/// How long the demo waits past `--duration` for its first model.
+const MAX_WAIT_FOR_MODEL: Duration = Duration::from_secs(300);
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("multivaed-demo-{}", std::process::id()));

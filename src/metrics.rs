@@ -26,6 +26,9 @@ pub struct Metrics {
     pub kl_beta: Gauge,
     pub update_count: IntGauge,
     pub validation_ndcg: Gauge,
+    pub validation_popularity_ndcg: Gauge,
+    pub training_next_round: Gauge,
+    pub model_round_interactions: IntGauge,
     pub model_version: IntGauge,
     pub model_swap_time: Gauge,
     pub model_items: IntGauge,
@@ -107,7 +110,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "multivaed_training_rounds_total",
-                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_ndcg, abandoned, failed)",
+                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_floor, rejected_ndcg, abandoned, failed)",
                     ),
                     &["result"],
                 )?,
@@ -128,6 +131,27 @@ impl Metrics {
             validation_ndcg: reg(
                 r,
                 Gauge::new("multivaed_validation_ndcg_at_100", "Validation NDCG@100 of the last trained model")?,
+            )?,
+            validation_popularity_ndcg: reg(
+                r,
+                Gauge::new(
+                    "multivaed_validation_popularity_ndcg_at_100",
+                    "Validation NDCG@100 of the popularity ranking on the last round's validation users (a model must beat it)",
+                )?,
+            )?,
+            training_next_round: reg(
+                r,
+                Gauge::new(
+                    "multivaed_training_next_round_timestamp_seconds",
+                    "Earliest start of the next training round after one that was not accepted (0: no wait)",
+                )?,
+            )?,
+            model_round_interactions: reg(
+                r,
+                IntGauge::new(
+                    "multivaed_model_round_interactions",
+                    "Interactions (training and validation users) read by the round that produced the live model",
+                )?,
             )?,
             model_version: reg(r, IntGauge::new("multivaed_model_version", "Version of the live model")?)?,
             model_swap_time: reg(
@@ -203,6 +227,7 @@ impl Metrics {
         for result in [
             "accepted",
             "rejected_nonfinite",
+            "rejected_floor",
             "rejected_ndcg",
             "abandoned",
             "failed",

@@ -39,23 +39,20 @@ fn poison() -> Vec<Vec<u8>> {
     p
 }
 
-/// Online hits and scored clicks at k = 10 of model-made recommendations (not popular ones).
-fn model_hits_at_10(d: &Daemon) -> (f64, f64) {
+/// Online hits and scored clicks at k = 10 of the recommendations model `version` made.
+fn hits_at_10_of(d: &Daemon, version: f64) -> (f64, f64) {
     let (_, text) = d.get("/metrics").unwrap();
-    let all = |name: &str| metric_value(&text, name, "k=\"10\"");
-    let popular = |name: &str| {
+    let label = format!("model_version=\"{version}\"");
+    let of = |name: &str| {
         text.lines()
-            .filter(|l| {
-                l.starts_with(name)
-                    && l.contains("k=\"10\"")
-                    && l.contains("model_version=\"popular\"")
-            })
+            .filter(|l| l.starts_with(name) && l.contains("k=\"10\"") && l.contains(&label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
-    let h = "multivaed_online_hits_total";
-    let s = "multivaed_online_events_scored_total";
-    (all(h) - popular(h), all(s) - popular(s))
+    (
+        of("multivaed_online_hits_total"),
+        of("multivaed_online_events_scored_total"),
+    )
 }
 
 fn latency_quantile(text: &str, q: f64) -> f64 {
@@ -87,7 +84,12 @@ fn clicks_in_recommendations_out_restart_and_resume() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 3);
     let port = free_port();
-    let daemon = Daemon::start(&setup.env(), port);
+    // the measured model's round alone trains 10 epochs on all of phase 1 (~40 steps): its
+    // quality does not hinge on how many partial rounds came before it
+    let mut env = setup.env();
+    env.retain(|(k, _)| k != "MULTIVAED_TRAIN__EPOCHS_PER_ROUND");
+    env.push(("MULTIVAED_TRAIN__EPOCHS_PER_ROUND".into(), "10".into()));
+    let daemon = Daemon::start(&env, port);
 
     // phase 1: 20k clicks of 2k users with taste groups, plus poison
     let mut stream = SyntheticStream::new(2000, 1000, 20, 11);
@@ -120,16 +122,27 @@ fn clicks_in_recommendations_out_restart_and_resume() {
         d.metric("multivaed_events_consumed_total", "") >= produced
     });
     let ingest_seconds = started.elapsed().as_secs_f64();
-    daemon.wait_for(Duration::from_secs(240), "a first model", |d| {
-        d.metric("multivaed_model_version", "") >= 1.0
-    });
-    let v1 = daemon.metric("multivaed_model_version", "");
+    // The measured phase starts once a model trained on every phase-1 click is live (earlier
+    // rounds saw only part of it) and every user was re-scored with it; only the
+    // recommendations that model made are counted, so what is measured does not depend on how
+    // many rounds this machine managed to run meanwhile.
+    let phase1: usize = pairs.values().map(|s| s.len()).sum();
+    let mut v1 = 0.0;
+    daemon.wait_for(
+        Duration::from_secs(240),
+        "a model trained on all of phase 1",
+        |d| {
+            let (_, text) = d.get("/metrics").unwrap();
+            v1 = metric_value(&text, "multivaed_model_version", "");
+            metric_value(&text, "multivaed_model_round_interactions", "") >= phase1 as f64
+        },
+    );
     daemon.wait_for(
         Duration::from_secs(60),
         "every user re-scored with the model",
         |d| d.metric("multivaed_dirty_users", "") == 0.0,
     );
-    let (hits0, scored0) = model_hits_at_10(&daemon);
+    let (hits0, scored0) = hits_at_10_of(&daemon, v1);
 
     // phase 2: more clicks trigger a fine-tune: the version increases. Meanwhile the online hit
     // rate of the model is compared with what popularity would have scored on the same clicks.
@@ -175,18 +188,30 @@ fn clicks_in_recommendations_out_restart_and_resume() {
     );
     std::thread::sleep(Duration::from_secs(2));
 
-    // the live hit rate of the model beats popularity's on the same clicks
-    let (hits1, scored1) = model_hits_at_10(&daemon);
+    // the live hit rate of that model beats popularity's on the same clicks
+    let (hits1, scored1) = hits_at_10_of(&daemon, v1);
+    for v in 1..=daemon.metric("multivaed_model_version", "") as u64 {
+        let (h, n) = hits_at_10_of(&daemon, v as f64);
+        eprintln!(
+            "e2e: model v{v}: {h} hits @10 of {n} clicks scored online ({:.3})",
+            h / n.max(1.0)
+        );
+    }
+    for l in daemon.log.lock().unwrap().iter() {
+        if l.contains("round started") || l.contains("round rejected") {
+            eprintln!("e2e: {l}");
+        }
+    }
     let model_rate = (hits1 - hits0) / (scored1 - scored0).max(1.0);
     let pop_rate = pop_hits as f64 / pop_scored.max(1) as f64;
-    eprintln!("e2e: online hit rate @10 of the model {model_rate:.3} over {} clicks; popularity on the same clicks {pop_rate:.3}", scored1 - scored0);
+    eprintln!("e2e: online hit rate @10 of model v{v1} (trained on all {phase1} phase-1 clicks) {model_rate:.3} over {} clicks; popularity on the same clicks {pop_rate:.3}", scored1 - scored0);
     assert!(
         scored1 - scored0 > 1000.0,
         "too few clicks scored online: {}",
         scored1 - scored0
     );
     assert!(
-        model_rate > pop_rate * 1.5,
+        model_rate > pop_rate * 4.0,
         "model {model_rate:.3} vs popularity {pop_rate:.3}"
     );
 
@@ -315,9 +340,12 @@ fn clicks_in_recommendations_out_restart_and_resume() {
         eprintln!("e2e, first run: {line}");
     }
     assert_eq!(code, Some(0), "exit status after SIGTERM");
-    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    // inside systemd's TimeoutStopSec (30 s; Kubernetes allows 60 s): a tighter bound would
+    // measure this machine, not the shutdown path
+    eprintln!("shutdown took {took:?}");
+    assert!(took < Duration::from_secs(25), "shutdown took {took:?}");
 
-    let daemon = Daemon::start(&setup.env(), port);
+    let daemon = Daemon::start(&env, port);
     daemon.wait_for(Duration::from_secs(60), "the model loaded", |d| {
         d.metric("multivaed_model_version", "") == version
     });

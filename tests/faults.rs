@@ -256,7 +256,9 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
                     *at_points.entry(point).or_default() += 1;
                     break;
                 }
-                if t0.elapsed() > Duration::from_secs(20) {
+                // generous: a slow or busy machine reaches the later points (a checkpoint, a
+                // swap) only after a group join, ingestion and a training round
+                if t0.elapsed() > Duration::from_secs(45) {
                     sigkill(&mut child);
                     by_signal += 1;
                     break;
@@ -361,7 +363,10 @@ fn sigterm_under_full_load_exits_cleanly_with_offsets_committed() {
     );
     let (code, took) = daemon.terminate();
     assert_eq!(code, Some(0), "exit code");
-    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    // inside systemd's TimeoutStopSec (30 s; Kubernetes allows 60 s): a tighter bound would
+    // measure this machine, not the shutdown path
+    eprintln!("shutdown took {took:?}");
+    assert!(took < Duration::from_secs(25), "shutdown took {took:?}");
     producer.join().unwrap();
     let (pairs, interactions, _, stored) = read_store(&data);
     assert_eq!(pairs.len() as u64, interactions);
@@ -488,7 +493,7 @@ fn runaway_training_is_rejected_and_the_live_model_keeps_serving() {
         (
             "MULTIVAED_MODEL__LEARNING_RATE",
             "1e6",
-            &["rejected_nonfinite", "rejected_ndcg"][..],
+            &["rejected_nonfinite", "rejected_floor", "rejected_ndcg"][..],
         ),
         ("MULTIVAED_TRAIN__MAX_DURATION", "1ms", &["abandoned"][..]),
     ] {
@@ -529,6 +534,73 @@ fn runaway_training_is_rejected_and_the_live_model_keeps_serving() {
         let rec: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(rec["model_version"].as_f64(), Some(live), "{body}");
         assert_eq!(rec["source"], "model", "{body}");
+        let (code, _) = daemon.terminate();
+        assert_eq!(code, Some(0));
+    }
+}
+
+/// Before the first model exists, on a stream without validation users (every user has 4
+/// clicks): at learning rates that give NaN and finite garbage no model ever goes live (users
+/// keep getting popularity), at a sane one a model does; and rounds that are not accepted are
+/// paced by `train.interval` instead of starting again after every ingest batch.
+#[test]
+fn the_first_model_must_beat_a_uniform_guess_and_failed_rounds_are_paced() {
+    const INTERVAL_S: f64 = 2.0;
+    for (lr, sane) in [("10", false), ("1", false), ("0.001", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let setup = Setup::new(&data, PARTITIONS);
+        let mut env = env(&setup, dir.path());
+        env.retain(|(k, _)| k != "MULTIVAED_TRAIN__INTERVAL");
+        env.extend(
+            [
+                ("MULTIVAED_TRAIN__INTERVAL", format!("{INTERVAL_S}s")),
+                ("MULTIVAED_MODEL__LEARNING_RATE", lr.to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        let daemon = Daemon::start(&env, free_port());
+        daemon.wait_for(Duration::from_secs(60), "partitions assigned", |d| {
+            d.metric("multivaed_partitions_assigned", "") >= PARTITIONS as f64
+        });
+        // 3000 users × 4 clicks, over ~8 s: new data in every ingest batch
+        let started = Instant::now();
+        let done = Arc::new(AtomicBool::new(false));
+        produce_paced(setup.clicks.clone(), 0..12_000, 1500.0, done)
+            .join()
+            .unwrap();
+        daemon.wait_for(Duration::from_secs(60), "every click stored", |d| {
+            d.metric("multivaed_store_interactions", "") >= 12_000.0
+        });
+        let rounds = |d: &Daemon| d.metric("multivaed_training_rounds_total", "");
+        if sane {
+            daemon.wait_for(Duration::from_secs(120), "a sane first model", |d| {
+                d.metric("multivaed_model_version", "") >= 1.0
+            });
+            assert!(daemon.log_contains("too few validation users"));
+        } else {
+            // a few more intervals: retries stay paced and never publish
+            std::thread::sleep(Duration::from_secs_f64(3.0 * INTERVAL_S));
+            let elapsed = started.elapsed().as_secs_f64();
+            let n = rounds(&daemon);
+            eprintln!("lr {lr}: {n} rounds in {elapsed:.1} s");
+            assert_eq!(
+                daemon.metric("multivaed_training_rounds_total", "result=\"accepted\""),
+                0.0,
+                "lr {lr}: a garbage model was accepted"
+            );
+            assert_eq!(daemon.metric("multivaed_model_version", ""), 0.0);
+            assert!(n >= 1.0, "lr {lr}: no round ran");
+            assert!(
+                n <= elapsed / INTERVAL_S + 2.0,
+                "lr {lr}: {n} rounds in {elapsed:.1} s with train.interval {INTERVAL_S} s"
+            );
+            assert!(daemon.log_contains("next training round after train.interval"));
+            let (status, body) = daemon.get("/v1/users/u1/recommendations").unwrap();
+            assert_eq!(status, 200, "{body}");
+            let rec: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(rec["source"], "popular", "lr {lr}: {body}");
+        }
         let (code, _) = daemon.terminate();
         assert_eq!(code, Some(0));
     }
