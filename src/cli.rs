@@ -381,7 +381,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         config,
         epochs: args.epochs,
         seed: args.seed,
-        device: crate::daemon::open_device(&args.device)?.0,
+        device: crate::daemon::open_device(parse_device(&args.device)?)?.0,
     };
     let bar = indicatif::ProgressBar::new(args.epochs as u64);
     bar.set_style(
@@ -481,7 +481,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Model(args) => {
             set_threads(args.threads)?;
-            let (device, device_name) = crate::daemon::open_device(&args.device)?;
+            let (device, device_name) = crate::daemon::open_device(parse_device(&args.device)?)?;
             let opts = bench::ModelBenchOptions {
                 device,
                 device_name,
@@ -543,7 +543,7 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
     })?;
     let live = loaded
         .map(|(t, m)| -> Result<_> {
-            Ok(crate::registry::LiveModel {
+            Ok(crate::live::LiveModel {
                 version: m.model_version,
                 model: t.model().for_serving()?,
                 swapped_at: std::time::SystemTime::now(),
@@ -569,16 +569,17 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
             }
             idx.sort_unstable();
             idx.dedup();
-            let recs = live.model.recommend(&[&idx], args.k)?;
-            let items =
-                crate::serve::scored_items(&store, recs.first().map_or(&[][..], |r| r), args.k);
-            Some(crate::serve::Recommendation {
-                user_id: String::new(),
-                items,
-                model_version: Some(live.version),
-                generated_at: 0,
-                source: "model".into(),
-            })
+            let scored = crate::serve::score_histories(
+                &store,
+                Some(&live),
+                &[u32::MAX],
+                vec![String::new()],
+                vec![idx],
+                args.k,
+            )?;
+            scored
+                .first()
+                .map(|s| crate::serve::to_recommendation(&store, s, args.k, Some(live.version)))
         }
         (None, None) => bail!("give --user or --items"),
     };
@@ -626,16 +627,18 @@ fn run_models(args: ModelsArgs) -> Result<()> {
     }
 }
 
+/// A `--device` argument ("auto", "cpu", "cuda:N").
+fn parse_device(s: &str) -> Result<crate::config::DeviceChoice> {
+    s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
             let config = crate::config::Config::load(args.config.as_deref())?;
-            runtime()?.block_on(async move {
-                let shared = crate::daemon::open(config)?;
-                crate::daemon::run(shared).await
-            })
+            runtime()?.block_on(async move { crate::daemon::Daemon::open(config)?.run().await })
         }
         Command::Demo(args) => {
             runtime()?.block_on(crate::demo::run_demo(crate::demo::DemoOptions {

@@ -21,7 +21,7 @@ pub struct Config {
     /// Where the store and model versions live.
     pub data_dir: PathBuf,
     /// Training device: "auto", "cpu" or "cuda:N".
-    pub device: String,
+    pub device: DeviceChoice,
     pub kafka: KafkaConfig,
     pub store: StoreConfig,
     pub model: ModelConfig,
@@ -123,7 +123,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("multivaed-data"),
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             kafka: KafkaConfig::default(),
             store: StoreConfig::default(),
             model: ModelConfig::default(),
@@ -231,10 +231,12 @@ impl Config {
             }
             fig = fig.merge(Toml::file(p));
         }
-        // MULTIVAED_CONFIG names the file (clap); MULTIVAED_CRASH_AT is the fault-injection hook
+        // not configuration: MULTIVAED_CONFIG names the file (clap), MULTIVAED_CRASH_AT and
+        // MULTIVAED_PANIC_AT are the fault-injection hooks, MULTIVAED_TOOLS is where the
+        // project's scripts install the test tools
         fig = fig.merge(
             Env::prefixed("MULTIVAED_")
-                .ignore(&["config", "crash_at"])
+                .ignore(&["config", "crash_at", "panic_at", "tools"])
                 .filter(|k| property_suffix(k.as_str()).is_none())
                 .split("__"),
         );
@@ -303,12 +305,12 @@ impl Config {
                 bail!("invalid configuration: {msg}");
             }
         }
-        parse_device(&self.device)?;
         Ok(())
     }
 }
 
-/// The training device a `device` setting asks for.
+/// The training device a `device` setting asks for: "auto", "cpu" or "cuda:N" (parsed once,
+/// where the configuration is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     Auto,
@@ -316,21 +318,66 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
-/// Parses "auto", "cpu" or "cuda:N".
-pub fn parse_device(s: &str) -> Result<DeviceChoice> {
-    match s {
-        "auto" => Ok(DeviceChoice::Auto),
-        "cpu" => Ok(DeviceChoice::Cpu),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
-            _ => bail!("invalid configuration: device: expected \"auto\", \"cpu\" or \"cuda:N\", got {s:?}"),
-        },
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!(
+                    "expected \"auto\", \"cpu\" or \"cuda:N\", got {s:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail returns its own error type
+    fn the_scripts_and_fault_hook_variables_are_not_configuration() {
+        figment::Jail::expect_with(|jail| {
+            for k in [
+                "MULTIVAED_TOOLS",
+                "MULTIVAED_CRASH_AT",
+                "MULTIVAED_PANIC_AT",
+            ] {
+                jail.set_env(k, "x");
+            }
+            Config::load(None).map_err(|e| format!("{e:#}"))?;
+            Ok(())
+        });
+    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail returns its own error type

@@ -1,108 +1,54 @@
-//! `multivaed run`: wires the stages together. Kafka → ingest → store → train (own thread) →
-//! registry → serve → Kafka, plus HTTP; SIGTERM/SIGINT stop consumption, flush the store, commit
-//! offsets, abandon a training round in progress and exit.
+//! `multivaed run`: builds each stage's context from the one set of shared parts, starts the
+//! stages and supervises them. Kafka → ingest → store → train (own thread) → live model →
+//! serve → Kafka, with http and systemd notify beside them. SIGTERM/SIGINT stop consumption,
+//! flush the store, commit offsets, abandon a training round in progress and exit 0; a stage
+//! that fails or stops by itself stops the daemon with an error naming it (non-zero exit).
+//! No stage imports this module: each gets only what it uses.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use futures::FutureExt;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
 
-use crate::config::{parse_device, Config, DeviceChoice};
-use crate::metrics::Metrics;
-use crate::registry::ModelRegistry;
-use crate::serve::{DirtyUsers, LastRecommendations, LatencySamples};
+use crate::activity::Activity;
+use crate::config::{Config, DeviceChoice};
+use crate::health::Health;
+use crate::live::LiveModelSlot;
+use crate::metrics::{LatencySamples, Metrics};
+use crate::online::OnlineEval;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
-use crate::train::RecentlyActive;
 
-/// Liveness facts for `/readyz`.
-#[derive(Default)]
-pub struct Health {
-    pub partitions: AtomicUsize,
-    pub broker_up: AtomicBool,
-}
-
-/// A shutdown signal that async tasks await and threads poll.
-pub struct Shutdown {
-    flag: AtomicBool,
-    tx: watch::Sender<bool>,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self {
-            flag: AtomicBool::new(false),
-            tx: watch::channel(false).0,
-            lock: Mutex::new(()),
-            cv: Condvar::new(),
-        }
-    }
-}
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::Release);
-        self.tx.send_replace(true);
-        self.cv.notify_all();
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
-    }
-
-    /// A receiver whose `changed()` resolves at shutdown.
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.tx.subscribe()
-    }
-
-    /// Sleeps up to `d`, waking early at shutdown.
-    pub fn wait_timeout(&self, d: Duration) {
-        if let Ok(g) = self.lock.lock() {
-            let _ = self.cv.wait_timeout_while(g, d, |_| !self.is_set());
-        }
-    }
-}
-
-/// State shared by every stage.
-pub struct Shared {
+/// The parts one daemon process shares among its stages (each part has one owner that changes
+/// it; see the stage contexts built in [`Daemon::run`]).
+#[derive(Clone)]
+pub struct Daemon {
     pub config: Config,
     pub store: Arc<Store>,
-    pub metrics: Metrics,
-    pub registry: ModelRegistry,
-    pub dirty: DirtyUsers,
-    /// Interactions stored since the last training round started.
-    pub new_interactions: AtomicU64,
-    /// Users active since the last training round started (trained on first).
-    pub recently_active: RecentlyActive,
-    pub health: Health,
-    pub shutdown: Shutdown,
-    pub latencies: LatencySamples,
-    /// What each user was last shown (online hit rate).
-    pub last_recs: LastRecommendations,
+    pub metrics: Arc<Metrics>,
+    pub live: Arc<LiveModelSlot>,
+    pub activity: Arc<Activity>,
+    pub online: Arc<OnlineEval>,
+    pub health: Arc<Health>,
+    pub shutdown: Arc<Shutdown>,
+    pub latencies: Arc<LatencySamples>,
 }
 
-/// Chooses the training device; logs it and sets `multivaed_device_info`.
-pub fn select_device(setting: &str, metrics: &Metrics) -> Result<Device> {
-    let (device, name) = open_device(setting)?;
-    metrics.device_info.with_label_values(&[&name]).set(1.0);
-    info!(device = %name, "training device");
-    Ok(device)
-}
-
-/// Opens the device a `device` setting ("auto", "cpu", "cuda:N") names, and its resolved name.
-pub fn open_device(setting: &str) -> Result<(Device, String)> {
-    let device = match parse_device(setting)? {
+/// Opens the training device a `device` setting names, and its resolved name.
+pub fn open_device(choice: DeviceChoice) -> Result<(Device, String)> {
+    let device = match choice {
         DeviceChoice::Cpu => Device::Cpu,
         DeviceChoice::Cuda(n) => {
             if !candle_core::utils::cuda_is_available() {
-                bail!("device: {setting:?} asked for, but this build has no CUDA support (build with --features cuda)");
+                bail!("device: \"cuda:{n}\" asked for, but this build has no CUDA support (build with --features cuda)");
             }
-            Device::new_cuda(n).with_context(|| format!("device: cannot open {setting}"))?
+            Device::new_cuda(n).with_context(|| format!("device: cannot open cuda:{n}"))?
         }
         DeviceChoice::Auto => {
             if candle_core::utils::cuda_is_available() {
@@ -118,119 +64,218 @@ pub fn open_device(setting: &str) -> Result<(Device, String)> {
             }
         }
     };
-    let name = if device.is_cuda() {
-        setting.replace("auto", "cuda:0")
-    } else {
-        "cpu".into()
+    let name = match (&device, choice) {
+        (Device::Cpu, _) => "cpu".to_string(),
+        (_, DeviceChoice::Cuda(n)) => format!("cuda:{n}"),
+        _ => "cuda:0".to_string(),
     };
     Ok((device, name))
 }
 
-/// Opens the store, builds the shared state.
-pub fn open(config: Config) -> Result<Arc<Shared>> {
-    let store = Store::open_with_cache(
-        &config.data_dir,
-        config.store.max_history,
-        config.store.cache_mb << 20,
-    )?;
-    let metrics = Metrics::new().context("cannot register metrics")?;
-    metrics.up.set(1);
-    let shared = Arc::new(Shared {
-        dirty: DirtyUsers::new(config.serve.max_dirty_users),
-        store: Arc::new(store),
-        metrics,
-        registry: ModelRegistry::new(),
-        new_interactions: AtomicU64::new(0),
-        recently_active: RecentlyActive::new(config.train.max_users_per_round),
-        health: Health::default(),
-        shutdown: Shutdown::default(),
-        latencies: LatencySamples::new(100_000),
-        last_recs: LastRecommendations::new(config.serve.online_eval_users),
-        config,
-    });
-    shared.health.broker_up.store(true, Ordering::Release);
-    Ok(shared)
+impl Daemon {
+    /// Opens the store and builds the shared parts.
+    pub fn open(config: Config) -> Result<Self> {
+        let store = Store::open_with_cache(
+            &config.data_dir,
+            config.store.max_history,
+            config.store.cache_mb << 20,
+        )?;
+        let metrics = Metrics::new().context("cannot register metrics")?;
+        metrics.up.set(1);
+        Ok(Self {
+            store: Arc::new(store),
+            metrics: Arc::new(metrics),
+            live: Arc::new(LiveModelSlot::new()),
+            activity: Arc::new(Activity::new(
+                config.serve.max_dirty_users,
+                config.train.max_users_per_round,
+            )),
+            online: Arc::new(OnlineEval::new(config.serve.online_eval_users)),
+            health: Arc::new(Health::default()),
+            shutdown: Arc::new(Shutdown::default()),
+            latencies: Arc::new(LatencySamples::new(100_000)),
+            config,
+        })
+    }
+
+    /// Runs every stage until shutdown (a signal, `shutdown.trigger()`, or a stage's failure).
+    pub async fn run(self) -> Result<()> {
+        if self.config.kafka.brokers.trim().is_empty() {
+            bail!("kafka.brokers is empty: set it in the config file or MULTIVAED_KAFKA__BROKERS (or try `multivaed demo`)");
+        }
+        let (device, name) = open_device(self.config.device)?;
+        self.metrics
+            .device_info
+            .with_label_values(&[&name])
+            .set(1.0);
+        info!(device = %name, "training device");
+        let listener = tokio::net::TcpListener::bind(self.config.http.listen)
+            .await
+            .with_context(|| format!("http.listen: cannot bind {}", self.config.http.listen))?;
+        info!(addr = %listener.local_addr()?, "HTTP listening");
+        let worker = crate::train::Worker::start(self.training(device))?;
+        let ingest = self.ingest();
+        let consumer = ingest.consumer()?;
+        let producer = crate::kafka::producer(&self.config.kafka)?;
+
+        let mut stages = JoinSet::new();
+        stage(&mut stages, "http", self.http().serve(listener));
+        stage(
+            &mut stages,
+            "ingest",
+            ingest.run(consumer, producer.clone()),
+        );
+        stage(&mut stages, "serve", self.scorer().run(producer.clone()));
+        stage(
+            &mut stages,
+            "broker probe",
+            self.probe().run(producer.clone()),
+        );
+        stage(&mut stages, "notify", self.notifier().run());
+        stage(&mut stages, "train", worker.run_on_thread());
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = wait_for_signal() => info!("signal received: shutting down"),
+                _ = shutdown.wait() => {}
+            }
+            shutdown.trigger();
+        });
+        let outcome = supervise(&self.shutdown, stages).await;
+        self.store.flush()?;
+        use rdkafka::producer::Producer;
+        let _ = producer.flush(Duration::from_secs(5));
+        self.metrics.up.set(0);
+        self.log_summary();
+        outcome
+    }
+
+    fn log_summary(&self) {
+        let ms = |q: f64| {
+            self.latencies
+                .quantile(q)
+                .map(|s| s * 1000.0)
+                .unwrap_or(f64::NAN)
+        };
+        info!(
+            recommendations = self.latencies.count(),
+            click_to_recommendation_p50_ms = ms(0.5),
+            click_to_recommendation_p99_ms = ms(0.99),
+            "stopped"
+        );
+    }
+
+    fn ingest(&self) -> crate::ingest::Ingest {
+        crate::ingest::Ingest {
+            kafka: self.config.kafka.clone(),
+            store: self.store.clone(),
+            activity: self.activity.clone(),
+            online: self.online.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    fn probe(&self) -> crate::ingest::BrokerProbe {
+        crate::ingest::BrokerProbe {
+            group_id: self.config.kafka.group_id.clone(),
+            health: self.health.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    fn training(&self, device: Device) -> crate::train::Training {
+        crate::train::Training {
+            train: self.config.train.clone(),
+            model: self.config.model.clone(),
+            models_dir: self.config.data_dir.join("models"),
+            device,
+            store: self.store.clone(),
+            activity: self.activity.clone(),
+            live: self.live.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    fn scorer(&self) -> crate::serve::Scorer {
+        crate::serve::Scorer {
+            serve: self.config.serve.clone(),
+            topic: self.config.kafka.recommendations_topic.clone(),
+            store: self.store.clone(),
+            activity: self.activity.clone(),
+            live: self.live.clone(),
+            online: self.online.clone(),
+            metrics: self.metrics.clone(),
+            latencies: self.latencies.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    fn http(&self) -> crate::http::Http {
+        crate::http::Http {
+            default_k: self.config.serve.k,
+            store: self.store.clone(),
+            live: self.live.clone(),
+            activity: self.activity.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    fn notifier(&self) -> crate::notify::Notifier {
+        crate::notify::Notifier {
+            store: self.store.clone(),
+            live: self.live.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
 }
 
-/// Runs the daemon until `shared.shutdown` is triggered (or a signal arrives).
-pub async fn run(shared: Arc<Shared>) -> Result<()> {
-    if shared.config.kafka.brokers.trim().is_empty() {
-        bail!("kafka.brokers is empty: set it in the config file or MULTIVAED_KAFKA__BROKERS (or try `multivaed demo`)");
+/// Starts a stage as a task that reports its name with its end (a panic becomes an error).
+fn stage(
+    stages: &mut JoinSet<(&'static str, Result<()>)>,
+    name: &'static str,
+    run: impl Future<Output = Result<()>> + Send + 'static,
+) {
+    stages.spawn(async move {
+        let result = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => Err(anyhow!(
+                "panicked: {}",
+                crate::fault::panic_message(&*panic)
+            )),
+        };
+        (name, result)
+    });
+}
+
+/// Waits for every stage to end. A stage that fails, or ends before shutdown was asked for,
+/// triggers shutdown; the first such failure is the daemon's result, naming the stage.
+async fn supervise(
+    shutdown: &Shutdown,
+    mut stages: JoinSet<(&'static str, Result<()>)>,
+) -> Result<()> {
+    let mut failure: Option<anyhow::Error> = None;
+    while let Some(joined) = stages.join_next().await {
+        let (name, result) = match joined {
+            Ok(ended) => ended,
+            Err(e) => ("(unknown)", Err(anyhow!("task failed: {e}"))),
+        };
+        let err = match result {
+            Ok(()) if shutdown.is_set() => continue,
+            Ok(()) => anyhow!("stopped by itself"),
+            Err(e) => e,
+        };
+        error!(stage = name, error = %format!("{err:#}"), "stage failed; shutting down");
+        shutdown.trigger();
+        failure.get_or_insert(err.context(format!("stage {name} failed")));
     }
-    let device = select_device(&shared.config.device, &shared.metrics)?;
-    let listener = tokio::net::TcpListener::bind(shared.config.http.listen)
-        .await
-        .with_context(|| format!("http.listen: cannot bind {}", shared.config.http.listen))?;
-    info!(addr = %listener.local_addr()?, "HTTP listening");
-    let http = {
-        let router = crate::http::router(shared.clone());
-        let mut rx = shared.shutdown.subscribe();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-        })
-    };
-    let trainer = crate::train::spawn(shared.clone(), device)?;
-    let consumer = crate::ingest::consumer(shared.clone())?;
-    let producer = crate::ingest::producer(&shared)?;
-    let ingest = {
-        let s = shared.clone();
-        let run = crate::ingest::run(shared.clone(), consumer, producer.clone());
-        tokio::spawn(async move {
-            let r = run.await;
-            if let Err(e) = &r {
-                // without ingestion the daemon is useless: stop (non-zero exit, the supervisor restarts)
-                tracing::error!(error = %format!("{e:#}"), "ingest failed; shutting down");
-                s.shutdown.trigger();
-            }
-            r
-        })
-    };
-    let serve = tokio::spawn(crate::serve::run(shared.clone(), producer.clone()));
-    tokio::spawn(crate::ingest::probe_brokers(
-        shared.clone(),
-        producer.clone(),
-    ));
-    let notify = tokio::spawn(crate::notify::run(shared.clone()));
-    {
-        let s = shared.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("signal received: shutting down");
-            s.shutdown.trigger();
-        });
-    }
-    let mut rx = shared.shutdown.subscribe();
-    let _ = rx.changed().await;
-    let _ = notify.await;
-    let ingest_result = ingest.await;
-    let _ = serve.await;
-    let _ = http.await;
-    let _ = tokio::task::spawn_blocking(move || trainer.join()).await;
-    shared.store.flush()?;
-    use rdkafka::producer::Producer;
-    let _ = producer.flush(Duration::from_secs(5));
-    shared.metrics.up.set(0);
-    let ms = |q: f64| {
-        shared
-            .latencies
-            .quantile(q)
-            .map(|s| s * 1000.0)
-            .unwrap_or(f64::NAN)
-    };
-    info!(
-        recommendations = shared.latencies.count(),
-        click_to_recommendation_p50_ms = ms(0.5),
-        click_to_recommendation_p99_ms = ms(0.99),
-        "stopped"
-    );
-    match ingest_result {
-        Ok(r) => r,
-        Err(e) => Err(anyhow::anyhow!("ingest task failed: {e}")),
-    }
+    failure.map_or(Ok(()), Err)
 }
 
 async fn wait_for_signal() {
@@ -252,5 +297,63 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failing_stage_stops_the_others_and_is_named() {
+        let shutdown = Arc::new(Shutdown::default());
+        let mut stages = JoinSet::new();
+        let s = shutdown.clone();
+        stage(&mut stages, "steady", async move {
+            s.wait().await;
+            Ok(())
+        });
+        stage(&mut stages, "flaky", async { Err(anyhow!("disk on fire")) });
+        let err = tokio::time::timeout(Duration::from_secs(5), supervise(&shutdown, stages))
+            .await
+            .expect("supervision ends")
+            .unwrap_err();
+        assert!(shutdown.is_set());
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("stage flaky failed") && msg.contains("disk on fire"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_or_vanishing_stage_is_a_failure_too() {
+        for (body, expect) in [(0, "panicked: boom"), (1, "stopped by itself")] {
+            let shutdown = Arc::new(Shutdown::default());
+            let mut stages = JoinSet::new();
+            stage(&mut stages, "odd", async move {
+                if body == 0 {
+                    panic!("boom");
+                }
+                Ok(())
+            });
+            let err = supervise(&shutdown, stages).await.unwrap_err();
+            assert!(format!("{err:#}").contains(expect), "{err:#}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stages_that_end_after_shutdown_are_a_clean_stop() {
+        let shutdown = Arc::new(Shutdown::default());
+        let mut stages = JoinSet::new();
+        for name in ["a", "b"] {
+            let s = shutdown.clone();
+            stage(&mut stages, name, async move {
+                s.wait().await;
+                Ok(())
+            });
+        }
+        shutdown.trigger();
+        supervise(&shutdown, stages).await.unwrap();
     }
 }

@@ -1,7 +1,6 @@
 //! `multivaed demo` and `multivaed produce`: a synthetic click stream with latent structure, an
 //! embedded Kafka-protocol broker (librdkafka's mock cluster), and replay of dataset files.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -192,7 +191,7 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
             tmp.clone()
         }
     };
-    config.device = "cpu".into();
+    config.device = crate::config::DeviceChoice::Cpu;
     config.http.listen = opts.listen;
     config.train.interval = Duration::from_secs(10);
     config.train.min_new_events = 5000;
@@ -204,8 +203,8 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
         "multivaed demo: embedded Kafka broker at {brokers}, data in {}",
         config.data_dir.display()
     );
-    let shared = crate::daemon::open(config.clone())?;
-    let daemon = tokio::spawn(crate::daemon::run(shared.clone()));
+    let shared = crate::daemon::Daemon::open(config.clone())?;
+    let daemon = tokio::spawn(shared.clone().run());
 
     // the click stream
     let producer: FutureProducer = ClientConfig::new()
@@ -253,14 +252,14 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
             last = Instant::now();
             if let Some(Ok(r)) = m
                 .payload()
-                .map(serde_json::from_slice::<crate::serve::Recommendation>)
+                .map(serde_json::from_slice::<crate::wire::Recommendation>)
             {
                 let items: Vec<&str> = r.items.iter().take(5).map(|i| i.item_id.as_str()).collect();
                 println!(
                     "recommendation for {}: {} … (source {}, model v{})",
                     r.user_id,
                     items.join(", "),
-                    r.source,
+                    r.source.as_str(),
                     r.model_version
                         .map(|v| v.to_string())
                         .unwrap_or_else(|| "-".into())
@@ -315,7 +314,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-fn summary_line(shared: &Arc<crate::daemon::Shared>, elapsed: Duration) -> String {
+fn summary_line(shared: &crate::daemon::Daemon, elapsed: Duration) -> String {
     let m = &shared.metrics;
     let ms = |q: f64| {
         shared

@@ -1,6 +1,8 @@
-//! Crash points for the fault-injection tests. `MULTIVAED_CRASH_AT=name[:n]` aborts the process
-//! (no destructors, no flush: as abrupt as SIGKILL) the n-th time (default: the first) the named
-//! point is passed. Unset, a point costs one relaxed atomic load.
+//! Fault injection for the tests. `MULTIVAED_CRASH_AT=name[:n]` aborts the process (no
+//! destructors, no flush: as abrupt as SIGKILL) the n-th time (default: the first) the named
+//! crash point is passed; `MULTIVAED_PANIC_AT=name` panics the thread that passes the named
+//! panic point (a stage's bug, which supervision must turn into a stop). Unset, a point costs
+//! one atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -27,4 +29,23 @@ pub fn crash_point(name: &'static str) {
             std::process::abort();
         }
     }
+}
+
+static PANIC_TARGET: OnceLock<Option<String>> = OnceLock::new();
+
+/// Marks a point inside a stage where a bug would panic; panics there when asked to.
+pub fn panic_point(name: &'static str) {
+    let target = PANIC_TARGET.get_or_init(|| std::env::var("MULTIVAED_PANIC_AT").ok());
+    if target.as_deref() == Some(name) {
+        panic!("MULTIVAED_PANIC_AT: panicking at {name}");
+    }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }

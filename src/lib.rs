@@ -1,9 +1,26 @@
 //! multivaed: a streaming Multi-VAE recommender (Liang et al., WWW 2018).
 //!
-//! Data flows one way: Kafka → [`ingest`] → [`store`] → [`train`] → [`registry`] → [`serve`] →
-//! Kafka, with [`http`] and [`metrics`] as the outside surface. The learning core is [`model`];
-//! [`eval`] is the paper's offline evaluation protocol.
+//! Data flows one way, each stage a module that gets a context holding only what it uses:
+//!
+//! ```text
+//! Kafka ─▶ ingest ─▶ store ─▶ train (own thread) ─▶ live ─▶ serve ─▶ Kafka
+//!            │ (wire: the messages in and out)        ▲        │
+//!            └────▶ activity (who waits, who is new) ─┴────────┘
+//! ```
+//!
+//! - [`ingest`] consumes click events ([`wire`]), dead-letters bad ones, writes good ones to the
+//!   [`store`] with their offsets, and reports each stored batch to [`activity`] and [`online`].
+//! - [`train`] reads histories from the store when [`activity`] says enough is new, fine-tunes the
+//!   [`model`], checkpoints it and publishes it to the [`live`] slot.
+//! - [`serve`] takes waiting users from [`activity`], ranks them with the live model and publishes
+//!   recommendations ([`wire`]); [`http`] answers pulls with the same ranking.
+//!
+//! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
+//! [`online`] (the prequential hit rate), [`live`], [`metrics`], [`kafka`] (client settings),
+//! [`config`]. [`daemon`] wires the stages together and supervises them; [`notify`] speaks
+//! systemd's protocol. [`eval`] is the paper's offline protocol; [`demo`] the embedded demo.
 
+pub mod activity;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -11,12 +28,17 @@ pub mod daemon;
 pub mod demo;
 pub mod eval;
 pub mod fault;
+pub mod health;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
+pub mod live;
 pub mod metrics;
 pub mod model;
 pub mod notify;
-pub mod registry;
+pub mod online;
 pub mod serve;
+pub mod shutdown;
 pub mod store;
 pub mod train;
+pub mod wire;

@@ -247,6 +247,13 @@ impl Metrics {
         Ok(m)
     }
 
+    /// The store's size gauges.
+    pub fn set_store_counts(&self, counts: crate::store::StoreCounts) {
+        self.store_users.set(counts.users as i64);
+        self.store_items.set(counts.items as i64);
+        self.store_interactions.set(counts.interactions as i64);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         use prometheus::Encoder;
@@ -256,6 +263,56 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The most recent click-to-recommendation latencies (seconds), bounded, for exact quantiles in
+/// summaries (the histogram metric has bucket resolution only).
+pub struct LatencySamples {
+    samples: std::sync::Mutex<std::collections::VecDeque<f64>>,
+    cap: usize,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl LatencySamples {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            samples: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            cap: cap.max(1),
+            count: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn samples(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<f64>> {
+        self.samples
+            .lock()
+            .expect("latency samples poisoned by a panic")
+    }
+
+    pub fn record(&self, seconds: f64) {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut s = self.samples();
+        if s.len() == self.cap {
+            s.pop_front();
+        }
+        s.push_back(seconds);
+    }
+
+    /// Recommendations delivered so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The q-quantile (0..=1) of the kept samples, if any.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let mut v: Vec<f64> = self.samples().iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let idx = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        Some(v[idx])
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use multivaed::demo::SyntheticStream;
-use multivaed::serve::Recommendation;
+use multivaed::wire::{Recommendation, Source};
 
 fn click(user: usize, item: usize, integer_ids: bool) -> Vec<u8> {
     if integer_ids {
@@ -283,7 +283,10 @@ fn clicks_in_recommendations_out_restart_and_resume() {
             );
         }
     }
-    let by_model = latest.values().filter(|r| r.source == "model").count();
+    let by_model = latest
+        .values()
+        .filter(|r| r.source == Source::Model)
+        .count();
     assert!(
         by_model * 10 >= latest.len() * 9,
         "{by_model} of {} scored by the model",

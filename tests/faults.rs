@@ -606,6 +606,48 @@ fn the_first_model_must_beat_a_uniform_guess_and_failed_rounds_are_paced() {
     }
 }
 
+/// A stage that dies — a panic injected into the training thread, then into the scorer — stops
+/// the whole daemon with a non-zero exit and an error naming the stage, instead of leaving it
+/// running (and "ready") with a stale model or no recommendations.
+#[test]
+fn a_stage_that_dies_stops_the_daemon_with_an_error_naming_it() {
+    for (point, stage) in [("train.round", "train"), ("serve.batch", "serve")] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let setup = Setup::new(&data, PARTITIONS);
+        let env = env(&setup, dir.path());
+        let log = dir.path().join("daemon.log");
+        let extra = [("MULTIVAED_PANIC_AT", point.to_string())];
+        let mut child = spawn(&env, &extra, free_port(), &log);
+        // clicks: a training round is due and users wait to be scored
+        let done = Arc::new(AtomicBool::new(false));
+        produce_paced(setup.clicks.clone(), 0..3000, 1e9, done)
+            .join()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                sigkill(&mut child);
+                panic!(
+                    "{point}: the daemon kept running without its {stage} stage:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!status.success(), "{point}: exit status {status}:\n{text}");
+        assert!(
+            text.contains(&format!("stage {stage} failed"))
+                && text.contains(&format!("panicking at {point}")),
+            "{point}: no error naming the stage:\n{text}"
+        );
+    }
+}
+
 /// Two daemons in one consumer group (separate data dirs) over 4 partitions while clicks keep
 /// coming: B joins, B leaves (SIGTERM), B joins again, A dies (SIGKILL). B, owning every
 /// partition after the last assignment, stores each partition's events exactly once, up to the

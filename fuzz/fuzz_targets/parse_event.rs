@@ -5,18 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-/// The store's `Click`, as the parser builds it (kept in step by the compiler: event.rs
-/// constructs it field by field).
-mod store {
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct Click {
-        pub user: String,
-        pub item: String,
-        pub timestamp_ms: Option<u64>,
-    }
-}
-
-#[path = "../../src/ingest/event.rs"]
+#[path = "../../src/wire/click.rs"]
 #[allow(dead_code)]
 mod event;
 

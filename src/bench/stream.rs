@@ -24,7 +24,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
-use crate::serve::Recommendation;
+use crate::wire::Recommendation;
 
 /// Options of `multivaed bench stream`.
 #[derive(Debug, Clone)]

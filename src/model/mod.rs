@@ -18,7 +18,7 @@ pub use config::{number, ModelConfig};
 pub use data::Interactions;
 pub use topk::top_k_unseen;
 pub use trainer::{splitmix, EpochStats, FirstLayer, StepStats, Trainer};
-pub use vae::{Linear, MultiVae};
+pub use vae::MultiVae;
 
 #[cfg(test)]
 mod tests;

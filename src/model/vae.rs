@@ -11,11 +11,13 @@ use super::kernels::{bag_forward, tanh, with_slice, Bag};
 use super::topk::top_k_unseen;
 use super::ModelConfig;
 
-/// One affine layer, `y = x · weight + bias`, `weight`: [in × out], `bias`: [out].
+/// One affine layer, `y = x · weight + bias`, `weight` stored input-major [in × out] (so the
+/// first layer's rows and the output layer's columns are items), `bias` [out]. Not
+/// `candle_nn::Linear`, which stores its weight [out × in].
 #[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Tensor,
+pub(crate) struct Affine {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 /// A Multi-VAE: encoder items → hidden… → 2·latent (μ, log σ²); decoder latent → …hidden → items.
@@ -23,8 +25,8 @@ pub struct Linear {
 pub struct MultiVae {
     config: ModelConfig,
     n_items: usize,
-    pub(crate) encoder: Vec<Linear>,
-    pub(crate) decoder: Vec<Linear>,
+    pub(crate) encoder: Vec<Affine>,
+    pub(crate) decoder: Vec<Affine>,
     /// Serving copies only (`for_serving`): the output layer's weight transposed to
     /// [items × hidden] (contiguous), which makes scoring a few users about twice as fast.
     output_t: Option<Tensor>,
@@ -76,12 +78,12 @@ impl MultiVae {
     ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
         let (enc, dec) = layer_dims(config, n_items);
-        let mut make = |dims: &[usize]| -> Result<Vec<Linear>> {
+        let mut make = |dims: &[usize]| -> Result<Vec<Affine>> {
             dims.windows(2)
                 .map(|d| {
                     let w = xavier(rng, d[0], d[1], d[0], d[1]);
                     let b = bias_init(rng, d[1]);
-                    Ok(Linear {
+                    Ok(Affine {
                         weight: Tensor::from_vec(w, (d[0], d[1]), device)?,
                         bias: Tensor::from_vec(b, d[1], device)?,
                     })
@@ -108,7 +110,7 @@ impl MultiVae {
     ) -> std::result::Result<Self, String> {
         config.validate()?;
         let (enc, dec) = layer_dims(config, n_items);
-        let mut load = |prefix: &str, dims: &[usize]| -> std::result::Result<Vec<Linear>, String> {
+        let mut load = |prefix: &str, dims: &[usize]| -> std::result::Result<Vec<Affine>, String> {
             dims.windows(2)
                 .enumerate()
                 .map(|(k, d)| {
@@ -132,7 +134,7 @@ impl MultiVae {
                             d[1]
                         ));
                     }
-                    Ok(Linear { weight, bias })
+                    Ok(Affine { weight, bias })
                 })
                 .collect()
         };
@@ -184,10 +186,10 @@ impl MultiVae {
 
     /// A copy that shares no storage with `self` (training updates weights in place).
     pub fn deep_copy(&self) -> Result<Self> {
-        let copy = |ls: &[Linear]| -> Result<Vec<Linear>> {
+        let copy = |ls: &[Affine]| -> Result<Vec<Affine>> {
             ls.iter()
                 .map(|l| {
-                    Ok(Linear {
+                    Ok(Affine {
                         weight: l.weight.copy()?,
                         bias: l.bias.copy()?,
                     })
@@ -205,10 +207,10 @@ impl MultiVae {
 
     /// The same weights on another device.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        let mv = |ls: &[Linear]| -> Result<Vec<Linear>> {
+        let mv = |ls: &[Affine]| -> Result<Vec<Affine>> {
             ls.iter()
                 .map(|l| {
-                    Ok(Linear {
+                    Ok(Affine {
                         weight: l.weight.to_device(device)?,
                         bias: l.bias.to_device(device)?,
                     })

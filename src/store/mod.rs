@@ -15,14 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::Interactions;
 
-/// One positive interaction, as ingested.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Click {
-    pub user: String,
-    pub item: String,
-    /// Event time (ms since the epoch), when the producer gave one.
-    pub timestamp_ms: Option<u64>,
-}
+pub use crate::wire::Click;
 
 /// The next offset to read of one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +51,7 @@ pub struct StoreCounts {
 const NEXT_USER: &[u8] = b"mnext_user";
 const NEXT_ITEM: &[u8] = b"mnext_item";
 const INTERACTIONS: &[u8] = b"minteractions";
-/// The layout of the records (absent: format 1, before 2026-11-28).
+/// The layout of the records (absent: format 1, the original layout).
 const FORMAT: &[u8] = b"mformat";
 /// Format 2: a user's index and history in one record under its external id (one read and one
 /// write per click); items are found through the in-memory catalogue.
@@ -162,6 +155,14 @@ pub struct Store {
 }
 
 impl Store {
+    /// The item catalogue, read. A poisoned lock means a writer panicked mid-change: a bug, so
+    /// this panics too (the stage dies and the daemon stops) rather than answer with nothing.
+    fn catalogue(&self) -> std::sync::RwLockReadGuard<'_, Catalogue> {
+        self.items
+            .read()
+            .expect("store catalogue poisoned by a panic")
+    }
+
     /// Opens (or creates) the store under `dir`, with the default page cache (`store.cache_mb`).
     pub fn open(dir: &Path, max_history: usize) -> Result<Self> {
         let cache_mb = crate::config::StoreConfig::default().cache_mb;
@@ -452,7 +453,7 @@ impl Store {
 
     /// The external id of an item index.
     pub fn item_id(&self, item: u32) -> Option<String> {
-        Some(self.items.read().ok()?.ids.get(item as usize)?.to_string())
+        Some(self.catalogue().ids.get(item as usize)?.to_string())
     }
 
     /// A user's external id and items, oldest first (`None` for an unknown index).
@@ -476,10 +477,10 @@ impl Store {
 
     /// The most popular items (by users holding them), best first, excluding `seen` (sorted).
     pub fn popular(&self, k: usize, seen: &[u32]) -> Vec<(u32, f32)> {
-        let pop = match self.popularity.read() {
-            Ok(p) => p,
-            Err(_) => return Vec::new(),
-        };
+        let pop = self
+            .popularity
+            .read()
+            .expect("store popularity poisoned by a panic");
         let scores: Vec<f32> = pop.iter().map(|&c| c as f32).collect();
         crate::model::top_k_unseen(&scores, None, seen, k)
     }
@@ -488,7 +489,7 @@ impl Store {
     pub fn counts(&self) -> StoreCounts {
         StoreCounts {
             users: self.n_users.load(Ordering::Acquire),
-            items: self.items.read().map(|c| c.ids.len()).unwrap_or(0) as u64,
+            items: self.catalogue().ids.len() as u64,
             interactions: self.interactions.load(Ordering::Acquire),
         }
     }

@@ -7,21 +7,41 @@
 //! not worse than the live model's by more than `train.max_ndcg_drop`. Accepted models are
 //! checkpointed before they are published.
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
 use tracing::{error, info, info_span, warn};
 
-use crate::daemon::Shared;
+use crate::activity::Activity;
+use crate::config::TrainConfig;
 use crate::eval::{evaluate_model, evaluate_popularity};
-use crate::model::{splitmix as mix, Checkpoints, EpochStats, Interactions, MultiVae, Trainer};
-use crate::registry::LiveModel;
-use crate::store::Sample;
+use crate::live::{LiveModel, LiveModelSlot};
+use crate::metrics::Metrics;
+use crate::model::{
+    splitmix as mix, Checkpoints, EpochStats, Interactions, ModelConfig, MultiVae, Trainer,
+};
+use crate::shutdown::Shutdown;
+use crate::store::{Sample, Store};
+
+/// What training uses: its settings, where model versions live, the device, the store it
+/// reads histories from, the activity record that says what is new, and the live-model slot
+/// it publishes to.
+pub struct Training {
+    pub train: TrainConfig,
+    pub model: ModelConfig,
+    pub models_dir: PathBuf,
+    pub device: Device,
+    pub store: Arc<Store>,
+    pub activity: Arc<Activity>,
+    pub live: Arc<LiveModelSlot>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Arc<Shutdown>,
+}
 
 /// Validation data: the fold-in and held-out items of a fixed sample of users.
 pub struct Validation {
@@ -75,41 +95,6 @@ pub fn split_validation(
         }
     }
     Ok((train, val))
-}
-
-/// Users whose history changed since the last round started (bounded: past `cap` the newest are
-/// not noted; they may still be drawn in the round's random sample).
-pub struct RecentlyActive {
-    users: Mutex<HashSet<u32>>,
-    cap: usize,
-}
-
-impl RecentlyActive {
-    pub fn new(cap: usize) -> Self {
-        Self {
-            users: Mutex::new(HashSet::new()),
-            cap,
-        }
-    }
-
-    pub fn note(&self, users: &[u32]) {
-        if let Ok(mut set) = self.users.lock() {
-            for &u in users {
-                if set.len() >= self.cap {
-                    break;
-                }
-                set.insert(u);
-            }
-        }
-    }
-
-    /// The users noted so far, forgetting them.
-    pub fn take(&self) -> HashSet<u32> {
-        self.users
-            .lock()
-            .map(|mut s| std::mem::take(&mut *s))
-            .unwrap_or_default()
-    }
 }
 
 /// NDCG@100 of `model` on the validation users (fold-in items the model does not know are
@@ -187,8 +172,7 @@ struct Judgement {
 
 /// The worker's state between rounds.
 pub struct Worker {
-    shared: Arc<Shared>,
-    device: Device,
+    ctx: Training,
     checkpoints: Checkpoints,
     trainer: Option<Trainer>,
     version: u64,
@@ -198,11 +182,10 @@ pub struct Worker {
 
 impl Worker {
     /// Loads the newest valid checkpoint (skipping broken ones) and publishes it.
-    pub fn start(shared: Arc<Shared>, device: Device) -> Result<Self> {
-        let checkpoints = Checkpoints::new(shared.config.data_dir.join("models"));
+    pub fn start(ctx: Training) -> Result<Self> {
+        let checkpoints = Checkpoints::new(ctx.models_dir.clone());
         let mut w = Self {
-            shared,
-            device,
+            ctx,
             checkpoints,
             trainer: None,
             version: 0,
@@ -214,14 +197,14 @@ impl Worker {
     }
 
     fn reload_latest(&mut self, publish: bool) -> Result<()> {
-        let loaded = self.checkpoints.load_latest(&self.device, |v, e| {
+        let loaded = self.checkpoints.load_latest(&self.ctx.device, |v, e| {
             warn!(model_version = v, error = %e, "skipping a checkpoint that does not load");
         })?;
         match loaded {
             Some((mut trainer, manifest)) => {
                 // the optimiser's step size follows the configuration (the architecture and the
                 // anneal state come from the checkpoint)
-                let lr = self.shared.config.model.learning_rate;
+                let lr = self.ctx.model.learning_rate;
                 if lr != manifest.config.learning_rate {
                     info!(
                         checkpoint = manifest.config.learning_rate,
@@ -254,7 +237,7 @@ impl Worker {
 
     fn publish(&self, trainer: &Trainer, version: u64, ndcg: f64, read: u64) -> Result<()> {
         let model = trainer.model().for_serving()?;
-        let m = &self.shared.metrics;
+        let m = &self.ctx.metrics;
         m.model_version.set(version as i64);
         m.model_items.set(model.n_items() as i64);
         m.model_round_interactions.set(read as i64);
@@ -266,7 +249,7 @@ impl Worker {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
-        self.shared.registry.publish(LiveModel {
+        self.ctx.live.publish(LiveModel {
             version,
             model,
             swapped_at: now,
@@ -281,23 +264,26 @@ impl Worker {
         if self.not_before.is_some_and(|t| Instant::now() < t) {
             return false;
         }
-        let c = &self.shared.config.train;
-        let new = self.shared.new_interactions.load(Ordering::Acquire);
-        if self.shared.registry.current().is_none() {
-            let users = self.shared.store.counts().users as usize;
+        let c = &self.ctx.train;
+        let new = self.ctx.activity.new_interactions();
+        if self.ctx.live.current().is_none() {
+            let users = self.ctx.store.counts().users as usize;
             return new > 0 && users >= c.min_users;
         }
         new >= c.min_new_events || (new > 0 && last_round.elapsed() >= c.interval)
     }
 
-    /// Reads the round's users from the store: training rows and the validation users.
-    fn read_sample(&self) -> Result<(Interactions, Validation, usize)> {
-        let cfg = &self.shared.config.train;
-        let active = self.shared.recently_active.take();
+    /// Reads the round's users from the store (those in `active` first): training rows and the
+    /// validation users.
+    fn read_sample(
+        &self,
+        active: std::collections::HashSet<u32>,
+    ) -> Result<(Interactions, Validation, usize)> {
+        let cfg = &self.ctx.train;
         let mut picked = 0usize;
         let (max_val, seed) = (cfg.validation_users, cfg.seed);
         let sample = self
-            .shared
+            .ctx
             .store
             .sample(
                 cfg.max_users_per_round,
@@ -322,9 +308,9 @@ impl Worker {
         train: &Interactions,
         started: Instant,
     ) -> Result<Option<EpochStats>> {
-        let cfg = &self.shared.config.train;
+        let cfg = &self.ctx.train;
         let deadline = started + cfg.max_duration;
-        let shutdown = &self.shared.shutdown;
+        let shutdown = &self.ctx.shutdown;
         let trainer = self.trainer.as_mut().context("no trainer")?;
         let mut last = EpochStats::default();
         for _ in 0..cfg.epochs_per_round {
@@ -358,7 +344,7 @@ impl Worker {
         train: &Interactions,
         val: &Validation,
     ) -> Result<Judgement> {
-        let cfg = &self.shared.config.train;
+        let cfg = &self.ctx.train;
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let model = trainer.model();
         let mut j = Judgement {
@@ -398,7 +384,7 @@ impl Worker {
             );
             return Ok(j);
         }
-        if let Some(live) = self.shared.registry.current() {
+        if let Some(live) = self.ctx.live.current() {
             let live = validation_ndcg(&live.model, val)?;
             j.live_ndcg = Some(live);
             if j.ndcg < live - cfg.max_ndcg_drop {
@@ -414,17 +400,17 @@ impl Worker {
 
     /// One fine-tuning round: read a sample, grow and train, judge, checkpoint and swap in.
     pub fn round(&mut self) -> Result<RoundResult> {
-        let cfg = self.shared.config.clone();
         let started = Instant::now();
-        let consumed = self.shared.new_interactions.swap(0, Ordering::AcqRel);
-        let (train, val, n_items) = self.read_sample()?;
+        let round = self.ctx.activity.start_round();
+        let consumed = round.new_interactions;
+        let (train, val, n_items) = self.read_sample(round.active)?;
         let trainer = match self.trainer.as_mut() {
             Some(t) => t,
             None => self.trainer.insert(Trainer::new(
-                &cfg.model,
+                &self.ctx.model,
                 n_items.max(1),
-                cfg.train.seed,
-                &self.device,
+                self.ctx.train.seed,
+                &self.ctx.device,
             )?),
         };
         trainer.grow(n_items)?;
@@ -435,8 +421,8 @@ impl Worker {
         info!(
             users = train.n_users(),
             items = n_items,
-            stored_users = self.shared.store.counts().users,
-            stored_interactions = self.shared.store.counts().interactions,
+            stored_users = self.ctx.store.counts().users,
+            stored_interactions = self.ctx.store.counts().interactions,
             training_interactions = train.nnz(),
             validation_interactions,
             new_interactions = consumed,
@@ -447,13 +433,10 @@ impl Worker {
         );
         let Some(stats) = self.train_epochs(&train, started)? else {
             self.reload_latest(false)?;
-            // the round's events were not learnt: count them again
-            self.shared
-                .new_interactions
-                .fetch_add(consumed, Ordering::AcqRel);
+            self.ctx.activity.round_not_learnt(consumed);
             return Ok(RoundResult::Abandoned);
         };
-        let m = &self.shared.metrics;
+        let m = &self.ctx.metrics;
         m.train_loss.set(stats.loss);
         m.training_duration.observe(started.elapsed().as_secs_f64());
         let j = self.judge(&stats, &train, &val)?;
@@ -467,7 +450,7 @@ impl Worker {
         if j.popularity_ndcg.is_none() {
             warn!(
                 validation_users = val.users.len(),
-                min_validation_users = cfg.train.min_validation_users,
+                min_validation_users = self.ctx.train.min_validation_users,
                 nll = j.nll,
                 uniform_nll = j.uniform_nll,
                 "too few validation users for an NDCG check: the model is accepted on its loss floor alone"
@@ -484,7 +467,7 @@ impl Worker {
             "seconds": started.elapsed().as_secs_f64(),
         });
         self.checkpoints.save(trainer, next_version, figures)?;
-        if let Err(e) = self.checkpoints.prune(cfg.train.keep_versions) {
+        if let Err(e) = self.checkpoints.prune(self.ctx.train.keep_versions) {
             warn!(error = %e, "cannot prune old model versions");
         }
         self.version = next_version;
@@ -508,19 +491,35 @@ impl Worker {
             uniform_nll = j.uniform_nll,
             "round rejected; the live model (or popularity) keeps serving"
         );
-        let first_model = self.shared.registry.current().is_none();
+        let first_model = self.ctx.live.current().is_none();
         if first_model && j.result != RoundResult::RejectedNonFinite {
-            self.shared
-                .new_interactions
-                .fetch_add(consumed, Ordering::AcqRel);
+            self.ctx.activity.round_not_learnt(consumed);
         } else {
             self.reload_latest(false)?;
         }
         Ok(j.result)
     }
 
+    /// Runs the worker on a thread of its own (candle training blocks); resolves when it stops,
+    /// with an error if it panicked.
+    pub fn run_on_thread(self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let thread = std::thread::Builder::new()
+            .name("multivaed-train".into())
+            .spawn(move || {
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.run()))
+                    .map_err(|p| anyhow!("panicked: {}", crate::fault::panic_message(&*p)))
+            });
+        async move {
+            let thread = thread.context("cannot start the training thread")?;
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .context("cannot wait for the training thread")?
+                .map_err(|_| anyhow!("the training thread died"))?
+        }
+    }
+
     /// Runs rounds until shutdown.
-    pub fn run(mut self) {
+    fn run(mut self) {
         // Training gets a thread pool of its own, so the scorer's parallel work (in the global
         // pool) never queues behind a multi-second training GEMM, and its threads run at a lower
         // OS priority, so scoring and ingestion take the cores first when they need them.
@@ -530,13 +529,12 @@ impl Worker {
             .start_handler(|_| lower_this_threads_priority())
             .build();
         let mut last_round = Instant::now();
-        while !self.shared.shutdown.is_set() {
+        while !self.ctx.shutdown.is_set() {
             if !self.due(last_round) {
-                self.shared
-                    .shutdown
-                    .wait_timeout(Duration::from_millis(200));
+                self.ctx.shutdown.wait_timeout(Duration::from_millis(200));
                 continue;
             }
+            crate::fault::panic_point("train.round");
             last_round = Instant::now();
             let outcome = match &pool {
                 Ok(p) => p.install(|| self.round()),
@@ -557,14 +555,14 @@ impl Worker {
 
     /// Counts a round and, if it was not accepted, holds the next one back by `train.interval`.
     fn pace(&mut self, result: RoundResult) {
-        let m = &self.shared.metrics;
+        let m = &self.ctx.metrics;
         m.training_rounds.with_label_values(&[result.label()]).inc();
-        if result == RoundResult::Accepted || self.shared.shutdown.is_set() {
+        if result == RoundResult::Accepted || self.ctx.shutdown.is_set() {
             self.not_before = None;
             m.training_next_round.set(0.0);
             return;
         }
-        let wait = self.shared.config.train.interval;
+        let wait = self.ctx.train.interval;
         self.not_before = Some(Instant::now() + wait);
         let at = SystemTime::now() + wait;
         m.training_next_round.set(
@@ -601,19 +599,9 @@ fn lower_this_threads_priority() {
 /// The nice value of the training threads (CFS gives a nice-0 thread ~9× their share).
 const TRAINING_NICE: i32 = 10;
 
-/// Starts the worker thread.
-pub fn spawn(shared: Arc<Shared>, device: Device) -> Result<JoinHandle<()>> {
-    let worker = Worker::start(shared, device)?;
-    std::thread::Builder::new()
-        .name("multivaed-train".into())
-        .spawn(move || worker.run())
-        .context("cannot start the training thread")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelConfig;
 
     /// 400 users in 4 taste groups of 25 items; each user holds 8 items of their group.
     fn grouped_users() -> Interactions {
@@ -652,6 +640,162 @@ mod tests {
         assert!(t.model().is_finite().unwrap());
         let (nll, _) = loss_floor(t.model(), &data).unwrap();
         assert!(nll > uniform, "lr 1: {nll} vs uniform {uniform}");
+    }
+
+    /// A worker on a temporary store holding `users` users of 8 items each in 4 taste groups.
+    fn worker_on(
+        dir: &std::path::Path,
+        users: u32,
+        tweak: impl FnOnce(&mut TrainConfig, &mut ModelConfig),
+    ) -> Worker {
+        let store = Arc::new(Store::open(&dir.join("store"), 100).unwrap());
+        let clicks: Vec<crate::store::Click> = (0..users)
+            .flat_map(|u| {
+                (0..8u32).map(move |k| crate::store::Click {
+                    user: format!("u{u}"),
+                    item: format!("i{}", (u % 4) * 25 + (u * 7 + k * 3) % 25),
+                    timestamp_ms: None,
+                })
+            })
+            .collect();
+        let offsets = [crate::store::PartitionOffset {
+            topic: "clicks".into(),
+            partition: 0,
+            next_offset: clicks.len() as i64,
+        }];
+        let applied = store.apply(&clicks, &offsets).unwrap();
+        let activity = Arc::new(Activity::new(10_000, 10_000));
+        activity.batch_stored(
+            &applied.changed_users,
+            applied.new_interactions,
+            std::time::Instant::now(),
+        );
+        let mut train = TrainConfig {
+            epochs_per_round: 5,
+            validation_users: 100,
+            min_validation_users: 10,
+            min_users: 1,
+            ..TrainConfig::default()
+        };
+        let mut model = ModelConfig {
+            mlp_hidden_size: vec![32],
+            latent_dimension: 8,
+            batch_size: 50,
+            ..ModelConfig::default()
+        };
+        tweak(&mut train, &mut model);
+        Worker::start(Training {
+            train,
+            model,
+            models_dir: dir.join("models"),
+            device: Device::Cpu,
+            store,
+            activity,
+            live: Arc::new(LiveModelSlot::new()),
+            metrics: Arc::new(Metrics::new().unwrap()),
+            shutdown: Arc::new(Shutdown::default()),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_round_on_a_store_checkpoints_and_publishes_a_model_that_beats_the_floors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |_, _| {});
+        assert!(
+            w.due(Instant::now()),
+            "data and users: the first round is due"
+        );
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        let live = w.ctx.live.current().expect("a model is live");
+        assert_eq!(live.version, 1);
+        assert_eq!(w.checkpoints.versions().unwrap(), vec![1]);
+        let m = &w.ctx.metrics;
+        assert!(m.validation_ndcg.get() > m.validation_popularity_ndcg.get());
+        assert_eq!(m.model_round_interactions.get(), 400 * 8 - dup_pairs(400));
+        assert!(!w.due(Instant::now()), "nothing new since: no round due");
+    }
+
+    /// (user, item) pairs the test data repeats (histories are sets).
+    fn dup_pairs(users: u32) -> i64 {
+        (0..users)
+            .map(|u| {
+                let mut items: Vec<u32> = (0..8u32)
+                    .map(|k| (u % 4) * 25 + (u * 7 + k * 3) % 25)
+                    .collect();
+                items.sort_unstable();
+                items.dedup();
+                (8 - items.len()) as i64
+            })
+            .sum()
+    }
+
+    #[test]
+    fn garbage_is_rejected_kept_for_the_next_round_and_paced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |_, m| m.learning_rate = 1.0);
+        let result = w.round().unwrap();
+        assert_eq!(result, RoundResult::RejectedFloor);
+        assert!(w.ctx.live.current().is_none(), "nothing published");
+        assert!(
+            w.checkpoints.versions().unwrap().is_empty(),
+            "nothing saved"
+        );
+        // the first model's finite state is kept and its data counted again for a retry...
+        assert!(w.trainer.is_some());
+        assert!(w.ctx.activity.new_interactions() > 0);
+        // ...but only after train.interval
+        w.pace(result);
+        assert!(
+            !w.due(Instant::now()),
+            "a retry is held back by train.interval"
+        );
+        assert!(w.ctx.metrics.training_next_round.get() > 0.0);
+    }
+
+    #[test]
+    fn a_non_finite_first_model_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |_, m| m.learning_rate = 1e6);
+        assert_eq!(w.round().unwrap(), RoundResult::RejectedNonFinite);
+        assert!(w.ctx.live.current().is_none());
+        assert!(w.trainer.is_none(), "training restarts from scratch");
+    }
+
+    #[test]
+    fn a_round_past_max_duration_is_abandoned_and_its_data_counted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| {
+            t.max_duration = Duration::ZERO;
+        });
+        let before = w.ctx.activity.new_interactions();
+        assert_eq!(w.round().unwrap(), RoundResult::Abandoned);
+        assert!(w.ctx.live.current().is_none());
+        assert_eq!(w.ctx.activity.new_interactions(), before);
+    }
+
+    #[test]
+    fn a_later_model_worse_than_the_live_one_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| t.max_ndcg_drop = 0.0);
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        // the next round fine-tunes at an absurd rate: below popularity, or below the live model
+        w.ctx.model.learning_rate = 1.0;
+        if let Some(t) = w.trainer.as_mut() {
+            t.set_learning_rate(1.0);
+        }
+        w.ctx.activity.round_not_learnt(1);
+        let result = w.round().unwrap();
+        assert!(
+            matches!(
+                result,
+                RoundResult::RejectedFloor
+                    | RoundResult::RejectedNdcg
+                    | RoundResult::RejectedNonFinite
+            ),
+            "{result:?}"
+        );
+        assert_eq!(w.ctx.live.current().unwrap().version, 1, "v1 keeps serving");
     }
 
     #[test]

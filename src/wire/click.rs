@@ -1,9 +1,17 @@
-//! Parsing and validation of one click-event message. Never panics: every bad message becomes a
-//! `Rejection` with a stable reason (the metric label and dead-letter header).
+//! Reading one click-event message: parsing and validation into a `Click`. Never panics: every
+//! bad message becomes a `Rejection` with a stable reason (the metric label and dead-letter
+//! header). Self-contained (serde_json and thiserror only), so the fuzzer compiles it alone.
 
 use serde_json::Value;
 
-use crate::store::Click;
+/// One positive interaction, as read from the clicks topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Click {
+    pub user: String,
+    pub item: String,
+    /// Event time (ms since the epoch), when the producer gave one.
+    pub timestamp_ms: Option<u64>,
+}
 
 /// Longest accepted id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;

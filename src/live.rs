@@ -1,5 +1,6 @@
-//! `ModelRegistry`: the live model behind an atomic pointer. The trainer publishes, the scorer
-//! and the HTTP API read; a swap never blocks a reader and a reader never sees half a model.
+//! `LiveModelSlot`: the live model behind an atomic pointer, between training (which publishes)
+//! and scoring and the HTTP API (which read); a swap never blocks a reader and a reader never
+//! sees half a model. The versions on disk are `model::Checkpoints`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,18 +20,18 @@ pub struct LiveModel {
 }
 
 /// Holds the live model and announces swaps.
-pub struct ModelRegistry {
+pub struct LiveModelSlot {
     live: ArcSwapOption<LiveModel>,
     version_tx: watch::Sender<u64>,
 }
 
-impl Default for ModelRegistry {
+impl Default for LiveModelSlot {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl ModelRegistry {
+impl LiveModelSlot {
     pub fn new() -> Self {
         Self {
             live: ArcSwapOption::from(None),

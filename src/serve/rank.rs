@@ -1,0 +1,197 @@
+//! Ranking, the one path by which push scoring, the pull API and offline `recommend` rank a
+//! user's items: the live model's top items (never one the user has), or the popularity ranking
+//! for users it cannot score yet; then mapped to external ids as a [`Recommendation`].
+
+use anyhow::Result;
+
+use crate::live::LiveModel;
+use crate::store::Store;
+use crate::wire::{now_ms, Recommendation, ScoredItem, Source};
+
+/// A user's ranked items before publishing (store indices).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub user: u32,
+    /// The user's external id (the store index when the store has none).
+    pub user_id: String,
+    pub items: Vec<(u32, f32)>,
+    pub source: Source,
+}
+
+/// Ranks the top `depth` items for `users` (store indices) with the live model, or the popular
+/// items for users the model cannot score (no model yet, or only items newer than the model).
+/// Never an item the user has.
+pub fn score_users(
+    store: &Store,
+    live: Option<&LiveModel>,
+    users: &[u32],
+    depth: usize,
+) -> Result<Vec<Scored>> {
+    let mut histories = Vec::with_capacity(users.len());
+    let mut ids = Vec::with_capacity(users.len());
+    for &u in users {
+        let (id, h) = store
+            .user(u)?
+            .unwrap_or_else(|| (u.to_string(), Vec::new()));
+        histories.push(h);
+        ids.push(id);
+    }
+    score_histories(store, live, users, ids, histories, depth)
+}
+
+/// As [`score_users`], for users given by their id and history (store item indices): the one
+/// ranking path of the scorer, the pull API and offline `recommend`.
+pub fn score_histories(
+    store: &Store,
+    live: Option<&LiveModel>,
+    users: &[u32],
+    ids: Vec<String>,
+    mut histories: Vec<Vec<u32>>,
+    depth: usize,
+) -> Result<Vec<Scored>> {
+    for h in &mut histories {
+        h.sort_unstable();
+        h.dedup();
+    }
+    let mut scored: Vec<Option<Vec<(u32, f32)>>> = vec![None; users.len()];
+    if let Some(live) = live {
+        let n = live.model.n_items() as u32;
+        let inputs: Vec<Vec<u32>> = histories
+            .iter()
+            .map(|h| h.iter().copied().filter(|&i| i < n).collect())
+            .collect();
+        let idx: Vec<usize> = (0..users.len())
+            .filter(|&j| !inputs[j].is_empty())
+            .collect();
+        let rows: Vec<&[u32]> = idx.iter().map(|&j| inputs[j].as_slice()).collect();
+        if !rows.is_empty() {
+            let recs = live.model.recommend(&rows, depth)?;
+            for (j, r) in idx.into_iter().zip(recs) {
+                scored[j] = Some(r);
+            }
+        }
+    }
+    // the popular ranking once for the batch: deep enough that every user keeps `depth` items
+    // after dropping the ones they have (the same result as ranking per user)
+    let longest = (0..users.len())
+        .filter(|&j| scored[j].is_none())
+        .map(|j| histories[j].len())
+        .max();
+    let popular = longest
+        .map(|n| store.popular(depth.saturating_add(n), &[]))
+        .unwrap_or_default();
+    Ok(users
+        .iter()
+        .zip(ids)
+        .zip(&histories)
+        .zip(scored)
+        .map(|(((&user, user_id), h), s)| match s {
+            Some(items) => Scored {
+                user,
+                user_id,
+                items,
+                source: Source::Model,
+            },
+            None => Scored {
+                user,
+                user_id,
+                items: popular
+                    .iter()
+                    .filter(|(i, _)| h.binary_search(i).is_err())
+                    .take(depth)
+                    .copied()
+                    .collect(),
+                source: Source::Popular,
+            },
+        })
+        .collect())
+}
+
+/// The first `k` of ranked store items, by external id (items unknown to the store are skipped).
+pub fn scored_items(store: &Store, items: &[(u32, f32)], k: usize) -> Vec<ScoredItem> {
+    items
+        .iter()
+        .take(k)
+        .filter_map(|&(i, score)| {
+            store
+                .item_id(i)
+                .map(|item_id| ScoredItem { item_id, score })
+        })
+        .collect()
+}
+
+/// The published message of a scored user: its top `k` items by external id.
+pub fn to_recommendation(
+    store: &Store,
+    s: &Scored,
+    k: usize,
+    model_version: Option<u64>,
+) -> Recommendation {
+    Recommendation {
+        user_id: s.user_id.clone(),
+        items: scored_items(store, &s.items, k),
+        model_version: model_version.filter(|_| s.source == Source::Model),
+        generated_at: now_ms(),
+        source: s.source,
+    }
+}
+
+/// Top-`k` recommendations for `users` (store indices); see [`score_users`].
+pub fn recommend_users(
+    store: &Store,
+    live: Option<&LiveModel>,
+    users: &[u32],
+    k: usize,
+) -> Result<Vec<Recommendation>> {
+    let version = live.map(|l| l.version);
+    Ok(score_users(store, live, users, k)?
+        .iter()
+        .map(|s| to_recommendation(store, s, k, version))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_model_each_user_gets_the_popular_items_they_do_not_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100).unwrap();
+        let click = |u: &str, i: usize| crate::store::Click {
+            user: u.into(),
+            item: format!("i{i}"),
+            timestamp_ms: None,
+        };
+        // item i is held by 40 - i fillers; "heavy" holds the 30 most popular, "light" one
+        let mut clicks: Vec<_> = (0..40)
+            .flat_map(|i| (0..40 - i).map(move |f| click(&format!("f{f}"), i)))
+            .collect();
+        clicks.extend((0..30).map(|i| click("heavy", i)));
+        clicks.push(click("light", 3));
+        store
+            .apply(
+                &clicks,
+                &[crate::store::PartitionOffset {
+                    topic: "clicks".into(),
+                    partition: 0,
+                    next_offset: 1,
+                }],
+            )
+            .unwrap();
+        let heavy = store.user_index("heavy").unwrap().unwrap();
+        let light = store.user_index("light").unwrap().unwrap();
+        let scored = score_users(&store, None, &[heavy, light], 5).unwrap();
+        for (s, u) in scored.iter().zip([heavy, light]) {
+            let mut h = store.history(u).unwrap();
+            h.sort_unstable();
+            assert_eq!(s.items, store.popular(5, &h), "user {u}");
+            assert_eq!(s.items.len(), 5);
+            assert!(s.items.iter().all(|(i, _)| !h.contains(i)));
+            assert_eq!(s.source, Source::Popular);
+        }
+        assert_eq!(scored[0].user_id, "heavy");
+        assert_eq!(store.item_id(scored[0].items[0].0).unwrap(), "i30");
+        assert_eq!(store.item_id(scored[1].items[0].0).unwrap(), "i0");
+    }
+}
