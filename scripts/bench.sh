@@ -9,7 +9,7 @@
 # REF_PYTHON=/path/to/python (with torch, see ../shared/REFERENCE.md) adds the PyTorch columns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release
+cargo build --release --workspace   # multivaed and multivaed-bench (kit/), side by side
 bin=${CARGO_TARGET_DIR:-target}/release/multivaed
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   export KAFKA_PORT=${BENCH_KAFKA_PORT:-19093}

@@ -2,7 +2,8 @@
 # Builds the `cuda` flavour of multivaed on a machine WITHOUT a GPU or a CUDA toolkit (recipe of
 # ../shared/GPU.md): nvcc and the CUDA 13.0 libraries come from PyPI wheels into a venv, a toolkit-shaped
 # folder is assembled from them, and the driver library is replaced at link time by a stub.
-# Output: dist/multivaed-cuda (stripped), dist/multivaed-cuda.libs (the sonames it needs).
+# Output: dist/multivaed-cuda and dist/multivaed-bench (stripped), dist/multivaed-cuda.libs (the
+# sonames it needs).
 # Takes ~70 minutes on 2 cores the first time (candle-kernels' nvcc work), ~1 minute afterwards.
 #   scripts/build-cuda.sh            # CUDA_COMPUTE_CAP defaults to 90 (H100/H200)
 # Environment: MULTIVAED_TOOLS (default /var/tmp/multivaed-tools), CARGO_TARGET_DIR
@@ -36,8 +37,11 @@ bash "$stub" "$root/lib/stubs"
 export CUDA_HOME=$root CUDA_ROOT=$root CUDA_PATH=$root PATH=$root/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 cargo build --release --features cuda --bin multivaed
+# the benchmarks (`multivaed-cuda bench …` runs the multivaed-bench beside it)
+cargo build --release -p multivaed-kit --features cuda --bin multivaed-bench
 mkdir -p dist
 cp "$CARGO_TARGET_DIR/release/multivaed" dist/multivaed-cuda
-strip dist/multivaed-cuda
+cp "$CARGO_TARGET_DIR/release/multivaed-bench" dist/multivaed-bench
+strip dist/multivaed-cuda dist/multivaed-bench
 ldd dist/multivaed-cuda | awk '{print $1}' > dist/multivaed-cuda.libs || true
 ls -la dist/multivaed-cuda

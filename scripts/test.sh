@@ -12,4 +12,4 @@ if [ -z "${KAFKA_BROKERS:-}" ]; then
   scripts/kafka.sh start
   export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 fi
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"

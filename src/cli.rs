@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench;
 use crate::eval::{self, RawFormat};
 use crate::model::ModelConfig;
 
@@ -44,9 +43,16 @@ pub enum Command {
     Models(ModelsArgs),
     /// Train and evaluate under the paper's strong-generalisation protocol.
     Eval(EvalArgs),
-    /// Measure training and scoring throughput.
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// The benchmarks (model, store, stream, suite): runs `multivaed-bench` from beside this
+    /// binary (`cargo build --release -p multivaed-kit`).
+    Bench(BenchArgs),
+}
+
+/// `multivaed bench`'s arguments, passed on to `multivaed-bench` as they are.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Model hyper-parameters, named as in vae_cf / RecBole.
@@ -71,7 +77,7 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn config(&self) -> Result<ModelConfig> {
+    pub fn config(&self) -> Result<ModelConfig> {
         let c = ModelConfig {
             mlp_hidden_size: self.mlp_hidden_size.clone(),
             latent_dimension: self.latent_dimension,
@@ -217,114 +223,6 @@ pub enum ModelsCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// A training step and top-100 scoring at several catalogue sizes (synthetic users).
-    Model(ModelBenchArgs),
-    /// The daemon against a real broker: ingest rate vs raw consume, click-to-recommendation
-    /// latency under steady load with a 20k-item model.
-    Stream(StreamBenchArgs),
-    /// The store alone (no broker): the ingest benchmark's clicks written in ingest batches,
-    /// then history reads as the scorer does them.
-    Store(StoreBenchArgs),
-    /// Everything, each part in its own process, with the PyTorch reference beside it:
-    /// writes report.json and report.md.
-    Suite(SuiteArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct StreamBenchArgs {
-    /// Bootstrap servers of the broker to measure against (topics are created per run).
-    #[arg(long, env = "KAFKA_BROKERS")]
-    pub brokers: String,
-    /// Clicks in the ingest benchmark.
-    #[arg(long, default_value_t = 300_000)]
-    pub events: usize,
-    /// Loads of the latency benchmark, clicks/s (`--rates=` alone: ingest only).
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,5000")]
-    pub rates: Vec<f64>,
-    /// Seconds per load.
-    #[arg(long, default_value_t = 40.0)]
-    pub seconds: f64,
-    /// Catalogue size of the latency benchmark's model.
-    #[arg(long, default_value_t = 20_000)]
-    pub items: usize,
-    /// Working directory (daemon data and logs).
-    #[arg(long, default_value = "bench-out/work")]
-    pub work_dir: PathBuf,
-    /// Write the figures as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-#[derive(Debug, Args)]
-pub struct StoreBenchArgs {
-    /// Clicks to write.
-    #[arg(long, default_value_t = 300_000)]
-    pub events: usize,
-    /// Clicks per batch (the ingest loop's `kafka.batch_size`).
-    #[arg(long, default_value_t = 2000)]
-    pub batch_size: usize,
-    /// Where the store is created (a fresh directory inside it; removed afterwards).
-    #[arg(long, default_value = "bench-out/work")]
-    pub work_dir: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct SuiteArgs {
-    /// Bootstrap servers for the ingest and latency parts (skipped without).
-    #[arg(long, env = "KAFKA_BROKERS")]
-    pub brokers: Option<String>,
-    /// Where report.json, report.md and each part's output go.
-    #[arg(long, default_value = "bench-out")]
-    pub out: PathBuf,
-    /// Worker threads of every part (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// The reference MovieLens-100K split (vae_cf format).
-    #[arg(long, default_value = "../shared/reference/ml-100k-split")]
-    pub ml100k_split: PathBuf,
-    /// Gowalla's train.txt (one line per user).
-    #[arg(long, default_value = "../shared/data/gowalla/train.txt")]
-    pub gowalla: PathBuf,
-    /// Python with PyTorch for the reference run (skipped without).
-    #[arg(long, env = "REF_PYTHON")]
-    pub python: Option<PathBuf>,
-    /// The directory holding the reference's paper_protocol.py.
-    #[arg(long, default_value = "../shared/reference")]
-    pub reference: PathBuf,
-    /// Smaller and shorter: 50k ingest events, 15 s per load, 10 epochs, no Gowalla.
-    #[arg(long)]
-    pub quick: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ModelBenchArgs {
-    /// Catalogue sizes.
-    #[arg(long, value_delimiter = ',', default_value = "1700,20000,100000")]
-    pub items: Vec<usize>,
-    /// Sizes at which the dense first layer is measured too.
-    #[arg(long, value_delimiter = ',', default_value = "20000")]
-    pub dense_at: Vec<usize>,
-    /// Timed training steps per size.
-    #[arg(long, default_value_t = 5)]
-    pub steps: usize,
-    /// Users scored per size.
-    #[arg(long, default_value_t = 2000)]
-    pub score_users: usize,
-    /// Device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Write the rows as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    #[command(flatten)]
-    pub model: ModelArgs,
-}
-
 /// Sizes the global thread pool (rayon, which candle's matmul also uses).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
@@ -421,90 +319,31 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     );
     if args.json {
         let mut v = serde_json::to_value(&report)?;
-        v["peak_rss_bytes"] = bench::peak_rss_bytes(None).into();
+        v["peak_rss_bytes"] = crate::metrics::peak_rss_bytes(None).into();
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
 }
 
-fn run_bench(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Stream(args) => {
-            let figures = bench::run_stream_bench(&bench::StreamBenchOptions {
-                brokers: args.brokers,
-                ingest_events: args.events,
-                items: args.items,
-                rates: args.rates,
-                seconds: args.seconds,
-                exe: std::env::current_exe().context("cannot find this executable")?,
-                work_dir: args.work_dir,
-            })?;
-            let text = serde_json::to_string_pretty(&figures)?;
-            match args.json {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-                None => println!("{text}"),
-            }
-            Ok(())
-        }
-        BenchCommand::Store(args) => {
-            std::fs::create_dir_all(&args.work_dir)
-                .with_context(|| format!("cannot create {}", args.work_dir.display()))?;
-            let dir = args
-                .work_dir
-                .join(format!("bench-store-{}", std::process::id()));
-            let figures = bench::run_store_bench(&dir, args.events, args.batch_size);
-            let _ = std::fs::remove_dir_all(&dir);
-            println!("{}", serde_json::to_string_pretty(&figures?)?);
-            Ok(())
-        }
-        BenchCommand::Suite(args) => {
-            let threads = args.threads.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
-            let existing = |p: PathBuf| p.exists().then_some(p);
-            let md = bench::run_suite(&bench::SuiteOptions {
-                brokers: args.brokers,
-                out: args.out.clone(),
-                threads,
-                ml100k_split: existing(args.ml100k_split),
-                gowalla: existing(args.gowalla),
-                python: args.python,
-                reference: existing(args.reference),
-                quick: args.quick,
-            })?;
-            println!("{md}");
-            eprintln!("report: {}", args.out.join("report.md").display());
-            Ok(())
-        }
-        BenchCommand::Model(args) => {
-            set_threads(args.threads)?;
-            let (device, device_name) = crate::daemon::open_device(parse_device(&args.device)?)?;
-            let opts = bench::ModelBenchOptions {
-                device,
-                device_name,
-                items: args.items,
-                dense_at: args.dense_at,
-                steps: args.steps,
-                score_users: args.score_users,
-                config: args.model.config()?,
-            };
-            let rows = bench::run_model_bench(&opts, |r| {
-                eprintln!(
-                    "{} items, {} first layer, {}: {:.4} s/step, {:.0} users/s",
-                    r.items, r.first_layer, r.device, r.step_seconds, r.users_per_second
-                )
-            })?;
-            println!("{}", bench::model_table(&rows));
-            if let Some(path) = args.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
-            Ok(())
-        }
+/// `multivaed bench …`: runs `multivaed-bench` (the benchmarks, built from the `kit/` workspace
+/// member) from beside this binary with the same arguments.
+fn run_bench(args: Vec<std::ffi::OsString>) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let bench = exe.with_file_name("multivaed-bench");
+    if !bench.is_file() {
+        bail!(
+            "{} not found: the benchmarks are a binary of their own; build them with `cargo build --release -p multivaed-kit`",
+            bench.display()
+        );
     }
+    let status = std::process::Command::new(&bench)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", bench.display()))?;
+    if !status.success() {
+        bail!("{} exited with {status}", bench.display());
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -674,6 +513,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Recommend(args) => run_recommend(args),
         Command::Models(args) => run_models(args),
         Command::Eval(args) => run_eval(args),
-        Command::Bench(cmd) => run_bench(cmd),
+        Command::Bench(args) => run_bench(args.args),
     }
 }

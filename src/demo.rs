@@ -9,18 +9,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde::Serialize;
 
 use crate::eval::{read_raw, RawFormat};
-
-/// A click event as produced to the clicks topic.
-#[derive(Debug, Clone, Serialize)]
-pub struct ClickMessage {
-    pub user_id: String,
-    pub item_id: String,
-    pub timestamp: u64,
-    pub event_type: &'static str,
-}
+use crate::wire::{now_ms, ClickEvent};
 
 /// A synthetic stream: users belong to one of `clusters` taste groups, each with its own slice
 /// of the catalogue; 85% of a user's clicks fall in their group's slice (skewed towards its head),
@@ -67,19 +58,12 @@ impl SyntheticStream {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Produces `messages` to `topic` at about `rate` per second (0: as fast as possible), keyed by
 /// user id; `on_progress` sees the count sent so far.
 pub async fn produce_at_rate(
     producer: &FutureProducer,
     topic: &str,
-    messages: impl Iterator<Item = ClickMessage>,
+    messages: impl Iterator<Item = ClickEvent>,
     rate: f64,
     mut on_progress: impl FnMut(u64),
 ) -> Result<u64> {
@@ -94,7 +78,7 @@ pub async fn produce_at_rate(
                 tokio::time::sleep(wait).await;
             }
         }
-        let payload = serde_json::to_vec(&m)?;
+        let payload = m.to_json();
         let key = m.user_id.clone();
         let producer = producer.clone();
         let topic = topic.to_string();
@@ -129,7 +113,7 @@ pub fn dataset_messages(
     path: &std::path::Path,
     format: Option<RawFormat>,
     min_rating: Option<f64>,
-) -> Result<Vec<ClickMessage>> {
+) -> Result<Vec<ClickEvent>> {
     let format = format.unwrap_or_else(|| RawFormat::from_path(path));
     let mut raw = read_raw(path, format)?;
     if let Some(t) = min_rating {
@@ -148,12 +132,7 @@ pub fn dataset_messages(
                 .timestamp
                 .map(|t| if t < 1e11 { t * 1000.0 } else { t })
                 .unwrap_or(0.0) as u64;
-            ClickMessage {
-                user_id: r.user,
-                item_id: r.item,
-                timestamp: if ts == 0 { now_ms() } else { ts },
-                event_type: "click",
-            }
+            ClickEvent::click(r.user, r.item, Some(if ts == 0 { now_ms() } else { ts }))
         })
         .collect())
 }
@@ -168,13 +147,14 @@ pub struct DemoOptions {
     pub listen: std::net::SocketAddr,
 }
 
-/// Runs the whole data path against an embedded broker and prints what happens.
+/// Runs the whole data path against an embedded broker and prints what happens: the daemon
+/// on it, a click stream into it, a sample of the recommendations out of it, a summary line
+/// every 5 s, until `--duration` (and a first model) or Ctrl-C.
 pub async fn run_demo(opts: DemoOptions) -> Result<()> {
     let mock =
         rdkafka::mocking::MockCluster::new(1).context("cannot start the embedded Kafka broker")?;
     let brokers = mock.bootstrap_servers();
-    let mut config = crate::config::Config::default();
-    config.kafka.brokers = brokers.clone();
+    let config = demo_config(&opts, &brokers)?;
     for t in [
         &config.kafka.clicks_topic,
         &config.kafka.recommendations_topic,
@@ -183,13 +163,31 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
         mock.create_topic(t, 1, 1)
             .with_context(|| format!("cannot create topic {t}"))?;
     }
-    let tmp;
+    println!(
+        "multivaed demo: embedded Kafka broker at {brokers}, data in {}",
+        config.data_dir.display()
+    );
+    let shared = crate::daemon::Daemon::open(config.clone())?;
+    let daemon = tokio::spawn(shared.clone().run());
+    let feeder = spawn_feeder(&brokers, &config.kafka.clicks_topic, &opts)?;
+    let printer = spawn_printer(&brokers, &config.kafka.recommendations_topic)?;
+    let started = Instant::now();
+    report_until_done(&shared, &opts, started).await;
+    shared.shutdown.trigger();
+    feeder.abort();
+    printer.abort();
+    let result = daemon.await.context("daemon task failed")?;
+    println!("summary: {}", summary_line(&shared, started.elapsed()));
+    result
+}
+
+/// The demo's configuration: the embedded broker, a data directory, quick training rounds.
+fn demo_config(opts: &DemoOptions, brokers: &str) -> Result<crate::config::Config> {
+    let mut config = crate::config::Config::default();
+    config.kafka.brokers = brokers.to_string();
     config.data_dir = match &opts.data_dir {
         Some(d) => d.clone(),
-        None => {
-            tmp = tempfile_dir()?;
-            tmp.clone()
-        }
+        None => tempfile_dir()?,
     };
     config.device = crate::config::DeviceChoice::Cpu;
     config.http.listen = opts.listen;
@@ -199,50 +197,50 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
     config.train.epochs_per_round = 5;
     config.train.validation_users = 100;
     config.serve.k = 10;
-    println!(
-        "multivaed demo: embedded Kafka broker at {brokers}, data in {}",
-        config.data_dir.display()
-    );
-    let shared = crate::daemon::Daemon::open(config.clone())?;
-    let daemon = tokio::spawn(shared.clone().run());
+    Ok(config)
+}
 
-    // the click stream
+/// Produces the click stream (`--data`, or the synthetic one) at `--rate`.
+fn spawn_feeder(
+    brokers: &str,
+    topic: &str,
+    opts: &DemoOptions,
+) -> Result<tokio::task::JoinHandle<Result<u64>>> {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .create()
         .context("cannot create the demo producer")?;
-    let topic = config.kafka.clicks_topic.clone();
-    let rate = opts.rate;
-    let data = opts.data.clone();
-    let feeder = tokio::spawn(async move {
-        let msgs: Box<dyn Iterator<Item = ClickMessage> + Send> = match data {
+    let (topic, rate, data) = (topic.to_string(), opts.rate, opts.data.clone());
+    Ok(tokio::spawn(async move {
+        let msgs: Box<dyn Iterator<Item = ClickEvent> + Send> = match data {
             Some(path) => Box::new(dataset_messages(&path, None, Some(4.0))?.into_iter()),
             None => {
                 let mut s = SyntheticStream::new(2000, 1000, 20, 7);
                 Box::new(std::iter::from_fn(move || {
                     let (u, i) = s.next_click();
-                    Some(ClickMessage {
-                        user_id: format!("user-{u}"),
-                        item_id: format!("item-{i}"),
-                        timestamp: now_ms(),
-                        event_type: "click",
-                    })
+                    Some(ClickEvent::click(
+                        format!("user-{u}"),
+                        format!("item-{i}"),
+                        Some(now_ms()),
+                    ))
                 }))
             }
         };
         produce_at_rate(&producer, &topic, msgs, rate, |_| {}).await
-    });
+    }))
+}
 
-    // a consumer of the recommendations, printing a sample
+/// Consumes the recommendations and prints one every 2 s.
+fn spawn_printer(brokers: &str, topic: &str) -> Result<tokio::task::JoinHandle<()>> {
     let recs: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", "multivaed-demo-viewer")
         .set("auto.offset.reset", "earliest")
         .create()
         .context("cannot create the demo consumer")?;
-    recs.subscribe(&[&config.kafka.recommendations_topic])?;
-    let printer = tokio::spawn(async move {
+    recs.subscribe(&[topic])?;
+    Ok(tokio::spawn(async move {
         let mut last = Instant::now() - Duration::from_secs(10);
         loop {
             let Ok(m) = recs.recv().await else { continue };
@@ -266,28 +264,30 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
                 );
             }
         }
-    });
+    }))
+}
 
-    let started = Instant::now();
+/// Prints a summary line every 5 s until Ctrl-C, a shutdown, or `--duration` — past which it
+/// waits (bounded) for the first model, so the demo shows the whole path.
+async fn report_until_done(shared: &crate::daemon::Daemon, opts: &DemoOptions, started: Instant) {
     let mut waiting_said = false;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::signal::ctrl_c() => return,
         }
-        println!("{}", summary_line(&shared, started.elapsed()));
+        println!("{}", summary_line(shared, started.elapsed()));
         if shared.shutdown.is_set() {
-            break;
+            return;
         }
         let Some(d) = opts.duration else { continue };
         if started.elapsed() < d {
             continue;
         }
-        // the demo shows the whole path: past --duration it waits (bounded) for its first model
         if shared.metrics.model_version.get() >= 1 || started.elapsed() >= d + MAX_WAIT_FOR_MODEL {
-            break;
+            return;
         }
         if !waiting_said {
             waiting_said = true;
@@ -297,12 +297,6 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
             );
         }
     }
-    shared.shutdown.trigger();
-    feeder.abort();
-    printer.abort();
-    let result = daemon.await.context("daemon task failed")?;
-    println!("summary: {}", summary_line(&shared, started.elapsed()));
-    result
 }
 
 /// How long the demo waits past `--duration` for its first model.
@@ -341,7 +335,7 @@ fn summary_line(shared: &crate::daemon::Daemon, elapsed: Duration) -> String {
 pub async fn run_produce(
     brokers: &str,
     topic: &str,
-    messages: Vec<ClickMessage>,
+    messages: Vec<ClickEvent>,
     rate: f64,
     properties: &[(String, String)],
 ) -> Result<u64> {

@@ -18,10 +18,10 @@
 //! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
 //! [`online`] (the prequential hit rate), [`live`], [`metrics`], [`kafka`] (client settings),
 //! [`config`]. [`daemon`] wires the stages together and supervises them; [`notify`] speaks
-//! systemd's protocol. [`eval`] is the paper's offline protocol; [`demo`] the embedded demo.
+//! systemd's protocol. [`eval`] is the paper's offline protocol; [`demo`] the embedded demo. The test
+//! harness and the benchmarks live outside the library, in the `kit/` workspace member.
 
 pub mod activity;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

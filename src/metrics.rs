@@ -266,6 +266,30 @@ impl Metrics {
     }
 }
 
+/// A memory figure of a process's /proc status in bytes (`field`: "VmHWM" for the peak
+/// resident set, "VmRSS" for the current one; `pid` None: this process); 0 where unavailable.
+pub fn proc_status_bytes(pid: Option<u32>, field: &str) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.split(':').next() == Some(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// A process's peak resident set (VmHWM) in bytes; see [`proc_status_bytes`].
+pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
+    proc_status_bytes(pid, "VmHWM")
+}
+
 /// The most recent click-to-recommendation latencies (seconds), bounded, for exact quantiles in
 /// summaries (the histogram metric has bucket resolution only).
 pub struct LatencySamples {

@@ -186,33 +186,22 @@ impl MultiVae {
 
     /// A copy that shares no storage with `self` (training updates weights in place).
     pub fn deep_copy(&self) -> Result<Self> {
-        let copy = |ls: &[Affine]| -> Result<Vec<Affine>> {
-            ls.iter()
-                .map(|l| {
-                    Ok(Affine {
-                        weight: l.weight.copy()?,
-                        bias: l.bias.copy()?,
-                    })
-                })
-                .collect()
-        };
-        Ok(Self {
-            config: self.config.clone(),
-            n_items: self.n_items,
-            encoder: copy(&self.encoder)?,
-            decoder: copy(&self.decoder)?,
-            output_t: self.output_t.as_ref().map(|t| t.copy()).transpose()?,
-        })
+        self.map_tensors(|t| t.copy())
     }
 
     /// The same weights on another device.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        let mv = |ls: &[Affine]| -> Result<Vec<Affine>> {
+        self.map_tensors(|t| t.to_device(device))
+    }
+
+    /// The same model with `f` applied to every tensor.
+    fn map_tensors(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let map = |ls: &[Affine]| -> Result<Vec<Affine>> {
             ls.iter()
                 .map(|l| {
                     Ok(Affine {
-                        weight: l.weight.to_device(device)?,
-                        bias: l.bias.to_device(device)?,
+                        weight: f(&l.weight)?,
+                        bias: f(&l.bias)?,
                     })
                 })
                 .collect()
@@ -220,13 +209,9 @@ impl MultiVae {
         Ok(Self {
             config: self.config.clone(),
             n_items: self.n_items,
-            encoder: mv(&self.encoder)?,
-            decoder: mv(&self.decoder)?,
-            output_t: self
-                .output_t
-                .as_ref()
-                .map(|t| t.to_device(device))
-                .transpose()?,
+            encoder: map(&self.encoder)?,
+            decoder: map(&self.decoder)?,
+            output_t: self.output_t.as_ref().map(&f).transpose()?,
         })
     }
 

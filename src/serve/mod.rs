@@ -231,3 +231,105 @@ async fn enqueue(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+    use crate::live::LiveModel;
+    use crate::model::{ModelConfig, Trainer};
+    use crate::store::{Click, PartitionOffset};
+
+    async fn published(m: &Metrics, source: &str, n: u64) {
+        let c = m.recommendations_published.with_label_values(&[source]);
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while c.get() < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{source}: {} of {n} published", c.get()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_users_get_popularity_then_the_swapped_in_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 100).unwrap());
+        let clicks: Vec<Click> = (0..3)
+            .flat_map(|u| {
+                (0..4).map(move |i| Click {
+                    user: format!("u{u}"),
+                    item: format!("i{}", u + i),
+                    timestamp_ms: None,
+                })
+            })
+            .collect();
+        let applied = store
+            .apply(
+                &clicks,
+                &[PartitionOffset {
+                    topic: "clicks".into(),
+                    partition: 0,
+                    next_offset: 12,
+                }],
+            )
+            .unwrap();
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("recs", 1, 1).unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .create()
+            .unwrap();
+        let scorer = Scorer {
+            serve: ServeConfig::default(),
+            topic: "recs".into(),
+            store: store.clone(),
+            activity: Arc::new(Activity::new(100, 100)),
+            live: Arc::new(LiveModelSlot::new()),
+            online: Arc::new(OnlineEval::new(100)),
+            metrics: Arc::new(Metrics::new().unwrap()),
+            latencies: Arc::new(LatencySamples::new(100)),
+            shutdown: Arc::new(Shutdown::default()),
+        };
+        let (activity, live, metrics, latencies, shutdown) = (
+            scorer.activity.clone(),
+            scorer.live.clone(),
+            scorer.metrics.clone(),
+            scorer.latencies.clone(),
+            scorer.shutdown.clone(),
+        );
+        let running = tokio::spawn(scorer.run(producer));
+
+        // no model yet: each waiting user gets the popular items they do not have
+        activity.batch_stored(&applied.changed_users, 12, Instant::now());
+        published(&metrics, "popular", 3).await;
+        assert_eq!(latencies.count(), 3);
+        assert_eq!(activity.waiting_count(), 0);
+
+        // a swap: the users seen recently are scored again, by the model
+        let cfg = ModelConfig {
+            mlp_hidden_size: vec![8],
+            latent_dimension: 4,
+            ..ModelConfig::default()
+        };
+        let n_items = store.counts().items as usize;
+        let trainer = Trainer::new(&cfg, n_items, 1, &candle_core::Device::Cpu).unwrap();
+        live.publish(LiveModel {
+            version: 7,
+            model: trainer.model().for_serving().unwrap(),
+            swapped_at: std::time::SystemTime::now(),
+            validation_ndcg: 0.0,
+        });
+        published(&metrics, "model", 3).await;
+
+        shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .expect("the scorer stops at shutdown")
+            .unwrap()
+            .unwrap();
+        assert_eq!(metrics.publish_errors.get(), 0);
+    }
+}

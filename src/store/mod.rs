@@ -15,6 +15,12 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::Interactions;
 
+mod codec;
+mod upgrade;
+
+use codec::*;
+use upgrade::upgrade;
+
 pub use crate::wire::Click;
 
 /// The next offset to read of one partition.
@@ -48,75 +54,6 @@ pub struct StoreCounts {
     pub interactions: u64,
 }
 
-const NEXT_USER: &[u8] = b"mnext_user";
-const NEXT_ITEM: &[u8] = b"mnext_item";
-const INTERACTIONS: &[u8] = b"minteractions";
-/// The layout of the records (absent: format 1, the original layout).
-const FORMAT: &[u8] = b"mformat";
-/// Format 2: a user's index and history in one record under its external id (one read and one
-/// write per click); items are found through the in-memory catalogue.
-const CURRENT_FORMAT: u64 = 2;
-/// Items per popularity record.
-const POPULARITY_BLOCK: usize = 256;
-
-// Records, by first byte of the key:
-//   'U' + user id   → user index (u32 BE), then the history, oldest first (u32 LE each)
-//   'u' + index BE  → user id
-//   'i' + index BE  → item id (the catalogue, loaded into memory at open)
-//   'p' + block BE  → how many users hold each of items 256·block.. (u32 LE each)
-//   'o' + topic + 0 + partition BE → next offset (i64 BE)
-//   'm' + name      → counters and the format
-// Format 1 had 'h' + user index → history, 'I' + item id → item index and 'c' + item index →
-// count instead.
-
-fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + rest.len());
-    k.push(prefix);
-    k.extend_from_slice(rest);
-    k
-}
-
-fn idx_key(prefix: u8, idx: u32) -> [u8; 5] {
-    let b = idx.to_be_bytes();
-    [prefix, b[0], b[1], b[2], b[3]]
-}
-
-fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
-    let mut k = key(b'o', topic.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&partition.to_be_bytes());
-    k
-}
-
-fn read_u64(v: Option<sled::IVec>) -> u64 {
-    v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
-}
-
-fn decode_items(v: &[u8]) -> Vec<u32> {
-    v.chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn encode_items(items: &[u32]) -> Vec<u8> {
-    items.iter().flat_map(|i| i.to_le_bytes()).collect()
-}
-
-/// A user record: its index, then its history.
-fn encode_user(idx: u32, items: &[u32]) -> Vec<u8> {
-    let mut v = idx.to_be_bytes().to_vec();
-    v.extend(encode_items(items));
-    v
-}
-
-/// The index and history of a user record (`None` when it is not one).
-fn decode_user(v: &[u8]) -> Option<(u32, Vec<u32>)> {
-    let idx = u32::from_be_bytes(<[u8; 4]>::try_from(v.get(..4)?).ok()?);
-    Some((idx, decode_items(&v[4..])))
-}
-
 /// The item catalogue: index → external id and back.
 #[derive(Default)]
 struct Catalogue {
@@ -138,6 +75,47 @@ struct Touched<'a> {
     items: Vec<u32>,
     new: bool,
     changed: bool,
+}
+
+/// A batch of clicks merged into the users they touch, before it is written.
+struct Merge<'c> {
+    touched: Vec<Touched<'c>>,
+    new_items: Vec<&'c str>,
+    /// Change of each touched item's count (new clicks, minus evictions).
+    pop_delta: HashMap<u32, i64>,
+    applied: Applied,
+    next_user0: u32,
+    next_user: u32,
+    next_item0: u32,
+    interactions: i64,
+}
+
+impl Merge<'_> {
+    /// Adds item `i` to touched user `t` (nothing if they have it), evicting the oldest past
+    /// `max_history`.
+    fn add(&mut self, t: usize, i: u32, max_history: usize) {
+        let user = &mut self.touched[t];
+        if user.items.contains(&i) {
+            self.applied.duplicates += 1;
+            return;
+        }
+        user.items.push(i);
+        self.applied.new_pairs.push((user.idx, i));
+        *self.pop_delta.entry(i).or_default() += 1;
+        self.applied.new_interactions += 1;
+        self.interactions += 1;
+        if user.items.len() > max_history {
+            let evicted = user.items.len() - max_history;
+            for old in user.items.drain(..evicted) {
+                *self.pop_delta.entry(old).or_default() -= 1;
+                self.interactions -= 1;
+            }
+        }
+        if !user.changed {
+            user.changed = true;
+            self.applied.changed_users.push(user.idx);
+        }
+    }
 }
 
 /// The interaction store (one writer: the ingest loop; any number of readers).
@@ -247,21 +225,78 @@ impl Store {
             .write_lock
             .lock()
             .map_err(|_| anyhow::anyhow!("store writer poisoned"))?;
+        let mut m = self.merge(clicks)?;
         let mut batch = sled::Batch::default();
-        let mut applied = Applied::default();
+        for user in m.touched.iter().filter(|u| u.changed) {
+            batch.insert(
+                key(b'U', user.id.as_bytes()),
+                encode_user(user.idx, &user.items),
+            );
+            if user.new {
+                batch.insert(&idx_key(b'u', user.idx), user.id.as_bytes());
+            }
+        }
+        let next_item = m.next_item0 + m.new_items.len() as u32;
+        for (n, id) in m.new_items.iter().enumerate() {
+            batch.insert(&idx_key(b'i', m.next_item0 + n as u32), id.as_bytes());
+        }
+        let mut pop = self
+            .popularity
+            .write()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        let new_pop = Self::recount(&pop, &m.pop_delta, next_item, &mut batch);
+        for o in offsets {
+            batch.insert(
+                offset_key(&o.topic, o.partition),
+                &o.next_offset.to_be_bytes(),
+            );
+        }
+        let interactions = m.interactions.max(0) as u64;
+        batch.insert(NEXT_USER, &(m.next_user as u64).to_be_bytes());
+        batch.insert(NEXT_ITEM, &(next_item as u64).to_be_bytes());
+        batch.insert(INTERACTIONS, &interactions.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        // the batch is in: publish the new state to readers
+        m.applied.new_users = m.next_user - m.next_user0;
+        m.applied.new_items = next_item - m.next_item0;
+        {
+            let mut catalogue = self
+                .items
+                .write()
+                .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+            for id in m.new_items {
+                catalogue.push(Arc::from(id));
+            }
+        }
+        pop.resize(next_item as usize, 0);
+        for (i, v) in new_pop {
+            pop[i as usize] = v;
+        }
+        self.n_users.store(m.next_user as u64, Ordering::Release);
+        self.interactions.store(interactions, Ordering::Release);
+        Ok(m.applied)
+    }
+
+    /// Merges `clicks` into the histories of the users they touch (read once each), interning
+    /// new users and items: what the batch will write, nothing written yet.
+    fn merge<'c>(&self, clicks: &'c [Click]) -> Result<Merge<'c>> {
         let next_user0 = self.n_users.load(Ordering::Acquire) as u32;
-        let mut next_user = next_user0;
-        let mut touched: Vec<Touched<'_>> = Vec::new();
-        let mut by_user: HashMap<&str, usize> = HashMap::with_capacity(clicks.len());
-        let mut new_items: Vec<&str> = Vec::new();
-        let mut new_item_index: HashMap<&str, u32> = HashMap::new();
-        let mut pop_delta: HashMap<u32, i64> = HashMap::new();
-        let mut interactions = self.interactions.load(Ordering::Acquire) as i64;
         let catalogue = self
             .items
             .read()
             .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-        let next_item0 = catalogue.ids.len() as u32;
+        let mut m = Merge {
+            touched: Vec::new(),
+            new_items: Vec::new(),
+            pop_delta: HashMap::new(),
+            applied: Applied::default(),
+            next_user0,
+            next_user: next_user0,
+            next_item0: catalogue.ids.len() as u32,
+            interactions: self.interactions.load(Ordering::Acquire) as i64,
+        };
+        let mut by_user: HashMap<&str, usize> = HashMap::with_capacity(clicks.len());
+        let mut new_item_index: HashMap<&str, u32> = HashMap::new();
         for c in clicks {
             let t = match by_user.get(c.user.as_str()) {
                 Some(&t) => t,
@@ -272,80 +307,54 @@ impl Store {
                             None => anyhow::bail!("the record of user {:?} is damaged", c.user),
                         },
                         None => {
-                            next_user += 1;
-                            (next_user - 1, Vec::new(), true)
+                            m.next_user += 1;
+                            (m.next_user - 1, Vec::new(), true)
                         }
                     };
-                    touched.push(Touched {
+                    m.touched.push(Touched {
                         id: &c.user,
                         idx,
                         items,
                         new,
                         changed: false,
                     });
-                    by_user.insert(&c.user, touched.len() - 1);
-                    touched.len() - 1
+                    by_user.insert(&c.user, m.touched.len() - 1);
+                    m.touched.len() - 1
                 }
             };
             let i = match catalogue.index.get(c.item.as_str()) {
                 Some(&i) => i,
                 None => *new_item_index.entry(&c.item).or_insert_with(|| {
-                    new_items.push(&c.item);
-                    next_item0 + new_items.len() as u32 - 1
+                    m.new_items.push(&c.item);
+                    m.next_item0 + m.new_items.len() as u32 - 1
                 }),
             };
-            let user = &mut touched[t];
-            if user.items.contains(&i) {
-                applied.duplicates += 1;
-                continue;
-            }
-            user.items.push(i);
-            applied.new_pairs.push((user.idx, i));
-            *pop_delta.entry(i).or_default() += 1;
-            applied.new_interactions += 1;
-            interactions += 1;
-            if user.items.len() > self.max_history {
-                let evicted = user.items.len() - self.max_history;
-                for old in user.items.drain(..evicted) {
-                    *pop_delta.entry(old).or_default() -= 1;
-                    interactions -= 1;
-                }
-            }
-            if !user.changed {
-                user.changed = true;
-                applied.changed_users.push(user.idx);
-            }
+            m.add(t, i, self.max_history);
         }
-        drop(catalogue);
-        for user in touched.iter().filter(|u| u.changed) {
-            batch.insert(
-                key(b'U', user.id.as_bytes()),
-                encode_user(user.idx, &user.items),
-            );
-            if user.new {
-                batch.insert(&idx_key(b'u', user.idx), user.id.as_bytes());
-            }
-        }
-        let next_item = next_item0 + new_items.len() as u32;
-        for (n, id) in new_items.iter().enumerate() {
-            batch.insert(&idx_key(b'i', next_item0 + n as u32), id.as_bytes());
-        }
-        let mut pop = self
-            .popularity
-            .write()
-            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-        let mut new_pop: Vec<(u32, u32)> = Vec::new();
-        for (&i, &d) in &pop_delta {
-            let cur = pop.get(i as usize).copied().unwrap_or(0) as i64;
-            new_pop.push((i, (cur + d).max(0) as u32));
-        }
-        // each block of counts touched is written whole, as it will read after the batch
+        Ok(m)
+    }
+
+    /// The new counts of the items `delta` touches, with each block of counts they fall in
+    /// added to `batch` whole, as it will read after the batch.
+    fn recount(
+        pop: &[u32],
+        delta: &HashMap<u32, i64>,
+        n_items: u32,
+        batch: &mut sled::Batch,
+    ) -> Vec<(u32, u32)> {
+        let new_pop: Vec<(u32, u32)> = delta
+            .iter()
+            .map(|(&i, &d)| {
+                let cur = pop.get(i as usize).copied().unwrap_or(0) as i64;
+                (i, (cur + d).max(0) as u32)
+            })
+            .collect();
         let mut blocks: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for &(i, v) in &new_pop {
             let b = i / POPULARITY_BLOCK as u32;
             let block = blocks.entry(b).or_insert_with(|| {
                 let first = b as usize * POPULARITY_BLOCK;
-                let end = (first + POPULARITY_BLOCK).min(next_item as usize);
+                let end = (first + POPULARITY_BLOCK).min(n_items as usize);
                 (first..end)
                     .map(|j| pop.get(j).copied().unwrap_or(0))
                     .collect()
@@ -357,36 +366,7 @@ impl Store {
         for (b, block) in blocks {
             batch.insert(&idx_key(b'p', b), encode_items(&block));
         }
-        for o in offsets {
-            batch.insert(
-                offset_key(&o.topic, o.partition),
-                &o.next_offset.to_be_bytes(),
-            );
-        }
-        batch.insert(NEXT_USER, &(next_user as u64).to_be_bytes());
-        batch.insert(NEXT_ITEM, &(next_item as u64).to_be_bytes());
-        batch.insert(INTERACTIONS, &(interactions.max(0) as u64).to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        // the batch is in: publish the new state to readers
-        applied.new_users = next_user - next_user0;
-        applied.new_items = next_item - next_item0;
-        {
-            let mut catalogue = self
-                .items
-                .write()
-                .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-            for id in new_items {
-                catalogue.push(Arc::from(id));
-            }
-        }
-        pop.resize(next_item as usize, 0);
-        for (i, v) in new_pop {
-            pop[i as usize] = v;
-        }
-        self.n_users.store(next_user as u64, Ordering::Release);
-        self.interactions
-            .store(interactions.max(0) as u64, Ordering::Release);
-        Ok(applied)
+        new_pop
     }
 
     /// Makes everything applied so far durable (fsync).
@@ -559,94 +539,6 @@ impl Store {
     }
 }
 
-/// Brings a store written by an earlier version to the current format, in place. Each chunk
-/// is one atomic batch and the format is written last, so a conversion interrupted at any
-/// moment resumes where it stopped at the next open.
-fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
-    let format = read_u64(tree.get(FORMAT)?);
-    if format == CURRENT_FORMAT {
-        return Ok(());
-    }
-    if format > CURRENT_FORMAT {
-        anyhow::bail!(
-            "it was written by a newer multivaed (store format {format}; this version reads \
-             format {CURRENT_FORMAT} and earlier)"
-        );
-    }
-    let users = drain_prefix(tree, b'h', |k, v, batch| {
-        if let Ok(idx) = <[u8; 4]>::try_from(&k[1..]) {
-            let idx = u32::from_be_bytes(idx);
-            if let Some(id) = tree.get(idx_key(b'u', idx))? {
-                batch.insert(key(b'U', &id), encode_user(idx, &decode_items(v)));
-            }
-        }
-        Ok(())
-    })?;
-    // per-item counts → blocks of counts (the catalogue's counts fit in memory)
-    let mut counts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    let mut old_counts = Vec::new();
-    for kv in tree.scan_prefix([b'c']) {
-        let (k, v) = kv?;
-        if let (Ok(i), Ok(c)) = (
-            <[u8; 4]>::try_from(&k[1..]),
-            <[u8; 4]>::try_from(v.as_ref()),
-        ) {
-            let i = u32::from_be_bytes(i) as usize;
-            let block = counts
-                .entry((i / POPULARITY_BLOCK) as u32)
-                .or_insert_with(|| vec![0; POPULARITY_BLOCK]);
-            block[i % POPULARITY_BLOCK] = u32::from_be_bytes(c);
-        }
-        old_counts.push(k);
-    }
-    let mut batch = sled::Batch::default();
-    for (b, block) in counts {
-        batch.insert(&idx_key(b'p', b), encode_items(&block));
-    }
-    for k in old_counts {
-        batch.remove(k);
-    }
-    tree.apply_batch(batch)?;
-    // item id → index lives in memory now
-    drain_prefix(tree, b'I', |_, _, _| Ok(()))?;
-    tree.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
-    db.flush()?;
-    if users > 0 {
-        tracing::info!(
-            users,
-            format = CURRENT_FORMAT,
-            "the store's user histories were converted to the current format"
-        );
-    }
-    Ok(())
-}
-
-/// Removes every record under `prefix`, in atomic chunks of 10,000, after `convert` has added
-/// what replaces each to the same chunk; returns how many there were.
-fn drain_prefix(
-    tree: &sled::Tree,
-    prefix: u8,
-    mut convert: impl FnMut(&[u8], &[u8], &mut sled::Batch) -> Result<()>,
-) -> Result<usize> {
-    const CHUNK: usize = 10_000;
-    let mut total = 0;
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in tree.scan_prefix([prefix]).take(CHUNK) {
-            let (k, v) = kv?;
-            convert(&k, &v, &mut batch)?;
-            batch.remove(k);
-            n += 1;
-        }
-        if n == 0 {
-            return Ok(total);
-        }
-        total += n;
-        tree.apply_batch(batch)?;
-    }
-}
-
 /// Some users' histories: row r of `rows` is user `users[r]` (ascending).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
@@ -658,7 +550,7 @@ pub struct Sample {
 mod tests {
     use super::*;
 
-    fn click(u: &str, i: &str) -> Click {
+    pub(super) fn click(u: &str, i: &str) -> Click {
         Click {
             user: u.into(),
             item: i.into(),
@@ -666,7 +558,7 @@ mod tests {
         }
     }
 
-    fn off(p: i32, o: i64) -> PartitionOffset {
+    pub(super) fn off(p: i32, o: i64) -> PartitionOffset {
         PartitionOffset {
             topic: "clicks".into(),
             partition: p,
@@ -755,86 +647,6 @@ mod tests {
         let top = s.popular(1, &[]);
         assert_eq!(top.len(), 1);
         assert_eq!(s.user_id(1).unwrap().as_deref(), Some("bob"));
-    }
-
-    /// A store as the format-1 code wrote it (per-item counts, 'h' histories, 'I' item index).
-    fn write_format_1(dir: &Path) {
-        let db = sled::Config::new().path(dir.join("store")).open().unwrap();
-        let t = db.open_tree("interactions").unwrap();
-        let put = |k: &[u8], v: &[u8]| {
-            t.insert(k, v).unwrap();
-        };
-        for (idx, id) in ["alice", "bob"].iter().enumerate() {
-            put(&key(b'U', id.as_bytes()), &(idx as u32).to_be_bytes());
-            put(&idx_key(b'u', idx as u32), id.as_bytes());
-        }
-        for (idx, id) in ["x", "y", "z"].iter().enumerate() {
-            put(&key(b'I', id.as_bytes()), &(idx as u32).to_be_bytes());
-            put(&idx_key(b'i', idx as u32), id.as_bytes());
-        }
-        put(&idx_key(b'h', 0), &encode_items(&[2, 0]));
-        put(&idx_key(b'h', 1), &encode_items(&[0]));
-        for (i, c) in [(0u32, 2u32), (2, 1)] {
-            put(&idx_key(b'c', i), &c.to_be_bytes());
-        }
-        put(NEXT_USER, &2u64.to_be_bytes());
-        put(NEXT_ITEM, &3u64.to_be_bytes());
-        put(INTERACTIONS, &3u64.to_be_bytes());
-        put(&offset_key("clicks", 0), &3i64.to_be_bytes());
-        db.flush().unwrap();
-    }
-
-    #[test]
-    fn a_format_1_store_is_converted_in_place_and_keeps_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        write_format_1(dir.path());
-        {
-            let s = Store::open(dir.path(), 10).unwrap();
-            assert_eq!(
-                s.counts(),
-                StoreCounts {
-                    users: 2,
-                    items: 3,
-                    interactions: 3
-                }
-            );
-            assert_eq!(s.user_index("alice").unwrap(), Some(0));
-            assert_eq!(s.user(0).unwrap().unwrap().1, vec![2, 0]);
-            assert_eq!(s.history(1).unwrap(), vec![0]);
-            assert_eq!(s.item_index("z").unwrap(), Some(2));
-            assert_eq!(s.stored_offset("clicks", 0).unwrap(), Some(3));
-            assert_eq!(s.popular(3, &[]), vec![(0, 2.0), (2, 1.0), (1, 0.0)]);
-            let snap = s.snapshot().unwrap();
-            assert_eq!(snap.users, vec![0, 1]);
-            assert_eq!(snap.rows.row(0), &[0, 2]);
-            // old records are gone; new clicks land on the converted users and items
-            assert_eq!(s.tree.scan_prefix([b'h']).count(), 0);
-            assert_eq!(s.tree.scan_prefix([b'I']).count(), 0);
-            assert_eq!(s.tree.scan_prefix([b'c']).count(), 0);
-            let a = s
-                .apply(&[click("bob", "z"), click("carol", "y")], &[off(0, 5)])
-                .unwrap();
-            assert_eq!((a.new_users, a.new_items, a.new_interactions), (1, 0, 2));
-            assert_eq!(s.history(1).unwrap(), vec![0, 2]);
-            s.flush().unwrap();
-        }
-        let s = Store::open(dir.path(), 10).unwrap();
-        assert_eq!(s.user(2).unwrap(), Some(("carol".into(), vec![1])));
-        assert_eq!(s.popular(3, &[]), vec![(0, 2.0), (2, 2.0), (1, 1.0)]);
-        assert_eq!(s.counts().interactions, 5);
-    }
-
-    #[test]
-    fn a_store_from_a_newer_version_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path(), 3).unwrap();
-            s.tree.insert(FORMAT, &99u64.to_be_bytes()).unwrap();
-            s.flush().unwrap();
-        }
-        let err = Store::open(dir.path(), 3).err().expect("refused");
-        let msg = format!("{err:#}");
-        assert!(msg.contains("newer multivaed"), "{msg}");
     }
 
     #[test]

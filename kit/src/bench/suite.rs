@@ -80,8 +80,14 @@ fn machine(threads: usize) -> Value {
     })
 }
 
+/// This benchmark binary (the suite runs each of its parts in a process of its own).
 fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find this executable")
+}
+
+/// The `multivaed` binary beside it (`eval`, and the daemon the stream benchmark runs).
+fn multivaed() -> PathBuf {
+    crate::harness::daemon_exe()
 }
 
 /// Runs a command, returning its standard output; fails with its standard error's tail.
@@ -111,7 +117,7 @@ fn last_json(stdout: &str) -> Result<Value> {
 
 /// Our `eval` on a split directory or a raw file: (seconds per epoch, test NDCG@100, peak RSS).
 fn our_training(opts: &SuiteOptions, data: &[&str], epochs: usize) -> Result<(f64, f64, u64)> {
-    let mut cmd = Command::new(exe()?);
+    let mut cmd = Command::new(multivaed());
     cmd.arg("eval").args(data).args([
         "--epochs",
         &epochs.to_string(),
@@ -128,7 +134,7 @@ fn our_training(opts: &SuiteOptions, data: &[&str], epochs: usize) -> Result<(f6
 
 /// (seconds per epoch, test NDCG@100, peak RSS) of an `eval --json` report.
 fn eval_figures(v: &Value) -> Result<(f64, f64, u64)> {
-    let report: crate::eval::EvalReport =
+    let report: multivaed::eval::EvalReport =
         serde_json::from_value(v.clone()).context("not an eval report")?;
     Ok((
         report.multivae.train_seconds_per_epoch,
@@ -242,7 +248,7 @@ pub fn run_suite(opts: &SuiteOptions) -> Result<String> {
                 items: 20_000,
                 rates: vec![1000.0, 5000.0],
                 seconds: if opts.quick { 15.0 } else { 40.0 },
-                exe: exe()?,
+                exe: multivaed(),
                 work_dir: opts.out.join("work"),
             })?;
             Some(s)
@@ -257,7 +263,7 @@ pub fn run_suite(opts: &SuiteOptions) -> Result<String> {
     for items in [20_000usize, 100_000] {
         let json_path = opts.out.join(format!("model-{items}.json"));
         let mut cmd = Command::new(exe()?);
-        cmd.args(["bench", "model", "--dense-at", "0", "--steps", "5"])
+        cmd.args(["model", "--dense-at", "0", "--steps", "5"])
             .args([
                 "--items",
                 &items.to_string(),
@@ -434,7 +440,7 @@ pub fn markdown(r: &SuiteReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::{BaselineFigures, EvalReport, UserCounts, VaeFigures};
+    use multivaed::eval::{BaselineFigures, EvalReport, UserCounts, VaeFigures};
 
     #[test]
     fn an_eval_report_gives_its_epoch_time_ndcg_and_rss() {

@@ -1,4 +1,4 @@
-//! `multivaed bench stream`: the daemon (this binary's `run`, as a child process) against a real
+//! `multivaed bench stream`: the daemon (`multivaed run`, as a child process) against a real
 //! broker. Ingest: events/s from the topic into sled next to the raw rdkafka consume rate of the
 //! same topic in the same run. Latency: click-to-recommendation as a producer sees it (the click
 //! sent → the user's next recommendation generated after it consumed) under a steady load, with
@@ -6,25 +6,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use multivaed::wire::{ClickEvent, Recommendation};
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
-use crate::wire::Recommendation;
+use crate::harness::{free_port, metric_value, producer_to, try_send, unique, Daemon, Setup};
 
 /// Options of `multivaed bench stream`.
 #[derive(Debug, Clone)]
@@ -90,14 +86,6 @@ pub struct StreamFigures {
     pub latency: Vec<LatencyFigures>,
 }
 
-fn unique(prefix: &str) -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("bench-{prefix}-{}-{t}", std::process::id())
-}
-
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -105,270 +93,75 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// Creates topics (name, partitions) on the broker at `brokers` (replication 1).
-pub fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("cannot create an admin client")?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let res = rt
-        .block_on(admin.create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        ))
-        .context("cannot create topics")?;
-    for r in res {
-        if let Err((t, e)) = r {
-            bail!("cannot create topic {t}: {e}");
-        }
-    }
-    Ok(())
-}
-
-fn producer(brokers: &str, linger_ms: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", linger_ms)
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .context("cannot create a producer")
-}
-
-/// Enqueues one click, waiting while the producer's queue is full; any other error is returned.
+/// Enqueues one benchmark click (the daemon's JSON event), keyed by user.
 fn send(
     p: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     user: &str,
     item: &str,
 ) -> Result<()> {
-    let payload = format!(r#"{{"user_id":"{user}","item_id":"{item}"}}"#);
-    let mut rec = BaseRecord::to(topic)
-        .key(user.as_bytes())
-        .payload(payload.as_bytes());
-    loop {
-        match p.send(rec) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                // let the background thread deliver
-                std::thread::sleep(Duration::from_millis(2));
-                rec = r;
-            }
-            Err((e, _)) => bail!("cannot produce a benchmark click: {e}"),
-        }
+    let payload = ClickEvent {
+        user_id: user.into(),
+        item_id: item.into(),
+        timestamp: None,
+        event_type: None,
     }
+    .to_json();
+    try_send(
+        p,
+        BaseRecord::to(topic)
+            .key(user.as_bytes())
+            .payload(&payload[..]),
+    )
+    .context("cannot produce a benchmark click")
 }
 
-/// A memory figure of a process's /proc status in bytes (`field`: "VmHWM" for the peak
-/// resident set, "VmRSS" for the current one; `pid` None: this process); 0 where unavailable.
-pub fn proc_status_bytes(pid: Option<u32>, field: &str) -> u64 {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".into(),
-    };
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.split(':').next() == Some(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+/// Sum of a metric of the daemon over its label sets.
+fn metric(d: &Daemon, name: &str) -> Result<f64> {
+    Ok(metric_value(&d.metrics()?, name, ""))
 }
 
-/// A process's peak resident set (VmHWM) in bytes; see [`proc_status_bytes`].
-pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
-    proc_status_bytes(pid, "VmHWM")
+/// Waits until `f` holds (its errors count as not yet).
+fn wait(
+    d: &Daemon,
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut(&Daemon) -> Result<bool>,
+) -> Result<()> {
+    d.try_wait_for(limit, what, |d| f(d).unwrap_or(false))
 }
 
-/// The daemon under test.
-struct DaemonChild {
-    child: Child,
-    port: u16,
+/// Fresh topics for one benchmark daemon.
+fn topics(brokers: &str, partitions: i32) -> Result<Setup> {
+    Setup::try_new_on(brokers, Path::new(""), partitions)
 }
 
-impl DaemonChild {
-    fn start(exe: &Path, env: &[(String, String)], log: &Path) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut cmd = Command::new(exe);
-        cmd.arg("run")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            // BENCH_DAEMON_RUST_LOG: the daemon's log filter (e.g. "info,rdkafka=debug" with
-            // MULTIVAED_KAFKA__PROPERTIES__DEBUG=fetch to see librdkafka's fetch decisions)
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_DAEMON_RUST_LOG")
-                    .unwrap_or_else(|_| "info,rdkafka=warn".into()),
-            )
-            .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let mut d = Self { child, port };
-        d.wait(Duration::from_secs(60), "its HTTP endpoint", |d| {
-            Ok(d.metrics().is_ok())
-        })?;
-        Ok(d)
-    }
-
-    fn metrics(&self) -> Result<String> {
-        Ok(
-            ureq::get(&format!("http://127.0.0.1:{}/metrics", self.port))
-                .timeout(Duration::from_secs(5))
-                .call()?
-                .into_string()?,
-        )
-    }
-
-    /// A histogram's cumulative buckets: (upper bound, count), ascending, `+Inf` last.
-    fn buckets(&self, name: &str) -> Result<Vec<(f64, f64)>> {
-        let text = self.metrics()?;
-        let prefix = format!("{name}_bucket{{le=\"");
-        let mut out: Vec<(f64, f64)> = text
-            .lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(&prefix)?;
-                let (le, count) = rest.split_once("\"} ")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, count.trim().parse().ok()?))
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Ok(out)
-    }
-
-    /// Sum of a metric over its label sets.
-    fn metric(&self, name: &str) -> Result<f64> {
-        let text = self.metrics()?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
-    }
-
-    fn wait(
-        &mut self,
-        limit: Duration,
-        what: &str,
-        mut f: impl FnMut(&Self) -> Result<bool>,
-    ) -> Result<()> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("the daemon exited ({status}) while waiting for {what}");
-            }
-            if f(self).unwrap_or(false) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("timed out after {limit:?} waiting for {what}")
-    }
-
-    fn peak_rss(&self) -> u64 {
-        peak_rss_bytes(Some(self.child.id()))
-    }
-
-    fn stop(mut self) -> Result<()> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(30) {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        Ok(())
-    }
+/// The daemon's environment: `topics` on `brokers`, data in `dir`, plus `extra`.
+fn daemon_env(
+    topics: &Setup,
+    brokers: &str,
+    dir: &Path,
+    extra: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let mut env = topics.base_env(brokers);
+    env.retain(|(k, _)| k != "MULTIVAED_DATA_DIR");
+    env.push(("MULTIVAED_DATA_DIR".into(), dir.display().to_string()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env
 }
 
-impl Drop for DaemonChild {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-struct Topics {
-    clicks: String,
-    recs: String,
-    dlq: String,
-    group: String,
-}
-
-impl Topics {
-    fn create(brokers: &str, partitions: i32) -> Result<Self> {
-        let t = Self {
-            clicks: unique("clicks"),
-            recs: unique("recs"),
-            dlq: unique("dlq"),
-            group: unique("group"),
-        };
-        create_topics(
-            brokers,
-            &[(&t.clicks, partitions), (&t.recs, 1), (&t.dlq, 1)],
-        )?;
-        Ok(t)
-    }
-
-    fn env(
-        &self,
-        brokers: &str,
-        data_dir: &Path,
-        extra: &[(&str, String)],
-    ) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = [
-            ("MULTIVAED_KAFKA__BROKERS", brokers.to_string()),
-            ("MULTIVAED_KAFKA__CLICKS_TOPIC", self.clicks.clone()),
-            ("MULTIVAED_KAFKA__RECOMMENDATIONS_TOPIC", self.recs.clone()),
-            ("MULTIVAED_KAFKA__DEAD_LETTER_TOPIC", self.dlq.clone()),
-            ("MULTIVAED_KAFKA__GROUP_ID", self.group.clone()),
-            ("MULTIVAED_DATA_DIR", data_dir.display().to_string()),
-            ("MULTIVAED_DEVICE", "cpu".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        env
-    }
+/// Starts the benchmark daemon, its log written to `log`.
+fn start(exe: &Path, env: &[(String, String)], log: &Path) -> Result<Daemon> {
+    Daemon::try_start(exe, env, free_port(), Some(log))
 }
 
 /// Ingest: produce `n` clicks, time a raw consumer over them, then the daemon.
 fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
     let partitions = 2;
-    let topics = Topics::create(&opts.brokers, partitions)?;
+    let topics = topics(&opts.brokers, partitions)?;
     let n = opts.ingest_events;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let p = producer(&opts.brokers, "20")?;
+    let p = producer_to(&opts.brokers, "20")?;
     let t0 = Instant::now();
     for _ in 0..n {
         let u: u32 = rng.gen_range(0..(n as u32 / 4).max(1));
@@ -411,15 +204,16 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
 
     // the daemon (training off: this measures ingestion and the scoring it triggers)
     let dir = opts.work_dir.join(unique("ingest"));
-    let env = topics.env(
+    let env = daemon_env(
+        &topics,
         &opts.brokers,
         &dir,
         &[("MULTIVAED_TRAIN__MIN_USERS", "1000000000".into())],
     );
-    let mut d = DaemonChild::start(&opts.exe, &env, &opts.work_dir.join("ingest-daemon.log"))?;
+    let d = start(&opts.exe, &env, &opts.work_dir.join("ingest-daemon.log"))?;
     let mut first = None;
-    d.wait(Duration::from_secs(600), "every click consumed", |d| {
-        let consumed = d.metric("multivaed_events_consumed_total")?;
+    wait(&d, Duration::from_secs(600), "every click consumed", |d| {
+        let consumed = metric(d, "multivaed_events_consumed_total")?;
         if consumed > 0.0 {
             first.get_or_insert_with(Instant::now);
         }
@@ -428,7 +222,7 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
     let daemon_seconds = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
     let daemon_rate = n as f64 / daemon_seconds.max(1e-9);
     let rss = d.peak_rss();
-    d.stop()?;
+    d.terminate();
     eprintln!(
         "ingest: daemon {daemon_rate:.0} events/s ({:.2} of raw)",
         daemon_rate / raw_rate
@@ -450,7 +244,7 @@ type Pending = Arc<Mutex<HashMap<String, VecDeque<u64>>>>;
 /// Steady load at `rate` for `seconds`; latencies (ms) of the answered clicks, and clicks sent.
 fn measure(
     opts: &StreamBenchOptions,
-    topics: &Topics,
+    topics: &Setup,
     users: usize,
     rate: f64,
     seed: u64,
@@ -498,7 +292,7 @@ fn measure(
             }
         })
     };
-    let p = producer(&opts.brokers, "0")?;
+    let p = producer_to(&opts.brokers, "0")?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = Instant::now();
     let mut sent = 0usize;
@@ -531,11 +325,11 @@ fn measure(
 
 /// Waits until the daemon consumed `expected` messages since it started and scored every
 /// waiting user, so a measurement never starts behind an earlier backlog.
-fn caught_up(d: &mut DaemonChild, expected: usize) -> Result<()> {
-    d.wait(Duration::from_secs(600), "the daemon caught up", |d| {
+fn caught_up(d: &Daemon, expected: usize) -> Result<()> {
+    wait(d, Duration::from_secs(600), "the daemon caught up", |d| {
         Ok(
-            d.metric("multivaed_events_consumed_total")? >= expected as f64
-                && d.metric("multivaed_dirty_users")? == 0.0,
+            metric(d, "multivaed_events_consumed_total")? >= expected as f64
+                && metric(d, "multivaed_dirty_users")? == 0.0,
         )
     })
 }
@@ -588,7 +382,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// Latency: a daemon with a model over `opts.items` items, then each load with training paused,
 /// then the first load again with a daemon that trains as the defaults say.
 fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
-    let topics = Topics::create(&opts.brokers, 2)?;
+    let topics = topics(&opts.brokers, 2)?;
     let users = opts.items;
     let dir = opts.work_dir.join(unique("latency"));
     let paused = [
@@ -598,10 +392,10 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1".into()),
         ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", "2000".into()),
     ];
-    let env = topics.env(&opts.brokers, &dir, &paused);
-    let mut d = DaemonChild::start(&opts.exe, &env, &opts.work_dir.join("latency-daemon.log"))?;
+    let env = daemon_env(&topics, &opts.brokers, &dir, &paused);
+    let d = start(&opts.exe, &env, &opts.work_dir.join("latency-daemon.log"))?;
     // the catalogue: user u clicks item u, then 5 more (skewed) items each
-    let p = producer(&opts.brokers, "20")?;
+    let p = producer_to(&opts.brokers, "20")?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for u in 0..users {
         send(
@@ -619,37 +413,38 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
     }
     p.flush(Duration::from_secs(120))?;
     let items = opts.items as f64;
-    d.wait(
+    wait(
+        &d,
         Duration::from_secs(900),
         "a model over the catalogue",
-        |d| Ok(d.metric("multivaed_model_items")? >= items),
+        |d| Ok(metric(d, "multivaed_model_items")? >= items),
     )?;
-    d.wait(Duration::from_secs(600), "the scorer idle", |d| {
-        Ok(d.metric("multivaed_dirty_users")? == 0.0)
+    wait(&d, Duration::from_secs(600), "the scorer idle", |d| {
+        Ok(metric(d, "multivaed_dirty_users")? == 0.0)
     })?;
     eprintln!("latency: model over {} items live", opts.items);
     let mut out = Vec::new();
     // messages produced, and how many of them an earlier daemon consumed (stored offsets)
     let mut produced = users * 6;
     let mut consumed_before = 0usize;
-    let mut run = |d: &mut DaemonChild,
+    let mut run = |d: &Daemon,
                    consumed_before: usize,
                    rate: f64,
                    training: &'static str,
                    seed: u64|
      -> Result<()> {
         caught_up(d, produced - consumed_before)?;
-        let rounds0 = d.metric("multivaed_training_rounds_total")?;
-        let batches0 = d.metric("multivaed_scoring_duration_seconds_count")?;
-        let busy0 = d.metric("multivaed_scoring_duration_seconds_sum")?;
-        let recs0 = d.metric("multivaed_recommendations_published_total")?;
+        let rounds0 = metric(d, "multivaed_training_rounds_total")?;
+        let batches0 = metric(d, "multivaed_scoring_duration_seconds_count")?;
+        let busy0 = metric(d, "multivaed_scoring_duration_seconds_sum")?;
+        let recs0 = metric(d, "multivaed_recommendations_published_total")?;
         let inside0 = d.buckets("multivaed_click_to_recommendation_seconds")?;
         let (mut l, clicks, achieved) = measure(opts, &topics, users, rate, seed)?;
         produced += clicks;
         l.sort_by(|a, b| a.total_cmp(b));
-        let batches = d.metric("multivaed_scoring_duration_seconds_count")? - batches0;
-        let busy = d.metric("multivaed_scoring_duration_seconds_sum")? - busy0;
-        let recs = d.metric("multivaed_recommendations_published_total")? - recs0;
+        let batches = metric(d, "multivaed_scoring_duration_seconds_count")? - batches0;
+        let busy = metric(d, "multivaed_scoring_duration_seconds_sum")? - busy0;
+        let recs = metric(d, "multivaed_recommendations_published_total")? - recs0;
         let inside = bucket_delta(
             &inside0,
             &d.buckets("multivaed_click_to_recommendation_seconds")?,
@@ -663,14 +458,14 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             rate,
             achieved_rate: achieved,
             training,
-            model_items: d.metric("multivaed_model_items")? as usize,
+            model_items: metric(d, "multivaed_model_items")? as usize,
             clicks,
             answered: l.len(),
             p50_ms: quantile(&l, 0.5),
             p90_ms: quantile(&l, 0.9),
             p99_ms: quantile(&l, 0.99),
             max_ms: l.last().copied().unwrap_or(f64::NAN),
-            training_rounds_during: d.metric("multivaed_training_rounds_total")? - rounds0,
+            training_rounds_during: metric(d, "multivaed_training_rounds_total")? - rounds0,
             daemon_peak_rss_bytes: d.peak_rss(),
         };
         eprintln!(
@@ -690,10 +485,10 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         Ok(())
     };
     for (n, &rate) in opts.rates.iter().enumerate() {
-        run(&mut d, 0, rate, "paused", 100 + n as u64)?;
+        run(&d, 0, rate, "paused", 100 + n as u64)?;
     }
-    d.stop()?;
-    consumed_before += crate::store::Store::open(&dir, 500)?
+    d.terminate();
+    consumed_before += multivaed::store::Store::open(&dir, 500)?
         .stored_offsets()?
         .iter()
         .map(|o| o.next_offset as usize)
@@ -704,16 +499,16 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000".into()),
         ("MULTIVAED_TRAIN__INTERVAL", "1s".into()),
     ];
-    let env = topics.env(&opts.brokers, &dir, &training);
-    let mut d = DaemonChild::start(&opts.exe, &env, &opts.work_dir.join("latency-daemon-2.log"))?;
-    d.wait(Duration::from_secs(120), "the model loaded", |d| {
-        Ok(d.metric("multivaed_model_items")? >= items
-            && d.metric("multivaed_partitions_assigned")? > 0.0)
+    let env = daemon_env(&topics, &opts.brokers, &dir, &training);
+    let d = start(&opts.exe, &env, &opts.work_dir.join("latency-daemon-2.log"))?;
+    wait(&d, Duration::from_secs(120), "the model loaded", |d| {
+        Ok(metric(d, "multivaed_model_items")? >= items
+            && metric(d, "multivaed_partitions_assigned")? > 0.0)
     })?;
     if let Some(&rate) = opts.rates.first() {
-        run(&mut d, consumed_before, rate, "continuous", 200)?;
+        run(&d, consumed_before, rate, "continuous", 200)?;
     }
-    d.stop()?;
+    d.terminate();
     Ok(out)
 }
 

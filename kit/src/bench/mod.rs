@@ -1,13 +1,11 @@
-//! `multivaed bench`: throughput benchmarks on synthetic data, printed as a markdown table and
-//! written as JSON. Benchmarks report figures; they never assert timings.
+//! The benchmarks (`multivaed-bench`, also run as `multivaed bench …`): the model's training step
+//! and scoring, the store, the daemon against a broker, and the whole suite. Printed as markdown
+//! tables and written as JSON; benchmarks report figures, they never assert timings.
 
 mod stream;
 mod suite;
 
-pub use stream::{
-    create_topics, peak_rss_bytes, proc_status_bytes, run_stream_bench, StreamBenchOptions,
-    StreamFigures,
-};
+pub use stream::{run_stream_bench, StreamBenchOptions, StreamFigures};
 pub use suite::{run_suite, SuiteOptions, SuiteReport};
 
 use std::time::Instant;
@@ -17,7 +15,7 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::model::{FirstLayer, Interactions, ModelConfig, Trainer};
+use multivaed::model::{FirstLayer, Interactions, ModelConfig, Trainer};
 
 /// Synthetic users with a skewed (power-law-like) item popularity: `per_user` items on average.
 pub fn synthetic_users(n_users: usize, n_items: usize, per_user: usize, seed: u64) -> Interactions {
@@ -141,7 +139,7 @@ pub fn run_model_bench(
                 score_seconds,
                 users_per_second: rows.len() as f64 / score_seconds,
                 single_user_ms,
-                peak_rss_bytes: peak_rss_bytes(None),
+                peak_rss_bytes: multivaed::metrics::peak_rss_bytes(None),
             };
             log(&row);
             out.push(row);
@@ -193,8 +191,8 @@ pub fn run_store_bench(
     events: usize,
     batch_size: usize,
 ) -> Result<StoreBenchFigures> {
-    use crate::store::{Click, PartitionOffset, Store};
-    let store = Store::open(dir, crate::config::StoreConfig::default().max_history)?;
+    use multivaed::store::{Click, PartitionOffset, Store};
+    let store = Store::open(dir, multivaed::config::StoreConfig::default().max_history)?;
     let users = (events / 4).max(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let clicks: Vec<Click> = (0..events)

@@ -1,0 +1,224 @@
+//! `multivaed-bench` (also `multivaed bench …`): the benchmarks. `model` and `store` need no
+//! broker; `stream` and `suite` run the `multivaed` binary beside this one against one.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use multivaed::cli::ModelArgs;
+use multivaed_kit::bench;
+
+/// The same allocator as the daemon, so benchmarks measure what it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "multivaed-bench", version, about = "multivaed's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// A training step and top-100 scoring at several catalogue sizes (synthetic users).
+    Model(ModelBenchArgs),
+    /// The daemon against a real broker: ingest rate vs raw consume, click-to-recommendation
+    /// latency under steady load with a 20k-item model.
+    Stream(StreamBenchArgs),
+    /// The store alone (no broker): the ingest benchmark's clicks written in ingest batches,
+    /// then history reads as the scorer does them.
+    Store(StoreBenchArgs),
+    /// Everything, each part in its own process, with the PyTorch reference beside it:
+    /// writes report.json and report.md.
+    Suite(SuiteArgs),
+}
+
+#[derive(Debug, Args)]
+struct StreamBenchArgs {
+    /// Bootstrap servers of the broker to measure against (topics are created per run).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: String,
+    /// Clicks in the ingest benchmark.
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Loads of the latency benchmark, clicks/s (`--rates=` alone: ingest only).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,5000")]
+    rates: Vec<f64>,
+    /// Seconds per load.
+    #[arg(long, default_value_t = 40.0)]
+    seconds: f64,
+    /// Catalogue size of the latency benchmark's model.
+    #[arg(long, default_value_t = 20_000)]
+    items: usize,
+    /// Working directory (daemon data and logs).
+    #[arg(long, default_value = "bench-out/work")]
+    work_dir: PathBuf,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StoreBenchArgs {
+    /// Clicks to write.
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Clicks per batch (the ingest loop's `kafka.batch_size`).
+    #[arg(long, default_value_t = 2000)]
+    batch_size: usize,
+    /// Where the store is created (a fresh directory inside it; removed afterwards).
+    #[arg(long, default_value = "bench-out/work")]
+    work_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SuiteArgs {
+    /// Bootstrap servers for the ingest and latency parts (skipped without).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Where report.json, report.md and each part's output go.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Worker threads of every part (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The reference MovieLens-100K split (vae_cf format).
+    #[arg(long, default_value = "../shared/reference/ml-100k-split")]
+    ml100k_split: PathBuf,
+    /// Gowalla's train.txt (one line per user).
+    #[arg(long, default_value = "../shared/data/gowalla/train.txt")]
+    gowalla: PathBuf,
+    /// Python with PyTorch for the reference run (skipped without).
+    #[arg(long, env = "REF_PYTHON")]
+    python: Option<PathBuf>,
+    /// The directory holding the reference's paper_protocol.py.
+    #[arg(long, default_value = "../shared/reference")]
+    reference: PathBuf,
+    /// Smaller and shorter: 50k ingest events, 15 s per load, 10 epochs, no Gowalla.
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Debug, Args)]
+struct ModelBenchArgs {
+    /// Catalogue sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1700,20000,100000")]
+    items: Vec<usize>,
+    /// Sizes at which the dense first layer is measured too.
+    #[arg(long, value_delimiter = ',', default_value = "20000")]
+    dense_at: Vec<usize>,
+    /// Timed training steps per size.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Users scored per size.
+    #[arg(long, default_value_t = 2000)]
+    score_users: usize,
+    /// Device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// A `--device` argument ("auto", "cpu", "cuda:N").
+fn parse_device(s: &str) -> Result<multivaed::config::DeviceChoice> {
+    s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
+}
+
+fn run_bench(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Stream(args) => {
+            let figures = bench::run_stream_bench(&bench::StreamBenchOptions {
+                brokers: args.brokers,
+                ingest_events: args.events,
+                items: args.items,
+                rates: args.rates,
+                seconds: args.seconds,
+                exe: std::env::current_exe().context("cannot find this executable")?,
+                work_dir: args.work_dir,
+            })?;
+            let text = serde_json::to_string_pretty(&figures)?;
+            match args.json {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        BenchCommand::Store(args) => {
+            std::fs::create_dir_all(&args.work_dir)
+                .with_context(|| format!("cannot create {}", args.work_dir.display()))?;
+            let dir = args
+                .work_dir
+                .join(format!("bench-store-{}", std::process::id()));
+            let figures = bench::run_store_bench(&dir, args.events, args.batch_size);
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("{}", serde_json::to_string_pretty(&figures?)?);
+            Ok(())
+        }
+        BenchCommand::Suite(args) => {
+            let threads = args.threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let existing = |p: PathBuf| p.exists().then_some(p);
+            let md = bench::run_suite(&bench::SuiteOptions {
+                brokers: args.brokers,
+                out: args.out.clone(),
+                threads,
+                ml100k_split: existing(args.ml100k_split),
+                gowalla: existing(args.gowalla),
+                python: args.python,
+                reference: existing(args.reference),
+                quick: args.quick,
+            })?;
+            println!("{md}");
+            eprintln!("report: {}", args.out.join("report.md").display());
+            Ok(())
+        }
+        BenchCommand::Model(args) => {
+            multivaed::cli::set_threads(args.threads)?;
+            let (device, device_name) =
+                multivaed::daemon::open_device(parse_device(&args.device)?)?;
+            let opts = bench::ModelBenchOptions {
+                device,
+                device_name,
+                items: args.items,
+                dense_at: args.dense_at,
+                steps: args.steps,
+                score_users: args.score_users,
+                config: args.model.config()?,
+            };
+            let rows = bench::run_model_bench(&opts, |r| {
+                eprintln!(
+                    "{} items, {} first layer, {}: {:.4} s/step, {:.0} users/s",
+                    r.items, r.first_layer, r.device, r.step_seconds, r.users_per_second
+                )
+            })?;
+            println!("{}", bench::model_table(&rows));
+            if let Some(path) = args.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run_bench(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! The daemon under test, for the integration tests and the benchmarks alike: a real broker
+//! (`KAFKA_BROKERS`), fresh topics, producers that wait out a full queue, the daemon as a child
+//! process (its log kept, its HTTP surface and metrics read), topic readers.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// The broker the tests run against. Tests that need one fail loudly without it: CI always
+/// provides it through scripts/test.sh.
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!("KAFKA_BROKERS is not set: run the tests with scripts/test.sh, which starts a real broker")
+    })
+}
+
+/// A name unique to this process and moment.
+pub fn unique(prefix: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{}", std::process::id(), t % 1_000_000_000)
+}
+
+/// Creates topics (name, partitions) on the broker at `bootstrap` (replication 1).
+pub fn try_create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("cannot create an admin client")?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let res = rt
+        .block_on(admin.create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .context("cannot create topics")?;
+    for r in res {
+        if let Err((t, e)) = r {
+            bail!("cannot create topic {t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Creates topics on the test broker.
+pub fn create_topics(topics: &[(&str, i32)]) {
+    create_topics_on(&brokers(), topics)
+}
+
+/// Creates topics on the broker at `bootstrap`, failing the test if it cannot.
+pub fn create_topics_on(bootstrap: &str, topics: &[(&str, i32)]) {
+    if let Err(e) = try_create_topics(bootstrap, topics) {
+        panic!("{e:#}");
+    }
+}
+
+/// A producer to `bootstrap` for test and benchmark traffic.
+pub fn producer_to(
+    bootstrap: &str,
+    linger_ms: &str,
+) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", linger_ms)
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("cannot create a producer")
+}
+
+/// A producer to the test broker.
+pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
+    producer_to(&brokers(), "5").expect("producer")
+}
+
+/// Enqueues one record, waiting while the producer's queue is full; any other error is returned.
+pub fn try_send(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    mut rec: BaseRecord<'_, [u8], [u8]>,
+) -> Result<()> {
+    loop {
+        match p.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                // let the background thread deliver
+                std::thread::sleep(Duration::from_millis(2));
+                rec = r;
+            }
+            Err((e, _)) => bail!("cannot produce: {e}"),
+        }
+    }
+}
+
+/// As [`try_send`], failing the test on an error.
+pub fn send(p: &ThreadedProducer<DefaultProducerContext>, rec: BaseRecord<'_, [u8], [u8]>) {
+    if let Err(e) = try_send(p, rec) {
+        panic!("{e:#}");
+    }
+}
+
+/// Produces raw payloads keyed by `key`, then flushes.
+pub fn produce(topic: &str, msgs: &[(String, Vec<u8>)]) {
+    let p = producer();
+    for (k, v) in msgs {
+        send(&p, BaseRecord::to(topic).key(k.as_bytes()).payload(&v[..]));
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// A consumed message.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads a topic from the beginning until nothing arrives for `idle`.
+pub fn read_all(topic: &str, partitions: i32, idle: Duration) -> Vec<Consumed> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push(Consumed {
+                    key: m.key().map(|k| k.to_vec()),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+                last = Instant::now();
+            }
+            Some(Err(e)) => panic!("consume {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `multivaed` executable: `MULTIVAED_BIN`, else next to this executable or one folder up
+/// (a test binary lives in `target/<profile>/deps/`, a benchmark binary beside `multivaed`).
+pub fn daemon_exe() -> PathBuf {
+    if let Ok(p) = std::env::var("MULTIVAED_BIN") {
+        return PathBuf::from(p);
+    }
+    let here = std::env::current_exe().unwrap_or_default();
+    let dir = here.parent().unwrap_or(Path::new("."));
+    [dir.join("multivaed"), dir.join("..").join("multivaed")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join("multivaed"))
+}
+
+/// The daemon as a child process (`multivaed run`), its standard error kept line by line (and
+/// copied to a file when one is given).
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts the daemon with `env` on HTTP `port` and waits for its HTTP surface; fails the
+    /// test if it does not come up.
+    pub fn start(env: &[(String, String)], port: u16) -> Self {
+        Self::try_start(&daemon_exe(), env, port, None).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn try_start(
+        exe: &Path,
+        env: &[(String, String)],
+        port: u16,
+        log_file: Option<&Path>,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped());
+        // BENCH_DAEMON_RUST_LOG: the daemon's log filter (e.g. "info,rdkafka=debug" with
+        // MULTIVAED_KAFKA__PROPERTIES__DEBUG=fetch to see librdkafka's fetch decisions)
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("BENCH_DAEMON_RUST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
+        );
+        // the harness's own switch, not the daemon's configuration (MULTIVAED_* is)
+        cmd.env_remove("MULTIVAED_TEST_ECHO");
+        cmd.env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut file = match log_file {
+            Some(p) => Some(std::fs::File::create(p)?),
+            None => None,
+        };
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("MULTIVAED_TEST_ECHO").is_ok() {
+                    eprintln!("daemon: {line}");
+                }
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if let Ok(mut l) = l.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let d = Self { child, port, log };
+        d.try_wait_for(Duration::from_secs(60), "HTTP up", |d| {
+            d.get("/healthz").map(|(s, _)| s == 200).unwrap_or(false)
+        })?;
+        Ok(d)
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => {
+                let s = r.status();
+                Some((s, r.into_string().unwrap_or_default()))
+            }
+            Err(ureq::Error::Status(s, r)) => Some((s, r.into_string().unwrap_or_default())),
+            Err(_) => None,
+        }
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        match self.get("/metrics") {
+            Some((200, text)) => Ok(text),
+            Some((s, _)) => bail!("/metrics answered {s}"),
+            None => bail!("/metrics did not answer"),
+        }
+    }
+
+    /// Sum of a metric over its label sets (`labels` filters on `key="value"` substrings).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        metric_value(&self.metrics().expect("metrics"), name, labels)
+    }
+
+    /// A histogram's cumulative buckets: (upper bound, count), ascending, `+Inf` last.
+    pub fn buckets(&self, name: &str) -> Result<Vec<(f64, f64)>> {
+        let text = self.metrics()?;
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut out: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Waits until `f` holds, failing the test (with the daemon's log tail) after `limit`.
+    pub fn wait_for(&self, limit: Duration, what: &str, f: impl FnMut(&Self) -> bool) {
+        if let Err(e) = self.try_wait_for(limit, what, f) {
+            panic!("{e:#}");
+        }
+    }
+
+    /// Waits until `f` holds; an error after `limit`, or at once if the daemon exited.
+    pub fn try_wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut f: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if f(self) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+        let tail: Vec<&String> = log.iter().rev().take(40).collect();
+        bail!("timed out after {limit:?} waiting for {what}; daemon log tail (newest first):\n{tail:#?}")
+    }
+
+    /// The daemon's peak resident set (VmHWM), bytes.
+    pub fn peak_rss(&self) -> u64 {
+        multivaed::metrics::peak_rss_bytes(Some(self.child.id()))
+    }
+
+    /// SIGTERM; returns the exit code and how long it took (SIGKILL after 30 s).
+    pub fn terminate(mut self) -> (Option<i32>, Duration) {
+        let start = Instant::now();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return (s.code(), start.elapsed());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                return (None, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_contains(&self, s: &str) -> bool {
+        self.log
+            .lock()
+            .map(|l| l.iter().any(|l| l.contains(s)))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let n = l.split(['{', ' ']).next().unwrap_or("");
+            n == name && l.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Fresh topic names, a consumer group and a data directory for one daemon.
+pub struct Setup {
+    pub clicks: String,
+    pub recs: String,
+    pub dlq: String,
+    pub group: String,
+    pub data_dir: PathBuf,
+}
+
+impl Setup {
+    /// Fresh names with the topics created on the test broker.
+    pub fn new(dir: &Path, partitions: i32) -> Self {
+        let s = Self::named(dir);
+        create_topics(&[(&s.clicks, partitions), (&s.recs, 1), (&s.dlq, 1)]);
+        s
+    }
+
+    /// Fresh names with the topics created on the broker at `bootstrap`.
+    pub fn try_new_on(bootstrap: &str, dir: &Path, partitions: i32) -> Result<Self> {
+        let s = Self::named(dir);
+        try_create_topics(
+            bootstrap,
+            &[(&s.clicks, partitions), (&s.recs, 1), (&s.dlq, 1)],
+        )?;
+        Ok(s)
+    }
+
+    /// Fresh names, no topics created.
+    pub fn named(dir: &Path) -> Self {
+        Self {
+            clicks: unique("clicks"),
+            recs: unique("recs"),
+            dlq: unique("dlq"),
+            group: unique("group"),
+            data_dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The daemon's environment for these topics on the broker at `bootstrap`: only what
+    /// names them, no tuning.
+    pub fn base_env(&self, bootstrap: &str) -> Vec<(String, String)> {
+        [
+            ("MULTIVAED_KAFKA__BROKERS", bootstrap.to_string()),
+            ("MULTIVAED_KAFKA__CLICKS_TOPIC", self.clicks.clone()),
+            ("MULTIVAED_KAFKA__RECOMMENDATIONS_TOPIC", self.recs.clone()),
+            ("MULTIVAED_KAFKA__DEAD_LETTER_TOPIC", self.dlq.clone()),
+            ("MULTIVAED_KAFKA__GROUP_ID", self.group.clone()),
+            ("MULTIVAED_DATA_DIR", self.data_dir.display().to_string()),
+            ("MULTIVAED_DEVICE", "cpu".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The tests' environment: the test broker, a small and fast-training model.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.base_env(&brokers());
+        env.extend(
+            [
+                ("MULTIVAED_TRAIN__INTERVAL", "3s"),
+                ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "4000"),
+                ("MULTIVAED_TRAIN__MIN_USERS", "200"),
+                ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "3"),
+                ("MULTIVAED_TRAIN__VALIDATION_USERS", "100"),
+                ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),
+                ("MULTIVAED_MODEL__MLP_HIDDEN_SIZE", "[200]"),
+                ("MULTIVAED_MODEL__LATENT_DIMENSION", "50"),
+                ("MULTIVAED_MODEL__TOTAL_ANNEAL_STEPS", "200"),
+                ("MULTIVAED_SERVE__K", "10"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        env
+    }
+}
