@@ -69,21 +69,19 @@ impl Activity {
     pub fn batch_stored(&self, changed: &[u32], new_interactions: u64, received: Instant) -> u64 {
         self.new_interactions
             .fetch_add(new_interactions, Ordering::AcqRel);
-        {
-            let mut g = self.lock();
-            for &u in changed {
-                if g.since_round.len() >= self.max_since_round {
-                    break;
-                }
-                g.since_round.insert(u);
+        let mut g = self.lock();
+        for &u in changed {
+            if g.since_round.len() >= self.max_since_round {
+                break;
             }
+            g.since_round.insert(u);
         }
-        self.mark(changed, received)
+        self.mark(g, changed, received)
     }
 
-    /// Queues users to be scored as of `received`; returns how many waiting users were dropped.
-    fn mark(&self, users: &[u32], received: Instant) -> u64 {
-        let mut g = self.lock();
+    /// Queues users to be scored as of `received`, under the lock `g` (released before the
+    /// scorer is woken); returns how many waiting users were dropped.
+    fn mark(&self, mut g: MutexGuard<'_, Inner>, users: &[u32], received: Instant) -> u64 {
         let (mut dropped, mut queued) = (0, false);
         for &u in users {
             g.last_seen.insert(u, received);
@@ -137,12 +135,10 @@ impl Activity {
     /// Queues every user seen within `window` again (after a model swap); returns how many.
     pub fn requeue_seen_within(&self, window: Duration) -> usize {
         let now = Instant::now();
-        let recent: Vec<u32> = {
-            let mut g = self.lock();
-            g.last_seen.retain(|_, t| now.duration_since(*t) <= window);
-            g.last_seen.keys().copied().collect()
-        };
-        self.mark(&recent, now);
+        let mut g = self.lock();
+        g.last_seen.retain(|_, t| now.duration_since(*t) <= window);
+        let recent: Vec<u32> = g.last_seen.keys().copied().collect();
+        self.mark(g, &recent, now);
         recent.len()
     }
 

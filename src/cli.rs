@@ -130,7 +130,7 @@ pub struct EvalArgs {
     pub json: bool,
     /// Training device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: crate::config::DeviceChoice,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -279,7 +279,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         config,
         epochs: args.epochs,
         seed: args.seed,
-        device: crate::daemon::open_device(parse_device(&args.device)?)?.0,
+        device: crate::daemon::open_device(args.device)?.0,
     };
     let bar = indicatif::ProgressBar::new(args.epochs as u64);
     bar.set_style(
@@ -464,11 +464,6 @@ fn run_models(args: ModelsArgs) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// A `--device` argument ("auto", "cpu", "cuda:N").
-fn parse_device(s: &str) -> Result<crate::config::DeviceChoice> {
-    s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 /// Runs a parsed command line.

@@ -328,15 +328,33 @@ impl Daemon {
         mut f: impl FnMut(&Self) -> bool,
     ) -> Result<()> {
         let start = Instant::now();
-        while start.elapsed() < limit {
+        let why = loop {
             if f(self) {
                 return Ok(());
             }
+            if self.has_exited() {
+                break format!("the daemon exited while waiting for {what}");
+            }
+            if start.elapsed() >= limit {
+                break format!("timed out after {limit:?} waiting for {what}");
+            }
             std::thread::sleep(Duration::from_millis(100));
-        }
+        };
         let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
         let tail: Vec<&String> = log.iter().rev().take(40).collect();
-        bail!("timed out after {limit:?} waiting for {what}; daemon log tail (newest first):\n{tail:#?}")
+        bail!("{why}; daemon log tail (newest first):\n{tail:#?}")
+    }
+
+    /// Whether the child has exited (gone, or a zombie not yet reaped), read from /proc so the
+    /// child stays the caller's to wait for.
+    fn has_exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+                Some(state == "Z" || state == "X")
+            })
+            .unwrap_or(true)
     }
 
     /// The daemon's peak resident set (VmHWM), bytes.
@@ -463,5 +481,29 @@ impl Setup {
             .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_ends_at_once_when_the_daemon_has_exited() {
+        let d = Daemon {
+            child: Command::new("true").spawn().unwrap(),
+            port: free_port(),
+            log: Arc::new(Mutex::new(vec!["last words".into()])),
+        };
+        let start = Instant::now();
+        let err = d
+            .try_wait_for(Duration::from_secs(60), "a condition", |_| false)
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("the daemon exited") && msg.contains("last words"),
+            "{msg}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(30));
     }
 }

@@ -336,8 +336,8 @@ impl Worker {
     }
 
     /// Judges a trained model: finite; better than a uniform guess on its training users; with
-    /// at least `train.min_validation_users`, better than popularity on the validation users and
-    /// not more than `train.max_ndcg_drop` below the live model.
+    /// at least `train.min_validation_users`, better than popularity on the validation users;
+    /// and not more than `train.max_ndcg_drop` below the live model.
     fn judge(
         &self,
         stats: &EpochStats,
@@ -371,18 +371,17 @@ impl Worker {
             return Ok(j);
         }
         j.ndcg = validation_ndcg(model, val)?;
-        if val.users.len() < cfg.min_validation_users {
-            return Ok(j);
-        }
-        let pop = popularity_ndcg(train, val);
-        j.popularity_ndcg = Some(pop);
-        if j.ndcg <= pop {
-            j.result = RoundResult::RejectedFloor;
-            j.reason = format!(
-                "validation NDCG@100 {:.4} does not beat popularity's {pop:.4}",
-                j.ndcg
-            );
-            return Ok(j);
+        if val.users.len() >= cfg.min_validation_users {
+            let pop = popularity_ndcg(train, val);
+            j.popularity_ndcg = Some(pop);
+            if j.ndcg <= pop {
+                j.result = RoundResult::RejectedFloor;
+                j.reason = format!(
+                    "validation NDCG@100 {:.4} does not beat popularity's {pop:.4}",
+                    j.ndcg
+                );
+                return Ok(j);
+            }
         }
         if let Some(live) = self.ctx.live.current() {
             let live = validation_ndcg(&live.model, val)?;
@@ -418,11 +417,12 @@ impl Worker {
         let span = info_span!("training_round", model_version = next_version);
         let _enter = span.enter();
         let validation_interactions = val.fold_in.nnz() + val.heldout.nnz();
+        let stored = self.ctx.store.counts();
         info!(
             users = train.n_users(),
             items = n_items,
-            stored_users = self.ctx.store.counts().users,
-            stored_interactions = self.ctx.store.counts().interactions,
+            stored_users = stored.users,
+            stored_interactions = stored.interactions,
             training_interactions = train.nnz(),
             validation_interactions,
             new_interactions = consumed,
@@ -453,7 +453,7 @@ impl Worker {
                 min_validation_users = self.ctx.train.min_validation_users,
                 nll = j.nll,
                 uniform_nll = j.uniform_nll,
-                "too few validation users for an NDCG check: the model is accepted on its loss floor alone"
+                "too few validation users for the popularity floor: the model is accepted without it"
             );
         }
         let trainer = self.trainer.as_ref().context("no trainer")?;
@@ -796,6 +796,23 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(w.ctx.live.current().unwrap().version, 1, "v1 keeps serving");
+    }
+
+    #[test]
+    fn the_live_model_gate_holds_even_with_too_few_validation_users_for_the_popularity_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| {
+            t.max_ndcg_drop = 0.0;
+            t.min_validation_users = 1000;
+        });
+        for _ in 0..3 {
+            assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        }
+        // a fresh model trained once is worse on the validation users than three rounds
+        let n_items = w.ctx.store.counts().items as usize;
+        w.trainer = Some(Trainer::new(&w.ctx.model, n_items, 99, &Device::Cpu).unwrap());
+        assert_eq!(w.round().unwrap(), RoundResult::RejectedNdcg);
+        assert_eq!(w.ctx.live.current().unwrap().version, 3, "v3 keeps serving");
     }
 
     #[test]

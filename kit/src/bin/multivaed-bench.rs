@@ -116,7 +116,7 @@ struct ModelBenchArgs {
     score_users: usize,
     /// Device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: multivaed::config::DeviceChoice,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -125,11 +125,6 @@ struct ModelBenchArgs {
     json: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-}
-
-/// A `--device` argument ("auto", "cpu", "cuda:N").
-fn parse_device(s: &str) -> Result<multivaed::config::DeviceChoice> {
-    s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))
 }
 
 fn run_bench(cmd: BenchCommand) -> Result<()> {
@@ -186,8 +181,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Model(args) => {
             multivaed::cli::set_threads(args.threads)?;
-            let (device, device_name) =
-                multivaed::daemon::open_device(parse_device(&args.device)?)?;
+            let (device, device_name) = multivaed::daemon::open_device(args.device)?;
             let opts = bench::ModelBenchOptions {
                 device,
                 device_name,
