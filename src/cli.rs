@@ -9,8 +9,15 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 
-use crate::eval::{self, RawFormat};
-use crate::model::ModelConfig;
+use multivaed::config::Config;
+use multivaed::eval::{self, RawFormat};
+use multivaed::live::LiveModel;
+use multivaed::model::{set_threads, Checkpoints};
+use multivaed::serve::{recommend_offline, OfflineQuery};
+use multivaed::store::Store;
+
+mod model_args;
+pub use model_args::ModelArgs;
 
 /// A streaming Multi-VAE recommender.
 #[derive(Debug, Parser)]
@@ -55,44 +62,6 @@ pub struct BenchArgs {
     pub args: Vec<std::ffi::OsString>,
 }
 
-/// Model hyper-parameters, named as in vae_cf / RecBole.
-#[derive(Debug, Args, Clone)]
-pub struct ModelArgs {
-    /// Hidden layer sizes, comma-separated (e.g. 600 or 600,600).
-    #[arg(long, value_delimiter = ',', default_value = "600")]
-    pub mlp_hidden_size: Vec<usize>,
-    /// Size of z (the paper's 200; RecBole's 128 is really 64).
-    #[arg(long, default_value_t = 200)]
-    pub latent_dimension: usize,
-    #[arg(long, default_value_t = 0.5)]
-    pub dropout_prob: f64,
-    #[arg(long, default_value_t = 0.2)]
-    pub anneal_cap: f64,
-    #[arg(long, default_value_t = 200_000)]
-    pub total_anneal_steps: u64,
-    #[arg(long, default_value_t = 1e-3)]
-    pub learning_rate: f64,
-    #[arg(long, default_value_t = 500)]
-    pub batch_size: usize,
-}
-
-impl ModelArgs {
-    pub fn config(&self) -> Result<ModelConfig> {
-        let c = ModelConfig {
-            mlp_hidden_size: self.mlp_hidden_size.clone(),
-            latent_dimension: self.latent_dimension,
-            dropout_prob: self.dropout_prob,
-            anneal_cap: self.anneal_cap,
-            total_anneal_steps: self.total_anneal_steps,
-            learning_rate: self.learning_rate,
-            batch_size: self.batch_size,
-        };
-        c.validate()
-            .map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
-        Ok(c)
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A split directory in dawenl/vae_cf's format (train.csv, validation_tr.csv, …, unique_sid.txt).
@@ -130,7 +99,7 @@ pub struct EvalArgs {
     pub json: bool,
     /// Training device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
-    pub device: crate::config::DeviceChoice,
+    pub device: multivaed::config::DeviceChoice,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -223,22 +192,6 @@ pub enum ModelsCommand {
     },
 }
 
-/// Sizes the global thread pool (rayon, which candle's matmul also uses).
-pub fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads: must be at least 1");
-        }
-        // candle reads RAYON_NUM_THREADS for its matmul parallelism; set before any thread starts
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("cannot size the thread pool")?;
-    }
-    Ok(())
-}
-
 fn run_eval(args: EvalArgs) -> Result<()> {
     set_threads(args.threads)?;
     let config = args.model.config()?;
@@ -279,7 +232,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         config,
         epochs: args.epochs,
         seed: args.seed,
-        device: crate::daemon::open_device(args.device)?.0,
+        device: multivaed::daemon::open_device(args.device)?.0,
     };
     let bar = indicatif::ProgressBar::new(args.epochs as u64);
     bar.set_style(
@@ -319,7 +272,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     );
     if args.json {
         let mut v = serde_json::to_value(&report)?;
-        v["peak_rss_bytes"] = crate::metrics::peak_rss_bytes(None).into();
+        v["peak_rss_bytes"] = multivaed::metrics::peak_rss_bytes(None).into();
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
@@ -373,62 +326,29 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_recommend(args: RecommendArgs) -> Result<()> {
-    let config = crate::config::Config::load(args.config.as_deref())?;
-    let store = crate::store::Store::open(&config.data_dir, config.store.max_history)
+    let config = Config::load(args.config.as_deref())?;
+    let store = Store::open(&config.data_dir, config.store.max_history)
         .context("cannot open the store (is a daemon still running on this data_dir?)")?;
-    let checkpoints = crate::model::Checkpoints::new(config.data_dir.join("models"));
-    let loaded = checkpoints.load_latest(&Device::Cpu, |v, e| {
+    let checkpoints = Checkpoints::new(config.data_dir.join("models"));
+    let live = LiveModel::load_latest(&checkpoints, &Device::Cpu, |v, e| {
         eprintln!("skipping model version {v}: {e}")
     })?;
-    let live = loaded
-        .map(|(t, m)| -> Result<_> {
-            Ok(crate::live::LiveModel {
-                version: m.model_version,
-                model: t.model().for_serving()?,
-                swapped_at: std::time::SystemTime::now(),
-                validation_ndcg: 0.0,
-            })
-        })
-        .transpose()?;
-    let rec = match (args.user, args.items) {
-        (Some(user), _) => {
-            let u = store
-                .user_index(&user)?
-                .with_context(|| format!("unknown user {user:?}"))?;
-            crate::serve::recommend_users(&store, live.as_ref(), &[u], args.k)?.pop()
-        }
-        (None, Some(items)) => {
-            let live = live.context("no model version to score with")?;
-            let mut idx = Vec::new();
-            for i in &items {
-                match store.item_index(i)? {
-                    Some(x) if (x as usize) < live.model.n_items() => idx.push(x),
-                    _ => eprintln!("ignoring item {i:?}: unknown to the model"),
-                }
-            }
-            idx.sort_unstable();
-            idx.dedup();
-            let scored = crate::serve::score_histories(
-                &store,
-                Some(&live),
-                &[u32::MAX],
-                vec![String::new()],
-                vec![idx],
-                args.k,
-            )?;
-            scored
-                .first()
-                .map(|s| crate::serve::to_recommendation(&store, s, args.k, Some(live.version)))
-        }
+    let query = match (args.user, args.items) {
+        (Some(user), _) => OfflineQuery::User(user),
+        (None, Some(items)) => OfflineQuery::Items(items),
         (None, None) => bail!("give --user or --items"),
     };
-    println!("{}", serde_json::to_string_pretty(&rec)?);
+    let answer = recommend_offline(&store, live.as_ref(), &query, args.k)?;
+    for i in &answer.ignored_items {
+        eprintln!("ignoring item {i:?}: unknown to the model");
+    }
+    println!("{}", serde_json::to_string_pretty(&answer.recommendation)?);
     Ok(())
 }
 
 fn run_models(args: ModelsArgs) -> Result<()> {
-    let config = crate::config::Config::load(args.config.as_deref())?;
-    let checkpoints = crate::model::Checkpoints::new(config.data_dir.join("models"));
+    let config = Config::load(args.config.as_deref())?;
+    let checkpoints = Checkpoints::new(config.data_dir.join("models"));
     match args.command {
         ModelsCommand::List => {
             println!(
@@ -437,7 +357,7 @@ fn run_models(args: ModelsArgs) -> Result<()> {
             println!("|---:|---|---:|---:|---:|---:|---|");
             for v in checkpoints.versions()? {
                 let path = checkpoints.path_of(v);
-                match crate::model::Checkpoints::load(&path, &Device::Cpu) {
+                match Checkpoints::load(&path, &Device::Cpu) {
                     Ok((_, m)) => println!(
                         "| {} | {} | {} | {:.5} | {} | {} | ok |",
                         m.model_version,
@@ -471,11 +391,11 @@ pub fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
-            let config = crate::config::Config::load(args.config.as_deref())?;
-            runtime()?.block_on(async move { crate::daemon::Daemon::open(config)?.run().await })
+            let config = Config::load(args.config.as_deref())?;
+            runtime()?.block_on(async move { multivaed::daemon::Daemon::open(config)?.run().await })
         }
         Command::Demo(args) => {
-            runtime()?.block_on(crate::demo::run_demo(crate::demo::DemoOptions {
+            runtime()?.block_on(multivaed::demo::run_demo(multivaed::demo::DemoOptions {
                 duration: args.duration.map(std::time::Duration::from_secs),
                 data: args.data,
                 rate: args.rate,
@@ -484,7 +404,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }))
         }
         Command::Produce(args) => {
-            let mut msgs = crate::demo::dataset_messages(&args.data, args.format, args.min_rating)?;
+            let mut msgs =
+                multivaed::demo::dataset_messages(&args.data, args.format, args.min_rating)?;
             if let Some(n) = args.limit {
                 msgs.truncate(n);
             }
@@ -495,7 +416,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("--property {p:?}: expected KEY=VALUE"))?;
                 props.push((k.to_string(), v.to_string()));
             }
-            let sent = runtime()?.block_on(crate::demo::run_produce(
+            let sent = runtime()?.block_on(multivaed::demo::run_produce(
                 &args.brokers,
                 &args.topic,
                 msgs,

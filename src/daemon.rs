@@ -30,14 +30,14 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct Daemon {
     pub config: Config,
-    pub store: Arc<Store>,
-    pub metrics: Arc<Metrics>,
-    pub live: Arc<LiveModelSlot>,
-    pub activity: Arc<Activity>,
-    pub online: Arc<OnlineEval>,
-    pub health: Arc<Health>,
-    pub shutdown: Arc<Shutdown>,
-    pub latencies: Arc<LatencySamples>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) live: Arc<LiveModelSlot>,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) online: Arc<OnlineEval>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) shutdown: Arc<Shutdown>,
+    pub(crate) latencies: Arc<LatencySamples>,
 }
 
 /// Opens the training device a `device` setting names, and its resolved name.

@@ -34,7 +34,7 @@ impl SyntheticStream {
     }
 
     /// The taste group of a user.
-    pub fn cluster_of(&self, user: usize) -> usize {
+    pub(crate) fn cluster_of(&self, user: usize) -> usize {
         user % self.clusters
     }
 
@@ -60,7 +60,7 @@ impl SyntheticStream {
 
 /// Produces `messages` to `topic` at about `rate` per second (0: as fast as possible), keyed by
 /// user id; `on_progress` sees the count sent so far.
-pub async fn produce_at_rate(
+pub(crate) async fn produce_at_rate(
     producer: &FutureProducer,
     topic: &str,
     messages: impl Iterator<Item = ClickEvent>,

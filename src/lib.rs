@@ -21,24 +21,23 @@
 //! systemd's protocol. [`eval`] is the paper's offline protocol; [`demo`] the embedded demo. The test
 //! harness and the benchmarks live outside the library, in the `kit/` workspace member.
 
-pub mod activity;
-pub mod cli;
+mod activity;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod eval;
-pub mod fault;
-pub mod health;
-pub mod http;
-pub mod ingest;
-pub mod kafka;
+mod fault;
+mod health;
+mod http;
+mod ingest;
+mod kafka;
 pub mod live;
 pub mod metrics;
 pub mod model;
-pub mod notify;
-pub mod online;
+mod notify;
+mod online;
 pub mod serve;
-pub mod shutdown;
+mod shutdown;
 pub mod store;
-pub mod train;
+mod train;
 pub mod wire;

@@ -3,24 +3,40 @@
 //! sees half a model. The versions on disk are `model::Checkpoints`.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
-use crate::model::MultiVae;
+use candle_core::Device;
+
+use crate::model::{CheckpointError, Checkpoints, MultiVae};
 
 /// A published model version (host memory, inference only).
 pub struct LiveModel {
-    pub version: u64,
-    pub model: MultiVae,
-    pub swapped_at: SystemTime,
-    /// Validation NDCG@100 measured when it was accepted.
-    pub validation_ndcg: f64,
+    pub(crate) version: u64,
+    pub(crate) model: MultiVae,
+}
+
+impl LiveModel {
+    /// The newest version in `checkpoints` that loads, ready for inference (versions that fail
+    /// go to `on_skip`); `None` when there is none.
+    pub fn load_latest(
+        checkpoints: &Checkpoints,
+        device: &Device,
+        on_skip: impl FnMut(u64, &CheckpointError),
+    ) -> anyhow::Result<Option<LiveModel>> {
+        let Some((trainer, manifest)) = checkpoints.load_latest(device, on_skip)? else {
+            return Ok(None);
+        };
+        Ok(Some(LiveModel {
+            version: manifest.model_version,
+            model: trainer.model().for_serving()?,
+        }))
+    }
 }
 
 /// Holds the live model and announces swaps.
-pub struct LiveModelSlot {
+pub(crate) struct LiveModelSlot {
     live: ArcSwapOption<LiveModel>,
     version_tx: watch::Sender<u64>,
 }
@@ -54,7 +70,7 @@ impl LiveModelSlot {
     }
 
     /// A receiver that sees every newly published version.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.version_tx.subscribe()
     }
 }

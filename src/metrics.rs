@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// The daemon's metrics, registered in their own registry.
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub registry: Registry,
     pub events_consumed: IntCounter,
     pub events_rejected: IntCounterVec,
@@ -248,14 +248,14 @@ impl Metrics {
     }
 
     /// The store's size gauges.
-    pub fn set_store_counts(&self, counts: crate::store::StoreCounts) {
+    pub(crate) fn set_store_counts(&self, counts: crate::store::StoreCounts) {
         self.store_users.set(counts.users as i64);
         self.store_items.set(counts.items as i64);
         self.store_interactions.set(counts.interactions as i64);
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         use prometheus::Encoder;
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();
@@ -292,7 +292,7 @@ pub fn peak_rss_bytes(pid: Option<u32>) -> u64 {
 
 /// The most recent click-to-recommendation latencies (seconds), bounded, for exact quantiles in
 /// summaries (the histogram metric has bucket resolution only).
-pub struct LatencySamples {
+pub(crate) struct LatencySamples {
     samples: std::sync::Mutex<std::collections::VecDeque<f64>>,
     cap: usize,
     count: std::sync::atomic::AtomicU64,

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 /// NDCG@k of a ranking against the sorted held-out items; `None` when there are none.
-pub fn ndcg_at_k(ranked: &[u32], heldout: &[u32], k: usize) -> Option<f64> {
+pub(crate) fn ndcg_at_k(ranked: &[u32], heldout: &[u32], k: usize) -> Option<f64> {
     if heldout.is_empty() {
         return None;
     }
@@ -22,7 +22,7 @@ pub fn ndcg_at_k(ranked: &[u32], heldout: &[u32], k: usize) -> Option<f64> {
 }
 
 /// Recall@k = hits in the top k / min(k, |held-out|); `None` when there are no held-out items.
-pub fn recall_at_k(ranked: &[u32], heldout: &[u32], k: usize) -> Option<f64> {
+pub(crate) fn recall_at_k(ranked: &[u32], heldout: &[u32], k: usize) -> Option<f64> {
     if heldout.is_empty() {
         return None;
     }
@@ -36,7 +36,7 @@ pub fn recall_at_k(ranked: &[u32], heldout: &[u32], k: usize) -> Option<f64> {
 
 /// Mean and standard error (population std / √n, as vae_cf reports) over users.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub mean: f64,
     pub se: f64,
     pub n: usize,
@@ -60,14 +60,14 @@ impl Summary {
 
 /// The paper's three figures over a set of users.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct RankingScores {
+pub(crate) struct RankingScores {
     pub ndcg100: Summary,
     pub recall20: Summary,
     pub recall50: Summary,
 }
 
 /// Scores rankings (top 100 or more, fold-in items already excluded) against held-out items.
-pub fn score_rankings<'a>(
+pub(crate) fn score_rankings<'a>(
     rankings: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
 ) -> RankingScores {
     let (mut n, mut r20, mut r50) = (Vec::new(), Vec::new(), Vec::new());

@@ -11,7 +11,7 @@ use anyhow::Result;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-pub use metrics::{ndcg_at_k, recall_at_k, score_rankings, RankingScores, Summary};
+pub(crate) use metrics::{score_rankings, RankingScores};
 pub use split::{
     build_split, read_raw, read_split_dir, write_split_dir, RawFormat, RawInteraction, Split,
 };
@@ -19,7 +19,7 @@ pub use split::{
 use crate::model::{top_k_unseen, Interactions, ModelConfig, MultiVae, Trainer};
 
 /// Ranks the top 100 items of each fold-in user with `model` and scores them against held-out.
-pub fn evaluate_model(
+pub(crate) fn evaluate_model(
     model: &MultiVae,
     fold_in: &Interactions,
     heldout: &Interactions,
@@ -36,7 +36,7 @@ pub fn evaluate_model(
 }
 
 /// Scores the popularity baseline (items ranked by how many training users hold them).
-pub fn evaluate_popularity(
+pub(crate) fn evaluate_popularity(
     train: &Interactions,
     fold_in: &Interactions,
     heldout: &Interactions,
@@ -102,7 +102,7 @@ pub struct EvalReport {
 }
 
 /// Per-epoch progress: (epoch, mean loss, β, validation NDCG@100, best so far).
-pub type EpochCallback<'a> = dyn FnMut(usize, f64, f64, f64, f64) + 'a;
+pub(crate) type EpochCallback<'a> = dyn FnMut(usize, f64, f64, f64, f64) + 'a;
 
 /// Runs the protocol on `split`.
 pub fn run(

@@ -13,7 +13,7 @@ const EPS: f64 = 1e-8;
 
 /// Adam state: first and second moments per parameter and the step count.
 #[derive(Debug, Clone)]
-pub struct Adam {
+pub(crate) struct Adam {
     pub(crate) learning_rate: f64,
     pub(crate) step: u64,
     pub(crate) m: Vec<Tensor>,
@@ -38,7 +38,7 @@ impl Adam {
     }
 
     /// Applies one update. `params[i]` is changed in place on CPU and replaced elsewhere.
-    pub fn update(&mut self, params: &mut [&mut Tensor], grads: &[Tensor]) -> Result<()> {
+    pub(crate) fn update(&mut self, params: &mut [&mut Tensor], grads: &[Tensor]) -> Result<()> {
         if params.len() != grads.len() || params.len() != self.m.len() {
             candle_core::bail!(
                 "adam: {} params, {} grads, {} moments",

@@ -17,9 +17,9 @@ use super::adam::Adam;
 use super::{ModelConfig, MultiVae, Trainer};
 
 /// The `format` field every manifest carries.
-pub const CHECKPOINT_FORMAT: &str = "multivaed-checkpoint";
+pub(crate) const CHECKPOINT_FORMAT: &str = "multivaed-checkpoint";
 /// The newest manifest layout this build reads and the one it writes.
-pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
+pub(crate) const CHECKPOINT_FORMAT_VERSION: u32 = 1;
 
 const WEIGHTS: &str = "weights.safetensors";
 const MANIFEST: &str = "manifest.json";
@@ -116,7 +116,7 @@ impl Checkpoints {
     }
 
     /// Writes `trainer` as `version`, atomically. `training` is stored in the manifest.
-    pub fn save(
+    pub(crate) fn save(
         &self,
         trainer: &Trainer,
         version: u64,
@@ -194,7 +194,7 @@ impl Checkpoints {
     }
 
     /// Reads only the manifest of a version directory, checking its format.
-    pub fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
+    pub(crate) fn read_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
         let mpath = path.join(MANIFEST);
         let bytes = fs::read(&mpath).map_err(io(&mpath))?;
         let value: serde_json::Value =
@@ -345,7 +345,7 @@ impl Checkpoints {
     }
 
     /// Removes all but the newest `keep` versions and any leftover temporary directories.
-    pub fn prune(&self, keep: usize) -> Result<Vec<u64>, CheckpointError> {
+    pub(crate) fn prune(&self, keep: usize) -> Result<Vec<u64>, CheckpointError> {
         let versions = self.versions()?;
         let mut removed = Vec::new();
         if versions.len() > keep {

@@ -34,7 +34,7 @@ impl Interactions {
     }
 
     /// Appends one user's items (sorted and de-duplicated here).
-    pub fn push_row<I: IntoIterator<Item = u32>>(&mut self, items: I) -> Result<(), String> {
+    pub(crate) fn push_row<I: IntoIterator<Item = u32>>(&mut self, items: I) -> Result<(), String> {
         let start = self.indices.len();
         self.indices.extend(items);
         let row = &mut self.indices[start..];
@@ -58,8 +58,9 @@ impl Interactions {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Builds a matrix of `n_users` rows from (user, item) pairs.
-    pub fn from_pairs(
+    pub(crate) fn from_pairs(
         pairs: &[(u32, u32)],
         n_users: usize,
         n_items: usize,
@@ -100,12 +101,13 @@ impl Interactions {
     }
 
     /// Widens the catalogue (rows are unchanged); shrinking is not allowed.
-    pub fn set_n_items(&mut self, n_items: usize) {
+    #[cfg(test)]
+    pub(crate) fn set_n_items(&mut self, n_items: usize) {
         self.n_items = self.n_items.max(n_items);
     }
 
     /// How many users hold each item (the popularity baseline's score).
-    pub fn item_counts(&self) -> Vec<u32> {
+    pub(crate) fn item_counts(&self) -> Vec<u32> {
         let mut counts = vec![0u32; self.n_items];
         for &i in &self.indices {
             counts[i as usize] += 1;

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 /// `items[offsets[b]..offsets[b+1]]` with weights `weights[..]` (L2 normalisation and the dropout
 /// scale already folded in). This is the row-sparse form of the dense input `x̃ = dropout(x/‖x‖)`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Bag {
+pub(crate) struct Bag {
     pub offsets: Vec<usize>,
     pub items: Vec<u32>,
     pub weights: Vec<f32>,
@@ -24,18 +24,13 @@ impl Bag {
         self.offsets.len().saturating_sub(1)
     }
 
-    /// True when the bag holds no user.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn row(&self, b: usize) -> (&[u32], &[f32]) {
         let r = self.offsets[b]..self.offsets[b + 1];
         (&self.items[r.clone()], &self.weights[r])
     }
 
     /// The un-dropped scoring input of `rows`: weight 1/√n for each of a user's n items.
-    pub fn normalised(rows: &[&[u32]]) -> Self {
+    pub(crate) fn normalised(rows: &[&[u32]]) -> Self {
         Self::build(rows, 1.0, || true)
     }
 
@@ -150,7 +145,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// First layer, forward: `out[b] = bias + Σ w · W[item]` for each user of the bag
 /// (`w`: [items × hidden], `bias`: [hidden]); equals `x̃ · W + bias` of the dense formulation.
-pub fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor> {
+pub(crate) fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor> {
     let (n_items, hidden) = w.dims2()?;
     let b = bag.len();
     if let Some(&bad) = bag.items.iter().find(|&&i| i as usize >= n_items) {
@@ -203,7 +198,7 @@ fn padded(
 
 /// The bag as the dense [B × items] input `x̃`, built where it is used (a scatter on the
 /// device, so only the sparse entries cross the bus).
-pub fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
+pub(crate) fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
     if on_host(dev) {
         let mut x = vec![0f32; bag.len() * n_items];
         for b in 0..bag.len() {
@@ -227,7 +222,7 @@ pub fn bag_dense(bag: &Bag, n_items: usize, dev: &Device) -> Result<Tensor> {
 
 /// First layer, weight gradient: `dW[i] = Σ_{(b,i,w) ∈ bag} w · dpre[b]`, a dense
 /// [n_items × hidden] tensor (zero for items no user of the batch holds); equals `x̃ᵀ · dpre`.
-pub fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> {
+pub(crate) fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> {
     let (_, hidden) = dpre.dims2()?;
     if on_host(dpre.device()) {
         // Counting sort of the bag's entries by item, so each gradient row has one writer.
@@ -271,7 +266,7 @@ pub fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<Tensor> 
 /// the gradient of its batch mean, `(softmax(logits_b)·|x_b| − x_b) / B`.
 /// On CPU the gradient overwrites `logits` in place (no [B × items] allocation): pass a tensor
 /// nothing else shares.
-pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Tensor, f64)> {
+pub(crate) fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Tensor, f64)> {
     let (b, n_items) = logits.dims2()?;
     if rows.len() != b {
         candle_core::bail!("softmax_nll: {} target rows for {b} logit rows", rows.len());
@@ -329,7 +324,7 @@ pub fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Te
 }
 
 /// The binary rows as a dense [rows × n_items] f32 tensor (built on the device by a scatter).
-pub fn dense_rows(rows: &[&[u32]], n_items: usize, dev: &Device) -> Result<Tensor> {
+pub(crate) fn dense_rows(rows: &[&[u32]], n_items: usize, dev: &Device) -> Result<Tensor> {
     if on_host(dev) {
         let mut x = vec![0f32; rows.len() * n_items];
         for (u, row) in rows.iter().enumerate() {
@@ -465,7 +460,7 @@ fn fast_tanh(x: f32) -> f32 {
 const CHUNK: usize = 4096;
 
 /// Element-wise tanh (host: parallel, fast approximation; elsewhere: candle's).
-pub fn tanh(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn tanh(t: &Tensor) -> Result<Tensor> {
     if !on_host(t.device()) {
         return t.tanh();
     }
@@ -485,7 +480,7 @@ pub fn tanh(t: &Tensor) -> Result<Tensor> {
 }
 
 /// Gradient through `a = tanh(z)`: `d ⊙ (1 − a²)`.
-pub fn tanh_backward(d: &Tensor, a: &Tensor) -> Result<Tensor> {
+pub(crate) fn tanh_backward(d: &Tensor, a: &Tensor) -> Result<Tensor> {
     if !on_host(d.device()) {
         return d.mul(&a.sqr()?.affine(-1.0, 1.0)?);
     }
@@ -507,7 +502,7 @@ pub fn tanh_backward(d: &Tensor, a: &Tensor) -> Result<Tensor> {
 }
 
 /// Column sums of a [rows × cols] matrix (bias gradients): [cols].
-pub fn col_sum(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn col_sum(t: &Tensor) -> Result<Tensor> {
     if !on_host(t.device()) {
         return t.sum(0);
     }

@@ -5,20 +5,21 @@ mod adam;
 mod checkpoint;
 mod config;
 mod data;
-pub mod kernels;
+pub(crate) mod kernels;
+mod threads;
 mod topk;
 mod trainer;
 mod vae;
 
-pub use adam::Adam;
-pub use checkpoint::{
-    CheckpointError, Checkpoints, Manifest, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION,
-};
+pub use checkpoint::{CheckpointError, Checkpoints, Manifest};
 pub use config::{number, ModelConfig};
 pub use data::Interactions;
-pub use topk::top_k_unseen;
-pub use trainer::{splitmix, EpochStats, FirstLayer, StepStats, Trainer};
+pub use threads::set_threads;
+pub use trainer::{FirstLayer, StepStats, Trainer};
 pub use vae::MultiVae;
+
+pub(crate) use topk::top_k_unseen;
+pub(crate) use trainer::{splitmix, EpochStats};
 
 #[cfg(test)]
 mod tests;

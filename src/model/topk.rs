@@ -12,7 +12,7 @@ fn better(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
 
 /// The `k` best items of `scores` (plus `bias`, when given), best first, excluding the items in
 /// `seen` (sorted ascending) and any non-finite score.
-pub fn top_k_unseen(
+pub(crate) fn top_k_unseen(
     scores: &[f32],
     bias: Option<&[f32]>,
     seen: &[u32],

@@ -31,7 +31,7 @@ pub struct StepStats {
 
 /// Figures of one pass over the training users.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EpochStats {
+pub(crate) struct EpochStats {
     pub loss: f64,
     pub nll: f64,
     pub kl: f64,
@@ -71,7 +71,7 @@ enum Stream {
 }
 
 /// A 64-bit mixer (splitmix64's finaliser): seeds and hash-based sampling.
-pub fn splitmix(mut x: u64) -> u64 {
+pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -109,7 +109,7 @@ impl Trainer {
     }
 
     /// Reassembles a trainer (as loaded from a checkpoint). `adam` None starts fresh moments.
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         mut model: MultiVae,
         adam: Option<Adam>,
         update_count: u64,
@@ -146,7 +146,7 @@ impl Trainer {
     }
 
     /// The optimiser state.
-    pub fn adam(&self) -> &Adam {
+    pub(crate) fn adam(&self) -> &Adam {
         &self.adam
     }
 
@@ -156,7 +156,7 @@ impl Trainer {
     }
 
     /// Epochs run over the model's whole life.
-    pub fn epochs_done(&self) -> u64 {
+    pub(crate) fn epochs_done(&self) -> u64 {
         self.epochs_done
     }
 
@@ -171,12 +171,12 @@ impl Trainer {
     }
 
     /// Changes the learning rate of the following updates.
-    pub fn set_learning_rate(&mut self, lr: f64) {
+    pub(crate) fn set_learning_rate(&mut self, lr: f64) {
         self.adam.learning_rate = lr;
     }
 
     /// Widens the catalogue (model and Adam moments); see [`MultiVae::grow`].
-    pub fn grow(&mut self, new_n_items: usize) -> Result<()> {
+    pub(crate) fn grow(&mut self, new_n_items: usize) -> Result<()> {
         let old = self.model.n_items();
         if new_n_items <= old {
             return Ok(());
@@ -190,7 +190,7 @@ impl Trainer {
 
     /// One pass over the users of `data` (empty rows skipped) in a shuffled order, in
     /// mini-batches of `batch_size`. `on_step` sees each step's figures.
-    pub fn train_epoch(
+    pub(crate) fn train_epoch(
         &mut self,
         data: &Interactions,
         mut on_step: impl FnMut(&StepStats),
@@ -204,7 +204,7 @@ impl Trainer {
 
     /// As [`Trainer::train_epoch`], but stops after a step for which `keep_going` returns false:
     /// then it returns `None` and the trainer is mid-epoch (callers discard it).
-    pub fn train_epoch_while(
+    pub(crate) fn train_epoch_while(
         &mut self,
         data: &Interactions,
         mut keep_going: impl FnMut(&StepStats) -> bool,

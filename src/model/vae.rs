@@ -103,7 +103,7 @@ impl MultiVae {
 
     /// Rebuilds a model from named tensors (as produced by [`MultiVae::named_tensors`]),
     /// checking every shape.
-    pub fn from_named(
+    pub(crate) fn from_named(
         config: &ModelConfig,
         n_items: usize,
         mut get: impl FnMut(&str) -> Option<Tensor>,
@@ -165,7 +165,7 @@ impl MultiVae {
     }
 
     /// Every parameter with its checkpoint name, in a fixed order.
-    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+    pub(crate) fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out = Vec::new();
         for (prefix, layers) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
             for (k, l) in layers.iter().enumerate() {
@@ -185,12 +185,12 @@ impl MultiVae {
     }
 
     /// A copy that shares no storage with `self` (training updates weights in place).
-    pub fn deep_copy(&self) -> Result<Self> {
+    pub(crate) fn deep_copy(&self) -> Result<Self> {
         self.map_tensors(|t| t.copy())
     }
 
     /// The same weights on another device.
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
+    pub(crate) fn to_device(&self, device: &Device) -> Result<Self> {
         self.map_tensors(|t| t.to_device(device))
     }
 
@@ -231,7 +231,7 @@ impl MultiVae {
     }
 
     /// Encoder forward pass without dropout: returns (μ, log σ²), each [B × latent].
-    pub fn encode(&self, bag: &Bag) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn encode(&self, bag: &Bag) -> Result<(Tensor, Tensor)> {
         let mut h = bag_forward(&self.encoder[0].weight, &self.encoder[0].bias, bag)?;
         for l in &self.encoder[1..] {
             h = tanh(&h)?.matmul(&l.weight)?.broadcast_add(&l.bias)?;
@@ -242,7 +242,7 @@ impl MultiVae {
 
     /// Decoder forward pass up to the output layer's matmul; the output bias is *not* added
     /// (callers fuse it into the softmax or the top-K pass). Returns [B × items].
-    pub fn decode_without_output_bias(&self, z: &Tensor) -> Result<Tensor> {
+    pub(crate) fn decode_without_output_bias(&self, z: &Tensor) -> Result<Tensor> {
         self.decode_hidden(z)?
             .matmul(&self.decoder[self.decoder.len() - 1].weight)
     }
@@ -259,7 +259,7 @@ impl MultiVae {
 
     /// An inference-only copy in host memory for the scorer, with the output layer also kept
     /// transposed for fast scoring of small batches. Never train it.
-    pub fn for_serving(&self) -> Result<Self> {
+    pub(crate) fn for_serving(&self) -> Result<Self> {
         let mut m = self.to_device(&Device::Cpu)?.deep_copy()?;
         let w = &m.decoder[m.decoder.len() - 1].weight;
         m.output_t = Some(w.t()?.contiguous()?);
@@ -277,7 +277,7 @@ impl MultiVae {
     /// with z = μ and no dropout, averaged over the (non-empty) rows: how well the model explains
     /// the clicks it was trained on, free of the training step's noise. Rows are scored in
     /// chunks of about 8M logits to bound memory.
-    pub fn mean_nll(&self, rows: &[&[u32]]) -> Result<f64> {
+    pub(crate) fn mean_nll(&self, rows: &[&[u32]]) -> Result<f64> {
         let rows: Vec<&[u32]> = rows.iter().copied().filter(|r| !r.is_empty()).collect();
         if rows.is_empty() {
             return Ok(0.0);
@@ -365,7 +365,7 @@ impl MultiVae {
     /// Widens the catalogue to `new_n_items`: new rows of the first layer, new columns and bias
     /// entries of the output layer, initialised as the paper's init would for the new sizes.
     /// Every existing weight is kept, so the old items' logits are unchanged for any input.
-    pub fn grow(&mut self, new_n_items: usize, rng: &mut impl Rng) -> Result<()> {
+    pub(crate) fn grow(&mut self, new_n_items: usize, rng: &mut impl Rng) -> Result<()> {
         if new_n_items < self.n_items {
             candle_core::bail!(
                 "cannot shrink the catalogue from {} to {new_n_items}",

@@ -18,9 +18,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, warn};
 
-pub use rank::{
-    recommend_users, score_histories, score_users, scored_items, to_recommendation, Scored,
-};
+pub use rank::{recommend_offline, OfflineAnswer, OfflineQuery};
+pub(crate) use rank::{recommend_users, score_users, to_recommendation, Scored};
 
 use crate::activity::Activity;
 use crate::config::ServeConfig;
@@ -33,7 +32,7 @@ use crate::wire::{Recommendation, Source, MODEL_VERSION_HEADER};
 
 /// What the scorer uses: its settings and topic, the store it reads histories from, the
 /// activity record it takes waiting users from, the live model, and where it reports.
-pub struct Scorer {
+pub(crate) struct Scorer {
     pub serve: ServeConfig,
     pub topic: String,
     pub store: Arc<Store>,
@@ -319,8 +318,6 @@ mod tests {
         live.publish(LiveModel {
             version: 7,
             model: trainer.model().for_serving().unwrap(),
-            swapped_at: std::time::SystemTime::now(),
-            validation_ndcg: 0.0,
         });
         published(&metrics, "model", 3).await;
 

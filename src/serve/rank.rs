@@ -2,7 +2,7 @@
 //! user's items: the live model's top items (never one the user has), or the popularity ranking
 //! for users it cannot score yet; then mapped to external ids as a [`Recommendation`].
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::live::LiveModel;
 use crate::store::Store;
@@ -10,7 +10,7 @@ use crate::wire::{now_ms, Recommendation, ScoredItem, Source};
 
 /// A user's ranked items before publishing (store indices).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Scored {
+pub(crate) struct Scored {
     pub user: u32,
     /// The user's external id (the store index when the store has none).
     pub user_id: String,
@@ -41,7 +41,7 @@ pub fn score_users(
 
 /// As [`score_users`], for users given by their id and history (store item indices): the one
 /// ranking path of the scorer, the pull API and offline `recommend`.
-pub fn score_histories(
+pub(crate) fn score_histories(
     store: &Store,
     live: Option<&LiveModel>,
     users: &[u32],
@@ -108,7 +108,7 @@ pub fn score_histories(
 }
 
 /// The first `k` of ranked store items, by external id (items unknown to the store are skipped).
-pub fn scored_items(store: &Store, items: &[(u32, f32)], k: usize) -> Vec<ScoredItem> {
+pub(crate) fn scored_items(store: &Store, items: &[(u32, f32)], k: usize) -> Vec<ScoredItem> {
     items
         .iter()
         .take(k)
@@ -121,7 +121,7 @@ pub fn scored_items(store: &Store, items: &[(u32, f32)], k: usize) -> Vec<Scored
 }
 
 /// The published message of a scored user: its top `k` items by external id.
-pub fn to_recommendation(
+pub(crate) fn to_recommendation(
     store: &Store,
     s: &Scored,
     k: usize,
@@ -137,7 +137,7 @@ pub fn to_recommendation(
 }
 
 /// Top-`k` recommendations for `users` (store indices); see [`score_users`].
-pub fn recommend_users(
+pub(crate) fn recommend_users(
     store: &Store,
     live: Option<&LiveModel>,
     users: &[u32],
@@ -148,6 +148,66 @@ pub fn recommend_users(
         .iter()
         .map(|s| to_recommendation(store, s, k, version))
         .collect())
+}
+
+/// An offline question: a user the store knows, or an ad-hoc history of external item ids.
+#[derive(Debug, Clone)]
+pub enum OfflineQuery {
+    User(String),
+    Items(Vec<String>),
+}
+
+/// The answer to an [`OfflineQuery`], with the given items the model cannot use.
+#[derive(Debug)]
+pub struct OfflineAnswer {
+    pub recommendation: Option<Recommendation>,
+    pub ignored_items: Vec<String>,
+}
+
+/// Offline `recommend`: the same ranking as the scorer and the pull API, from a stopped daemon's
+/// store and a loaded model. An ad-hoc history needs a model; an unknown user is an error.
+pub fn recommend_offline(
+    store: &Store,
+    live: Option<&LiveModel>,
+    query: &OfflineQuery,
+    k: usize,
+) -> Result<OfflineAnswer> {
+    match query {
+        OfflineQuery::User(user) => {
+            let u = store
+                .user_index(user)?
+                .with_context(|| format!("unknown user {user:?}"))?;
+            Ok(OfflineAnswer {
+                recommendation: recommend_users(store, live, &[u], k)?.pop(),
+                ignored_items: Vec::new(),
+            })
+        }
+        OfflineQuery::Items(items) => {
+            let live = live.context("no model version to score with")?;
+            let mut history = Vec::new();
+            let mut ignored_items = Vec::new();
+            for i in items {
+                match store.item_index(i)? {
+                    Some(x) if (x as usize) < live.model.n_items() => history.push(x),
+                    _ => ignored_items.push(i.clone()),
+                }
+            }
+            let scored = score_histories(
+                store,
+                Some(live),
+                &[u32::MAX],
+                vec![String::new()],
+                vec![history],
+                k,
+            )?;
+            Ok(OfflineAnswer {
+                recommendation: scored
+                    .first()
+                    .map(|s| to_recommendation(store, s, k, Some(live.version))),
+                ignored_items,
+            })
+        }
+    }
 }
 
 #[cfg(test)]

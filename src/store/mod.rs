@@ -149,7 +149,11 @@ impl Store {
 
     /// Opens (or creates) the store under `dir`; sled caches up to `cache_bytes` of pages. A
     /// store written by an earlier version is converted in place first.
-    pub fn open_with_cache(dir: &Path, max_history: usize, cache_bytes: u64) -> Result<Self> {
+    pub(crate) fn open_with_cache(
+        dir: &Path,
+        max_history: usize,
+        cache_bytes: u64,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // the file lock of a store just closed (this process's previous handle, whose flusher
         // thread is finishing, or a previous process still exiting) is released within moments
@@ -376,7 +380,7 @@ impl Store {
     }
 
     /// The next offset to read of a partition, if any event of it was stored.
-    pub fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>> {
+    pub(crate) fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>> {
         Ok(self
             .tree
             .get(offset_key(topic, partition))?
@@ -406,7 +410,7 @@ impl Store {
     }
 
     /// The index of an external user id.
-    pub fn user_index(&self, user: &str) -> Result<Option<u32>> {
+    pub(crate) fn user_index(&self, user: &str) -> Result<Option<u32>> {
         Ok(self
             .tree
             .get(key(b'U', user.as_bytes()))?
@@ -415,7 +419,7 @@ impl Store {
     }
 
     /// The index of an external item id.
-    pub fn item_index(&self, item: &str) -> Result<Option<u32>> {
+    pub(crate) fn item_index(&self, item: &str) -> Result<Option<u32>> {
         let catalogue = self
             .items
             .read()

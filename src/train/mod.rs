@@ -215,12 +215,11 @@ impl Worker {
                 trainer.set_learning_rate(lr);
                 if publish {
                     let figure = |k: &str| manifest.training.get(k).and_then(|v| v.as_f64());
-                    let ndcg = figure("validation_ndcg").unwrap_or(0.0);
                     let read = figure("training_interactions")
                         .map(|t| t + figure("validation_interactions").unwrap_or(0.0))
                         .or_else(|| figure("interactions"))
                         .unwrap_or(0.0);
-                    self.publish(&trainer, manifest.model_version, ndcg, read as u64)?;
+                    self.publish(&trainer, manifest.model_version, read as u64)?;
                     info!(
                         model_version = manifest.model_version,
                         update_count = manifest.update_count,
@@ -235,7 +234,7 @@ impl Worker {
         Ok(())
     }
 
-    fn publish(&self, trainer: &Trainer, version: u64, ndcg: f64, read: u64) -> Result<()> {
+    fn publish(&self, trainer: &Trainer, version: u64, read: u64) -> Result<()> {
         let model = trainer.model().for_serving()?;
         let m = &self.ctx.metrics;
         m.model_version.set(version as i64);
@@ -249,12 +248,7 @@ impl Worker {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
-        self.ctx.live.publish(LiveModel {
-            version,
-            model,
-            swapped_at: now,
-            validation_ndcg: ndcg,
-        });
+        self.ctx.live.publish(LiveModel { version, model });
         Ok(())
     }
 
@@ -472,7 +466,7 @@ impl Worker {
         }
         self.version = next_version;
         let read = (train.nnz() + validation_interactions) as u64;
-        self.publish(trainer, next_version, j.ndcg, read)?;
+        self.publish(trainer, next_version, read)?;
         info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, loss = stats.loss, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started.elapsed().as_secs_f64(), "model accepted and swapped in");
         Ok(RoundResult::Accepted)
     }

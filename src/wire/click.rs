@@ -14,11 +14,11 @@ pub struct Click {
 }
 
 /// Longest accepted id, in bytes.
-pub const MAX_ID_BYTES: usize = 256;
+pub(crate) const MAX_ID_BYTES: usize = 256;
 
 /// Why a message was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     #[error("message of {size} bytes exceeds the maximum of {max}")]
     TooLarge { size: usize, max: usize },
     #[error("message has no payload")]
@@ -48,7 +48,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// A short, stable reason (metric label, dead-letter header).
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "too_large",
             Self::Empty => "empty",
@@ -67,7 +67,7 @@ impl Rejection {
 
 /// A valid message: a positive click, or an event of a type that does not count.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     Click(Click),
     Ignored { event_type: String },
 }
@@ -111,7 +111,7 @@ fn id(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<Strin
 }
 
 /// Parses one message payload. Size is checked before any parsing.
-pub fn parse_event(
+pub(crate) fn parse_event(
     payload: Option<&[u8]>,
     max_bytes: usize,
     positive_types: &[String],

@@ -9,7 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use click::{parse_event, Click, Event, Rejection, MAX_ID_BYTES};
+pub use click::Click;
+pub(crate) use click::{parse_event, Event, MAX_ID_BYTES};
 
 /// A click event as producers write it (`multivaed produce`, the demo, the benchmarks). Ids may
 /// also be non-negative JSON integers; `timestamp` (ms) and `event_type` may be left out; other
@@ -88,7 +89,7 @@ impl Recommendation {
     }
 
     /// The value of the [`MODEL_VERSION_HEADER`] header: the version, or empty.
-    pub fn model_version_header(&self) -> String {
+    pub(crate) fn model_version_header(&self) -> String {
         self.model_version
             .map(|v| v.to_string())
             .unwrap_or_default()
@@ -96,10 +97,10 @@ impl Recommendation {
 }
 
 /// Header of every recommendation message naming the model version (empty for popularity).
-pub const MODEL_VERSION_HEADER: &str = "model_version";
+pub(crate) const MODEL_VERSION_HEADER: &str = "model_version";
 
 /// Milliseconds since the epoch, now.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use multivaed::cli::ModelArgs;
 use multivaed_kit::bench;
+
+#[path = "../../../src/cli/model_args.rs"]
+mod model_args;
+use model_args::ModelArgs;
 
 /// The same allocator as the daemon, so benchmarks measure what it runs.
 #[global_allocator]
@@ -180,7 +183,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Model(args) => {
-            multivaed::cli::set_threads(args.threads)?;
+            multivaed::model::set_threads(args.threads)?;
             let (device, device_name) = multivaed::daemon::open_device(args.device)?;
             let opts = bench::ModelBenchOptions {
                 device,
