@@ -10,11 +10,15 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 struct Inner {
-    /// Users waiting to be scored, oldest first (each once).
+    /// Users waiting because of a click (or a failed delivery of one), oldest first, each once.
     queue: VecDeque<u32>,
-    /// The waiting users' earliest unscored click receipt.
+    /// Those users' earliest unscored click receipt.
     pending: HashMap<u32, Instant>,
-    /// When each user was last marked (for re-scoring after a swap).
+    /// Users to re-score after a model swap, with the swap's time, oldest first; an entry is
+    /// live only while its user is in `rescore_set` (a click in between takes the user over).
+    rescore: VecDeque<(u32, Instant)>,
+    rescore_set: HashSet<u32>,
+    /// When each user last clicked (re-scoring after a swap reads it, never refreshes it).
     last_seen: HashMap<u32, Instant>,
     /// Users active since the last training round started.
     since_round: HashSet<u32>,
@@ -24,13 +28,33 @@ pub struct Activity {
     inner: Mutex<Inner>,
     /// Interactions stored since the last training round started.
     new_interactions: AtomicU64,
-    /// Users waiting to be scored (and users remembered as last seen), at most.
+    /// Users waiting to be scored for a click, users waiting to be re-scored, and users
+    /// remembered as last seen: each at most this many.
     max_waiting: usize,
     /// Users noted as active since the last round, at most (past it they may still be drawn in
     /// the round's random sample).
     max_since_round: usize,
     /// Wakes the scorer when users start waiting.
     waiting: tokio::sync::Notify,
+}
+
+/// Why a user waits to be scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// A click (or a failed delivery of the answer to one), received at `since`.
+    Click,
+    /// A model swap at `since`: the user clicked within the re-score window before it.
+    Rescore,
+}
+
+/// A user taken from the record to be scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    pub user: u32,
+    pub why: Why,
+    /// The click's receipt (for `Click`) or the swap's time (for `Rescore`): latency counts
+    /// from here.
+    pub since: Instant,
 }
 
 /// What training takes at the start of a round.
@@ -41,12 +65,21 @@ pub struct RoundStart {
     pub active: HashSet<u32>,
 }
 
+/// Users dropped because a queue was full.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub clicks: u64,
+    pub rescores: u64,
+}
+
 impl Activity {
     pub fn new(max_waiting: usize, max_since_round: usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 pending: HashMap::new(),
+                rescore: VecDeque::new(),
+                rescore_set: HashSet::new(),
                 last_seen: HashMap::new(),
                 since_round: HashSet::new(),
             }),
@@ -76,19 +109,46 @@ impl Activity {
             }
             g.since_round.insert(u);
         }
-        self.mark(g, changed, received)
+        for &u in changed {
+            g.last_seen.insert(u, received);
+        }
+        self.forget_least_recently_seen(&mut g);
+        let users: Vec<(u32, Instant)> = changed.iter().map(|&u| (u, received)).collect();
+        self.queue_clicks(g, &users)
     }
 
-    /// Queues users to be scored as of `received`, under the lock `g` (released before the
-    /// scorer is woken); returns how many waiting users were dropped.
-    fn mark(&self, mut g: MutexGuard<'_, Inner>, users: &[u32], received: Instant) -> u64 {
+    /// Deliveries that failed: their users wait again, with their click's receipt time
+    /// (re-scorings wait again as re-scorings). Returns how many waiting users were dropped.
+    pub fn delivery_failed(&self, failed: &[Waiting]) -> Dropped {
+        let mut g = self.lock();
+        let mut dropped = Dropped::default();
+        let rescores: Vec<(u32, Instant)> = failed
+            .iter()
+            .filter(|w| w.why == Why::Rescore)
+            .map(|w| (w.user, w.since))
+            .collect();
+        dropped.rescores = self.queue_rescores(&mut g, &rescores);
+        let clicks: Vec<(u32, Instant)> = failed
+            .iter()
+            .filter(|w| w.why == Why::Click)
+            .map(|w| (w.user, w.since))
+            .collect();
+        dropped.clicks = self.queue_clicks(g, &clicks);
+        dropped
+    }
+
+    /// Queues users waiting for a click, under the lock `g` (released before the scorer is
+    /// woken); returns how many were dropped over the bound (the oldest).
+    fn queue_clicks(&self, mut g: MutexGuard<'_, Inner>, users: &[(u32, Instant)]) -> u64 {
         let (mut dropped, mut queued) = (0, false);
-        for &u in users {
-            g.last_seen.insert(u, received);
-            if g.pending.contains_key(&u) {
+        for &(u, since) in users {
+            // a click takes over a pending re-scoring: the user is scored once, for the click
+            g.rescore_set.remove(&u);
+            if let Some(t) = g.pending.get_mut(&u) {
+                *t = (*t).min(since);
                 continue;
             }
-            g.pending.insert(u, received);
+            g.pending.insert(u, since);
             g.queue.push_back(u);
             queued = true;
             while g.queue.len() > self.max_waiting {
@@ -98,20 +158,49 @@ impl Activity {
                 }
             }
         }
-        if g.last_seen.len() > self.max_waiting {
-            // forget the least recently seen, down to 3/4 of the bound (amortised)
-            let keep = (self.max_waiting * 3 / 4).max(1);
-            let mut v: Vec<(Instant, u32)> = g.last_seen.iter().map(|(u, t)| (*t, *u)).collect();
-            v.sort_unstable_by(|a, b| b.cmp(a));
-            v.truncate(keep);
-            g.last_seen = v.into_iter().map(|(t, u)| (u, t)).collect();
-        }
         drop(g);
         if queued {
             // one scorer waits; a permit is kept if it is busy, so no wake-up is lost
             self.waiting.notify_one();
         }
         dropped
+    }
+
+    /// Queues re-scorings (users neither waiting for a click nor already queued); past the
+    /// bound the newest are not queued. Returns how many were not.
+    fn queue_rescores(&self, g: &mut Inner, users: &[(u32, Instant)]) -> u64 {
+        let mut dropped = 0;
+        for &(u, since) in users {
+            if g.pending.contains_key(&u) || g.rescore_set.contains(&u) {
+                continue;
+            }
+            if g.rescore_set.len() >= self.max_waiting {
+                dropped += 1;
+                continue;
+            }
+            g.rescore_set.insert(u);
+            g.rescore.push_back((u, since));
+        }
+        // entries a click took over are skipped when taken; keep the queue from growing
+        // with them
+        if g.rescore.len() > 2 * self.max_waiting {
+            let live = std::mem::take(&mut g.rescore_set);
+            g.rescore.retain(|(u, _)| live.contains(u));
+            g.rescore_set = live;
+        }
+        dropped
+    }
+
+    /// Forgets the least recently seen users, down to 3/4 of the bound (amortised).
+    fn forget_least_recently_seen(&self, g: &mut Inner) {
+        if g.last_seen.len() <= self.max_waiting {
+            return;
+        }
+        let keep = (self.max_waiting * 3 / 4).max(1);
+        let mut v: Vec<(Instant, u32)> = g.last_seen.iter().map(|(u, t)| (*t, *u)).collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.truncate(keep);
+        g.last_seen = v.into_iter().map(|(t, u)| (u, t)).collect();
     }
 
     /// Resolves once users are waiting (at once if some were queued since the last call).
@@ -121,30 +210,58 @@ impl Activity {
         }
     }
 
-    /// Takes up to `n` waiting users, oldest first, with their earliest unscored click receipt.
-    pub fn take_waiting(&self, n: usize) -> Vec<(u32, Instant)> {
+    /// Takes up to `n` waiting users: every waiting click first (oldest first), then
+    /// re-scorings with what capacity is left, so re-scoring never delays a click.
+    pub fn take_waiting(&self, n: usize) -> Vec<Waiting> {
         let mut g = self.lock();
-        let n = n.min(g.queue.len());
-        let users: Vec<u32> = g.queue.drain(..n).collect();
-        users
+        let k = n.min(g.queue.len());
+        let users: Vec<u32> = g.queue.drain(..k).collect();
+        let mut taken: Vec<Waiting> = users
             .into_iter()
-            .filter_map(|u| g.pending.remove(&u).map(|t| (u, t)))
-            .collect()
+            .filter_map(|u| {
+                g.pending.remove(&u).map(|since| Waiting {
+                    user: u,
+                    why: Why::Click,
+                    since,
+                })
+            })
+            .collect();
+        while taken.len() < n {
+            let Some((u, since)) = g.rescore.pop_front() else {
+                break;
+            };
+            if g.rescore_set.remove(&u) {
+                taken.push(Waiting {
+                    user: u,
+                    why: Why::Rescore,
+                    since,
+                });
+            }
+        }
+        taken
     }
 
-    /// Queues every user seen within `window` again (after a model swap); returns how many.
-    pub fn requeue_seen_within(&self, window: Duration) -> usize {
+    /// After a model swap at `now`: queues a re-scoring for every user whose last click is
+    /// within `window` (their last-click time is left as it is, so each is re-scored for
+    /// `window` after their click at most). Returns how many were queued and how many dropped.
+    pub fn requeue_seen_within(&self, window: Duration) -> (usize, u64) {
         let now = Instant::now();
         let mut g = self.lock();
         g.last_seen.retain(|_, t| now.duration_since(*t) <= window);
-        let recent: Vec<u32> = g.last_seen.keys().copied().collect();
-        self.mark(g, &recent, now);
-        recent.len()
+        let recent: Vec<(u32, Instant)> = g.last_seen.keys().map(|&u| (u, now)).collect();
+        let dropped = self.queue_rescores(&mut g, &recent);
+        let queued = !g.rescore_set.is_empty();
+        drop(g);
+        if queued {
+            self.waiting.notify_one();
+        }
+        (recent.len(), dropped)
     }
 
-    /// Users waiting to be scored.
+    /// Users waiting to be scored (for a click or a re-scoring).
     pub fn waiting_count(&self) -> usize {
-        self.lock().queue.len()
+        let g = self.lock();
+        g.queue.len() + g.rescore_set.len()
     }
 
     /// Interactions stored since the last round started.
@@ -175,22 +292,28 @@ impl Activity {
 mod tests {
     use super::*;
 
+    fn users(w: &[Waiting]) -> Vec<u32> {
+        w.iter().map(|w| w.user).collect()
+    }
+
     #[test]
     fn the_waiting_queue_is_bounded_and_deduplicated() {
         let d = Activity::new(3, 10);
-        let t = Instant::now();
+        let t = Instant::now() - Duration::from_secs(10);
         assert_eq!(d.batch_stored(&[1, 2, 1, 3], 4, t), 0);
         assert_eq!(d.waiting_count(), 3);
         let later = t + Duration::from_millis(1);
         assert_eq!(d.batch_stored(&[4], 1, later), 1); // 1 dropped
-        let got: Vec<(u32, Instant)> = d.take_waiting(10);
-        assert_eq!(got, vec![(2, t), (3, t), (4, later)]);
+        let got = d.take_waiting(10);
+        assert_eq!(users(&got), vec![2, 3, 4]);
+        assert!(got.iter().all(|w| w.why == Why::Click));
+        assert_eq!((got[0].since, got[2].since), (t, later));
         assert_eq!(d.waiting_count(), 0);
         // the last-seen record is bounded too: the least recent were forgotten
-        assert_eq!(d.requeue_seen_within(Duration::from_secs(60)), 2);
-        let again: Vec<u32> = d.take_waiting(10).into_iter().map(|(u, _)| u).collect();
+        assert_eq!(d.requeue_seen_within(Duration::from_secs(60)), (2, 0));
+        let again = users(&d.take_waiting(10));
         assert!(again.contains(&4), "{again:?}");
-        assert_eq!(d.requeue_seen_within(Duration::ZERO), 0);
+        assert_eq!(d.requeue_seen_within(Duration::ZERO), (0, 0));
     }
 
     #[test]
@@ -199,7 +322,57 @@ mod tests {
         let first = Instant::now();
         a.batch_stored(&[7], 1, first);
         a.batch_stored(&[7], 1, first + Duration::from_secs(1));
-        assert_eq!(a.take_waiting(10), vec![(7, first)]);
+        let got = a.take_waiting(10);
+        assert_eq!((users(&got), got[0].since), (vec![7], first));
+    }
+
+    #[test]
+    fn re_scoring_after_swaps_ends_one_window_after_the_last_click() {
+        let a = Activity::new(10, 10);
+        let window = Duration::from_millis(300);
+        a.batch_stored(&[1], 1, Instant::now());
+        a.take_waiting(10);
+        // a swap within the window re-scores the user, and does not restart the window
+        assert_eq!(a.requeue_seen_within(window).0, 1);
+        let got = a.take_waiting(10);
+        assert_eq!((users(&got), got[0].why), (vec![1], Why::Rescore));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(a.requeue_seen_within(window).0, 1);
+        a.take_waiting(10);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.requeue_seen_within(window).0, 0, "350 ms after the click");
+        assert!(a.take_waiting(10).is_empty());
+    }
+
+    #[test]
+    fn re_scorings_never_displace_a_waiting_click() {
+        let a = Activity::new(2, 10);
+        a.batch_stored(&[1, 2], 2, Instant::now());
+        a.take_waiting(10);
+        a.requeue_seen_within(Duration::from_secs(60));
+        // the re-scoring queue is full; a click still queues, and is taken first
+        assert_eq!(a.batch_stored(&[3], 1, Instant::now()), 0);
+        let got = a.take_waiting(1);
+        assert_eq!((users(&got), got[0].why), (vec![3], Why::Click));
+        // a click takes over its user's pending re-scoring: scored once
+        a.batch_stored(&[1], 1, Instant::now());
+        let got = a.take_waiting(10);
+        assert_eq!(users(&got), vec![1, 2]);
+        assert_eq!(
+            got.iter().map(|w| w.why).collect::<Vec<_>>(),
+            vec![Why::Click, Why::Rescore]
+        );
+    }
+
+    #[test]
+    fn a_failed_delivery_queues_its_user_again_with_the_click_time() {
+        let a = Activity::new(10, 10);
+        let t = Instant::now();
+        a.batch_stored(&[5], 1, t);
+        let taken = a.take_waiting(10);
+        assert_eq!(a.delivery_failed(&taken), Dropped::default());
+        let again = a.take_waiting(10);
+        assert_eq!(again, taken);
     }
 
     #[test]

@@ -377,6 +377,10 @@ fn run_models(args: ModelsArgs) -> Result<()> {
             Ok(())
         }
         ModelsCommand::Rollback { version } => {
+            // the store's lock is the data directory's: held by a running daemon
+            let _lock = Store::open(&config.data_dir, config.store.max_history).context(
+                "cannot take the data directory's lock: stop the daemon before a rollback",
+            )?;
             let moved = checkpoints.rollback(version)?;
             println!(
                 "model version {version} is the newest again; moved aside: {moved:?}. Restart the daemon to serve it."

@@ -117,6 +117,9 @@ pub struct ServeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Pull requests scored at once, at most; past it a pull gets 429 with `Retry-After`, so
+    /// pulls never take more than this many cores from push scoring.
+    pub max_concurrent_pulls: usize,
 }
 
 impl Default for Config {
@@ -195,6 +198,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            max_concurrent_pulls: 2,
         }
     }
 }
@@ -261,7 +265,7 @@ impl Config {
         self.model
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
-        let checks: [(bool, &str); 10] = [
+        let checks: [(bool, &str); 14] = [
             (
                 self.kafka.batch_size > 0,
                 "kafka.batch_size: must be at least 1",
@@ -298,6 +302,22 @@ impl Config {
             (
                 self.train.max_ndcg_drop >= 0.0,
                 "train.max_ndcg_drop: must be >= 0",
+            ),
+            (
+                self.train.validation_users > 0,
+                "train.validation_users: must be at least 1 (without validation users no model can be judged)",
+            ),
+            (
+                (1..=self.train.validation_users).contains(&self.train.min_validation_users),
+                "train.min_validation_users: must be between 1 and train.validation_users",
+            ),
+            (
+                self.http.max_concurrent_pulls > 0,
+                "http.max_concurrent_pulls: must be at least 1",
+            ),
+            (
+                self.train.min_new_events > 0,
+                "train.min_new_events: must be at least 1",
             ),
         ];
         for (ok, msg) in checks {
@@ -362,6 +382,40 @@ impl<'de> Deserialize<'de> for DeviceChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gate_without_validation_users_or_a_round_on_no_news_is_refused() {
+        type Tweak = fn(&mut Config);
+        let cases: [(Tweak, &str); 5] = [
+            (
+                |c: &mut Config| c.train.validation_users = 0,
+                "train.validation_users",
+            ),
+            (
+                |c: &mut Config| c.train.min_validation_users = 0,
+                "train.min_validation_users",
+            ),
+            (
+                |c: &mut Config| c.train.min_validation_users = c.train.validation_users + 1,
+                "train.min_validation_users",
+            ),
+            (
+                |c: &mut Config| c.train.min_new_events = 0,
+                "train.min_new_events",
+            ),
+            (
+                |c: &mut Config| c.http.max_concurrent_pulls = 0,
+                "http.max_concurrent_pulls",
+            ),
+        ];
+        for (tweak, key) in cases {
+            let mut c = Config::default();
+            tweak(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        assert!(Config::default().validate().is_ok());
+    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail returns its own error type

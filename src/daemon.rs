@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
 use futures::FutureExt;
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::activity::Activity;
 use crate::config::{Config, DeviceChoice};
@@ -120,6 +120,14 @@ impl Daemon {
 
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http().serve(listener));
+        // HTTP answers while the topics are checked (up to 10 s with the brokers away)
+        let (p, kafka) = (producer.clone(), self.config.kafka.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::kafka::check_topics(rdkafka::producer::Producer::client(&p), &kafka)
+        })
+        .await
+        .context("cannot check the topics")??;
+        debug!("topics checked");
         stage(
             &mut stages,
             "ingest",
@@ -216,6 +224,9 @@ impl Daemon {
     fn http(&self) -> crate::http::Http {
         crate::http::Http {
             default_k: self.config.serve.k,
+            pulls: Arc::new(tokio::sync::Semaphore::new(
+                self.config.http.max_concurrent_pulls,
+            )),
             store: self.store.clone(),
             live: self.live.clone(),
             activity: self.activity.clone(),

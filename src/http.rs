@@ -27,6 +27,8 @@ pub const MAX_K: usize = 1000;
 /// (queue size), metrics, and health (readiness).
 pub struct Http {
     pub default_k: usize,
+    /// Permits for pull scorings running at once (`http.max_concurrent_pulls`).
+    pub pulls: Arc<tokio::sync::Semaphore>,
     pub store: Arc<Store>,
     pub live: Arc<LiveModelSlot>,
     pub activity: Arc<Activity>,
@@ -46,7 +48,7 @@ impl Http {
     }
 
     fn readiness(&self) -> Result<(), &'static str> {
-        Readiness::read(&self.health, &self.live, &self.store).serving()
+        Readiness::read(&self.health).serving()
     }
 }
 
@@ -113,8 +115,21 @@ async fn recommendations(
     if user_id.is_empty() || user_id.len() > MAX_ID_BYTES {
         return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
     }
+    let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
+        s.metrics.pulls_refused.inc();
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many pull requests at once: retry later",
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
+    };
     let shared = s.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Recommendation>> {
+        let _permit = permit;
         let Some(u) = shared.store.user_index(&user_id)? else {
             return Ok(None);
         };
@@ -125,7 +140,43 @@ async fn recommendations(
     match result {
         Ok(Ok(Some(rec))) => Json(rec).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "unknown user"),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed"),
+        Ok(Err(e)) => internal_error(&format!("{e:#}")),
+        Err(e) => internal_error(&e.to_string()),
+    }
+}
+
+/// A 500 that names a request id and nothing internal; the cause is logged under that id.
+fn internal_error(cause: &str) -> Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = format!(
+        "{:x}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    tracing::error!(request_id = %id, cause, "a pull request failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(serde_json::json!({ "error": "internal error", "request_id": id })),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_500_names_a_request_id_and_nothing_internal() {
+        let r = internal_error("sled: corrupt page 7 at /var/lib/multivaed/store");
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "internal error");
+        assert!(v["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("sled") && !text.contains("/var/lib"),
+            "{text}"
+        );
     }
 }

@@ -30,12 +30,21 @@ pub(crate) struct Metrics {
     pub training_next_round: Gauge,
     pub model_round_interactions: IntGauge,
     pub model_version: IntGauge,
+    pub model_validated: IntGauge,
     pub model_swap_time: Gauge,
     pub model_items: IntGauge,
     pub scoring_latency: Histogram,
     pub recommendations_published: IntCounterVec,
     pub publish_errors: IntCounter,
     pub click_to_recommendation: Histogram,
+    pub rescore_to_recommendation: Histogram,
+    pub rescores_dropped: IntCounter,
+    pub dead_letters_truncated: IntCounter,
+    pub dead_letters_blocked: IntGaugeVec,
+    pub publish_retries: IntCounter,
+    pub pulls_refused: IntCounter,
+    pub store_quarantined: IntCounter,
+    pub store_index_capacity: Gauge,
     pub dirty_users: IntGauge,
     pub dirty_users_dropped: IntCounter,
     pub device_info: GaugeVec,
@@ -110,7 +119,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "multivaed_training_rounds_total",
-                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_floor, rejected_ndcg, abandoned, failed)",
+                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_floor, rejected_ndcg, rejected_unvalidated, abandoned, failed)",
                     ),
                     &["result"],
                 )?,
@@ -154,6 +163,13 @@ impl Metrics {
                 )?,
             )?,
             model_version: reg(r, IntGauge::new("multivaed_model_version", "Version of the live model")?)?,
+            model_validated: reg(
+                r,
+                IntGauge::new(
+                    "multivaed_model_validated",
+                    "1 when the live model passed the validation gates, 0 when it is a first model published with too few validation users",
+                )?,
+            )?,
             model_swap_time: reg(
                 r,
                 Gauge::new("multivaed_model_swap_timestamp_seconds", "When the live model was swapped in")?,
@@ -184,7 +200,66 @@ impl Metrics {
                     "From a click's receipt to its user's new recommendation being delivered",
                 )?,
             )?,
-            dirty_users: reg(r, IntGauge::new("multivaed_dirty_users", "Users waiting to be scored")?)?,
+            rescore_to_recommendation: reg(
+                r,
+                lat(
+                    "multivaed_rescore_to_recommendation_seconds",
+                    "From a model swap to a recently active user's re-scored recommendation being delivered",
+                )?,
+            )?,
+            dead_letters_truncated: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_dead_letters_truncated_total",
+                    "Dead letters written with their payload cut to kafka.max_message_bytes (the original stays at its offset)",
+                )?,
+            )?,
+            dead_letters_blocked: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "multivaed_dead_letters_blocked",
+                        "1 while dead letters cannot be written (ingestion waits, not ready), by cause: unknown_topic, not_authorized, rejected_by_broker, too_large",
+                    ),
+                    &["cause"],
+                )?,
+            )?,
+            rescores_dropped: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_rescores_dropped_total",
+                    "Re-scorings after a model swap not queued because the re-scoring queue was full",
+                )?,
+            )?,
+            store_quarantined: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_store_records_quarantined_total",
+                    "Damaged user records moved aside (their user starts again from the next click)",
+                )?,
+            )?,
+            store_index_capacity: reg(
+                r,
+                Gauge::new(
+                    "multivaed_store_index_capacity_ratio",
+                    "The larger of users and items over the store's index limit (2^32 less 2^20): at 1 no batch with a new user or item is stored",
+                )?,
+            )?,
+            pulls_refused: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_pull_requests_refused_total",
+                    "Pull requests answered 429 because http.max_concurrent_pulls were being scored",
+                )?,
+            )?,
+            publish_retries: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_publish_retries_total",
+                    "Users queued to be scored again because their recommendation's delivery failed",
+                )?,
+            )?,
+            dirty_users: reg(r, IntGauge::new("multivaed_dirty_users", "Users waiting to be scored (for a click or a re-scoring)")?)?,
             dirty_users_dropped: reg(
                 r,
                 IntCounter::new(
@@ -229,6 +304,7 @@ impl Metrics {
             "rejected_nonfinite",
             "rejected_floor",
             "rejected_ndcg",
+            "rejected_unvalidated",
             "abandoned",
             "failed",
         ] {
@@ -237,6 +313,7 @@ impl Metrics {
         for source in ["model", "popular"] {
             m.recommendations_published.with_label_values(&[source]);
         }
+        m.set_dead_letters_blocked(None);
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::new(
@@ -248,6 +325,21 @@ impl Metrics {
     }
 
     /// The store's size gauges.
+    /// Why dead letters cannot be written (`None`: they can): the cause's series is 1, the
+    /// others 0.
+    pub(crate) fn set_dead_letters_blocked(&self, cause: Option<&str>) {
+        for c in [
+            "unknown_topic",
+            "not_authorized",
+            "rejected_by_broker",
+            "too_large",
+        ] {
+            self.dead_letters_blocked
+                .with_label_values(&[c])
+                .set(i64::from(cause == Some(c)));
+        }
+    }
+
     pub(crate) fn set_store_counts(&self, counts: crate::store::StoreCounts) {
         self.store_users.set(counts.users as i64);
         self.store_items.set(counts.items as i64);
@@ -369,7 +461,8 @@ mod tests {
                             "partition",
                             "device",
                             "k",
-                            "model_version"
+                            "model_version",
+                            "cause"
                         ]
                         .contains(&l.name()),
                         "{name} has label {}",

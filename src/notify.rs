@@ -47,7 +47,7 @@ impl Notifier {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
-            if !ready && Readiness::read(&self.health, &self.live, &self.store).started() {
+            if !ready && Readiness::read(&self.health).started() {
                 ready = true;
                 send(&[NotifyState::Ready]);
             }

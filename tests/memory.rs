@@ -15,8 +15,10 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 
 const USERS: u64 = 1_000_000;
 const ITEMS: u64 = 20_000;
-/// Clicks beyond one per user (these users get a second item).
+/// Clicks beyond one per user: `HEAVY` users get 5 more items each (validation needs users of
+/// at least 5 items).
 const EXTRA: u64 = 200_000;
+const HEAVY: u64 = EXTRA / 5;
 /// The bound in README "Guarantees" (peak RSS, default store cache and serving bounds): 2.25 GiB.
 const RSS_BOUND_BYTES: u64 = 9 << 28;
 /// Model versions swapped in after everything is stored, while clicks keep coming.
@@ -30,15 +32,20 @@ fn rss(pid: u32) -> (u64, u64) {
     )
 }
 
-/// Click `n`: every user once (users 0..1M), then EXTRA second clicks; items skewed but each of
-/// the 20k seen in the first 20k clicks.
+/// Click `n`: every user once (users 0..1M), then the `HEAVY` users (20k..60k) again and
+/// again. Each user has a taste group of 100 of the 20k items and every click of a user is a new
+/// item of it, so models learn what popularity does not know and every pair is distinct; the
+/// first 20k clicks (users 0..20k, who click once) see each item once.
 fn click(n: u64) -> (String, String) {
-    let user = n % USERS;
+    let (user, k) = if n < USERS {
+        (n, 0)
+    } else {
+        (ITEMS + (n - USERS) % HEAVY, 1 + (n - USERS) / HEAVY)
+    };
     let item = if n < ITEMS {
         n
     } else {
-        let h = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-        ((h * h * ITEMS as f64) as u64 + user * 7) % ITEMS
+        (user % 200) * 100 + (user * 7 + k) % 100
     };
     (format!("user-{user}"), format!("item-{item}"))
 }
@@ -66,7 +73,7 @@ fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
             ("MULTIVAED_TRAIN__INTERVAL", "8s"),
             ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "100000000"),
             ("MULTIVAED_TRAIN__MIN_USERS", "1000"),
-            ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1"),
+            ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "4"),
             ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", "5000"),
             ("MULTIVAED_TRAIN__VALIDATION_USERS", "200"),
             ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),
@@ -104,7 +111,7 @@ fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
     });
     let produced_at = produced.join().unwrap();
     let ingested_in = started.elapsed();
-    // steady state: clicks keep coming (second and third items of the same users) while the
+    // steady state: clicks keep coming (more items of the heavy users) while the
     // daemon trains and swaps in SWAPS_AFTER more versions, one of them over the full catalogue,
     // so memory that grows per round or per swap shows up in the peak
     let version_then = daemon.metric("multivaed_model_version", "");

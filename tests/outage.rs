@@ -1,7 +1,8 @@
 //! Broker outages against a Tansu broker of the test's own (the shared one keeps serving the
 //! other tests): frozen for 30 s mid-stream (SIGSTOP/SIGCONT), and absent when the daemon starts.
-//! The daemon stays up, /healthz stays OK, /readyz turns not-ready and back, nothing is lost and
-//! consumption resumes by itself.
+//! The daemon stays up, /healthz stays OK, /readyz turns not-ready and back, nothing is lost,
+//! consumption resumes by itself, and recommendations whose delivery failed during the freeze
+//! are delivered after it.
 
 mod common;
 
@@ -140,7 +141,19 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::named(dir.path());
     broker.create_topics(&setup);
-    let mut daemon = Daemon::start(&env_for(&setup, &broker.addr), free_port());
+    // deliveries give up after 5 s (well inside the freeze), and users wait 2 s between
+    // scoring batches, so the recommendations of clicks consumed just before the freeze are
+    // published into it and fail
+    let config = dir.path().join("multivaed.toml");
+    std::fs::write(
+        &config,
+        "[kafka.properties]\n\"message.timeout.ms\" = \"5000\"\n",
+    )
+    .unwrap();
+    let mut env = env_for(&setup, &broker.addr);
+    env.push(("MULTIVAED_CONFIG".into(), config.display().to_string()));
+    env.push(("MULTIVAED_SERVE__INTERVAL_MS".into(), "2000".into()));
+    let mut daemon = Daemon::start(&env, free_port());
     let p = broker.producer();
     produce_range(&p, &setup.clicks, 0..2800, 1e9);
     p.flush(Duration::from_secs(30)).unwrap();
@@ -163,6 +176,29 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
         p.flush(Duration::from_secs(120)).unwrap();
     });
     std::thread::sleep(Duration::from_secs(3));
+    // 40 users who click once, consumed, then the freeze: their only recommendation is
+    // published while the broker is frozen
+    let consumed = daemon.metric("multivaed_events_consumed_total", "");
+    let once: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let user = format!("once{i}");
+            let payload =
+                format!(r#"{{"user_id": "{user}", "item_id": "i{}"}}"#, i % 40).into_bytes();
+            (user, payload)
+        })
+        .collect();
+    for (k, v) in &once {
+        send(
+            &p,
+            BaseRecord::to(&setup.clicks)
+                .key(k.as_bytes())
+                .payload(&v[..]),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    daemon.wait_for(Duration::from_secs(30), "the once-users consumed", |d| {
+        d.metric("multivaed_events_consumed_total", "") >= consumed + 40.0
+    });
     broker.signal("-STOP");
     let frozen = Instant::now();
     let mut saw_not_ready = None;
@@ -191,15 +227,37 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
     let ready_after = thawed.elapsed();
     feeder.join().unwrap();
     daemon.wait_for(Duration::from_secs(120), "every click stored", |d| {
-        d.metric("multivaed_store_interactions", "") >= total as f64
+        d.metric("multivaed_store_interactions", "") >= (total + 40) as f64
     });
     assert_eq!(
         daemon.metric("multivaed_store_interactions", ""),
-        total as f64
+        (total + 40) as f64
     );
     assert!(daemon.child.try_wait().unwrap().is_none());
     eprintln!(
         "not ready {not_ready_after:?} after the freeze, ready {ready_after:?} after the thaw"
+    );
+    // every once-user has a recommendation, though its first delivery failed
+    let retries = daemon.metric("multivaed_publish_retries_total", "");
+    assert!(
+        retries >= 1.0,
+        "no delivery failed during the freeze: the scenario did not happen"
+    );
+    let start = Instant::now();
+    let missing = loop {
+        let recs = read_all_on(&broker.addr, &setup.recs, 1, Duration::from_secs(3));
+        let missing: Vec<&String> = once
+            .iter()
+            .map(|(u, _)| u)
+            .filter(|u| !recs.iter().any(|m| m.key.as_deref() == Some(u.as_bytes())))
+            .collect();
+        if missing.is_empty() || start.elapsed() > Duration::from_secs(60) {
+            break missing.into_iter().cloned().collect::<Vec<_>>();
+        }
+    };
+    assert!(
+        missing.is_empty(),
+        "no recommendation after the outage for {missing:?} ({retries} retries)"
     );
     let (code, _) = daemon.terminate();
     assert_eq!(code, Some(0));

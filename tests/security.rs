@@ -60,11 +60,12 @@ fn secrets_and_ids_stay_out_of_logs_and_metrics_and_bad_requests_get_4xx() {
     let setup = Setup::new(&dir.path().join("data"), 1);
     let secret = "s3cr3t-Hunter2-do-not-log";
     let config = dir.path().join("secure.toml");
-    // a client secret set (unused by the PLAINTEXT broker, but parsed and held by librdkafka)
+    // a client secret set (unused by the PLAINTEXT broker, but parsed and held by librdkafka),
+    // and librdkafka's own debug logging of its configuration on (the daemon passes it on)
     std::fs::write(
         &config,
         format!(
-            "[kafka.properties]\n\"security.protocol\" = \"plaintext\"\n\"sasl.username\" = \"multivaed\"\n\"sasl.password\" = \"{secret}\"\n\"ssl.key.password\" = \"{secret}\"\n"
+            "[kafka.properties]\n\"security.protocol\" = \"plaintext\"\n\"sasl.username\" = \"multivaed\"\n\"sasl.password\" = \"{secret}\"\n\"ssl.key.password\" = \"{secret}\"\n\"debug\" = \"conf,security,broker\"\n"
         ),
     )
     .unwrap();
@@ -192,6 +193,11 @@ fn secrets_and_ids_stay_out_of_logs_and_metrics_and_bad_requests_get_4xx() {
     assert_eq!(code, Some(0));
     let log = log.lock().unwrap();
     assert!(log.len() > 20, "too few log lines to judge: {}", log.len());
+    let librdkafka = log.iter().filter(|l| l.contains("librdkafka")).count();
+    assert!(
+        librdkafka > 0,
+        "librdkafka's debug log did not reach the daemon's log"
+    );
     if let Some(line) = log.iter().find(|l| l.contains(secret)) {
         panic!("a secret in the log: {line}");
     }

@@ -137,10 +137,15 @@ pub struct Consumed {
     pub headers: HashMap<String, String>,
 }
 
-/// Reads a topic from the beginning until nothing arrives for `idle`.
+/// Reads a topic of the test broker from the beginning until nothing arrives for `idle`.
 pub fn read_all(topic: &str, partitions: i32, idle: Duration) -> Vec<Consumed> {
+    read_all_on(&brokers(), topic, partitions, idle)
+}
+
+/// As [`read_all`], on the broker at `bootstrap`.
+pub fn read_all_on(bootstrap: &str, topic: &str, partitions: i32, idle: Duration) -> Vec<Consumed> {
     let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()

@@ -13,13 +13,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tracing::{debug, error, info, warn};
+
+mod dead_letter;
+
+use dead_letter::{DeadLetter, DeadLetterWriter};
 
 use crate::activity::Activity;
 use crate::config::KafkaConfig;
@@ -51,8 +55,36 @@ pub struct IngestContext {
     health: Arc<Health>,
 }
 
+/// A partition is caught up when at most this many of its messages are left to fetch.
+const CAUGHT_UP_LAG: i64 = 1000;
+
+impl IngestContext {
+    /// Once every assigned partition is fetched up to (near) its end, readiness says caught up.
+    fn note_caught_up(&self, stats: &Statistics) {
+        if !self.health.joined() || self.health.caught_up() {
+            return;
+        }
+        let near_end = stats
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.fetch_state == "active")
+            .filter(|p| p.hi_offset >= 0 && p.next_offset >= 0)
+            .filter(|p| p.hi_offset - p.next_offset <= CAUGHT_UP_LAG)
+            .count();
+        if near_end >= self.health.partitions() {
+            info!(
+                partitions = near_end,
+                "caught up on the assigned partitions"
+            );
+            self.health.set_caught_up();
+        }
+    }
+}
+
 impl ClientContext for IngestContext {
     fn stats(&self, stats: Statistics) {
+        self.note_caught_up(&stats);
         for topic in stats.topics.values() {
             for (p, part) in &topic.partitions {
                 // messages behind the high watermark: from what this instance consumed, else
@@ -73,6 +105,13 @@ impl ClientContext for IngestContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            // the end of a partition reached: news for readiness (see `run`), not an error
+            return;
+        }
         if matches!(
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
@@ -115,7 +154,7 @@ impl ConsumerContext for IngestContext {
                 if let Err(e) = consumer.assign(tpl) {
                     error!(error = %e, "cannot assign partitions");
                 }
-                self.health.set_partitions(elems.len());
+                self.health.assigned(elems.len());
                 self.metrics.partitions_assigned.set(elems.len() as i64);
                 info!(partitions = ?elems.iter().map(|e| e.1).collect::<Vec<_>>(), "partitions assigned; resuming from stored offsets");
             }
@@ -123,7 +162,7 @@ impl ConsumerContext for IngestContext {
                 if let Err(e) = consumer.unassign() {
                     error!(error = %e, "cannot unassign partitions");
                 }
-                self.health.set_partitions(0);
+                self.health.revoked();
                 self.metrics.partitions_assigned.set(0);
                 self.metrics.consumer_lag.reset();
                 info!("partitions revoked");
@@ -131,7 +170,7 @@ impl ConsumerContext for IngestContext {
             other => {
                 error!(error = ?other, "rebalance error");
                 let _ = consumer.unassign();
-                self.health.set_partitions(0);
+                self.health.revoked();
             }
         }
     }
@@ -156,6 +195,8 @@ impl Ingest {
                 // keeps latency low without the empty-fetch storm shorter waits caused on a
                 // broker busy with a training CPU (README "The data path")
                 ("fetch.wait.max.ms", "100"),
+                // reaching a partition's end is reported (readiness: caught up)
+                ("enable.partition.eof", "true"),
             ],
             &k.properties,
         )
@@ -172,16 +213,6 @@ impl Ingest {
     }
 }
 
-struct DeadLetter {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    reason: &'static str,
-    detail: String,
-}
-
 /// A consumed batch, parsed: the clicks to store, the messages to dead-letter, and the next
 /// offset of each partition it read.
 struct Parsed {
@@ -190,6 +221,8 @@ struct Parsed {
     offsets: Vec<PartitionOffset>,
     /// When its messages were consumed (the scorer's latency counts from here).
     received: Instant,
+    /// Messages in the batch (clicks, ignored and dead-lettered).
+    messages: u64,
 }
 
 /// A batch being written to the store.
@@ -226,6 +259,10 @@ impl Ingest {
             };
             let first = match first {
                 Ok(m) => m,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    self.health.partition_at_end(p);
+                    continue;
+                }
                 Err(e) => {
                     warn!(error = %e, "consume error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -237,7 +274,10 @@ impl Ingest {
             drop(msgs);
             crate::fault::crash_point("ingest.parsed");
             if !parsed.letters.is_empty()
-                && !self.send_dead_letters(&producer, &parsed.letters).await
+                && !self
+                    .dead_letters(&producer)
+                    .write_all(&parsed.letters)
+                    .await
             {
                 warn!("shutdown while dead letters were undelivered: the batch is not stored and will be consumed again");
                 break;
@@ -266,6 +306,7 @@ impl Ingest {
         while msgs.len() < k.batch_size {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => msgs.push(m),
+                Ok(Err(KafkaError::PartitionEOF(p))) => self.health.partition_at_end(p),
                 Ok(Err(e)) => {
                     warn!(error = %e, "consume error");
                     break;
@@ -329,72 +370,28 @@ impl Ingest {
             letters,
             offsets,
             received,
+            messages: msgs.len() as u64,
         }
     }
 
-    /// Delivers the dead letters, retrying; false when shutdown came first (the batch must then
-    /// not be stored: it is consumed again, dead letters included, after the restart).
-    async fn send_dead_letters(&self, producer: &FutureProducer, letters: &[DeadLetter]) -> bool {
-        let topic = &self.kafka.dead_letter_topic;
-        for l in letters {
-            let (partition, offset) = (l.partition.to_string(), l.offset.to_string());
-            let mut attempt = 0u32;
-            loop {
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "multivaed.source.topic",
-                        value: Some(l.topic.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "multivaed.source.partition",
-                        value: Some(partition.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "multivaed.source.offset",
-                        value: Some(offset.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "multivaed.error",
-                        value: Some(l.reason.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "multivaed.error.detail",
-                        value: Some(l.detail.as_bytes()),
-                    });
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-                    .payload(&l.payload[..])
-                    .headers(headers);
-                if let Some(k) = &l.key {
-                    record = record.key(&k[..]);
-                }
-                match producer.send(record, Duration::from_secs(10)).await {
-                    Ok(_) => {
-                        self.metrics.events_dead_lettered.inc();
-                        break;
-                    }
-                    Err((e, _)) => {
-                        attempt += 1;
-                        // the offset is not stored until the dead letter is delivered
-                        warn!(error = %e, attempt, "cannot write a dead letter; retrying");
-                        if self.shutdown.is_set() {
-                            return false;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200 * attempt.min(25) as u64))
-                            .await;
-                    }
-                }
-            }
+    fn dead_letters<'a>(&'a self, producer: &'a FutureProducer) -> DeadLetterWriter<'a> {
+        DeadLetterWriter {
+            topic: &self.kafka.dead_letter_topic,
+            max_payload: self.kafka.max_message_bytes,
+            producer,
+            metrics: &self.metrics,
+            health: &self.health,
+            shutdown: &self.shutdown,
         }
-        true
     }
 
     /// Starts writing a parsed batch (clicks and offsets in one atomic store batch, then
     /// fsync) on a blocking thread.
     fn store_batch(&self, parsed: Parsed) -> StoreTask {
         let store = self.store.clone();
-        let (clicks, offsets) = (parsed.clicks, parsed.offsets.clone());
+        let (clicks, offsets, n) = (parsed.clicks, parsed.offsets.clone(), parsed.messages);
         let handle = tokio::task::spawn_blocking(move || {
-            let a = store.apply(&clicks, &offsets)?;
+            let a = store.apply_consumed(&clicks, &offsets, n)?;
             crate::fault::crash_point("ingest.applied");
             store.flush()?;
             crate::fault::crash_point("ingest.flushed");
@@ -437,6 +434,14 @@ impl Ingest {
         m.events_duplicate.inc_by(applied.duplicates);
         m.dirty_users_dropped.inc_by(dropped);
         m.set_store_counts(self.store.counts());
+        m.store_index_capacity.set(self.store.index_capacity_used());
+        if applied.quarantined > 0 {
+            m.store_quarantined.inc_by(applied.quarantined);
+            error!(
+                records = applied.quarantined,
+                "damaged user records were moved aside (quarantine keys 'Q'); their users start again"
+            );
+        }
         Ok(())
     }
 

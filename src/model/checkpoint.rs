@@ -51,6 +51,10 @@ pub struct Manifest {
     pub weights_file: String,
     pub weights_bytes: u64,
     pub weights_crc32: u32,
+    /// A fingerprint of the item ids of columns 0..n_items, as the store held them: a model
+    /// is never used with a store whose items are others (absent in older checkpoints).
+    #[serde(default)]
+    pub catalogue_fingerprint: Option<String>,
 }
 
 /// Why a checkpoint could not be written or read.
@@ -99,6 +103,9 @@ pub struct Checkpoints {
     dir: PathBuf,
 }
 
+/// Records the highest version number given, once directories that held it may be pruned.
+const HIGHEST_VERSION_FILE: &str = ".highest-version";
+
 impl Checkpoints {
     /// Versions live under `dir` (created on first save).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -121,6 +128,7 @@ impl Checkpoints {
         trainer: &Trainer,
         version: u64,
         training: serde_json::Value,
+        catalogue_fingerprint: Option<String>,
     ) -> Result<Manifest, CheckpointError> {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let final_path = self.path_of(version);
@@ -180,6 +188,7 @@ impl Checkpoints {
             weights_file: WEIGHTS.into(),
             weights_bytes: bytes.len() as u64,
             weights_crc32: crc32fast::hash(&bytes),
+            catalogue_fingerprint,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Corrupt {
             path: tmp.clone(),
@@ -291,21 +300,59 @@ impl Checkpoints {
 
     /// Version numbers present on disk (complete or not), ascending.
     pub fn versions(&self) -> Result<Vec<u64>, CheckpointError> {
+        let mut out: Vec<u64> = self
+            .entry_names()?
+            .iter()
+            .filter_map(|name| name.strip_prefix('v')?.parse::<u64>().ok())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The directory's entry names (none when it does not exist yet).
+    fn entry_names(&self) -> Result<Vec<String>, CheckpointError> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(&self.dir)(e)),
         };
-        let mut out: Vec<u64> = entries
+        Ok(entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name();
-                let name = name.to_str()?;
-                name.strip_prefix('v')?.parse::<u64>().ok()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Directories a rollback moved aside, as (version, name), oldest move first.
+    fn rolled_back(&self) -> Result<Vec<(u64, String)>, CheckpointError> {
+        let mut out: Vec<(u64, u64, String)> = self
+            .entry_names()?
+            .into_iter()
+            .filter_map(|name| {
+                let rest = name.strip_prefix(".rolled-back-v")?;
+                let (v, stamp) = rest.split_once('-')?;
+                Some((stamp.parse().ok()?, v.parse().ok()?, name))
             })
             .collect();
         out.sort_unstable();
-        Ok(out)
+        Ok(out.into_iter().map(|(_, v, name)| (v, name)).collect())
+    }
+
+    /// The highest version number ever given in this directory: present, moved aside by a
+    /// rollback, or recorded before a moved-aside one was pruned. A new version is numbered
+    /// above it, so a number never names two models.
+    pub fn highest_version_ever(&self) -> Result<u64, CheckpointError> {
+        let present = self.versions()?.last().copied().unwrap_or(0);
+        let aside = self
+            .rolled_back()?
+            .iter()
+            .map(|(v, _)| *v)
+            .max()
+            .unwrap_or(0);
+        let recorded = fs::read_to_string(self.dir.join(HIGHEST_VERSION_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(present.max(aside).max(recorded))
     }
 
     /// The newest version that loads; versions that fail are reported to `on_skip` and skipped.
@@ -344,8 +391,20 @@ impl Checkpoints {
         Ok(moved)
     }
 
-    /// Removes all but the newest `keep` versions and any leftover temporary directories.
+    /// Removes all but the newest `keep` versions, all but the `keep` most recent directories
+    /// moved aside by rollbacks (recording the highest number first), and any leftover
+    /// temporary directories.
     pub(crate) fn prune(&self, keep: usize) -> Result<Vec<u64>, CheckpointError> {
+        let aside = self.rolled_back()?;
+        if aside.len() > keep {
+            let highest = self.highest_version_ever()?;
+            let file = self.dir.join(HIGHEST_VERSION_FILE);
+            fs::write(&file, format!("{highest}\n")).map_err(io(&file))?;
+            for (_, name) in &aside[..aside.len() - keep] {
+                let p = self.dir.join(name);
+                fs::remove_dir_all(&p).map_err(io(&p))?;
+            }
+        }
         let versions = self.versions()?;
         let mut removed = Vec::new();
         if versions.len() > keep {

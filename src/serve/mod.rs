@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 pub use rank::{recommend_offline, OfflineAnswer, OfflineQuery};
 pub(crate) use rank::{recommend_users, score_users, to_recommendation, Scored};
 
-use crate::activity::Activity;
+use crate::activity::{Activity, Waiting, Why};
 use crate::config::ServeConfig;
 use crate::live::LiveModelSlot;
 use crate::metrics::{LatencySamples, Metrics};
@@ -62,8 +62,9 @@ impl Scorer {
                 _ = me.activity.wait() => {}
                 _ = shutdown.changed() => break,
                 Ok(()) = versions.changed() => {
-                    let n = me.activity.requeue_seen_within(me.serve.rescore_window);
-                    debug!(users = n, "model swapped: re-scoring recently active users");
+                    let (n, dropped) = me.activity.requeue_seen_within(me.serve.rescore_window);
+                    me.metrics.rescores_dropped.inc_by(dropped);
+                    debug!(users = n, dropped, "model swapped: re-scoring recently active users");
                     continue;
                 }
             }
@@ -85,6 +86,13 @@ impl Scorer {
             let Some(recs) = me.clone().score(&batch).await else {
                 continue;
             };
+            // the users scored (one the store has no id for is left out), in their order
+            let waiting: std::collections::HashMap<u32, Waiting> =
+                batch.into_iter().map(|w| (w.user, w)).collect();
+            let batch: Vec<Waiting> = recs
+                .iter()
+                .filter_map(|(_, sc)| waiting.get(&sc.user).copied())
+                .collect();
             in_flight.push_back(me.clone().publish(&producer, recs, batch).await);
             while in_flight.len() > MAX_IN_FLIGHT {
                 if let Some(oldest) = in_flight.pop_front() {
@@ -101,12 +109,9 @@ impl Scorer {
 
     /// Ranks a batch on a blocking thread (deep enough for the online evaluation's largest
     /// cut-off); `None` when it failed (logged; the loop goes on).
-    async fn score(
-        self: Arc<Self>,
-        batch: &[(u32, Instant)],
-    ) -> Option<Vec<(Recommendation, Scored)>> {
+    async fn score(self: Arc<Self>, batch: &[Waiting]) -> Option<Vec<(Recommendation, Scored)>> {
         let started = Instant::now();
-        let users: Vec<u32> = batch.iter().map(|(u, _)| *u).collect();
+        let users: Vec<u32> = batch.iter().map(|w| w.user).collect();
         let me = self.clone();
         let scored = tokio::task::spawn_blocking(move || {
             let live = me.live.current();
@@ -145,7 +150,7 @@ impl Scorer {
         self: Arc<Self>,
         producer: &FutureProducer,
         recs: Vec<(Recommendation, Scored)>,
-        batch: Vec<(u32, Instant)>,
+        batch: Vec<Waiting>,
     ) -> tokio::task::JoinHandle<()> {
         let mut deliveries = Vec::with_capacity(recs.len());
         for (r, _) in &recs {
@@ -168,14 +173,16 @@ impl Scorer {
         })
     }
 
-    /// Metrics and the online-evaluation record of a delivered batch.
+    /// Metrics and the online-evaluation record of a delivered batch; users whose delivery
+    /// failed wait to be scored again.
     fn delivered(
         &self,
         recs: Vec<(Recommendation, Scored)>,
-        batch: &[(u32, Instant)],
+        batch: &[Waiting],
         results: Vec<Result<(), KafkaError>>,
     ) {
-        for (((r, sc), (_, received)), res) in recs.into_iter().zip(batch).zip(results) {
+        let mut failed = Vec::new();
+        for (((r, sc), w), res) in recs.into_iter().zip(batch).zip(results) {
             match res {
                 Ok(_) => {
                     let label = match r.model_version {
@@ -188,15 +195,31 @@ impl Scorer {
                         .recommendations_published
                         .with_label_values(&[r.source.as_str()])
                         .inc();
-                    let latency = received.elapsed().as_secs_f64();
-                    self.metrics.click_to_recommendation.observe(latency);
-                    self.latencies.record(latency);
+                    let latency = w.since.elapsed().as_secs_f64();
+                    match w.why {
+                        Why::Click => {
+                            self.metrics.click_to_recommendation.observe(latency);
+                            self.latencies.record(latency);
+                        }
+                        Why::Rescore => self.metrics.rescore_to_recommendation.observe(latency),
+                    }
+                }
+                Err(e) if crate::kafka::is_permanent(&e) => {
+                    self.metrics.publish_errors.inc();
+                    warn!(error = %e, "cannot publish a recommendation (a permanent error: not retried)");
                 }
                 Err(e) => {
                     self.metrics.publish_errors.inc();
-                    warn!(error = %e, "cannot publish a recommendation");
+                    warn!(error = %e, "cannot publish a recommendation; its user waits to be scored again");
+                    failed.push(*w);
                 }
             }
+        }
+        if !failed.is_empty() {
+            let dropped = self.activity.delivery_failed(&failed);
+            self.metrics.publish_retries.inc_by(failed.len() as u64);
+            self.metrics.dirty_users_dropped.inc_by(dropped.clicks);
+            self.metrics.rescores_dropped.inc_by(dropped.rescores);
         }
     }
 }

@@ -20,23 +20,31 @@ pub(crate) struct Scored {
 
 /// Ranks the top `depth` items for `users` (store indices) with the live model, or the popular
 /// items for users the model cannot score (no model yet, or only items newer than the model).
-/// Never an item the user has.
+/// Never an item the user has. A user whose id the store does not hold is left out (logged):
+/// a recommendation is never published under an id that is not the user's.
 pub fn score_users(
     store: &Store,
     live: Option<&LiveModel>,
     users: &[u32],
     depth: usize,
 ) -> Result<Vec<Scored>> {
+    let mut known = Vec::with_capacity(users.len());
     let mut histories = Vec::with_capacity(users.len());
     let mut ids = Vec::with_capacity(users.len());
     for &u in users {
-        let (id, h) = store
-            .user(u)?
-            .unwrap_or_else(|| (u.to_string(), Vec::new()));
-        histories.push(h);
-        ids.push(id);
+        match store.user(u)? {
+            Some((id, h)) => {
+                known.push(u);
+                histories.push(h);
+                ids.push(id);
+            }
+            None => tracing::warn!(
+                user_index = u,
+                "a user index without an id record: not scored"
+            ),
+        }
     }
-    score_histories(store, live, users, ids, histories, depth)
+    score_histories(store, live, &known, ids, histories, depth)
 }
 
 /// As [`score_users`], for users given by their id and history (store item indices): the one

@@ -4,6 +4,9 @@
 pub(super) const NEXT_USER: &[u8] = b"mnext_user";
 pub(super) const NEXT_ITEM: &[u8] = b"mnext_item";
 pub(super) const INTERACTIONS: &[u8] = b"minteractions";
+/// Consumed messages applied over the store's life (clicks, ignored and dead-lettered ones):
+/// equal to the sum of the partitions' next offsets when no message was ever applied twice.
+pub(super) const MESSAGES: &[u8] = b"mmessages";
 /// The layout of the records (absent: format 1, the original layout).
 pub(super) const FORMAT: &[u8] = b"mformat";
 /// Format 2: a user's index and history in one record under its external id (one read and one

@@ -44,6 +44,9 @@ pub struct Applied {
     pub duplicates: u64,
     pub new_users: u32,
     pub new_items: u32,
+    /// Damaged user records met: each was moved aside (kept under a quarantine key) and its
+    /// user started again with this batch's clicks.
+    pub quarantined: u64,
 }
 
 /// Counts of what is stored.
@@ -80,6 +83,8 @@ struct Touched<'a> {
 /// A batch of clicks merged into the users they touch, before it is written.
 struct Merge<'c> {
     touched: Vec<Touched<'c>>,
+    /// Damaged user records (id, raw bytes), to be moved aside.
+    damaged: Vec<(&'c str, sled::IVec)>,
     new_items: Vec<&'c str>,
     /// Change of each touched item's count (new clicks, minus evictions).
     pop_delta: HashMap<u32, i64>,
@@ -129,7 +134,22 @@ pub struct Store {
     popularity: RwLock<Vec<u32>>,
     n_users: AtomicU64,
     interactions: AtomicU64,
+    messages: AtomicU64,
     write_lock: Mutex<()>,
+    /// Users and items get indices below this (u32 model columns); a batch that would pass it
+    /// is refused, long before indices could wrap.
+    index_limit: u32,
+}
+
+/// The default `index_limit`: 2^32 less a million of headroom.
+const INDEX_LIMIT: u32 = u32::MAX - (1 << 20);
+
+/// A batch refused because the store has as many users or items as indices allow.
+#[derive(Debug, thiserror::Error)]
+#[error("the store is full: {what} would pass {limit} (indices are u32); no click of this batch was stored")]
+pub struct StoreFull {
+    pub what: &'static str,
+    pub limit: u32,
 }
 
 impl Store {
@@ -184,6 +204,7 @@ impl Store {
         let n_users = read_u64(tree.get(NEXT_USER)?);
         let n_items = read_u64(tree.get(NEXT_ITEM)?);
         let interactions = read_u64(tree.get(INTERACTIONS)?);
+        let messages = read_u64(tree.get(MESSAGES)?);
         let mut ids: Vec<Arc<str>> = vec![Arc::from(""); n_items as usize];
         for kv in tree.scan_prefix([b'i']) {
             let (k, v) = kv?;
@@ -218,19 +239,66 @@ impl Store {
             popularity: RwLock::new(popularity),
             n_users: AtomicU64::new(n_users),
             interactions: AtomicU64::new(interactions),
+            messages: AtomicU64::new(messages),
             write_lock: Mutex::new(()),
+            index_limit: INDEX_LIMIT,
         })
+    }
+
+    /// A fingerprint of the ids of items 0..n (FNV-1a, 64 bits, hex); `None` when the store
+    /// holds fewer than `n` items.
+    pub(crate) fn catalogue_fingerprint(&self, n: usize) -> Option<String> {
+        let catalogue = self.catalogue();
+        let ids = catalogue.ids.get(..n)?;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for id in ids {
+            for &b in id.as_bytes().iter().chain(&[0xff]) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        Some(format!("{h:016x}"))
+    }
+
+    /// Whether a model of `n_items` columns whose manifest gives `fingerprint` was trained on
+    /// this store's items (a manifest without one cannot be checked, and passes).
+    pub fn matches_catalogue(&self, n_items: usize, fingerprint: Option<&str>) -> bool {
+        fingerprint.is_none_or(|f| self.catalogue_fingerprint(n_items).as_deref() == Some(f))
+    }
+
+    /// Consumed messages applied over the store's life (see [`Store::apply_consumed`]).
+    pub fn messages_applied(&self) -> u64 {
+        self.messages.load(Ordering::Acquire)
+    }
+
+    /// How full the index space is: the larger of users and items over the limit (0..1).
+    pub(crate) fn index_capacity_used(&self) -> f64 {
+        let c = self.counts();
+        c.users.max(c.items) as f64 / f64::from(self.index_limit)
     }
 
     /// Stores `clicks` and the partitions' next offsets in one atomic batch. A click already
     /// stored changes nothing; a history over `max_history` drops its oldest items.
     pub fn apply(&self, clicks: &[Click], offsets: &[PartitionOffset]) -> Result<Applied> {
+        self.apply_consumed(clicks, offsets, clicks.len() as u64)
+    }
+
+    /// As [`Store::apply`], for a batch of `messages` consumed messages (its clicks and the
+    /// others: ignored or dead-lettered), added to the lifelong count in the same batch.
+    pub fn apply_consumed(
+        &self,
+        clicks: &[Click],
+        offsets: &[PartitionOffset],
+        messages: u64,
+    ) -> Result<Applied> {
         let _w = self
             .write_lock
             .lock()
             .map_err(|_| anyhow::anyhow!("store writer poisoned"))?;
         let mut m = self.merge(clicks)?;
         let mut batch = sled::Batch::default();
+        for (id, raw) in &m.damaged {
+            batch.insert(key(b'Q', id.as_bytes()), raw.clone());
+        }
         for user in m.touched.iter().filter(|u| u.changed) {
             batch.insert(
                 key(b'U', user.id.as_bytes()),
@@ -259,10 +327,13 @@ impl Store {
         batch.insert(NEXT_USER, &(m.next_user as u64).to_be_bytes());
         batch.insert(NEXT_ITEM, &(next_item as u64).to_be_bytes());
         batch.insert(INTERACTIONS, &interactions.to_be_bytes());
+        let messages = self.messages.load(Ordering::Acquire) + messages;
+        batch.insert(MESSAGES, &messages.to_be_bytes());
         self.tree.apply_batch(batch)?;
         // the batch is in: publish the new state to readers
         m.applied.new_users = m.next_user - m.next_user0;
         m.applied.new_items = next_item - m.next_item0;
+        m.applied.quarantined = m.damaged.len() as u64;
         {
             let mut catalogue = self
                 .items
@@ -278,6 +349,7 @@ impl Store {
         }
         self.n_users.store(m.next_user as u64, Ordering::Release);
         self.interactions.store(interactions, Ordering::Release);
+        self.messages.store(messages, Ordering::Release);
         Ok(m.applied)
     }
 
@@ -291,6 +363,7 @@ impl Store {
             .map_err(|_| anyhow::anyhow!("store poisoned"))?;
         let mut m = Merge {
             touched: Vec::new(),
+            damaged: Vec::new(),
             new_items: Vec::new(),
             pop_delta: HashMap::new(),
             applied: Applied::default(),
@@ -305,12 +378,21 @@ impl Store {
             let t = match by_user.get(c.user.as_str()) {
                 Some(&t) => t,
                 None => {
-                    let (idx, items, new) = match self.tree.get(key(b'U', c.user.as_bytes()))? {
-                        Some(v) => match decode_user(&v) {
-                            Some((idx, items)) => (idx, items, false),
-                            None => anyhow::bail!("the record of user {:?} is damaged", c.user),
-                        },
-                        None => {
+                    let record = self.tree.get(key(b'U', c.user.as_bytes()))?;
+                    let (idx, items, new) = match record.as_ref().map(|v| decode_user(v)) {
+                        Some(Some((idx, items))) => (idx, items, false),
+                        found => {
+                            if let (Some(None), Some(raw)) = (found, record.clone()) {
+                                // a damaged record: kept aside, the user starts again
+                                m.damaged.push((&c.user, raw));
+                            }
+                            if m.next_user >= self.index_limit {
+                                return Err(StoreFull {
+                                    what: "users",
+                                    limit: self.index_limit,
+                                }
+                                .into());
+                            }
                             m.next_user += 1;
                             (m.next_user - 1, Vec::new(), true)
                         }
@@ -328,10 +410,22 @@ impl Store {
             };
             let i = match catalogue.index.get(c.item.as_str()) {
                 Some(&i) => i,
-                None => *new_item_index.entry(&c.item).or_insert_with(|| {
-                    m.new_items.push(&c.item);
-                    m.next_item0 + m.new_items.len() as u32 - 1
-                }),
+                None => match new_item_index.get(c.item.as_str()) {
+                    Some(&i) => i,
+                    None => {
+                        let i = m.next_item0 as u64 + m.new_items.len() as u64;
+                        if i >= u64::from(self.index_limit) {
+                            return Err(StoreFull {
+                                what: "items",
+                                limit: self.index_limit,
+                            }
+                            .into());
+                        }
+                        m.new_items.push(&c.item);
+                        new_item_index.insert(&c.item, i as u32);
+                        i as u32
+                    }
+                },
             };
             m.add(t, i, self.max_history);
         }
@@ -410,7 +504,7 @@ impl Store {
     }
 
     /// The index of an external user id.
-    pub(crate) fn user_index(&self, user: &str) -> Result<Option<u32>> {
+    pub fn user_index(&self, user: &str) -> Result<Option<u32>> {
         Ok(self
             .tree
             .get(key(b'U', user.as_bytes()))?
@@ -481,18 +575,19 @@ impl Store {
     /// Every user with a history, as a sample (row r = user `users[r]`).
     #[cfg(test)]
     fn snapshot(&self) -> Result<Sample> {
-        self.sample(usize::MAX, &HashSet::new(), |_, _| false, 0)
+        self.sample(usize::MAX, &HashSet::new(), |_, _| Pick::Maybe, 0)
     }
 
     /// The histories of one training round's users, read while ingestion continues, in user
-    /// order: every user `always` picks (called in user order), then up to `max_users` others —
-    /// those in `preferred` first, the rest of the budget a uniform random sample (`seed`).
-    /// Memory is bounded by the sample, not by the number of users stored.
+    /// order: every user `pick` (called in user order) says to take always, none it says to
+    /// leave out, then up to `max_users` others — those in `preferred` first, the rest of the
+    /// budget a uniform random sample (`seed`). Memory is bounded by the sample, not by the
+    /// number of users stored.
     pub fn sample(
         &self,
         max_users: usize,
         preferred: &HashSet<u32>,
-        mut always: impl FnMut(u32, &[u32]) -> bool,
+        mut pick: impl FnMut(u32, &[u32]) -> Pick,
         seed: u64,
     ) -> Result<Sample> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -510,8 +605,11 @@ impl Store {
                 continue;
             }
             max_item = max_item.max(items.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
-            if always(u, &items) {
+            let how = pick(u, &items);
+            if how == Pick::Always {
                 kept.push((u, items));
+            } else if how == Pick::Never {
+                continue;
             } else if preferred.contains(&u) && chosen.len() < max_users {
                 chosen.push((u, items));
             } else {
@@ -543,6 +641,17 @@ impl Store {
     }
 }
 
+/// How a training sample treats a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Always in the sample (outside the `max_users` budget).
+    Always,
+    /// Never in it.
+    Never,
+    /// In it if the budget and the draw allow.
+    Maybe,
+}
+
 /// Some users' histories: row r of `rows` is user `users[r]` (ascending).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
@@ -560,6 +669,56 @@ mod tests {
             item: i.into(),
             timestamp_ms: None,
         }
+    }
+
+    #[test]
+    fn a_damaged_user_record_is_moved_aside_and_its_user_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        s.apply(&[click("a", "i1"), click("b", "i2")], &[off(0, 2)])
+            .unwrap();
+        s.tree.insert(key(b'U', b"a"), &b"\xff\xfe"[..]).unwrap();
+        let applied = s
+            .apply(&[click("a", "i3"), click("b", "i1")], &[off(0, 4)])
+            .unwrap();
+        assert_eq!(applied.quarantined, 1);
+        assert!(s.tree.get(key(b'Q', b"a")).unwrap().is_some(), "kept aside");
+        let a = s.user_index("a").unwrap().expect("a stored again");
+        let i3 = s.item_index("i3").unwrap().unwrap();
+        assert_eq!(s.history(a).unwrap(), vec![i3]);
+        assert_eq!(s.stored_offset("clicks", 0).unwrap(), Some(4));
+    }
+
+    #[test]
+    fn a_batch_past_the_index_limit_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), 10).unwrap();
+        s.index_limit = 3;
+        s.apply(
+            &[click("a", "i1"), click("b", "i2"), click("c", "i3")],
+            &[off(0, 3)],
+        )
+        .unwrap();
+        let e = s
+            .apply(&[click("a", "i2"), click("d", "i1")], &[off(0, 5)])
+            .unwrap_err();
+        assert!(
+            e.downcast_ref::<StoreFull>()
+                .is_some_and(|f| f.what == "users"),
+            "{e:#}"
+        );
+        let e = s.apply(&[click("a", "i9")], &[off(0, 6)]).unwrap_err();
+        assert!(
+            e.downcast_ref::<StoreFull>()
+                .is_some_and(|f| f.what == "items"),
+            "{e:#}"
+        );
+        assert_eq!(
+            s.stored_offset("clicks", 0).unwrap(),
+            Some(3),
+            "nothing of them stored"
+        );
+        assert!((s.index_capacity_used() - 1.0).abs() < 1e-9);
     }
 
     pub(super) fn off(p: i32, o: i64) -> PartitionOffset {
@@ -691,13 +850,21 @@ mod tests {
             s.sample(
                 100,
                 &preferred,
-                |u, items| u % 500 == 0 && !items.is_empty(),
+                |u, items| match u {
+                    _ if u % 500 == 0 && !items.is_empty() => Pick::Always,
+                    3 | 1998 => Pick::Never,
+                    _ => Pick::Maybe,
+                },
                 seed,
             )
             .unwrap()
         };
         let a = take(1);
         assert_eq!(a.users.len(), 104, "4 always + 100 others");
+        assert!(
+            !a.users.contains(&3) && !a.users.contains(&1998),
+            "never picked"
+        );
         assert_eq!(a.rows.n_users(), a.users.len());
         assert!(a.users.windows(2).all(|w| w[0] < w[1]), "in user order");
         for u in [0, 500, 1000, 1500, 5, 6, 7, 1999] {

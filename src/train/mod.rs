@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::activity::Activity;
 use crate::config::TrainConfig;
@@ -26,7 +26,7 @@ use crate::model::{
     splitmix as mix, Checkpoints, EpochStats, Interactions, ModelConfig, MultiVae, Trainer,
 };
 use crate::shutdown::Shutdown;
-use crate::store::{Sample, Store};
+use crate::store::{Pick, Sample, Store};
 
 /// What training uses: its settings, where model versions live, the device, the store it
 /// reads histories from, the activity record that says what is new, and the live-model slot
@@ -56,14 +56,22 @@ pub fn is_validation_user(user: u32, seed: u64) -> bool {
     mix(user as u64 ^ seed.rotate_left(17)) % 20 == 0
 }
 
-/// Whether user `u` (with `items`) is one of the validation users, `picked` being how many were
-/// picked before it in user order: the first `max_users` hashed-in users with at least 5 items.
-fn picks_for_validation(u: u32, items: &[u32], picked: usize, max_users: usize, seed: u64) -> bool {
-    picked < max_users && items.len() >= 5 && is_validation_user(u, seed)
+/// How user `u` (with `items`) takes part in a round, `picked` validation users having been
+/// picked before it in user order. A validation user (by hash, for life) is never trained on;
+/// it is evaluated once it has at least 5 items, the first `max_users` of them in user order.
+fn pick_for_validation(u: u32, items: &[u32], picked: usize, max_users: usize, seed: u64) -> Pick {
+    if !is_validation_user(u, seed) {
+        Pick::Maybe
+    } else if picked < max_users && items.len() >= 5 {
+        Pick::Always
+    } else {
+        Pick::Never
+    }
 }
 
 /// Splits a sample (in user order) into training rows and validation data: the validation users
-/// (see `picks_for_validation`), 20% of their items (chosen by hash) held out, are not trained on.
+/// (see `pick_for_validation`), 20% of their items (chosen by hash) held out, are not trained
+/// on, and neither is any other validation user.
 pub fn split_validation(
     sample: &Sample,
     max_users: usize,
@@ -77,21 +85,23 @@ pub fn split_validation(
         heldout: Interactions::new(n_items),
     };
     for (&u, row) in sample.users.iter().zip(sample.rows.rows()) {
-        if picks_for_validation(u, row, val.users.len(), max_users, seed) {
-            let mut order: Vec<u32> = row.to_vec();
-            order.sort_by_key(|&i| mix(((u as u64) << 32) ^ i as u64 ^ seed));
-            let n_te = row.len() / 5;
-            val.heldout
-                .push_row(order[..n_te].iter().copied())
-                .map_err(anyhow::Error::msg)?;
-            val.fold_in
-                .push_row(order[n_te..].iter().copied())
-                .map_err(anyhow::Error::msg)?;
-            val.users.push(u);
-        } else {
-            train
+        match pick_for_validation(u, row, val.users.len(), max_users, seed) {
+            Pick::Always => {
+                let mut order: Vec<u32> = row.to_vec();
+                order.sort_by_key(|&i| mix(((u as u64) << 32) ^ i as u64 ^ seed));
+                let n_te = row.len() / 5;
+                val.heldout
+                    .push_row(order[..n_te].iter().copied())
+                    .map_err(anyhow::Error::msg)?;
+                val.fold_in
+                    .push_row(order[n_te..].iter().copied())
+                    .map_err(anyhow::Error::msg)?;
+                val.users.push(u);
+            }
+            Pick::Never => {}
+            Pick::Maybe => train
                 .push_row(row.iter().copied())
-                .map_err(anyhow::Error::msg)?;
+                .map_err(anyhow::Error::msg)?,
         }
     }
     Ok((train, val))
@@ -122,7 +132,12 @@ pub enum RoundResult {
     /// Below a floor every model must clear: a uniform guess's loss or, with enough validation
     /// users, popularity's NDCG@100.
     RejectedFloor,
+    /// Below the live model, or the best model accepted since start, by more than
+    /// `train.max_ndcg_drop`.
     RejectedNdcg,
+    /// Fewer than `train.min_validation_users` validation users: only a first model is
+    /// published so (unvalidated); later ones wait for enough validation users.
+    RejectedUnvalidated,
     Abandoned,
     Failed,
 }
@@ -134,6 +149,7 @@ impl RoundResult {
             Self::RejectedNonFinite => "rejected_nonfinite",
             Self::RejectedFloor => "rejected_floor",
             Self::RejectedNdcg => "rejected_ndcg",
+            Self::RejectedUnvalidated => "rejected_unvalidated",
             Self::Abandoned => "abandoned",
             Self::Failed => "failed",
         }
@@ -165,9 +181,21 @@ struct Judgement {
     reason: String,
     ndcg: f64,
     live_ndcg: Option<f64>,
+    /// The best accepted model's (when it is not the live one), on the same validation users.
+    best_ndcg: Option<f64>,
     popularity_ndcg: Option<f64>,
     nll: f64,
     uniform_nll: f64,
+    /// Judged on at least `train.min_validation_users` validation users.
+    validated: bool,
+}
+
+impl Judgement {
+    fn rejected(mut self, result: RoundResult, reason: String) -> Self {
+        self.result = result;
+        self.reason = reason;
+        self
+    }
 }
 
 /// The worker's state between rounds.
@@ -178,6 +206,10 @@ pub struct Worker {
     version: u64,
     /// After a round that was not accepted, no round starts before this.
     not_before: Option<Instant>,
+    /// The best model accepted since start (on the validation users of the round that last
+    /// compared it): no model more than `train.max_ndcg_drop` below it is accepted, so drops
+    /// within the tolerance cannot add up.
+    best_version: Option<u64>,
 }
 
 impl Worker {
@@ -190,9 +222,12 @@ impl Worker {
             trainer: None,
             version: 0,
             not_before: None,
+            best_version: None,
         };
-        w.version = w.checkpoints.versions()?.last().copied().unwrap_or(0);
+        // never reuse a number, even one a rollback moved aside
+        w.version = w.checkpoints.highest_version_ever()?;
         w.reload_latest(true)?;
+        w.best_version = w.ctx.live.current().map(|l| l.version);
         Ok(w)
     }
 
@@ -202,6 +237,17 @@ impl Worker {
         })?;
         match loaded {
             Some((mut trainer, manifest)) => {
+                if !self
+                    .ctx
+                    .store
+                    .matches_catalogue(manifest.n_items, manifest.catalogue_fingerprint.as_deref())
+                {
+                    bail!(
+                        "model version {} was trained on other items than this store holds (its item catalogue fingerprint differs): the store was rebuilt beside old models. Move {} aside to train afresh, or restore the store it was trained with",
+                        manifest.model_version,
+                        self.checkpoints.dir().display()
+                    );
+                }
                 // the optimiser's step size follows the configuration (the architecture and the
                 // anneal state come from the checkpoint)
                 let lr = self.ctx.model.learning_rate;
@@ -216,10 +262,18 @@ impl Worker {
                 if publish {
                     let figure = |k: &str| manifest.training.get(k).and_then(|v| v.as_f64());
                     let read = figure("training_interactions")
-                        .map(|t| t + figure("validation_interactions").unwrap_or(0.0))
+                        .map(|t| {
+                            t + figure("validation_interactions").unwrap_or(0.0)
+                                + figure("withheld_interactions").unwrap_or(0.0)
+                        })
                         .or_else(|| figure("interactions"))
                         .unwrap_or(0.0);
-                    self.publish(&trainer, manifest.model_version, read as u64)?;
+                    let validated = manifest
+                        .training
+                        .get("validated")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(true);
+                    self.publish(&trainer, manifest.model_version, read as u64, validated)?;
                     info!(
                         model_version = manifest.model_version,
                         update_count = manifest.update_count,
@@ -234,9 +288,10 @@ impl Worker {
         Ok(())
     }
 
-    fn publish(&self, trainer: &Trainer, version: u64, read: u64) -> Result<()> {
+    fn publish(&self, trainer: &Trainer, version: u64, read: u64, validated: bool) -> Result<()> {
         let model = trainer.model().for_serving()?;
         let m = &self.ctx.metrics;
+        m.model_validated.set(i64::from(validated));
         m.model_version.set(version as i64);
         m.model_items.set(model.n_items() as i64);
         m.model_round_interactions.set(read as i64);
@@ -272,9 +327,11 @@ impl Worker {
     fn read_sample(
         &self,
         active: std::collections::HashSet<u32>,
-    ) -> Result<(Interactions, Validation, usize)> {
+    ) -> Result<(Interactions, Validation, usize, usize)> {
         let cfg = &self.ctx.train;
         let mut picked = 0usize;
+        // interactions of validation users left out of this round (never trained on)
+        let mut withheld = 0usize;
         let (max_val, seed) = (cfg.validation_users, cfg.seed);
         let sample = self
             .ctx
@@ -283,8 +340,11 @@ impl Worker {
                 cfg.max_users_per_round,
                 &active,
                 |u, items| {
-                    let p = picks_for_validation(u, items, picked, max_val, seed);
-                    picked += p as usize;
+                    let p = pick_for_validation(u, items, picked, max_val, seed);
+                    picked += usize::from(p == Pick::Always);
+                    if p == Pick::Never {
+                        withheld += items.len();
+                    }
                     p
                 },
                 seed ^ self.version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -292,7 +352,7 @@ impl Worker {
             .context("cannot read the store")?;
         drop(active);
         let (train, val) = split_validation(&sample, max_val, seed)?;
-        Ok((train, val, sample.rows.n_items()))
+        Ok((train, val, sample.rows.n_items(), withheld))
     }
 
     /// Trains the round's epochs; `false` when it was abandoned (shutdown or
@@ -329,9 +389,10 @@ impl Worker {
         Ok(Some(last))
     }
 
-    /// Judges a trained model: finite; better than a uniform guess on its training users; with
-    /// at least `train.min_validation_users`, better than popularity on the validation users;
-    /// and not more than `train.max_ndcg_drop` below the live model.
+    /// Judges a trained model: finite; better than a uniform guess on its training users; then,
+    /// with at least `train.min_validation_users` validation users, better than popularity on
+    /// them and not more than `train.max_ndcg_drop` below the live model or the best accepted
+    /// one. With fewer, only a first model is accepted (unvalidated).
     fn judge(
         &self,
         stats: &EpochStats,
@@ -346,49 +407,88 @@ impl Worker {
             reason: String::new(),
             ndcg: 0.0,
             live_ndcg: None,
+            best_ndcg: None,
             popularity_ndcg: None,
             nll: f64::NAN,
             uniform_nll: f64::NAN,
+            validated: false,
         };
         if !stats.loss.is_finite() || !model.is_finite()? {
-            j.result = RoundResult::RejectedNonFinite;
-            j.reason = format!("non-finite loss ({}) or weights", stats.loss);
-            return Ok(j);
+            return Ok(j.rejected(
+                RoundResult::RejectedNonFinite,
+                format!("non-finite loss ({}) or weights", stats.loss),
+            ));
         }
         (j.nll, j.uniform_nll) = loss_floor(model, train)?;
         if !(j.nll.is_finite() && j.nll < j.uniform_nll) {
-            j.result = RoundResult::RejectedFloor;
-            j.reason = format!(
+            let why = format!(
                 "its loss on the training users ({:.4}) is not below a uniform guess's ({:.4})",
                 j.nll, j.uniform_nll
             );
-            return Ok(j);
+            return Ok(j.rejected(RoundResult::RejectedFloor, why));
         }
         j.ndcg = validation_ndcg(model, val)?;
-        if val.users.len() >= cfg.min_validation_users {
-            let pop = popularity_ndcg(train, val);
-            j.popularity_ndcg = Some(pop);
-            if j.ndcg <= pop {
-                j.result = RoundResult::RejectedFloor;
-                j.reason = format!(
-                    "validation NDCG@100 {:.4} does not beat popularity's {pop:.4}",
-                    j.ndcg
+        let live = self.ctx.live.current();
+        if val.users.len() < cfg.min_validation_users {
+            if live.is_some() {
+                let why = format!(
+                    "{} validation users, fewer than train.min_validation_users ({}): only a first model is published unvalidated",
+                    val.users.len(),
+                    cfg.min_validation_users
                 );
-                return Ok(j);
+                return Ok(j.rejected(RoundResult::RejectedUnvalidated, why));
             }
+            return Ok(j);
         }
-        if let Some(live) = self.ctx.live.current() {
-            let live = validation_ndcg(&live.model, val)?;
-            j.live_ndcg = Some(live);
-            if j.ndcg < live - cfg.max_ndcg_drop {
-                j.result = RoundResult::RejectedNdcg;
-                j.reason = format!(
-                    "validation NDCG@100 {:.4} fell below the live model's {live:.4} by more than {}",
+        j.validated = true;
+        let pop = popularity_ndcg(train, val);
+        j.popularity_ndcg = Some(pop);
+        if j.ndcg <= pop {
+            let why = format!(
+                "validation NDCG@100 {:.4} does not beat popularity's {pop:.4}",
+                j.ndcg
+            );
+            return Ok(j.rejected(RoundResult::RejectedFloor, why));
+        }
+        if let Some(live) = &live {
+            let live_ndcg = validation_ndcg(&live.model, val)?;
+            j.live_ndcg = Some(live_ndcg);
+            if j.ndcg < live_ndcg - cfg.max_ndcg_drop {
+                let why = format!(
+                    "validation NDCG@100 {:.4} fell below the live model's {live_ndcg:.4} by more than {}",
                     j.ndcg, cfg.max_ndcg_drop
                 );
+                return Ok(j.rejected(RoundResult::RejectedNdcg, why));
+            }
+        }
+        if let Some((best, best_model)) = self.best_model(live.as_deref().map(|l| l.version))? {
+            let best_ndcg = validation_ndcg(&best_model, val)?;
+            j.best_ndcg = Some(best_ndcg);
+            if j.ndcg < best_ndcg - cfg.max_ndcg_drop {
+                let why = format!(
+                    "validation NDCG@100 {:.4} fell below the best accepted model's (v{best}) {best_ndcg:.4} by more than {}",
+                    j.ndcg, cfg.max_ndcg_drop
+                );
+                return Ok(j.rejected(RoundResult::RejectedNdcg, why));
             }
         }
         Ok(j)
+    }
+
+    /// The best accepted model when it is not the live one (`live`), loaded from its
+    /// checkpoint; `None` when it is live or gone (pruned or rolled back: the floor then
+    /// restarts from the live model).
+    fn best_model(&self, live: Option<u64>) -> Result<Option<(u64, MultiVae)>> {
+        let Some(best) = self.best_version.filter(|&b| Some(b) != live) else {
+            return Ok(None);
+        };
+        match Checkpoints::load(&self.checkpoints.path_of(best), &Device::Cpu) {
+            Ok((t, _)) => Ok(Some((best, t.model().for_serving()?))),
+            Err(e) => {
+                debug!(version = best, error = %e, "the best accepted model cannot be loaded: no cumulative floor this round");
+                Ok(None)
+            }
+        }
     }
 
     /// One fine-tuning round: read a sample, grow and train, judge, checkpoint and swap in.
@@ -396,7 +496,7 @@ impl Worker {
         let started = Instant::now();
         let round = self.ctx.activity.start_round();
         let consumed = round.new_interactions;
-        let (train, val, n_items) = self.read_sample(round.active)?;
+        let (train, val, n_items, withheld) = self.read_sample(round.active)?;
         let trainer = match self.trainer.as_mut() {
             Some(t) => t,
             None => self.trainer.insert(Trainer::new(
@@ -419,6 +519,7 @@ impl Worker {
             stored_interactions = stored.interactions,
             training_interactions = train.nnz(),
             validation_interactions,
+            withheld_interactions = withheld,
             new_interactions = consumed,
             validation_users = val.users.len(),
             update_count = trainer.update_count(),
@@ -441,32 +542,47 @@ impl Worker {
         if j.result != RoundResult::Accepted {
             return self.reject(j, consumed);
         }
-        if j.popularity_ndcg.is_none() {
+        if !j.validated {
             warn!(
                 validation_users = val.users.len(),
                 min_validation_users = self.ctx.train.min_validation_users,
                 nll = j.nll,
                 uniform_nll = j.uniform_nll,
-                "too few validation users for the popularity floor: the model is accepted without it"
+                "too few validation users to validate: the first model is published unvalidated (multivaed_model_validated 0); later ones wait for enough"
             );
         }
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let figures = serde_json::json!({
             "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "beta": stats.beta,
             "validation_ndcg": j.ndcg, "live_validation_ndcg": j.live_ndcg,
+            "best_validation_ndcg": j.best_ndcg, "validated": j.validated,
             "popularity_validation_ndcg": j.popularity_ndcg,
             "training_nll": j.nll, "uniform_nll": j.uniform_nll,
             "validation_users": val.users.len(), "training_users": train.n_users(),
             "training_interactions": train.nnz(), "validation_interactions": validation_interactions,
+            "withheld_interactions": withheld,
             "seconds": started.elapsed().as_secs_f64(),
         });
-        self.checkpoints.save(trainer, next_version, figures)?;
+        let fingerprint = self
+            .ctx
+            .store
+            .catalogue_fingerprint(trainer.model().n_items());
+        self.checkpoints
+            .save(trainer, next_version, figures, fingerprint)?;
         if let Err(e) = self.checkpoints.prune(self.ctx.train.keep_versions) {
             warn!(error = %e, "cannot prune old model versions");
         }
         self.version = next_version;
-        let read = (train.nnz() + validation_interactions) as u64;
-        self.publish(trainer, next_version, read)?;
+        let read = (train.nnz() + validation_interactions + withheld) as u64;
+        let previous_live = self.ctx.live.current().map(|l| l.version);
+        self.publish(trainer, next_version, read, j.validated)?;
+        let beats = |other: Option<f64>| other.is_none_or(|o| j.ndcg >= o);
+        self.best_version = match (j.live_ndcg, j.best_ndcg) {
+            _ if beats(j.live_ndcg) && beats(j.best_ndcg) => Some(next_version),
+            (Some(live), Some(best)) if live > best => previous_live,
+            (Some(_), None) => previous_live,
+            _ => self.best_version,
+        };
         info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, loss = stats.loss, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started.elapsed().as_secs_f64(), "model accepted and swapped in");
         Ok(RoundResult::Accepted)
     }
@@ -642,12 +758,33 @@ mod tests {
         users: u32,
         tweak: impl FnOnce(&mut TrainConfig, &mut ModelConfig),
     ) -> Worker {
+        worker_with_items(dir, users, 8, tweak)
+    }
+
+    /// As `worker_on`, with `per_user` items per user.
+    fn worker_with_items(
+        dir: &std::path::Path,
+        users: u32,
+        per_user: u32,
+        tweak: impl FnOnce(&mut TrainConfig, &mut ModelConfig),
+    ) -> Worker {
+        start_on(dir, users, per_user, "i", tweak).unwrap()
+    }
+
+    /// A worker started on a store of `users` users of `per_user` items named `item_prefix`N.
+    fn start_on(
+        dir: &std::path::Path,
+        users: u32,
+        per_user: u32,
+        item_prefix: &'static str,
+        tweak: impl FnOnce(&mut TrainConfig, &mut ModelConfig),
+    ) -> Result<Worker> {
         let store = Arc::new(Store::open(&dir.join("store"), 100).unwrap());
         let clicks: Vec<crate::store::Click> = (0..users)
             .flat_map(|u| {
-                (0..8u32).map(move |k| crate::store::Click {
+                (0..per_user).map(move |k| crate::store::Click {
                     user: format!("u{u}"),
-                    item: format!("i{}", (u % 4) * 25 + (u * 7 + k * 3) % 25),
+                    item: format!("{item_prefix}{}", (u % 4) * 25 + (u * 7 + k * 3) % 25),
                     timestamp_ms: None,
                 })
             })
@@ -689,7 +826,27 @@ mod tests {
             metrics: Arc::new(Metrics::new().unwrap()),
             shutdown: Arc::new(Shutdown::default()),
         })
-        .unwrap()
+    }
+
+    #[test]
+    fn a_store_rebuilt_beside_old_models_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 100, |_, _| {});
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        drop(w);
+        // the same users and as many items, under other ids: column j is another item now
+        std::fs::remove_dir_all(dir.path().join("store")).unwrap();
+        let e = start_on(dir.path(), 100, 8, "other-", |_, _| {})
+            .err()
+            .expect("refused");
+        assert!(
+            format!("{e:#}").contains("other items than this store holds"),
+            "{e:#}"
+        );
+        // the same ids again: it loads
+        std::fs::remove_dir_all(dir.path().join("store")).unwrap();
+        let w = start_on(dir.path(), 100, 8, "i", |_, _| {}).unwrap();
+        assert_eq!(w.ctx.live.current().unwrap().version, 1);
     }
 
     #[test]
@@ -793,20 +950,53 @@ mod tests {
     }
 
     #[test]
-    fn the_live_model_gate_holds_even_with_too_few_validation_users_for_the_popularity_floor() {
+    fn with_too_few_validation_users_only_a_first_model_is_published_and_never_as_validated() {
+        // every user has 4 items: none can be a validation user (5 needed)
         let dir = tempfile::tempdir().unwrap();
-        let mut w = worker_on(dir.path(), 400, |t, _| {
-            t.max_ndcg_drop = 0.0;
-            t.min_validation_users = 1000;
-        });
+        let mut w = worker_with_items(dir.path(), 400, 4, |_, _| {});
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        assert_eq!(
+            w.ctx.metrics.model_validated.get(),
+            0,
+            "published unvalidated"
+        );
+        for _ in 0..2 {
+            w.ctx.activity.round_not_learnt(1);
+            assert_eq!(w.round().unwrap(), RoundResult::RejectedUnvalidated);
+        }
+        assert_eq!(w.ctx.live.current().unwrap().version, 1, "v1 keeps serving");
+        // a learning rate that makes garbage: never published as validated either
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_with_items(dir.path(), 400, 4, |_, m| m.learning_rate = 3.0);
+        for _ in 0..3 {
+            let r = w.round().unwrap();
+            assert_ne!(w.ctx.metrics.model_validated.get(), 1, "{r:?}");
+            w.ctx.activity.round_not_learnt(1);
+        }
+        assert!(w.ctx.live.current().is_none_or(|l| l.version == 1));
+    }
+
+    #[test]
+    fn no_model_is_accepted_far_below_the_best_accepted_one_even_when_the_live_one_is_worse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| t.max_ndcg_drop = 0.0);
         for _ in 0..3 {
             assert_eq!(w.round().unwrap(), RoundResult::Accepted);
         }
-        // a fresh model trained once is worse on the validation users than three rounds
+        assert_eq!(w.best_version, Some(3));
+        // the live model drifted down (an untrained one stands in for it); the best is v3
         let n_items = w.ctx.store.counts().items as usize;
+        let junk = Trainer::new(&w.ctx.model, n_items, 5, &Device::Cpu).unwrap();
+        w.ctx.live.publish(LiveModel {
+            version: 3,
+            model: junk.model().for_serving().unwrap(),
+        });
+        w.best_version = Some(2);
+        // a fresh model trained once is within the tolerance of the junk, but not of v2
+        w.ctx.train.max_ndcg_drop = 0.05;
         w.trainer = Some(Trainer::new(&w.ctx.model, n_items, 99, &Device::Cpu).unwrap());
+        w.ctx.activity.round_not_learnt(1);
         assert_eq!(w.round().unwrap(), RoundResult::RejectedNdcg);
-        assert_eq!(w.ctx.live.current().unwrap().version, 3, "v3 keeps serving");
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct LatencyFigures {
     /// buckets (each twice the last); the rest of the end-to-end figures is the broker hops.
     pub daemon_p50_ms: f64,
     pub daemon_p99_ms: f64,
+    /// Re-scorings after model swaps during the load (swap → delivery), counted apart from
+    /// clicks: how many, and their p99.
+    pub rescorings: f64,
+    pub rescore_p99_ms: f64,
     pub daemon_peak_rss_bytes: u64,
 }
 
@@ -439,6 +443,7 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         let busy0 = metric(d, "multivaed_scoring_duration_seconds_sum")?;
         let recs0 = metric(d, "multivaed_recommendations_published_total")?;
         let inside0 = d.buckets("multivaed_click_to_recommendation_seconds")?;
+        let rescore0 = d.buckets("multivaed_rescore_to_recommendation_seconds")?;
         let (mut l, clicks, achieved) = measure(opts, &topics, users, rate, seed)?;
         produced += clicks;
         l.sort_by(|a, b| a.total_cmp(b));
@@ -449,9 +454,15 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             &inside0,
             &d.buckets("multivaed_click_to_recommendation_seconds")?,
         );
+        let rescore = bucket_delta(
+            &rescore0,
+            &d.buckets("multivaed_rescore_to_recommendation_seconds")?,
+        );
         let f = LatencyFigures {
             daemon_p50_ms: bucket_quantile(&inside, 0.5) * 1000.0,
             daemon_p99_ms: bucket_quantile(&inside, 0.99) * 1000.0,
+            rescorings: rescore.last().map(|b| b.1).unwrap_or(0.0),
+            rescore_p99_ms: bucket_quantile(&rescore, 0.99) * 1000.0,
             scoring_batches: batches,
             users_per_scoring_batch: recs / batches.max(1.0),
             seconds_per_scoring_batch: busy / batches.max(1.0),
@@ -470,11 +481,14 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         };
         eprintln!(
             "latency at {rate} clicks/s ({training}): p50 {:.1} ms, p99 {:.1} ms (the daemon's own: p50 \
-             {:.1} ms, p99 {:.1} ms), {} of {} answered; {} scoring batches of {:.1} users, {:.1} ms each",
+             {:.1} ms, p99 {:.1} ms; {} re-scorings after swaps, p99 {:.1} ms), {} of {} answered; \
+             {} scoring batches of {:.1} users, {:.1} ms each",
             f.p50_ms,
             f.p99_ms,
             f.daemon_p50_ms,
             f.daemon_p99_ms,
+            f.rescorings,
+            f.rescore_p99_ms,
             f.answered,
             f.clicks,
             f.scoring_batches,
