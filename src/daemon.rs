@@ -116,14 +116,14 @@ impl Daemon {
         let worker = crate::train::Worker::start(self.training(device))?;
         let ingest = self.ingest();
         let consumer = ingest.consumer()?;
-        let producer = crate::kafka::producer(&self.config.kafka)?;
+        let producers = Arc::new(crate::kafka::Producers::new(&self.config.kafka)?);
 
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http().serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
-        let (p, kafka) = (producer.clone(), self.config.kafka.clone());
+        let (p, kafka) = (producers.get(), self.config.kafka.clone());
         tokio::task::spawn_blocking(move || {
-            crate::kafka::check_topics(rdkafka::producer::Producer::client(&p), &kafka)
+            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &kafka)
         })
         .await
         .context("cannot check the topics")??;
@@ -131,13 +131,13 @@ impl Daemon {
         stage(
             &mut stages,
             "ingest",
-            ingest.run(consumer, producer.clone()),
+            ingest.run(consumer, producers.clone()),
         );
-        stage(&mut stages, "serve", self.scorer().run(producer.clone()));
+        stage(&mut stages, "serve", self.scorer().run(producers.clone()));
         stage(
             &mut stages,
             "broker probe",
-            self.probe().run(producer.clone()),
+            self.probe().run(producers.clone()),
         );
         stage(&mut stages, "notify", self.notifier().run());
         stage(&mut stages, "train", worker.run_on_thread());
@@ -152,7 +152,7 @@ impl Daemon {
         let outcome = supervise(&self.shutdown, stages).await;
         self.store.flush()?;
         use rdkafka::producer::Producer;
-        let _ = producer.flush(Duration::from_secs(5));
+        let _ = producers.get().flush(Duration::from_secs(5));
         self.metrics.up.set(0);
         self.log_summary();
         outcome

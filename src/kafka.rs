@@ -46,6 +46,82 @@ pub fn producer(k: &KafkaConfig) -> Result<FutureProducer> {
     .map_err(|e| client_error("cannot create the Kafka producer", e))
 }
 
+/// The producer of dead letters and recommendations, replaced when librdkafka reports it
+/// unusable: after a fatal error (an idempotent producer fenced after an outage, say) an
+/// instance never sends again and librdkafka requires a new one.
+pub struct Producers {
+    /// What a replacement is built from (`None`: never replaced, for tests).
+    config: Option<KafkaConfig>,
+    current: arc_swap::ArcSwap<FutureProducer>,
+}
+
+impl Producers {
+    pub fn new(k: &KafkaConfig) -> Result<Self> {
+        Ok(Self {
+            config: Some(k.clone()),
+            current: arc_swap::ArcSwap::from_pointee(producer(k)?),
+        })
+    }
+
+    /// A fixed producer, never replaced.
+    #[cfg(test)]
+    pub fn fixed(p: FutureProducer) -> Self {
+        Self {
+            config: None,
+            current: arc_swap::ArcSwap::from_pointee(p),
+        }
+    }
+
+    /// The producer to send with now.
+    pub fn get(&self) -> std::sync::Arc<FutureProducer> {
+        self.current.load_full()
+    }
+
+    /// After a send on `failed` failed with `e`: replaces the producer if it is broken for good — a fatal
+    /// error, or a producer-state error it keeps answering with (fenced, out of sequence:
+    /// seen with Tansu after an outage) — logged; true when it was replaced.
+    pub fn recover(&self, failed: &std::sync::Arc<FutureProducer>, e: &KafkaError) -> bool {
+        use rdkafka::producer::Producer;
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let current = self.current.load_full();
+        if !std::sync::Arc::ptr_eq(failed, &current) {
+            // already replaced (by another send that failed the same way)
+            return false;
+        }
+        let broken = matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::ProducerFenced
+                    | C::Fenced
+                    | C::Fatal
+                    | C::InvalidProducerEpoch
+                    | C::OutOfOrderSequenceNumber
+                    | C::UnknownProducerId
+                    | C::InvalidProducerIdMapping
+            )
+        );
+        let (code, reason) = match current.client().fatal_error() {
+            Some((code, reason)) => (code, reason),
+            None if broken => (e.rdkafka_error_code().unwrap_or(C::Fatal), e.to_string()),
+            None => return false,
+        };
+        let Some(k) = &self.config else {
+            return false;
+        };
+        match producer(k) {
+            Ok(p) => {
+                tracing::error!(error = %code, reason, "the Kafka producer failed fatally: replaced by a new one");
+                self.current.store(std::sync::Arc::new(p));
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the Kafka producer failed fatally and cannot be replaced now");
+                false
+            }
+        }
+    }
+}
+
 /// Whether a produce error will fail the same way however often it is retried: the message is
 /// too large, or the topic is missing or not ours to write. Anything else (timeouts, a broker
 /// down or between leaders, a full queue) may pass.

@@ -141,9 +141,9 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::named(dir.path());
     broker.create_topics(&setup);
-    // deliveries give up after 5 s (well inside the freeze), and users wait 2 s between
-    // scoring batches, so the recommendations of clicks consumed just before the freeze are
-    // published into it and fail
+    // deliveries give up after 5 s (well inside the freeze), and scoring batches are 8 s
+    // apart, so the recommendations of clicks consumed just after a batch and just before the
+    // freeze are published into it and fail
     let config = dir.path().join("multivaed.toml");
     std::fs::write(
         &config,
@@ -152,7 +152,7 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
     .unwrap();
     let mut env = env_for(&setup, &broker.addr);
     env.push(("MULTIVAED_CONFIG".into(), config.display().to_string()));
-    env.push(("MULTIVAED_SERVE__INTERVAL_MS".into(), "2000".into()));
+    env.push(("MULTIVAED_SERVE__INTERVAL_MS".into(), "8000".into()));
     let mut daemon = Daemon::start(&env, free_port());
     let p = broker.producer();
     produce_range(&p, &setup.clicks, 0..2800, 1e9);
@@ -176,8 +176,12 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
         p.flush(Duration::from_secs(120)).unwrap();
     });
     std::thread::sleep(Duration::from_secs(3));
-    // 40 users who click once, consumed, then the freeze: their only recommendation is
-    // published while the broker is frozen
+    // 40 users who click once, just after a scoring batch; consumed, then the freeze: their
+    // only recommendation is published into it, at the next batch
+    let batches = daemon.metric("multivaed_scoring_duration_seconds_count", "");
+    daemon.wait_for(Duration::from_secs(30), "a scoring batch", |d| {
+        d.metric("multivaed_scoring_duration_seconds_count", "") > batches
+    });
     let consumed = daemon.metric("multivaed_events_consumed_total", "");
     let once: Vec<(String, Vec<u8>)> = (0..40)
         .map(|i| {
@@ -238,11 +242,15 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
         "not ready {not_ready_after:?} after the freeze, ready {ready_after:?} after the thaw"
     );
     // every once-user has a recommendation, though its first delivery failed
-    let retries = daemon.metric("multivaed_publish_retries_total", "");
+    let (failed, retries) = (
+        daemon.metric("multivaed_publish_errors_total", ""),
+        daemon.metric("multivaed_publish_retries_total", ""),
+    );
     assert!(
-        retries >= 1.0,
+        failed >= 1.0,
         "no delivery failed during the freeze: the scenario did not happen"
     );
+    eprintln!("{failed} deliveries failed during the freeze, {retries} users queued again");
     let start = Instant::now();
     let missing = loop {
         let recs = read_all_on(&broker.addr, &setup.recs, 1, Duration::from_secs(3));

@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tracing::{error, info, warn};
 
 use crate::health::Health;
+use crate::kafka::Producers;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -33,7 +34,7 @@ pub(super) struct DeadLetterWriter<'a> {
     pub topic: &'a str,
     /// Payloads are cut to this many bytes (the largest click message accepted).
     pub max_payload: usize,
-    pub producer: &'a FutureProducer,
+    pub producer: &'a Producers,
     pub metrics: &'a Metrics,
     pub health: &'a Health,
     pub shutdown: &'a Shutdown,
@@ -84,7 +85,8 @@ impl DeadLetterWriter<'_> {
         let mut limit = self.max_payload;
         let mut attempt = 0u32;
         loop {
-            let result = self.send(l, limit).await;
+            let producer = self.producer.get();
+            let result = self.send(&producer, l, limit).await;
             let failure = match result {
                 Ok(()) => {
                     self.unblock();
@@ -94,7 +96,10 @@ impl DeadLetterWriter<'_> {
                     }
                     return true;
                 }
-                Err(e) => classify(e),
+                Err(e) => {
+                    self.producer.recover(&producer, &e);
+                    classify(e)
+                }
             };
             attempt += 1;
             let wait = match failure {
@@ -130,7 +135,12 @@ impl DeadLetterWriter<'_> {
 
     /// One attempt: the payload cut to `limit` bytes, headers naming the source, the reason
     /// and (when cut) the original size.
-    async fn send(&self, l: &DeadLetter, limit: usize) -> Result<(), KafkaError> {
+    async fn send(
+        &self,
+        producer: &FutureProducer,
+        l: &DeadLetter,
+        limit: usize,
+    ) -> Result<(), KafkaError> {
         let (partition, offset) = (l.partition.to_string(), l.offset.to_string());
         let original = l.payload.len().to_string();
         let truncated = l.payload.len() > limit;
@@ -152,7 +162,7 @@ impl DeadLetterWriter<'_> {
         if let Some(k) = &l.key {
             record = record.key(&k[..]);
         }
-        self.producer
+        producer
             .send(record, Duration::from_secs(10))
             .await
             .map(|_| ())

@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kafka::Producers;
 use anyhow::{Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -239,7 +239,7 @@ impl Ingest {
     pub async fn run(
         self,
         consumer: StreamConsumer<IngestContext>,
-        producer: FutureProducer,
+        producers: Arc<Producers>,
     ) -> Result<()> {
         let mut shutdown = self.shutdown.subscribe();
         let mut storing: Option<StoreTask> = None;
@@ -275,7 +275,7 @@ impl Ingest {
             crate::fault::crash_point("ingest.parsed");
             if !parsed.letters.is_empty()
                 && !self
-                    .dead_letters(&producer)
+                    .dead_letters(&producers)
                     .write_all(&parsed.letters)
                     .await
             {
@@ -374,7 +374,7 @@ impl Ingest {
         }
     }
 
-    fn dead_letters<'a>(&'a self, producer: &'a FutureProducer) -> DeadLetterWriter<'a> {
+    fn dead_letters<'a>(&'a self, producer: &'a Producers) -> DeadLetterWriter<'a> {
         DeadLetterWriter {
             topic: &self.kafka.dead_letter_topic,
             max_payload: self.kafka.max_message_bytes,
@@ -498,11 +498,11 @@ pub struct BrokerProbe {
 }
 
 impl BrokerProbe {
-    pub async fn run(self, producer: FutureProducer) -> Result<()> {
+    pub async fn run(self, producers: Arc<Producers>) -> Result<()> {
         let mut shutdown = self.shutdown.subscribe();
         let mut was_up = true;
         loop {
-            let (p, group) = (producer.clone(), self.group_id.clone());
+            let (p, group) = (producers.get(), self.group_id.clone());
             // a small request answered by the group coordinator (a topic metadata request could
             // auto-create the topic on some brokers)
             let probe = tokio::task::spawn_blocking(move || {

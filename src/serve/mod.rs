@@ -23,6 +23,7 @@ pub(crate) use rank::{recommend_users, score_users, to_recommendation, Scored};
 
 use crate::activity::{Activity, Waiting, Why};
 use crate::config::ServeConfig;
+use crate::kafka::Producers;
 use crate::live::LiveModelSlot;
 use crate::metrics::{LatencySamples, Metrics};
 use crate::online::{OnlineEval, ONLINE_CUTOFFS};
@@ -49,7 +50,7 @@ const MAX_IN_FLIGHT: usize = 8;
 
 impl Scorer {
     /// The scoring loop; returns at shutdown once every delivery in flight is settled.
-    pub async fn run(self, producer: FutureProducer) -> anyhow::Result<()> {
+    pub async fn run(self, producers: Arc<Producers>) -> anyhow::Result<()> {
         let me = Arc::new(self);
         let min_gap = Duration::from_millis(me.serve.interval_ms);
         let mut versions = me.live.subscribe();
@@ -93,7 +94,12 @@ impl Scorer {
                 .iter()
                 .filter_map(|(_, sc)| waiting.get(&sc.user).copied())
                 .collect();
-            in_flight.push_back(me.clone().publish(&producer, recs, batch).await);
+            let producer = producers.get();
+            in_flight.push_back(
+                me.clone()
+                    .publish(producer, recs, batch, producers.clone())
+                    .await,
+            );
             while in_flight.len() > MAX_IN_FLIGHT {
                 if let Some(oldest) = in_flight.pop_front() {
                     let _ = oldest.await;
@@ -148,13 +154,14 @@ impl Scorer {
     /// scoring loop (the next batch scores while the broker acknowledges).
     async fn publish(
         self: Arc<Self>,
-        producer: &FutureProducer,
+        producer: Arc<FutureProducer>,
         recs: Vec<(Recommendation, Scored)>,
         batch: Vec<Waiting>,
+        producers: Arc<Producers>,
     ) -> tokio::task::JoinHandle<()> {
         let mut deliveries = Vec::with_capacity(recs.len());
         for (r, _) in &recs {
-            deliveries.push(enqueue(producer, &self.topic, r).await);
+            deliveries.push(enqueue(&producer, &self.topic, r).await);
         }
         let deliveries = futures::future::join_all(deliveries.into_iter().map(|d| async move {
             match d {
@@ -169,6 +176,9 @@ impl Scorer {
         tokio::spawn(async move {
             let results = deliveries.await;
             crate::fault::crash_point("serve.published");
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                producers.recover(&producer, e);
+            }
             self.delivered(recs, &batch, results);
         })
     }
@@ -322,7 +332,7 @@ mod tests {
             scorer.latencies.clone(),
             scorer.shutdown.clone(),
         );
-        let running = tokio::spawn(scorer.run(producer));
+        let running = tokio::spawn(scorer.run(Arc::new(Producers::fixed(producer))));
 
         // no model yet: each waiting user gets the popular items they do not have
         activity.batch_stored(&applied.changed_users, 12, Instant::now());
