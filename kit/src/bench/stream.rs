@@ -393,12 +393,14 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         ("MULTIVAED_TRAIN__MIN_USERS", users.to_string()),
         ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000000000".into()),
         ("MULTIVAED_TRAIN__INTERVAL", "1000h".into()),
-        ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1".into()),
-        ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", "2000".into()),
+        ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "3".into()),
+        ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", users.to_string()),
     ];
     let env = daemon_env(&topics, &opts.brokers, &dir, &paused);
     let d = start(&opts.exe, &env, &opts.work_dir.join("latency-daemon.log"))?;
-    // the catalogue: user u clicks item u, then 5 more (skewed) items each
+    // the catalogue: user u clicks item u, then 5 more items of its taste group (200 groups,
+    // skewed inside each), so the first model learns what popularity does not know and clears
+    // the validation floors
     let p = producer_to(&opts.brokers, "20")?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for u in 0..users {
@@ -409,10 +411,11 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             &format!("i{}", u % opts.items),
         )?;
     }
+    let group = (opts.items / 200).max(1);
     for _ in 0..users * 5 {
         let u = rng.gen_range(0..users);
         let r: f64 = rng.gen();
-        let i = ((r * r * opts.items as f64) as usize + u) % opts.items;
+        let i = ((u % 200) * group + (r * r * group as f64) as usize) % opts.items;
         send(&p, &topics.clicks, &format!("u{u}"), &format!("i{i}"))?;
     }
     p.flush(Duration::from_secs(120))?;

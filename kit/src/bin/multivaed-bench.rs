@@ -139,7 +139,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 items: args.items,
                 rates: args.rates,
                 seconds: args.seconds,
-                exe: std::env::current_exe().context("cannot find this executable")?,
+                exe: multivaed_kit::harness::daemon_exe(),
                 work_dir: args.work_dir,
             })?;
             let text = serde_json::to_string_pretty(&figures)?;
