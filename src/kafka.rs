@@ -126,22 +126,21 @@ impl Producers {
 /// too large, or the topic is missing or not ours to write. Anything else (timeouts, a broker
 /// down or between leaders, a full queue) may pass.
 pub fn is_permanent(e: &KafkaError) -> bool {
+    permanent_cause(e).is_some()
+}
+
+/// Why a produce error is permanent (see [`is_permanent`]), as the label
+/// `multivaed_dead_letters_blocked` uses: `too_large`, `unknown_topic`, `not_authorized` or
+/// `rejected_by_broker`; `None` when a retry may pass.
+pub fn permanent_cause(e: &KafkaError) -> Option<&'static str> {
     use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::UnknownTopicOrPartition
-                | C::UnknownTopic
-                | C::UnknownPartition
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidTopic
-                | C::InvalidRecord
-                | C::PolicyViolation
-        )
-    )
+    match e.rdkafka_error_code()? {
+        C::MessageSizeTooLarge | C::InvalidMessageSize => Some("too_large"),
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => Some("unknown_topic"),
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => Some("not_authorized"),
+        C::InvalidTopic | C::InvalidRecord | C::PolicyViolation => Some("rejected_by_broker"),
+        _ => None,
+    }
 }
 
 /// Checks at start that the topics multivaed reads and writes exist (it never creates them),

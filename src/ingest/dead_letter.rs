@@ -10,11 +10,10 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
 use tracing::{error, info, warn};
 
 use crate::health::Health;
-use crate::kafka::Producers;
+use crate::kafka::{permanent_cause, Producers};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -51,19 +50,10 @@ enum Failure {
 }
 
 fn classify(e: KafkaError) -> Failure {
-    use RDKafkaErrorCode as C;
-    match e.rdkafka_error_code() {
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => Failure::TooLarge,
-        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => {
-            Failure::Blocked("unknown_topic", e)
-        }
-        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
-            Failure::Blocked("not_authorized", e)
-        }
-        Some(C::InvalidTopic | C::InvalidRecord | C::PolicyViolation) => {
-            Failure::Blocked("rejected_by_broker", e)
-        }
-        _ => Failure::Transient(e),
+    match permanent_cause(&e) {
+        Some("too_large") => Failure::TooLarge,
+        Some(cause) => Failure::Blocked(cause, e),
+        None => Failure::Transient(e),
     }
 }
 
@@ -202,6 +192,8 @@ fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::types::RDKafkaErrorCode;
+
     use super::*;
 
     fn code(c: RDKafkaErrorCode) -> KafkaError {
