@@ -228,6 +228,11 @@ fn produce_paced_in(
     produce_paced_with_bad(topic, range, rate, partitions, done, |_| false)
 }
 
+/// The bad messages of the kill and rebalance streams: one in 100.
+fn one_in_100(n: usize) -> bool {
+    n % 100 == 99
+}
+
 /// Message `n` when `bad(n)`: not JSON (dead-lettered), in the partition its click would take.
 fn bad_message(n: usize) -> Vec<u8> {
     format!("not a click #{n}").into_bytes()
@@ -288,7 +293,7 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
     let env = env(&setup, dir.path());
     let total = 30_000;
     // one message in 100 is not a click: dead letters are checked across the crashes too
-    let bad = |n: usize| n % 100 == 99;
+    let bad = one_in_100;
     let done = Arc::new(AtomicBool::new(false));
     let producer = produce_paced_with_bad(
         setup.clicks.clone(),
@@ -802,7 +807,7 @@ fn rebalances_leave_each_partition_stored_once_by_its_owner() {
     a.wait_for(Duration::from_secs(60), "A owns all", |d| {
         assigned(d) == 4.0
     });
-    let bad = |n: usize| n % 100 == 99;
+    let bad = one_in_100;
     let clicks = (0..total).filter(|&n| !bad(n)).count();
     let producer = produce_paced_with_bad(
         setup.clicks.clone(),
