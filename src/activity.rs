@@ -210,9 +210,22 @@ impl Activity {
         }
     }
 
-    /// Takes up to `n` waiting users: every waiting click first (oldest first), then
-    /// re-scorings with what capacity is left, so re-scoring never delays a click.
-    pub fn take_waiting(&self, n: usize) -> Vec<Waiting> {
+    /// Resolves once a click waits (re-scorings alone do not wake it).
+    pub async fn wait_for_click(&self) {
+        while self.lock().queue.is_empty() {
+            self.waiting.notified().await;
+        }
+    }
+
+    /// Whether a user waits because of a click.
+    pub fn clicks_waiting(&self) -> bool {
+        !self.lock().queue.is_empty()
+    }
+
+    /// Takes up to `n` waiting users: every waiting click first (oldest first), then up to
+    /// `max_rescores` re-scorings with what capacity is left, so re-scoring never delays a
+    /// click.
+    pub fn take_waiting(&self, n: usize, max_rescores: usize) -> Vec<Waiting> {
         let mut g = self.lock();
         let k = n.min(g.queue.len());
         let users: Vec<u32> = g.queue.drain(..k).collect();
@@ -226,6 +239,7 @@ impl Activity {
                 })
             })
             .collect();
+        let n = n.min(taken.len().saturating_add(max_rescores));
         while taken.len() < n {
             let Some((u, since)) = g.rescore.pop_front() else {
                 break;
@@ -304,14 +318,14 @@ mod tests {
         assert_eq!(d.waiting_count(), 3);
         let later = t + Duration::from_millis(1);
         assert_eq!(d.batch_stored(&[4], 1, later), 1); // 1 dropped
-        let got = d.take_waiting(10);
+        let got = d.take_waiting(10, usize::MAX);
         assert_eq!(users(&got), vec![2, 3, 4]);
         assert!(got.iter().all(|w| w.why == Why::Click));
         assert_eq!((got[0].since, got[2].since), (t, later));
         assert_eq!(d.waiting_count(), 0);
         // the last-seen record is bounded too: the least recent were forgotten
         assert_eq!(d.requeue_seen_within(Duration::from_secs(60)), (2, 0));
-        let again = users(&d.take_waiting(10));
+        let again = users(&d.take_waiting(10, usize::MAX));
         assert!(again.contains(&4), "{again:?}");
         assert_eq!(d.requeue_seen_within(Duration::ZERO), (0, 0));
     }
@@ -322,7 +336,7 @@ mod tests {
         let first = Instant::now();
         a.batch_stored(&[7], 1, first);
         a.batch_stored(&[7], 1, first + Duration::from_secs(1));
-        let got = a.take_waiting(10);
+        let got = a.take_waiting(10, usize::MAX);
         assert_eq!((users(&got), got[0].since), (vec![7], first));
     }
 
@@ -331,32 +345,32 @@ mod tests {
         let a = Activity::new(10, 10);
         let window = Duration::from_millis(300);
         a.batch_stored(&[1], 1, Instant::now());
-        a.take_waiting(10);
+        a.take_waiting(10, usize::MAX);
         // a swap within the window re-scores the user, and does not restart the window
         assert_eq!(a.requeue_seen_within(window).0, 1);
-        let got = a.take_waiting(10);
+        let got = a.take_waiting(10, usize::MAX);
         assert_eq!((users(&got), got[0].why), (vec![1], Why::Rescore));
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(a.requeue_seen_within(window).0, 1);
-        a.take_waiting(10);
+        a.take_waiting(10, usize::MAX);
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(a.requeue_seen_within(window).0, 0, "350 ms after the click");
-        assert!(a.take_waiting(10).is_empty());
+        assert!(a.take_waiting(10, usize::MAX).is_empty());
     }
 
     #[test]
     fn re_scorings_never_displace_a_waiting_click() {
         let a = Activity::new(2, 10);
         a.batch_stored(&[1, 2], 2, Instant::now());
-        a.take_waiting(10);
+        a.take_waiting(10, usize::MAX);
         a.requeue_seen_within(Duration::from_secs(60));
         // the re-scoring queue is full; a click still queues, and is taken first
         assert_eq!(a.batch_stored(&[3], 1, Instant::now()), 0);
-        let got = a.take_waiting(1);
+        let got = a.take_waiting(1, usize::MAX);
         assert_eq!((users(&got), got[0].why), (vec![3], Why::Click));
         // a click takes over its user's pending re-scoring: scored once
         a.batch_stored(&[1], 1, Instant::now());
-        let got = a.take_waiting(10);
+        let got = a.take_waiting(10, usize::MAX);
         assert_eq!(users(&got), vec![1, 2]);
         assert_eq!(
             got.iter().map(|w| w.why).collect::<Vec<_>>(),
@@ -365,13 +379,28 @@ mod tests {
     }
 
     #[test]
+    fn re_scorings_are_taken_up_to_their_allowance_and_clicks_regardless() {
+        let a = Activity::new(10, 10);
+        a.batch_stored(&[1, 2, 3], 3, Instant::now());
+        a.take_waiting(10, 0);
+        a.requeue_seen_within(Duration::from_secs(60));
+        a.batch_stored(&[4, 5], 2, Instant::now());
+        assert!(a.clicks_waiting());
+        let got = a.take_waiting(10, 1);
+        assert_eq!(users(&got), vec![4, 5, 1]);
+        assert!(!a.clicks_waiting());
+        assert!(a.take_waiting(10, 0).is_empty());
+        assert_eq!(users(&a.take_waiting(10, 5)), vec![2, 3]);
+    }
+
+    #[test]
     fn a_failed_delivery_queues_its_user_again_with_the_click_time() {
         let a = Activity::new(10, 10);
         let t = Instant::now();
         a.batch_stored(&[5], 1, t);
-        let taken = a.take_waiting(10);
+        let taken = a.take_waiting(10, usize::MAX);
         assert_eq!(a.delivery_failed(&taken), Dropped::default());
-        let again = a.take_waiting(10);
+        let again = a.take_waiting(10, usize::MAX);
         assert_eq!(again, taken);
     }
 

@@ -109,6 +109,9 @@ pub struct RunArgs {
     /// The TOML configuration (configs/multivaed.toml documents every key).
     #[arg(long, short, env = "MULTIVAED_CONFIG")]
     pub config: Option<PathBuf>,
+    /// What this process does (overrides the config's `role`, and `MULTIVAED_ROLE`).
+    #[arg(long, value_enum)]
+    pub role: Option<multivaed::config::Role>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +158,9 @@ pub struct ProduceArgs {
     /// Extra librdkafka properties, KEY=VALUE (repeatable), e.g. security.protocol=SASL_SSL.
     #[arg(long = "property", short = 'X')]
     pub properties: Vec<String>,
+    /// The partitioner (as the daemon's `kafka.partitioner`): clicks are keyed by user id.
+    #[arg(long, value_enum, default_value = "consistent-random")]
+    pub partitioner: multivaed::partition::Partitioner,
 }
 
 #[derive(Debug, Args)]
@@ -395,7 +401,11 @@ pub fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
-            let config = Config::load(args.config.as_deref())?;
+            let mut config = Config::load(args.config.as_deref())?;
+            if let Some(role) = args.role {
+                config.role = role;
+                config.validate()?;
+            }
             runtime()?.block_on(async move { multivaed::daemon::Daemon::open(config)?.run().await })
         }
         Command::Demo(args) => {
@@ -420,6 +430,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("--property {p:?}: expected KEY=VALUE"))?;
                 props.push((k.to_string(), v.to_string()));
             }
+            props.push((
+                "partitioner".to_string(),
+                args.partitioner.librdkafka_name().to_string(),
+            ));
             let sent = runtime()?.block_on(multivaed::demo::run_produce(
                 &args.brokers,
                 &args.topic,

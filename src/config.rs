@@ -18,6 +18,9 @@ use crate::model::ModelConfig;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// What this process does: `all` (everything, one process) or `serve` (one of N replicas
+    /// of a consumer group, owning the users of its partitions; no training).
+    pub role: Role,
     /// Where the store and model versions live.
     pub data_dir: PathBuf,
     /// Training device: "auto", "cpu" or "cuda:N".
@@ -30,6 +33,19 @@ pub struct Config {
     pub http: HttpConfig,
 }
 
+/// What a process does (`multivaed run --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Ingest, store, train, score, publish: the whole daemon in one process.
+    #[default]
+    All,
+    /// A serving replica: owns the users of its partitions (their state restored from the
+    /// changelog topic), scores and publishes for them, answers pulls for them; trains nothing
+    /// (until the fleet trainer exists it answers from popularity).
+    Serve,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -39,6 +55,15 @@ pub struct KafkaConfig {
     pub clicks_topic: String,
     pub recommendations_topic: String,
     pub dead_letter_topic: String,
+    /// The compacted changelog of user histories (role `serve`); empty: `<clicks_topic>.history`.
+    pub changelog_topic: String,
+    /// The partitioner the producers of clicks use (`consistent_random`: librdkafka's default;
+    /// `murmur2_random`: the Java client's): a user's owner is found through it.
+    pub partitioner: crate::partition::Partitioner,
+    /// This replica's stable name in the consumer group (`group.instance.id`, static
+    /// membership: a replica restarted within the session timeout keeps its partitions); empty:
+    /// the `HOSTNAME` variable (the pod name on Kubernetes) for role `serve`, none for `all`.
+    pub instance_id: String,
     /// Event types that count as a positive interaction (an event without a type counts).
     pub positive_event_types: Vec<String>,
     /// Messages larger than this are dead-lettered unparsed.
@@ -106,6 +131,9 @@ pub struct ServeConfig {
     /// After a model swap, users active this recently are re-scored.
     #[serde(with = "humantime_serde")]
     pub rescore_window: Duration,
+    /// Re-scorings after a swap, at most this many users a second (clicks are never held to
+    /// it), so they take a bounded share of the cores from consuming and scoring fresh clicks.
+    pub max_rescores_per_second: u32,
     /// Users waiting to be scored, at most (the oldest are dropped past it).
     pub max_dirty_users: usize,
     /// Users whose last recommendation is kept for the online hit rate, at most (the least
@@ -125,6 +153,7 @@ pub struct HttpConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            role: Role::All,
             data_dir: PathBuf::from("multivaed-data"),
             device: DeviceChoice::Auto,
             kafka: KafkaConfig::default(),
@@ -145,6 +174,9 @@ impl Default for KafkaConfig {
             clicks_topic: "clicks".into(),
             recommendations_topic: "recommendations".into(),
             dead_letter_topic: "clicks-dead-letter".into(),
+            changelog_topic: String::new(),
+            partitioner: Default::default(),
+            instance_id: String::new(),
             positive_event_types: vec!["click".into()],
             max_message_bytes: 64 * 1024,
             batch_size: 2000,
@@ -188,6 +220,7 @@ impl Default for ServeConfig {
             batch_size: 1000,
             k: 20,
             rescore_window: Duration::from_secs(3600),
+            max_rescores_per_second: 500,
             max_dirty_users: 1_000_000,
             online_eval_users: 100_000,
         }
@@ -224,6 +257,38 @@ fn kafka_properties_from_env(
     })
     .collect()
 }
+
+impl KafkaConfig {
+    /// The changelog topic's name.
+    pub fn changelog(&self) -> String {
+        if self.changelog_topic.is_empty() {
+            format!("{}.history", self.clicks_topic)
+        } else {
+            self.changelog_topic.clone()
+        }
+    }
+
+    /// The consumer group's instance id for `role`, if any (static membership).
+    pub fn group_instance_id(&self, role: Role) -> Option<String> {
+        if !self.instance_id.is_empty() {
+            return Some(self.instance_id.clone());
+        }
+        match role {
+            Role::All => None,
+            Role::Serve => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()),
+        }
+    }
+}
+
+/// librdkafka properties multivaed sets itself, and the setting to use instead.
+const OWN_PROPERTIES: [(&str, &str); 3] = [
+    (
+        "partition.assignment.strategy",
+        "none (multivaed chooses the assignor its rebalance handling is written for)",
+    ),
+    ("group.instance.id", "kafka.instance_id"),
+    ("partitioner", "kafka.partitioner"),
+];
 
 impl Config {
     /// Defaults, then the TOML file (when given), then `MULTIVAED_*` variables.
@@ -265,7 +330,7 @@ impl Config {
         self.model
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
-        let checks: [(bool, &str); 14] = [
+        let checks: [(bool, &str); 15] = [
             (
                 self.kafka.batch_size > 0,
                 "kafka.batch_size: must be at least 1",
@@ -300,6 +365,10 @@ impl Config {
                 "serve.batch_size: must be at least 1",
             ),
             (
+                self.serve.max_rescores_per_second > 0,
+                "serve.max_rescores_per_second: must be at least 1 (rescore_window = \"0s\" turns re-scoring off)",
+            ),
+            (
                 self.train.max_ndcg_drop >= 0.0,
                 "train.max_ndcg_drop: must be >= 0",
             ),
@@ -324,6 +393,16 @@ impl Config {
             if !ok {
                 bail!("invalid configuration: {msg}");
             }
+        }
+        for (name, instead) in OWN_PROPERTIES {
+            if self.kafka.properties.contains_key(name) {
+                bail!(
+                    "invalid configuration: kafka.properties.{name} cannot be set; use {instead}"
+                );
+            }
+        }
+        if self.role == Role::Serve && self.kafka.group_instance_id(self.role).is_none() {
+            bail!("invalid configuration: role serve needs kafka.instance_id (or HOSTNAME): a stable name per replica");
         }
         Ok(())
     }

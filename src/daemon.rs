@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::activity::Activity;
-use crate::config::{Config, DeviceChoice};
+use crate::config::{Config, DeviceChoice, Role};
 use crate::health::Health;
 use crate::live::LiveModelSlot;
 use crate::metrics::{LatencySamples, Metrics};
@@ -31,6 +31,8 @@ use crate::store::Store;
 pub struct Daemon {
     pub config: Config,
     pub(crate) store: Arc<Store>,
+    /// Which users this process owns (all of them in role `all`).
+    pub(crate) ownership: Arc<crate::ownership::Ownership>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) live: Arc<LiveModelSlot>,
     pub(crate) activity: Arc<Activity>,
@@ -82,8 +84,13 @@ impl Daemon {
         )?;
         let metrics = Metrics::new().context("cannot register metrics")?;
         metrics.up.set(1);
+        let ownership = match config.role {
+            Role::All => crate::ownership::Ownership::everything(),
+            Role::Serve => crate::ownership::Ownership::by_partition(config.kafka.partitioner, 1),
+        };
         Ok(Self {
             store: Arc::new(store),
+            ownership: Arc::new(ownership),
             metrics: Arc::new(metrics),
             live: Arc::new(LiveModelSlot::new()),
             activity: Arc::new(Activity::new(
@@ -113,21 +120,30 @@ impl Daemon {
             .await
             .with_context(|| format!("http.listen: cannot bind {}", self.config.http.listen))?;
         info!(addr = %listener.local_addr()?, "HTTP listening");
-        let worker = crate::train::Worker::start(self.training(device))?;
-        let ingest = self.ingest();
-        let consumer = ingest.consumer()?;
+        // role serve trains nothing
+        let worker = match self.config.role {
+            Role::All => Some(crate::train::Worker::start(self.training(device))?),
+            Role::Serve => None,
+        };
         let producers = Arc::new(crate::kafka::Producers::new(&self.config.kafka)?);
 
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http().serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
         let (p, kafka) = (producers.get(), self.config.kafka.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &kafka)
+        let changelog = self.config.role == Role::Serve;
+        let partitions = tokio::task::spawn_blocking(move || {
+            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &kafka, changelog)
         })
         .await
         .context("cannot check the topics")??;
-        debug!("topics checked");
+        debug!(?partitions, "topics checked");
+        if self.config.role == Role::Serve {
+            let n = partitions.context("role serve: the cluster did not say how many partitions the clicks topic has; retry when it answers")?;
+            self.ownership.set_partitions(n);
+        }
+        let ingest = self.ingest(&producers);
+        let consumer = ingest.consumer()?;
         stage(
             &mut stages,
             "ingest",
@@ -140,7 +156,9 @@ impl Daemon {
             self.probe().run(producers.clone()),
         );
         stage(&mut stages, "notify", self.notifier().run());
-        stage(&mut stages, "train", worker.run_on_thread());
+        if let Some(worker) = worker {
+            stage(&mut stages, "train", worker.run_on_thread());
+        }
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -173,9 +191,18 @@ impl Daemon {
         );
     }
 
-    fn ingest(&self) -> crate::ingest::Ingest {
+    fn ingest(&self, producers: &Arc<crate::kafka::Producers>) -> crate::ingest::Ingest {
+        let fleet = (self.config.role == Role::Serve).then(|| {
+            Arc::new(crate::ingest::Fleet::new(
+                self.config.kafka.clone(),
+                self.instance_id(),
+                self.ownership.clone(),
+                producers.clone(),
+            ))
+        });
         crate::ingest::Ingest {
             kafka: self.config.kafka.clone(),
+            fleet,
             store: self.store.clone(),
             activity: self.activity.clone(),
             online: self.online.clone(),
@@ -183,6 +210,14 @@ impl Daemon {
             health: self.health.clone(),
             shutdown: self.shutdown.clone(),
         }
+    }
+
+    /// This replica's name in the group and on what it writes.
+    fn instance_id(&self) -> String {
+        self.config
+            .kafka
+            .group_instance_id(self.config.role)
+            .unwrap_or_else(|| "multivaed".to_string())
     }
 
     fn probe(&self) -> crate::ingest::BrokerProbe {
@@ -212,6 +247,9 @@ impl Daemon {
             serve: self.config.serve.clone(),
             topic: self.config.kafka.recommendations_topic.clone(),
             store: self.store.clone(),
+            ownership: self.ownership.clone(),
+            owner_id: self.instance_id(),
+            clicks_topic: self.config.kafka.clicks_topic.clone(),
             activity: self.activity.clone(),
             live: self.live.clone(),
             online: self.online.clone(),
@@ -228,6 +266,7 @@ impl Daemon {
                 self.config.http.max_concurrent_pulls,
             )),
             store: self.store.clone(),
+            ownership: self.ownership.clone(),
             live: self.live.clone(),
             activity: self.activity.clone(),
             metrics: self.metrics.clone(),

@@ -30,6 +30,8 @@ pub struct Http {
     /// Permits for pull scorings running at once (`http.max_concurrent_pulls`).
     pub pulls: Arc<tokio::sync::Semaphore>,
     pub store: Arc<Store>,
+    /// Role `serve`: only the owner of a user's partition answers for them.
+    pub ownership: Arc<crate::ownership::Ownership>,
     pub live: Arc<LiveModelSlot>,
     pub activity: Arc<Activity>,
     pub metrics: Arc<Metrics>,
@@ -114,6 +116,22 @@ async fn recommendations(
     }
     if user_id.is_empty() || user_id.len() > MAX_ID_BYTES {
         return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
+    }
+    if s.ownership.owner_of(&user_id).is_none() {
+        // a stale history is never served; the owner is another replica (or the partition is
+        // moving here and is being restored)
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this replica does not own partition {} of this user: ask its owner",
+                s.ownership.partition_of(&user_id)
+            ),
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
     }
     let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
         s.metrics.pulls_refused.inc();

@@ -147,10 +147,13 @@ pub fn permanent_cause(e: &KafkaError) -> Option<&'static str> {
 /// with a named error for one still missing after 15 s (a topic being created as the daemon
 /// starts is not an error). A cluster that does not answer is not an error here: the daemon
 /// starts not ready and waits for it.
+/// With `changelog`, the changelog topic must exist too, with as many partitions as the clicks
+/// topic. Returns the clicks topic's partition count (`None` when the cluster did not answer).
 pub fn check_topics<C: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<C>,
     k: &KafkaConfig,
-) -> Result<()> {
+    changelog: bool,
+) -> Result<Option<i32>> {
     use std::time::{Duration, Instant};
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -158,19 +161,43 @@ pub fn check_topics<C: rdkafka::ClientContext>(
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check the topics now: the cluster does not answer");
-                return Ok(());
+                return Ok(None);
             }
         };
-        let present: Vec<&str> = metadata.topics().iter().map(|t| t.name()).collect();
-        let missing = [
-            ("kafka.clicks_topic", &k.clicks_topic),
-            ("kafka.recommendations_topic", &k.recommendations_topic),
-            ("kafka.dead_letter_topic", &k.dead_letter_topic),
-        ]
-        .into_iter()
-        .find(|(_, topic)| !present.contains(&topic.as_str()));
+        let partitions = |name: &str| {
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && !t.partitions().is_empty())
+                .map(|t| t.partitions().len() as i32)
+        };
+        let changelog_topic = k.changelog();
+        let mut wanted = vec![
+            ("kafka.clicks_topic", k.clicks_topic.clone()),
+            (
+                "kafka.recommendations_topic",
+                k.recommendations_topic.clone(),
+            ),
+            ("kafka.dead_letter_topic", k.dead_letter_topic.clone()),
+        ];
+        if changelog {
+            wanted.push(("kafka.changelog_topic", changelog_topic.clone()));
+        }
+        let missing = wanted
+            .into_iter()
+            .find(|(_, topic)| partitions(topic).is_none());
         match missing {
-            None => return Ok(()),
+            None => {
+                let clicks = partitions(&k.clicks_topic).unwrap_or(1);
+                if changelog {
+                    let n = partitions(&changelog_topic).unwrap_or(0);
+                    anyhow::ensure!(
+                        n == clicks,
+                        "kafka.changelog_topic: topic {changelog_topic:?} has {n} partitions, the clicks topic {clicks}: they must be equal (a user's history lives in the partition number of their clicks)"
+                    );
+                }
+                return Ok(Some(clicks));
+            }
             Some((key, topic)) if Instant::now() >= deadline => anyhow::bail!(
                 "{key}: topic {topic:?} does not exist on the cluster (multivaed does not create topics; create it first)"
             ),

@@ -17,7 +17,8 @@
 //!
 //! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
 //! [`online`] (the prequential hit rate), [`live`], [`metrics`], [`kafka`] (client settings),
-//! [`config`]. [`daemon`] wires the stages together and supervises them; [`notify`] speaks
+//! [`config`], [`ownership`] (which users a serving replica owns, through [`partition`]).
+//! [`daemon`] wires the stages together and supervises them; [`notify`] speaks
 //! systemd's protocol. [`eval`] is the paper's offline protocol; [`demo`] the embedded demo. The test
 //! harness and the benchmarks live outside the library, in the `kit/` workspace member.
 
@@ -36,6 +37,8 @@ pub mod metrics;
 pub mod model;
 mod notify;
 mod online;
+mod ownership;
+pub mod partition;
 pub mod serve;
 mod shutdown;
 pub mod store;

@@ -17,6 +17,8 @@ pub(crate) struct Metrics {
     pub ingest_batches: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub partitions_assigned: IntGauge,
+    pub partitions_restoring: IntGauge,
+    pub restore_records: IntCounter,
     pub store_users: IntGauge,
     pub store_items: IntGauge,
     pub store_interactions: IntGauge,
@@ -107,6 +109,14 @@ impl Metrics {
             partitions_assigned: reg(
                 r,
                 IntGauge::new("multivaed_partitions_assigned", "Click-topic partitions assigned to this instance")?,
+            )?,
+            partitions_restoring: reg(
+                r,
+                IntGauge::new("multivaed_partitions_restoring", "Partitions being restored from the changelog before their clicks are consumed (role serve)")?,
+            )?,
+            restore_records: reg(
+                r,
+                IntCounter::new("multivaed_restore_records_total", "Changelog records read to restore partitions (role serve)")?,
             )?,
             store_users: reg(r, IntGauge::new("multivaed_store_users", "Users in the store")?)?,
             store_items: reg(r, IntGauge::new("multivaed_store_items", "Items in the store")?)?,

@@ -21,8 +21,10 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tracing::{debug, error, info, warn};
 
+mod changelog;
 mod dead_letter;
 
+use changelog::{Changelog, Marker, UserRecord};
 use dead_letter::{DeadLetter, DeadLetterWriter};
 
 use crate::activity::Activity;
@@ -39,6 +41,8 @@ use crate::wire::{parse_event, Event};
 /// and online evaluation it tells about each stored batch, and the health it reports.
 pub struct Ingest {
     pub kafka: KafkaConfig,
+    /// Role `serve`: the changelog and partition ownership (`None`: role `all`).
+    pub fleet: Option<Arc<Fleet>>,
     pub store: Arc<Store>,
     pub activity: Arc<Activity>,
     pub online: Arc<OnlineEval>,
@@ -47,10 +51,60 @@ pub struct Ingest {
     pub shutdown: Arc<Shutdown>,
 }
 
-/// Consumer callbacks: seek to stored offsets on assignment, track assignment, lag and broker
-/// health.
+/// What a serving replica adds to ingestion: the changelog it writes after each batch and
+/// restores partitions from, and the ownership it keeps.
+pub struct Fleet {
+    pub kafka: KafkaConfig,
+    pub ownership: Arc<crate::ownership::Ownership>,
+    pub producers: Arc<Producers>,
+    changelog: Changelog,
+    /// Held while a batch is stored and its changelog written: a revocation waits for it, so
+    /// nothing is written for a partition after its revocation completes.
+    batch: std::sync::Mutex<()>,
+    /// Per partition, the clicks offset the local store had reached past the changelog's last
+    /// marker (a crash between the two): re-consumed clicks below it are written to the
+    /// changelog although the store has them, and their dead letters are not sent again.
+    replay_until: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
+    /// A restore that failed (in the rebalance callback): ingestion stops with it.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Fleet {
+    pub fn new(
+        kafka: KafkaConfig,
+        instance_id: String,
+        ownership: Arc<crate::ownership::Ownership>,
+        producers: Arc<Producers>,
+    ) -> Self {
+        let changelog = Changelog {
+            topic: kafka.changelog(),
+            owner: instance_id,
+        };
+        Self {
+            kafka,
+            ownership,
+            producers,
+            changelog,
+            batch: std::sync::Mutex::new(()),
+            replay_until: std::sync::Mutex::new(Default::default()),
+            failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn replay_until(&self, partition: i32) -> Option<i64> {
+        self.replay_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .copied()
+    }
+}
+
+/// Consumer callbacks: seek to stored offsets on assignment (restoring a serving replica's
+/// partitions from the changelog first), track assignment, lag and broker health.
 pub struct IngestContext {
     store: Arc<Store>,
+    fleet: Option<Arc<Fleet>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -129,6 +183,10 @@ impl ConsumerContext for IngestContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let incremental = matches!(
+            consumer.rebalance_protocol(),
+            rdkafka::consumer::RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let elems: Vec<(String, i32)> = tpl
@@ -137,38 +195,55 @@ impl ConsumerContext for IngestContext {
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
                 for (topic, partition) in &elems {
-                    match self.store.stored_offset(topic, *partition) {
-                        Ok(Some(o)) => {
-                            if let Err(e) =
-                                tpl.set_partition_offset(topic, *partition, Offset::Offset(o))
-                            {
-                                error!(error = %e, topic, partition, "cannot set the start offset");
-                            }
-                        }
-                        Ok(None) => {
-                            let _ = tpl.set_partition_offset(topic, *partition, Offset::Beginning);
-                        }
-                        Err(e) => error!(error = %e, "cannot read stored offsets"),
+                    let start = match &self.fleet {
+                        Some(fleet) => self.restore(fleet, topic, *partition),
+                        None => self.stored_start(topic, *partition),
+                    };
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, start) {
+                        error!(error = %e, topic, partition, "cannot set the start offset");
                     }
                 }
-                if let Err(e) = consumer.assign(tpl) {
+                let assigned = if incremental {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
                     error!(error = %e, "cannot assign partitions");
                 }
-                self.health.assigned(elems.len());
-                self.metrics.partitions_assigned.set(elems.len() as i64);
+                self.note_assignment(consumer);
                 info!(partitions = ?elems.iter().map(|e| e.1).collect::<Vec<_>>(), "partitions assigned; resuming from stored offsets");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if let Err(e) = consumer.unassign() {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                if let Some(fleet) = &self.fleet {
+                    // the batch being stored finishes (its changelog records written) first;
+                    // nothing is written or published for these partitions after this
+                    let _b = fleet.batch.lock().unwrap_or_else(|e| e.into_inner());
+                    for &p in &revoked {
+                        fleet.ownership.lose(p);
+                    }
+                }
+                let unassigned = if incremental {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = unassigned {
                     error!(error = %e, "cannot unassign partitions");
                 }
-                self.health.revoked();
-                self.metrics.partitions_assigned.set(0);
                 self.metrics.consumer_lag.reset();
-                info!("partitions revoked");
+                self.note_assignment(consumer);
+                info!(partitions = ?revoked, "partitions revoked");
             }
             other => {
                 error!(error = ?other, "rebalance error");
+                if let Some(fleet) = &self.fleet {
+                    let _b = fleet.batch.lock().unwrap_or_else(|e| e.into_inner());
+                    for o in fleet.ownership.owned() {
+                        fleet.ownership.lose(o.partition);
+                    }
+                }
                 let _ = consumer.unassign();
                 self.health.revoked();
             }
@@ -176,18 +251,144 @@ impl ConsumerContext for IngestContext {
     }
 }
 
+impl IngestContext {
+    /// Where a partition starts in role `all`: the store's offset, or the beginning.
+    fn stored_start(&self, topic: &str, partition: i32) -> Offset {
+        match self.store.stored_offset(topic, partition) {
+            Ok(Some(o)) => Offset::Offset(o),
+            Ok(None) => Offset::Beginning,
+            Err(e) => {
+                error!(error = %e, "cannot read stored offsets");
+                Offset::Beginning
+            }
+        }
+    }
+
+    /// Readiness and the gauge follow the assignment (with cooperative rebalancing, each
+    /// callback adds or takes away some partitions).
+    fn note_assignment(&self, consumer: &BaseConsumer<Self>) {
+        let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.health.assigned(n);
+        self.metrics.partitions_assigned.set(n as i64);
+    }
+
+    /// Role `serve`: restores a newly assigned partition from the changelog (from the local
+    /// copy's position when it has one), claims it with a marker of the next epoch and owns
+    /// it; returns where its clicks resume (the changelog's last marker). Runs in the rebalance
+    /// callback, so no click of the partition is consumed before it is restored. A restore that
+    /// fails leaves the partition unowned and stops ingestion (the daemon restarts it).
+    fn restore(&self, fleet: &Fleet, topic: &str, partition: i32) -> Offset {
+        self.metrics.partitions_restoring.inc();
+        let started = Instant::now();
+        let result = self.restore_and_claim(fleet, topic, partition);
+        self.metrics.partitions_restoring.dec();
+        match result {
+            Ok((resume, records, from_beginning, epoch)) => {
+                info!(
+                    partition,
+                    records,
+                    from_beginning,
+                    epoch,
+                    resume,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "partition restored from the changelog"
+                );
+                Offset::Offset(resume)
+            }
+            Err(e) => {
+                let msg = format!("cannot restore partition {partition} from the changelog: {e:#}");
+                error!(error = %msg, "restore failed: ingestion stops (a restart restores again)");
+                *fleet.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                Offset::End
+            }
+        }
+    }
+
+    fn restore_and_claim(
+        &self,
+        fleet: &Fleet,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(i64, u64, bool, u64)> {
+        let restore_records = self.metrics.restore_records.clone();
+        let counted = std::sync::atomic::AtomicU64::new(0);
+        let progress = |n: u64| {
+            let before = counted.swap(n, std::sync::atomic::Ordering::AcqRel);
+            restore_records.inc_by(n.saturating_sub(before));
+        };
+        let changelog_topic = fleet.kafka.changelog();
+        let restored = changelog::restore(
+            &fleet.kafka,
+            &changelog_topic,
+            partition,
+            &self.store,
+            &progress,
+        )?;
+        let resume = restored.position.clicks_next;
+        // a crash after the store but before the changelog: re-consume from the marker
+        let local = self.store.stored_offset(topic, partition)?.unwrap_or(0);
+        {
+            let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
+            if local > resume {
+                replay.insert(partition, local);
+            } else {
+                replay.remove(&partition);
+            }
+        }
+        let epoch = restored.position.epoch + 1;
+        let claimed = fleet.changelog.write(
+            &fleet.producers,
+            &[],
+            &[Marker {
+                partition,
+                next_offset: resume,
+                epoch,
+            }],
+            || true,
+        )?;
+        let position = claimed
+            .first()
+            .map(|(_, p)| *p)
+            .unwrap_or(restored.position);
+        self.store.restore_histories(
+            &[],
+            partition,
+            position,
+            Some(&PartitionOffset {
+                topic: topic.to_string(),
+                partition,
+                next_offset: resume,
+            }),
+        )?;
+        fleet.ownership.gain(partition, epoch);
+        Ok((resume, restored.records, restored.from_beginning, epoch))
+    }
+}
+
 impl Ingest {
     /// Creates the group consumer, subscribed to the clicks topic.
     pub fn consumer(&self) -> Result<StreamConsumer<IngestContext>> {
         let k = &self.kafka;
-        let consumer: StreamConsumer<IngestContext> = client_config(
+        let instance = self
+            .fleet
+            .as_ref()
+            .map(|f| f.changelog.owner.clone())
+            .or_else(|| k.group_instance_id(crate::config::Role::All));
+        // serving replicas rebalance incrementally (only the partitions that must move stop);
+        // the `all` role keeps the eager assignors it always had
+        let strategy = if self.fleet.is_some() {
+            "cooperative-sticky"
+        } else {
+            "range,roundrobin"
+        };
+        let mut config = client_config(
             &k.brokers,
             &[
                 ("group.id", &k.group_id),
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
-                ("partition.assignment.strategy", "range,roundrobin"),
+                ("partition.assignment.strategy", strategy),
                 ("statistics.interval.ms", "5000"),
                 ("session.timeout.ms", "10000"),
                 ("heartbeat.interval.ms", "1000"),
@@ -199,13 +400,20 @@ impl Ingest {
                 ("enable.partition.eof", "true"),
             ],
             &k.properties,
-        )
-        .create_with_context(IngestContext {
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
-        })
-        .map_err(|e| client_error("cannot create the Kafka consumer", e))?;
+        );
+        if let Some(id) = instance {
+            // static membership: a replica restarted within the session timeout keeps its
+            // partitions
+            config.set("group.instance.id", id);
+        }
+        let consumer: StreamConsumer<IngestContext> = config
+            .create_with_context(IngestContext {
+                store: self.store.clone(),
+                fleet: self.fleet.clone(),
+                metrics: self.metrics.clone(),
+                health: self.health.clone(),
+            })
+            .map_err(|e| client_error("cannot create the Kafka consumer", e))?;
         consumer
             .subscribe(&[&k.clicks_topic])
             .context("cannot subscribe to the clicks topic")?;
@@ -219,6 +427,8 @@ struct Parsed {
     clicks: Vec<Click>,
     letters: Vec<DeadLetter>,
     offsets: Vec<PartitionOffset>,
+    /// Users of clicks consumed again after a crash (role `serve`): written to the changelog.
+    replayed: Vec<String>,
     /// When its messages were consumed (the scorer's latency counts from here).
     received: Instant,
     /// Messages in the batch (clicks, ignored and dead-lettered).
@@ -257,6 +467,11 @@ impl Ingest {
                 }
                 _ = shutdown.changed() => break,
             };
+            if let Some(f) = &self.fleet {
+                if let Some(msg) = f.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    anyhow::bail!(msg);
+                }
+            }
             let first = match first {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(p)) => {
@@ -319,40 +534,54 @@ impl Ingest {
     }
 
     /// Parses a batch consumed at `received`: good clicks, dead letters (counted by reason),
-    /// next offsets.
+    /// next offsets. A serving replica leaves out the messages of partitions it does not own
+    /// (revoked while the batch was consumed), dead-letters a click on another partition than
+    /// its user's, and notes the users of re-consumed clicks (see [`Fleet`]).
     fn parse_batch(&self, msgs: &[BorrowedMessage<'_>], received: Instant) -> Parsed {
         let k = &self.kafka;
         let mut clicks: Vec<Click> = Vec::with_capacity(msgs.len());
         let mut letters = Vec::new();
+        let mut replayed = Vec::new();
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut messages = 0;
         for m in msgs {
+            let (p, offset) = (m.partition(), m.offset());
+            let replay = match &self.fleet {
+                Some(f) if !f.ownership.owns(p) => continue,
+                Some(f) => f.replay_until(p).is_some_and(|until| offset < until),
+                None => false,
+            };
+            messages += 1;
             self.metrics.events_consumed.inc();
-            let e = next
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(0);
-            *e = (*e).max(m.offset() + 1);
-            match parse_event(m.payload(), k.max_message_bytes, &k.positive_event_types) {
-                Ok(Event::Click(c)) => clicks.push(c),
+            let e = next.entry((m.topic().to_string(), p)).or_insert(0);
+            *e = (*e).max(offset + 1);
+            let parsed = parse_event(m.payload(), k.max_message_bytes, &k.positive_event_types)
+                .map_err(|r| (r.reason(), r.to_string()))
+                .and_then(|event| self.check_partition(event, p));
+            match parsed {
+                Ok(Event::Click(c)) => {
+                    if replay {
+                        replayed.push(c.user.clone());
+                    }
+                    clicks.push(c)
+                }
                 Ok(Event::Ignored { .. }) => self.metrics.events_ignored.inc(),
-                Err(r) => {
+                // dead-lettered before the crash that made this a replay
+                Err(_) if replay => {}
+                Err((reason, detail)) => {
                     self.metrics
                         .events_rejected
-                        .with_label_values(&[r.reason()])
+                        .with_label_values(&[reason])
                         .inc();
-                    debug!(
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        reason = r.reason(),
-                        "dead-lettering a message"
-                    );
+                    debug!(partition = p, offset, reason, "dead-lettering a message");
                     letters.push(DeadLetter {
                         topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
+                        partition: p,
+                        offset,
                         key: m.key().map(|k| k.to_vec()),
                         payload: m.payload().map(|p| p.to_vec()).unwrap_or_default(),
-                        reason: r.reason(),
-                        detail: r.to_string(),
+                        reason,
+                        detail,
                     });
                 }
             }
@@ -369,9 +598,35 @@ impl Ingest {
             clicks,
             letters,
             offsets,
+            replayed,
             received,
-            messages: msgs.len() as u64,
+            messages,
         }
+    }
+
+    /// A serving replica owns a user through the partition the producers' partitioner gives
+    /// their id: a click that arrived on another partition (a producer keying by something
+    /// else, or with another partitioner) is refused, not stored where no pull finds it.
+    fn check_partition(
+        &self,
+        event: Event,
+        partition: i32,
+    ) -> std::result::Result<Event, (&'static str, String)> {
+        let (Some(f), Event::Click(c)) = (&self.fleet, &event) else {
+            return Ok(event);
+        };
+        let expected = f.ownership.partition_of(&c.user);
+        if expected == partition {
+            return Ok(event);
+        }
+        Err((
+            "wrong_partition",
+            format!(
+                "user {:?} belongs to partition {expected} with the {} partitioner (kafka.partitioner), but the click arrived on partition {partition}: produce clicks keyed by user id with that partitioner",
+                c.user,
+                f.kafka.partitioner.librdkafka_name()
+            ),
+        ))
     }
 
     fn dead_letters<'a>(&'a self, producer: &'a Producers) -> DeadLetterWriter<'a> {
@@ -386,15 +641,25 @@ impl Ingest {
     }
 
     /// Starts writing a parsed batch (clicks and offsets in one atomic store batch, then
-    /// fsync) on a blocking thread.
+    /// fsync; then, for a serving replica, the changelog) on a blocking thread.
     fn store_batch(&self, parsed: Parsed) -> StoreTask {
         let store = self.store.clone();
+        let fleet = self.fleet.clone();
+        let shutdown = self.shutdown.clone();
         let (clicks, offsets, n) = (parsed.clicks, parsed.offsets.clone(), parsed.messages);
+        let replayed = parsed.replayed;
         let handle = tokio::task::spawn_blocking(move || {
+            let _batch = fleet
+                .as_ref()
+                .map(|f| f.batch.lock().unwrap_or_else(|e| e.into_inner()));
             let a = store.apply_consumed(&clicks, &offsets, n)?;
             crate::fault::crash_point("ingest.applied");
             store.flush()?;
             crate::fault::crash_point("ingest.flushed");
+            if let Some(f) = &fleet {
+                write_changelog(f, &store, &a, &replayed, &offsets, &shutdown)?;
+                crate::fault::crash_point("ingest.changelog");
+            }
             anyhow::Ok(a)
         });
         StoreTask {
@@ -418,9 +683,17 @@ impl Ingest {
             .context("cannot store a batch")?;
         let mut tpl = TopicPartitionList::new();
         for o in &task.offsets {
+            if self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| !f.ownership.owns(o.partition))
+            {
+                continue;
+            }
             let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        if tpl.count() == 0 {
+        } else if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
         }
         self.online.clicked(&applied.new_pairs, &self.metrics);
@@ -486,6 +759,74 @@ impl Ingest {
             }
         }
     }
+}
+
+/// After a serving replica stored a batch: every changed user's history (and every user of a
+/// re-consumed click) to the changelog, then each owned partition's marker. Partitions revoked
+/// meanwhile are left out (the revocation waited for this batch only if it came later).
+fn write_changelog(
+    fleet: &Fleet,
+    store: &Store,
+    applied: &Applied,
+    replayed: &[String],
+    offsets: &[PartitionOffset],
+    shutdown: &Shutdown,
+) -> Result<()> {
+    let owned = |p: i32| fleet.ownership.epoch(p);
+    let mut ids: Vec<String> = Vec::with_capacity(applied.changed_users.len() + replayed.len());
+    for &u in &applied.changed_users {
+        if let Some(id) = store.user_id(u)? {
+            ids.push(id);
+        }
+    }
+    ids.extend(replayed.iter().cloned());
+    ids.sort_unstable();
+    ids.dedup();
+    let mut users = Vec::with_capacity(ids.len());
+    for user in ids {
+        let partition = fleet.ownership.partition_of(&user);
+        if owned(partition).is_some() {
+            let items = store.history_ids(&user)?;
+            users.push(UserRecord {
+                partition,
+                user,
+                items,
+            });
+        }
+    }
+    let markers: Vec<Marker> = offsets
+        .iter()
+        .filter_map(|o| {
+            owned(o.partition).map(|epoch| Marker {
+                partition: o.partition,
+                next_offset: o.next_offset,
+                epoch,
+            })
+        })
+        .collect();
+    let written = fleet
+        .changelog
+        .write(&fleet.producers, &users, &markers, || !shutdown.is_set());
+    let positions = match written {
+        Ok(p) => p,
+        Err(e) if shutdown.is_set() => {
+            // stored but not in the changelog: the next owner re-consumes from the last marker
+            warn!(error = %format!("{e:#}"), "shutdown before the changelog had the last batch");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
+    for (p, position) in positions {
+        store.set_changelog_position(p, position)?;
+        if replay
+            .get(&p)
+            .is_some_and(|&until| position.clicks_next >= until)
+        {
+            replay.remove(&p);
+        }
+    }
+    Ok(())
 }
 
 /// Asks the cluster about the consumer group every 2 s and keeps "brokers up" (part of

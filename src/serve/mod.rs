@@ -3,9 +3,11 @@
 //! apart, so users arriving meanwhile share a batch) it takes up to `serve.batch_size` waiting
 //! users, ranks them with the live model (`rank`: never an item the user has; popularity for
 //! users the model cannot score yet) and publishes one message per user to the recommendations
-//! topic. After a swap, users seen within `serve.rescore_window` are re-scored. It never waits
+//! topic. After a swap, users seen within `serve.rescore_window` are re-scored, at most
+//! `serve.max_rescores_per_second` of them a second (`budget`). It never waits
 //! for training: it reads whatever model the live slot holds.
 
+mod budget;
 mod rank;
 
 use std::collections::VecDeque;
@@ -27,9 +29,11 @@ use crate::kafka::Producers;
 use crate::live::LiveModelSlot;
 use crate::metrics::{LatencySamples, Metrics};
 use crate::online::{OnlineEval, ONLINE_CUTOFFS};
+use crate::ownership::Ownership;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
-use crate::wire::{Recommendation, Source, MODEL_VERSION_HEADER};
+use crate::wire::{OwnerStamp, Recommendation, Source, MODEL_VERSION_HEADER, OWNER_HEADERS};
+use budget::RescoreBudget;
 
 /// What the scorer uses: its settings and topic, the store it reads histories from, the
 /// activity record it takes waiting users from, the live model, and where it reports.
@@ -37,6 +41,10 @@ pub(crate) struct Scorer {
     pub serve: ServeConfig,
     pub topic: String,
     pub store: Arc<Store>,
+    /// Only users this replica owns are published (role `serve`), stamped with the owner.
+    pub ownership: Arc<Ownership>,
+    pub owner_id: String,
+    pub clicks_topic: String,
     pub activity: Arc<Activity>,
     pub live: Arc<LiveModelSlot>,
     pub online: Arc<OnlineEval>,
@@ -57,6 +65,7 @@ impl Scorer {
         let mut shutdown = me.shutdown.subscribe();
         let mut in_flight: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
         let mut last_batch: Option<tokio::time::Instant> = None;
+        let mut budget = RescoreBudget::new(me.serve.max_rescores_per_second, Instant::now());
         loop {
             // wait for waiting users (woken by ingest), a swap, or shutdown
             tokio::select! {
@@ -80,8 +89,17 @@ impl Scorer {
             me.metrics
                 .dirty_users
                 .set(me.activity.waiting_count() as i64);
-            let batch = me.activity.take_waiting(me.serve.batch_size);
+            let allowed = budget.available(Instant::now(), me.activity.clicks_waiting());
+            let batch = me.activity.take_waiting(me.serve.batch_size, allowed);
+            budget.spend(batch.iter().filter(|w| w.why == Why::Rescore).count());
             if batch.is_empty() {
+                // only re-scorings wait and their budget is spent: until it refills, only a
+                // click (or shutdown) starts a batch
+                tokio::select! {
+                    _ = tokio::time::sleep(budget.until_chunk(Instant::now())) => {}
+                    _ = me.activity.wait_for_click() => {}
+                    _ = shutdown.changed() => break,
+                }
                 continue;
             }
             let Some(recs) = me.clone().score(&batch).await else {
@@ -124,12 +142,29 @@ impl Scorer {
             let version = live.as_ref().map(|l| l.version);
             let k = me.serve.k;
             let depth = k.max(ONLINE_CUTOFFS[ONLINE_CUTOFFS.len() - 1]);
-            anyhow::Ok(
-                score_users(&me.store, live.as_deref(), &users, depth)?
-                    .into_iter()
-                    .map(|sc| (to_recommendation(&me.store, &sc, k, version), sc))
-                    .collect::<Vec<_>>(),
-            )
+            let mut out = Vec::with_capacity(users.len());
+            for sc in score_users(&me.store, live.as_deref(), &users, depth)? {
+                let mut r = to_recommendation(&me.store, &sc, k, version);
+                if me.ownership.is_partitioned() {
+                    // a user whose partition moved leaves the queue unpublished: the new
+                    // owner publishes for them
+                    let Some(owned) = me.ownership.owner_of(&sc.user_id) else {
+                        continue;
+                    };
+                    let offset = me
+                        .store
+                        .stored_offset(&me.clicks_topic, owned.partition)?
+                        .unwrap_or(0);
+                    r.owner = Some(OwnerStamp {
+                        partition: owned.partition,
+                        epoch: owned.epoch,
+                        offset,
+                        owner: me.owner_id.clone(),
+                    });
+                }
+                out.push((r, sc));
+            }
+            anyhow::Ok(out)
         })
         .await;
         match scored {
@@ -244,10 +279,24 @@ async fn enqueue(
     let version = r.model_version_header();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let headers = OwnedHeaders::new().insert(Header {
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: MODEL_VERSION_HEADER,
             value: Some(version.as_bytes()),
         });
+        if let Some(o) = &r.owner {
+            let values = [
+                o.partition.to_string(),
+                o.epoch.to_string(),
+                o.offset.to_string(),
+                o.owner.clone(),
+            ];
+            for (key, value) in OWNER_HEADERS.iter().zip(&values) {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+        }
         let record = FutureRecord::to(topic)
             .key(r.user_id.as_bytes())
             .payload(&payload)
@@ -318,6 +367,9 @@ mod tests {
             serve: ServeConfig::default(),
             topic: "recs".into(),
             store: store.clone(),
+            ownership: Arc::new(Ownership::everything()),
+            owner_id: "test".into(),
+            clicks_topic: "clicks".into(),
             activity: Arc::new(Activity::new(100, 100)),
             live: Arc::new(LiveModelSlot::new()),
             online: Arc::new(OnlineEval::new(100)),

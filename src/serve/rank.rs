@@ -141,6 +141,7 @@ pub(crate) fn to_recommendation(
         model_version: model_version.filter(|_| s.source == Source::Model),
         generated_at: now_ms(),
         source: s.source,
+        owner: None,
     }
 }
 

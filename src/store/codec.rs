@@ -21,6 +21,7 @@ pub(super) const POPULARITY_BLOCK: usize = 256;
 //   'i' + index BE  → item id (the catalogue, loaded into memory at open)
 //   'p' + block BE  → how many users hold each of items 256·block.. (u32 LE each)
 //   'o' + topic + 0 + partition BE → next offset (i64 BE)
+//   'c' + partition BE → changelog position of the partition's local copy (role serve)
 //   'm' + name      → counters and the format
 // Format 1 had 'h' + user index → history, 'I' + item id → item index and 'c' + item index →
 // count instead.

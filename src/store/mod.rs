@@ -16,9 +16,11 @@ use rand::{Rng, SeedableRng};
 use crate::model::Interactions;
 
 mod codec;
+mod restore;
 mod upgrade;
 
 use codec::*;
+pub(crate) use restore::ChangelogPosition;
 use upgrade::upgrade;
 
 pub use crate::wire::Click;

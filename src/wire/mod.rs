@@ -80,7 +80,30 @@ pub struct Recommendation {
     /// Milliseconds since the epoch.
     pub generated_at: u64,
     pub source: Source,
+    /// Role `serve`: who wrote it, sent as headers (not in the payload).
+    #[serde(skip)]
+    pub owner: Option<OwnerStamp>,
 }
+
+/// The owner's stamp on a recommendation (role `serve`), as the headers [`OWNER_HEADERS`]: a
+/// consumer keeps, per user, the message with the highest (epoch, offset) and discards the rest
+/// (a late message of a previous owner has a lower epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerStamp {
+    pub partition: i32,
+    pub epoch: u64,
+    /// The next clicks offset of the partition the user's history reflected.
+    pub offset: i64,
+    pub owner: String,
+}
+
+/// Header names: partition, epoch, offset, owner instance id.
+pub const OWNER_HEADERS: [&str; 4] = [
+    "multivaed-partition",
+    "multivaed-epoch",
+    "multivaed-offset",
+    "multivaed-owner",
+];
 
 impl Recommendation {
     /// The message payload.
@@ -141,6 +164,7 @@ mod tests {
             model_version: None,
             generated_at: 1,
             source: Source::Popular,
+            owner: None,
         };
         let json = String::from_utf8(r.to_json()).unwrap();
         assert_eq!(

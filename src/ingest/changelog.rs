@@ -1,0 +1,274 @@
+//! The changelog of user state (role `serve`), Kafka Streams' way: a compacted topic with the
+//! clicks topic's partition count, where the owner of a partition writes, after each stored
+//! batch, every changed user's whole history (keyed by user id, to the click's partition
+//! number) and then a marker with the next clicks offset the partition's records reflect and the
+//! owner's epoch. A new owner restores the partition from it (from its local position when it
+//! has one) and resumes the clicks at the last marker; records of an epoch older than one
+//! already seen (a late writer, frozen past its revocation) are skipped.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::config::KafkaConfig;
+use crate::kafka::{client_config, client_error, Producers};
+use crate::store::{ChangelogPosition, Store};
+
+/// The key of a partition's marker: user ids never hold control characters.
+pub(super) const MARKER_KEY: &str = "\u{1}multivaed.marker";
+
+/// A changelog record's value (a user's record, or the partition's marker under
+/// [`MARKER_KEY`]); a null value (tombstone) forgets the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(super) enum Record {
+    History {
+        /// External item ids, oldest first.
+        items: Vec<String>,
+        /// The owner's epoch.
+        epoch: u64,
+    },
+    Marker {
+        /// The clicks offset to resume the partition at: every click before it is reflected
+        /// in the records before this marker.
+        next_offset: i64,
+        epoch: u64,
+        owner: String,
+    },
+}
+
+/// A user's history to write.
+pub(super) struct UserRecord {
+    pub partition: i32,
+    pub user: String,
+    pub items: Vec<String>,
+}
+
+/// A partition's marker to write after its users.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Marker {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub epoch: u64,
+}
+
+pub(super) struct Changelog {
+    pub topic: String,
+    pub owner: String,
+}
+
+impl Changelog {
+    /// Writes the users' records, then each partition's marker, and waits until the broker has
+    /// them all (retrying what failed, with backoff, while `keep_trying` says so). Returns the
+    /// changelog position after each marker.
+    pub fn write(
+        &self,
+        producers: &Producers,
+        users: &[UserRecord],
+        markers: &[Marker],
+        keep_trying: impl Fn() -> bool,
+    ) -> Result<Vec<(i32, ChangelogPosition)>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.write_once(&producers.get(), users, markers) {
+                Ok(done) => return Ok(done),
+                Err(e) => {
+                    if let Some(k) = e.downcast_ref::<KafkaError>() {
+                        producers.recover(&producers.get(), k);
+                    }
+                    if !keep_trying() {
+                        return Err(e.context("shutdown while the changelog was being written"));
+                    }
+                    warn!(error = %format!("{e:#}"), "cannot write the changelog; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn write_once(
+        &self,
+        producer: &FutureProducer,
+        users: &[UserRecord],
+        markers: &[Marker],
+    ) -> Result<Vec<(i32, ChangelogPosition)>> {
+        let epoch_of = |p: i32| markers.iter().find(|m| m.partition == p).map(|m| m.epoch);
+        let mut pending = Vec::with_capacity(users.len());
+        for u in users {
+            let value = serde_json::to_vec(&Record::History {
+                items: u.items.clone(),
+                epoch: epoch_of(u.partition).unwrap_or(0),
+            })?;
+            pending.push(self.send(producer, u.partition, &u.user, &value)?);
+        }
+        // the markers go after their partition's users (one producer, idempotent: in order)
+        let mut marks = Vec::with_capacity(markers.len());
+        for m in markers {
+            let value = serde_json::to_vec(&Record::Marker {
+                next_offset: m.next_offset,
+                epoch: m.epoch,
+                owner: self.owner.clone(),
+            })?;
+            marks.push((*m, self.send(producer, m.partition, MARKER_KEY, &value)?));
+        }
+        for d in pending {
+            futures::executor::block_on(d)
+                .context("changelog delivery cancelled")?
+                .map_err(|(e, _)| e)?;
+        }
+        let mut done = Vec::with_capacity(marks.len());
+        for (m, d) in marks {
+            let delivered = futures::executor::block_on(d)
+                .context("changelog delivery cancelled")?
+                .map_err(|(e, _)| e)?;
+            done.push((
+                m.partition,
+                ChangelogPosition {
+                    next_offset: delivered.offset + 1,
+                    epoch: m.epoch,
+                    clicks_next: m.next_offset,
+                },
+            ));
+        }
+        Ok(done)
+    }
+
+    fn send(
+        &self,
+        producer: &FutureProducer,
+        partition: i32,
+        key: &str,
+        value: &[u8],
+    ) -> Result<rdkafka::producer::DeliveryFuture> {
+        producer
+            .send_result(
+                FutureRecord::to(&self.topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value),
+            )
+            .map_err(|(e, _)| anyhow::Error::new(e).context("cannot queue a changelog record"))
+    }
+}
+
+/// What a restore found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Restored {
+    pub position: ChangelogPosition,
+    pub records: u64,
+    pub from_beginning: bool,
+}
+
+/// Histories applied to the store at once during a restore.
+const RESTORE_CHUNK: usize = 2000;
+
+/// Reads partition `partition` of the changelog from the local copy's position (or from the
+/// beginning when there is none, or the log no longer reaches back to it) to its end, applying
+/// every user record to the store; `progress` is told of each chunk of records applied.
+pub(super) fn restore(
+    k: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    store: &Store,
+    progress: &dyn Fn(u64),
+) -> Result<Restored> {
+    let consumer: BaseConsumer = client_config(
+        &k.brokers,
+        &[
+            ("group.id", &format!("{}.restore", k.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            ("auto.offset.reset", "earliest"),
+        ],
+        &k.properties,
+    )
+    .create()
+    .map_err(|e| client_error("cannot create the changelog reader", e))?;
+    let local = store.changelog_position(partition)?;
+    let (low, _high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .with_context(|| format!("cannot read the bounds of changelog partition {partition}"))?;
+    let (start, mut position, from_beginning) = match local {
+        Some(p) if p.next_offset >= low => (Offset::Offset(p.next_offset), p, false),
+        _ => (
+            Offset::Beginning,
+            ChangelogPosition {
+                next_offset: 0,
+                epoch: 0,
+                clicks_next: 0,
+            },
+            true,
+        ),
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, start)?;
+    consumer.assign(&tpl)?;
+    let mut chunk: Vec<(String, Vec<String>)> = Vec::new();
+    let mut records = 0u64;
+    let deadline_idle = Duration::from_secs(30);
+    let mut idle_since = std::time::Instant::now();
+    loop {
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            if idle_since.elapsed() > deadline_idle {
+                anyhow::bail!("changelog partition {partition}: no answer from the broker for 30 s during the restore");
+            }
+            continue;
+        };
+        idle_since = std::time::Instant::now();
+        let m = match m {
+            Ok(m) => m,
+            Err(KafkaError::PartitionEOF(_)) => break,
+            Err(e) => {
+                warn!(error = %e, partition, "changelog read error during a restore; retrying");
+                continue;
+            }
+        };
+        records += 1;
+        position.next_offset = m.offset() + 1;
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let Some(key) = key else { continue };
+        let record = match m.payload() {
+            None => None,
+            Some(v) => match serde_json::from_slice::<Record>(v) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    warn!(error = %e, partition, offset = m.offset(), "an unreadable changelog record is skipped");
+                    continue;
+                }
+            },
+        };
+        match record {
+            Some(Record::Marker {
+                next_offset, epoch, ..
+            }) if epoch >= position.epoch => {
+                position.epoch = epoch;
+                position.clicks_next = next_offset;
+            }
+            Some(Record::History { items, epoch }) if epoch >= position.epoch => {
+                chunk.push((key, items));
+            }
+            // a record of an older owner written after a newer one's: a late writer's
+            Some(_) => {}
+            None => chunk.push((key, Vec::new())),
+        }
+        if chunk.len() >= RESTORE_CHUNK {
+            store.restore_histories(&std::mem::take(&mut chunk), partition, position, None)?;
+            progress(records);
+        }
+    }
+    store.restore_histories(&chunk, partition, position, None)?;
+    progress(records);
+    Ok(Restored {
+        position,
+        records,
+        from_beginning,
+    })
+}

@@ -1,0 +1,257 @@
+//! Writing histories restored from the changelog topic (role `serve`): whole histories replace
+//! what the store holds for their users, and each partition's changelog position (how far the
+//! local copy reflects the changelog, and under which epoch) is kept with them in one atomic
+//! batch, so a restore resumes where the last one ended.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::codec::*;
+use super::{PartitionOffset, Store, StoreFull};
+
+/// How far the local copy of one partition reflects the changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangelogPosition {
+    /// The changelog offset to read next.
+    pub next_offset: i64,
+    /// The highest owner epoch seen in the changelog so far.
+    pub epoch: u64,
+    /// The clicks offset the changelog reflects up to there (its last marker's).
+    pub clicks_next: i64,
+}
+
+fn encode_position(p: ChangelogPosition) -> Vec<u8> {
+    let mut v = p.next_offset.to_be_bytes().to_vec();
+    v.extend_from_slice(&p.epoch.to_be_bytes());
+    v.extend_from_slice(&p.clicks_next.to_be_bytes());
+    v
+}
+
+fn position_key(partition: i32) -> [u8; 5] {
+    let b = partition.to_be_bytes();
+    [b'c', b[0], b[1], b[2], b[3]]
+}
+
+impl Store {
+    /// The changelog position of a partition's local copy, if it was ever restored or written.
+    pub(crate) fn changelog_position(&self, partition: i32) -> Result<Option<ChangelogPosition>> {
+        Ok(self.tree.get(position_key(partition))?.and_then(|v| {
+            let next = <[u8; 8]>::try_from(v.get(..8)?).ok()?;
+            let epoch = <[u8; 8]>::try_from(v.get(8..16)?).ok()?;
+            let clicks = <[u8; 8]>::try_from(v.get(16..24)?).ok()?;
+            Some(ChangelogPosition {
+                next_offset: i64::from_be_bytes(next),
+                epoch: u64::from_be_bytes(epoch),
+                clicks_next: i64::from_be_bytes(clicks),
+            })
+        }))
+    }
+
+    /// Replaces the histories of `users` (external item ids, oldest first; empty: the user is
+    /// forgotten) and records the partition's changelog `position` and, when given, its clicks
+    /// offset, in one atomic batch. Returns the indices of the users written.
+    pub(crate) fn restore_histories(
+        &self,
+        users: &[(String, Vec<String>)],
+        partition: i32,
+        position: ChangelogPosition,
+        clicks: Option<&PartitionOffset>,
+    ) -> Result<Vec<u32>> {
+        let _w = self
+            .write_lock
+            .lock()
+            .map_err(|_| anyhow::anyhow!("store writer poisoned"))?;
+        let mut batch = sled::Batch::default();
+        let mut next_user = self.n_users.load(Ordering::Acquire) as u32;
+        let mut interactions = self.interactions.load(Ordering::Acquire) as i64;
+        let mut pop_delta: HashMap<u32, i64> = HashMap::new();
+        let mut new_items: Vec<Arc<str>> = Vec::new();
+        let mut written = Vec::with_capacity(users.len());
+        {
+            let catalogue = self.catalogue();
+            let first_new = catalogue.ids.len() as u32;
+            let mut new_index: HashMap<&str, u32> = HashMap::new();
+            for (user, items) in users {
+                let old = self
+                    .tree
+                    .get(key(b'U', user.as_bytes()))?
+                    .and_then(|v| decode_user(&v));
+                let (idx, old_items) = match old {
+                    Some(found) => found,
+                    None => {
+                        if next_user >= self.index_limit {
+                            return Err(StoreFull {
+                                what: "users",
+                                limit: self.index_limit,
+                            }
+                            .into());
+                        }
+                        batch.insert(&idx_key(b'u', next_user), user.as_bytes());
+                        next_user += 1;
+                        (next_user - 1, Vec::new())
+                    }
+                };
+                let mut indices: Vec<u32> = Vec::with_capacity(items.len());
+                for item in items.iter().rev().take(self.max_history) {
+                    let i = match catalogue.index.get(item.as_str()) {
+                        Some(&i) => i,
+                        None => match new_index.get(item.as_str()) {
+                            Some(&i) => i,
+                            None => {
+                                let i = first_new + new_items.len() as u32;
+                                if i >= self.index_limit {
+                                    return Err(StoreFull {
+                                        what: "items",
+                                        limit: self.index_limit,
+                                    }
+                                    .into());
+                                }
+                                batch.insert(&idx_key(b'i', i), item.as_bytes());
+                                new_items.push(Arc::from(item.as_str()));
+                                new_index.insert(item.as_str(), i);
+                                i
+                            }
+                        },
+                    };
+                    if !indices.contains(&i) {
+                        indices.push(i);
+                    }
+                }
+                indices.reverse();
+                for &i in &old_items {
+                    *pop_delta.entry(i).or_default() -= 1;
+                }
+                for &i in &indices {
+                    *pop_delta.entry(i).or_default() += 1;
+                }
+                interactions += indices.len() as i64 - old_items.len() as i64;
+                batch.insert(key(b'U', user.as_bytes()), encode_user(idx, &indices));
+                written.push(idx);
+            }
+        }
+        let n_items = self.catalogue().ids.len() as u32 + new_items.len() as u32;
+        let mut pop = self
+            .popularity
+            .write()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        let new_pop = Self::recount(&pop, &pop_delta, n_items, &mut batch);
+        batch.insert(&position_key(partition), encode_position(position));
+        if let Some(o) = clicks {
+            batch.insert(
+                offset_key(&o.topic, o.partition),
+                &o.next_offset.to_be_bytes(),
+            );
+        }
+        let interactions = interactions.max(0) as u64;
+        batch.insert(NEXT_USER, &(next_user as u64).to_be_bytes());
+        batch.insert(NEXT_ITEM, &(n_items as u64).to_be_bytes());
+        batch.insert(INTERACTIONS, &interactions.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        // in: publish to readers
+        {
+            let mut catalogue = self
+                .items
+                .write()
+                .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+            for id in new_items {
+                catalogue.push(id);
+            }
+        }
+        pop.resize(n_items as usize, 0);
+        for (i, v) in new_pop {
+            pop[i as usize] = v;
+        }
+        self.n_users.store(next_user as u64, Ordering::Release);
+        self.interactions.store(interactions, Ordering::Release);
+        Ok(written)
+    }
+
+    /// Records how far the local copy of a partition reflects the changelog (after this
+    /// replica's own writes to it). Not flushed: a position lost in a crash is an earlier one,
+    /// from which a restore re-reads records that change nothing.
+    pub(crate) fn set_changelog_position(
+        &self,
+        partition: i32,
+        position: ChangelogPosition,
+    ) -> Result<()> {
+        self.tree
+            .insert(position_key(partition), encode_position(position))?;
+        Ok(())
+    }
+
+    /// The external item ids of a user's history, oldest first (empty for an unknown user).
+    pub(crate) fn history_ids(&self, user: &str) -> Result<Vec<String>> {
+        let items = self
+            .tree
+            .get(key(b'U', user.as_bytes()))?
+            .and_then(|v| decode_user(&v))
+            .map(|(_, items)| items)
+            .unwrap_or_default();
+        let catalogue = self.catalogue();
+        Ok(items
+            .iter()
+            .filter_map(|&i| catalogue.ids.get(i as usize).map(|s| s.to_string()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::click;
+    use super::*;
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn restored_histories_replace_what_is_stored_with_their_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 3).unwrap();
+        let o = |n| PartitionOffset {
+            topic: "clicks".into(),
+            partition: 2,
+            next_offset: n,
+        };
+        s.apply(
+            &[click("a", "i1"), click("a", "i2"), click("b", "i1")],
+            &[o(3)],
+        )
+        .unwrap();
+        let pos = ChangelogPosition {
+            next_offset: 40,
+            epoch: 3,
+            clicks_next: 10,
+        };
+        s.restore_histories(
+            &[
+                ("a".into(), ids(&["i2", "i9"])),
+                ("c".into(), ids(&["i1", "i2", "i3", "i4"])),
+                ("b".into(), vec![]),
+            ],
+            2,
+            pos,
+            Some(&o(10)),
+        )
+        .unwrap();
+        assert_eq!(s.history_ids("a").unwrap(), ids(&["i2", "i9"]));
+        // bounded to max_history, the newest kept
+        assert_eq!(s.history_ids("c").unwrap(), ids(&["i2", "i3", "i4"]));
+        assert!(s.history_ids("b").unwrap().is_empty());
+        assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
+        assert_eq!(s.changelog_position(1).unwrap(), None);
+        assert_eq!(s.stored_offset("clicks", 2).unwrap(), Some(10));
+        assert_eq!(s.counts().interactions, 5);
+        // popularity follows: i2 held by a and c
+        let i2 = s.item_index("i2").unwrap().unwrap();
+        assert_eq!(s.popular(1, &[])[0].0, i2);
+        // it survives a reopen
+        drop(s);
+        let s = Store::open(dir.path(), 3).unwrap();
+        assert_eq!(s.history_ids("a").unwrap(), ids(&["i2", "i9"]));
+        assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
+    }
+}
