@@ -46,6 +46,25 @@ pub enum Role {
     Serve,
 }
 
+/// A serving replica's rebalance protocol (`kafka.rebalance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebalance {
+    #[default]
+    Cooperative,
+    Eager,
+}
+
+impl Rebalance {
+    /// The librdkafka assignors.
+    pub fn strategy(self) -> &'static str {
+        match self {
+            Rebalance::Cooperative => "cooperative-sticky",
+            Rebalance::Eager => "range,roundrobin",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -64,6 +83,13 @@ pub struct KafkaConfig {
     /// membership: a replica restarted within the session timeout keeps its partitions); empty:
     /// the `HOSTNAME` variable (the pod name on Kubernetes) for role `serve`, none for `all`.
     pub instance_id: String,
+    /// How a serving replica's group rebalances: `cooperative` (incremental: only the
+    /// partitions that move stop) or `eager` (every member gives up everything, then restores
+    /// from its local changelog position).
+    pub rebalance: Rebalance,
+    /// Role `serve`: join the group as a static member under the instance id, so a replica
+    /// restarted within the session timeout gets its partitions back without a rebalance.
+    pub static_membership: bool,
     /// Event types that count as a positive interaction (an event without a type counts).
     pub positive_event_types: Vec<String>,
     /// Messages larger than this are dead-lettered unparsed.
@@ -177,6 +203,8 @@ impl Default for KafkaConfig {
             changelog_topic: String::new(),
             partitioner: Default::default(),
             instance_id: String::new(),
+            rebalance: Rebalance::Cooperative,
+            static_membership: true,
             positive_event_types: vec!["click".into()],
             max_message_bytes: 64 * 1024,
             batch_size: 2000,

@@ -50,6 +50,8 @@ fn replica(f: &Fleet, dir: &std::path::Path, name: &str) -> Daemon {
             ("MULTIVAED_ROLE", "serve".into()),
             ("MULTIVAED_KAFKA__INSTANCE_ID", name.to_string()),
             ("MULTIVAED_KAFKA__BATCH_SIZE", "100".into()),
+            // Tansu hands nothing over with both (see the probe below)
+            ("MULTIVAED_KAFKA__STATIC_MEMBERSHIP", "false".into()),
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
@@ -113,7 +115,6 @@ fn owned(d: &Daemon) -> f64 {
 }
 
 #[test]
-#[ignore = "issue 15 in progress: on Tansu the cooperative follow-up rebalance leaves the revoked partitions unassigned (the joining replica gets an empty assignment)"]
 fn a_moved_partition_is_restored_and_only_its_owner_publishes() {
     let dir = tempfile::tempdir().unwrap();
     let f = fleet(dir.path());
@@ -276,4 +277,67 @@ fn the_partitioner_matches_librdkafkas() {
             }
         }
     }
+}
+
+/// Two plain consumers in one group on `PARTITIONS` partitions: the second joins once the first
+/// owns them all; returns how the assignment counts went until both own some (`None`: they
+/// never did within 60 s).
+fn hand_over(strategy: &str, static_members: bool) -> Option<Vec<(usize, usize)>> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = unique("coop");
+    create_topics(&[(&topic, PARTITIONS)]);
+    let group = unique("coop-group");
+    let member = |id: &str| -> BaseConsumer {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers())
+            .set("group.id", &group)
+            .set("partition.assignment.strategy", strategy)
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
+        if static_members {
+            config.set("group.instance.id", id);
+        }
+        let c: BaseConsumer = config.create().unwrap();
+        c.subscribe(&[&topic]).unwrap();
+        c
+    };
+    let count = |c: &BaseConsumer| c.assignment().map(|a| a.count()).unwrap_or(0);
+    let a = member("a");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&a) < PARTITIONS as usize {
+        assert!(Instant::now() < deadline, "a alone: {}", count(&a));
+        let _ = a.poll(Duration::from_millis(100));
+    }
+    let b = member("b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut log = vec![(count(&a), count(&b))];
+    while !(count(&a) >= 1 && count(&b) >= 1 && count(&a) + count(&b) == PARTITIONS as usize) {
+        if Instant::now() > deadline {
+            eprintln!("{strategy}, static {static_members}: never shared: {log:?}");
+            return None;
+        }
+        let _ = a.poll(Duration::from_millis(50));
+        let _ = b.poll(Duration::from_millis(50));
+        let now = (count(&a), count(&b));
+        if log.last() != Some(&now) {
+            log.push(now);
+        }
+    }
+    eprintln!("{strategy}, static {static_members}: {log:?}");
+    Some(log)
+}
+
+/// The broker's rebalancing, probed with plain consumers: incremental (cooperative-sticky)
+/// hands partitions over without stopping the rest, and static members rebalance eagerly. (The
+/// third combination, cooperative-sticky with static members, never hands the revoked
+/// partitions over on the test broker: README "Scaling".)
+#[test]
+fn the_broker_hands_partitions_over_incrementally_and_to_static_members() {
+    let incremental = hand_over("cooperative-sticky", false).expect("cooperative hand-over");
+    // the first member kept some partitions throughout: never down to none
+    assert!(incremental.iter().all(|&(a, _)| a > 0), "{incremental:?}");
+    let eager = hand_over("range,roundrobin", true).expect("static members' hand-over");
+    assert!(eager.last().is_some_and(|&(a, b)| a > 0 && b > 0));
 }

@@ -369,17 +369,17 @@ impl Ingest {
     /// Creates the group consumer, subscribed to the clicks topic.
     pub fn consumer(&self) -> Result<StreamConsumer<IngestContext>> {
         let k = &self.kafka;
-        let instance = self
-            .fleet
-            .as_ref()
-            .map(|f| f.changelog.owner.clone())
-            .or_else(|| k.group_instance_id(crate::config::Role::All));
-        // serving replicas rebalance incrementally (only the partitions that must move stop);
-        // the `all` role keeps the eager assignors it always had
-        let strategy = if self.fleet.is_some() {
-            "cooperative-sticky"
-        } else {
-            "range,roundrobin"
+        // serving replicas rebalance as configured (incrementally by default: only the
+        // partitions that must move stop); the `all` role keeps the eager assignors it always had
+        let (strategy, instance) = match &self.fleet {
+            Some(f) => (
+                k.rebalance.strategy(),
+                k.static_membership.then(|| f.changelog.owner.clone()),
+            ),
+            None => (
+                crate::config::Rebalance::Eager.strategy(),
+                k.group_instance_id(crate::config::Role::All),
+            ),
         };
         let mut config = client_config(
             &k.brokers,
