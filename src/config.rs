@@ -76,6 +76,9 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     /// The compacted changelog of user histories (role `serve`); empty: `<clicks_topic>.history`.
     pub changelog_topic: String,
+    /// The compacted, one-partition topic where serving replicas announce their HTTP address
+    /// and partitions (pull routing); empty: `<clicks_topic>.members`.
+    pub members_topic: String,
     /// The partitioner the producers of clicks use (`consistent_random`: librdkafka's default;
     /// `murmur2_random`: the Java client's): a user's owner is found through it.
     pub partitioner: crate::partition::Partitioner,
@@ -171,6 +174,9 @@ pub struct ServeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Role `serve`: the address other replicas redirect pulls for this replica's users to;
+    /// empty: `http://<listen>`, with `HOSTNAME` for an unspecified listen address (0.0.0.0).
+    pub advertise: String,
     /// Pull requests scored at once, at most; past it a pull gets 429 with `Retry-After`, so
     /// pulls never take more than this many cores from push scoring.
     pub max_concurrent_pulls: usize,
@@ -201,6 +207,7 @@ impl Default for KafkaConfig {
             recommendations_topic: "recommendations".into(),
             dead_letter_topic: "clicks-dead-letter".into(),
             changelog_topic: String::new(),
+            members_topic: String::new(),
             partitioner: Default::default(),
             instance_id: String::new(),
             rebalance: Rebalance::Cooperative,
@@ -259,6 +266,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            advertise: String::new(),
             max_concurrent_pulls: 2,
         }
     }
@@ -286,6 +294,21 @@ fn kafka_properties_from_env(
     .collect()
 }
 
+impl HttpConfig {
+    /// The address announced to the other replicas.
+    pub fn advertised(&self) -> String {
+        if !self.advertise.is_empty() {
+            return self.advertise.trim_end_matches('/').to_string();
+        }
+        let host = if self.listen.ip().is_unspecified() {
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into())
+        } else {
+            self.listen.ip().to_string()
+        };
+        format!("http://{host}:{}", self.listen.port())
+    }
+}
+
 impl KafkaConfig {
     /// The changelog topic's name.
     pub fn changelog(&self) -> String {
@@ -293,6 +316,15 @@ impl KafkaConfig {
             format!("{}.history", self.clicks_topic)
         } else {
             self.changelog_topic.clone()
+        }
+    }
+
+    /// The members topic's name.
+    pub fn members(&self) -> String {
+        if self.members_topic.is_empty() {
+            format!("{}.members", self.clicks_topic)
+        } else {
+            self.members_topic.clone()
         }
     }
 

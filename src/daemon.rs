@@ -33,6 +33,8 @@ pub struct Daemon {
     pub(crate) store: Arc<Store>,
     /// Which users this process owns (all of them in role `all`).
     pub(crate) ownership: Arc<crate::ownership::Ownership>,
+    /// Role `serve`: the other replicas and their partitions (pull routing).
+    pub(crate) directory: Arc<crate::members::Directory>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) live: Arc<LiveModelSlot>,
     pub(crate) activity: Arc<Activity>,
@@ -91,6 +93,7 @@ impl Daemon {
         Ok(Self {
             store: Arc::new(store),
             ownership: Arc::new(ownership),
+            directory: Arc::new(crate::members::Directory::default()),
             metrics: Arc::new(metrics),
             live: Arc::new(LiveModelSlot::new()),
             activity: Arc::new(Activity::new(
@@ -156,6 +159,18 @@ impl Daemon {
             self.probe().run(producers.clone()),
         );
         stage(&mut stages, "notify", self.notifier().run());
+        if self.config.role == Role::Serve {
+            stage(
+                &mut stages,
+                "members",
+                crate::members::follow(
+                    self.config.kafka.clone(),
+                    self.config.kafka.members(),
+                    self.directory.clone(),
+                    self.shutdown.clone(),
+                ),
+            );
+        }
         if let Some(worker) = worker {
             stage(&mut stages, "train", worker.run_on_thread());
         }
@@ -196,6 +211,7 @@ impl Daemon {
             Arc::new(crate::ingest::Fleet::new(
                 self.config.kafka.clone(),
                 self.instance_id(),
+                self.config.http.advertised(),
                 self.ownership.clone(),
                 producers.clone(),
             ))
@@ -267,6 +283,8 @@ impl Daemon {
             )),
             store: self.store.clone(),
             ownership: self.ownership.clone(),
+            directory: self.directory.clone(),
+            instance_id: self.instance_id(),
             live: self.live.clone(),
             activity: self.activity.clone(),
             metrics: self.metrics.clone(),

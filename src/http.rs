@@ -32,6 +32,9 @@ pub struct Http {
     pub store: Arc<Store>,
     /// Role `serve`: only the owner of a user's partition answers for them.
     pub ownership: Arc<crate::ownership::Ownership>,
+    /// Where the other replicas answer (a pull for their users is redirected there).
+    pub directory: Arc<crate::members::Directory>,
+    pub instance_id: String,
     pub live: Arc<LiveModelSlot>,
     pub activity: Arc<Activity>,
     pub metrics: Arc<Metrics>,
@@ -118,20 +121,7 @@ async fn recommendations(
         return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
     }
     if s.ownership.owner_of(&user_id).is_none() {
-        // a stale history is never served; the owner is another replica (or the partition is
-        // moving here and is being restored)
-        let mut r = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "this replica does not own partition {} of this user: ask its owner",
-                s.ownership.partition_of(&user_id)
-            ),
-        );
-        r.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return r;
+        return not_owned(&s, &user_id, k);
     }
     let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
         s.metrics.pulls_refused.inc();
@@ -161,6 +151,49 @@ async fn recommendations(
         Ok(Err(e)) => internal_error(&format!("{e:#}")),
         Err(e) => internal_error(&e.to_string()),
     }
+}
+
+/// A pull for a user of a partition this replica does not own (a stale local copy is never
+/// served): a redirect to the owner's address, or 503 with `Retry-After` while no other replica
+/// announces the partition (it is moving: revoked, or being restored).
+fn not_owned(s: &Http, user_id: &str, k: usize) -> Response {
+    let partition = s.ownership.partition_of(user_id);
+    if let Some((owner, http)) = s.directory.owner_of(partition) {
+        if owner != s.instance_id {
+            let user: String = url_escape(user_id);
+            let location = format!("{http}/v1/users/{user}/recommendations?k={k}");
+            if let Ok(v) = axum::http::HeaderValue::from_str(&location) {
+                let mut r = error(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    format!("partition {partition} is owned by {owner}"),
+                );
+                r.headers_mut().insert(axum::http::header::LOCATION, v);
+                return r;
+            }
+        }
+    }
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("partition {partition} of this user is moving between replicas: retry"),
+    );
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    r
+}
+
+/// Percent-encodes a path segment (everything but unreserved characters).
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// A 500 that names a request id and nothing internal; the cause is logged under that id.

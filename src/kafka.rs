@@ -182,6 +182,7 @@ pub fn check_topics<C: rdkafka::ClientContext>(
         ];
         if changelog {
             wanted.push(("kafka.changelog_topic", changelog_topic.clone()));
+            wanted.push(("kafka.members_topic", k.members()));
         }
         let missing = wanted
             .into_iter()

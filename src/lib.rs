@@ -33,6 +33,7 @@ mod http;
 mod ingest;
 mod kafka;
 pub mod live;
+mod members;
 pub mod metrics;
 pub mod model;
 mod notify;

@@ -24,9 +24,11 @@ struct Fleet {
 fn fleet(dir: &std::path::Path) -> Fleet {
     let setup = Setup::named(dir);
     let changelog = format!("{}.history", setup.clicks);
+    let members = format!("{}.members", setup.clicks);
     create_topics(&[
         (&setup.clicks, PARTITIONS),
         (&changelog, PARTITIONS),
+        (&members, 1),
         (&setup.recs, 1),
         (&setup.dlq, 1),
     ]);
@@ -173,17 +175,44 @@ fn a_moved_partition_is_restored_and_only_its_owner_publishes() {
         assert_eq!(got, want, "{user}'s history in the changelog");
     }
 
-    // exactly one replica answers each user's pull; the other refuses (never a stale answer)
+    // exactly one replica answers each user's pull; the other redirects to it (never a stale
+    // answer of its own), and following the redirect gives the owner's answer
     let mut owner_of: HashMap<String, &str> = HashMap::new();
+    let no_follow = ureq::AgentBuilder::new().redirects(0).build();
+    let ask = |d: &Daemon, path: &str| -> (u16, Option<String>) {
+        let url = format!("http://127.0.0.1:{}{path}", d.port);
+        match no_follow.get(&url).call() {
+            // ureq hands an unfollowed redirect back as a response
+            Ok(r) => (r.status(), r.header("location").map(str::to_string)),
+            Err(ureq::Error::Status(s, r)) => (s, r.header("location").map(str::to_string)),
+            Err(e) => panic!("{url}: {e}"),
+        }
+    };
     for u in (0..USERS).step_by(7) {
         let user = format!("u{u}");
         let path = format!("/v1/users/{user}/recommendations?k=5");
-        let (sa, sb) = (a.get(&path).unwrap().0, b.get(&path).unwrap().0);
-        assert!(
-            (sa == 200 && sb == 503) || (sa == 503 && sb == 200),
-            "{user}: a answered {sa}, b {sb}"
+        let ((sa, la), (sb, lb)) = (ask(&a, &path), ask(&b, &path));
+        let owner = match (sa, sb) {
+            (200, 307) => ("a", lb, &a),
+            (307, 200) => ("b", la, &b),
+            other => panic!("{user}: a, b answered {other:?}"),
+        };
+        assert_eq!(
+            owner.1.as_deref(),
+            Some(format!("http://127.0.0.1:{}{path}", owner.2.port).as_str()),
+            "{user}: the redirect goes to the owner"
         );
-        owner_of.insert(user, if sa == 200 { "a" } else { "b" });
+        let items = |d: &Daemon| -> serde_json::Value {
+            let (status, body) = d.get(&path).unwrap();
+            assert_eq!(status, 200, "{user} (redirect followed)");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["items"].clone()
+        };
+        assert_eq!(
+            items(&a),
+            items(&b),
+            "{user}: the same answer from either replica"
+        );
+        owner_of.insert(user, owner.0);
     }
 
     // the latest recommendation of each user (highest epoch, then offset) is the owner's, and

@@ -67,15 +67,24 @@ pub struct Fleet {
     replay_until: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
     /// A restore that failed (in the rebalance callback): ingestion stops with it.
     failed: std::sync::Mutex<Option<String>>,
+    /// Tells the other replicas which partitions this one owns now.
+    announcer: crate::members::Announcer,
 }
 
 impl Fleet {
     pub fn new(
         kafka: KafkaConfig,
         instance_id: String,
+        http: String,
         ownership: Arc<crate::ownership::Ownership>,
         producers: Arc<Producers>,
     ) -> Self {
+        let announcer = crate::members::Announcer {
+            topic: kafka.members(),
+            id: instance_id.clone(),
+            http,
+            producers: producers.clone(),
+        };
         let changelog = Changelog {
             topic: kafka.changelog(),
             owner: instance_id,
@@ -88,6 +97,7 @@ impl Fleet {
             batch: std::sync::Mutex::new(()),
             replay_until: std::sync::Mutex::new(Default::default()),
             failed: std::sync::Mutex::new(None),
+            announcer,
         }
     }
 
@@ -270,6 +280,11 @@ impl IngestContext {
         let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.health.assigned(n);
         self.metrics.partitions_assigned.set(n as i64);
+        if let Some(f) = &self.fleet {
+            let owned = f.ownership.owned();
+            f.announcer
+                .announce(owned.iter().map(|o| (o.partition, o.epoch)).collect());
+        }
     }
 
     /// Role `serve`: restores a newly assigned partition from the changelog (from the local
@@ -503,6 +518,9 @@ impl Ingest {
         }
         self.finish_stored(&consumer, &mut storing).await?;
         self.commit_what_is_stored(&consumer);
+        if let Some(f) = &self.fleet {
+            f.announcer.leave();
+        }
         info!("ingest stopped");
         Ok(())
     }
