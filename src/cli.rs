@@ -48,6 +48,8 @@ pub enum Command {
     Recommend(RecommendArgs),
     /// List the model versions of a data_dir, or roll back to one (daemon stopped).
     Models(ModelsArgs),
+    /// Create or check every topic the configured role needs (partitions, compaction).
+    Topics(TopicsArgs),
     /// Train and evaluate under the paper's strong-generalisation protocol.
     Eval(EvalArgs),
     /// The benchmarks (model, store, stream, suite): runs `multivaed-bench` from beside this
@@ -102,6 +104,33 @@ pub struct EvalArgs {
     pub device: multivaed::config::DeviceChoice,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TopicsArgs {
+    #[command(subcommand)]
+    pub action: TopicsAction,
+    /// The TOML configuration naming the topics.
+    #[arg(long, short, env = "MULTIVAED_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// The role whose topics to handle (default: the config's).
+    #[arg(long, value_enum, global = true)]
+    pub role: Option<multivaed::config::Role>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsAction {
+    /// Lists every topic with its partitions and cleanup policy; exits 1 if one is wrong.
+    Check,
+    /// Creates the missing topics (then checks them all).
+    Create {
+        /// Partitions of a new clicks topic (the others follow it; members: 1).
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Replication factor of new topics.
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -408,6 +437,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             runtime()?.block_on(async move { multivaed::daemon::Daemon::open(config)?.run().await })
         }
+        Command::Topics(args) => {
+            let mut config = Config::load(args.config.as_deref())?;
+            if let Some(role) = args.role {
+                config.role = role;
+            }
+            runtime()?.block_on(topics(&config, &args.action))
+        }
         Command::Demo(args) => {
             runtime()?.block_on(multivaed::demo::run_demo(multivaed::demo::DemoOptions {
                 duration: args.duration.map(std::time::Duration::from_secs),
@@ -449,4 +485,40 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Bench(args) => run_bench(args.args),
     }
+}
+
+/// `multivaed topics check|create`.
+async fn topics(config: &Config, action: &TopicsAction) -> Result<()> {
+    if let TopicsAction::Create {
+        partitions,
+        replication,
+    } = action
+    {
+        for name in multivaed::topics::create(config, *partitions, *replication).await? {
+            println!("created {name}");
+        }
+    }
+    let found = multivaed::topics::check(config).await?;
+    println!(
+        "{:<28} {:<40} {:>10}  {:<10} status",
+        "setting", "topic", "partitions", "policy"
+    );
+    for f in &found {
+        println!(
+            "{:<28} {:<40} {:>10}  {:<10} {}",
+            f.topic.key,
+            f.topic.name,
+            f.partitions.map_or("-".to_string(), |n| n.to_string()),
+            match (&f.policy, f.topic.compact) {
+                (Some(p), _) => p.as_str(),
+                (None, true) => "?",
+                (None, false) => "-",
+            },
+            f.problem.as_deref().unwrap_or("ok")
+        );
+    }
+    if found.iter().any(|f| f.problem.is_some()) {
+        bail!("some topics are missing or wrong (multivaed topics create makes the missing ones)");
+    }
+    Ok(())
 }

@@ -144,6 +144,7 @@ impl Daemon {
         if self.config.role == Role::Serve {
             let n = partitions.context("role serve: the cluster did not say how many partitions the clicks topic has; retry when it answers")?;
             self.ownership.set_partitions(n);
+            check_serving_topics(&self.config).await?;
         }
         let ingest = self.ingest(&producers);
         let consumer = ingest.consumer()?;
@@ -302,6 +303,27 @@ impl Daemon {
             shutdown: self.shutdown.clone(),
         }
     }
+}
+
+/// Role `serve`: the changelog and members topics are compacted (a broker that does not
+/// describe topic configs is not refused) and the changelog has the clicks topic's partitions.
+async fn check_serving_topics(config: &Config) -> Result<()> {
+    let found = crate::topics::check(config).await?;
+    if let Some(f) = found.iter().find(|f| f.problem.is_some()) {
+        bail!(
+            "{}: topic {:?}: {} (multivaed topics check lists them all)",
+            f.topic.key,
+            f.topic.name,
+            f.problem.as_deref().unwrap_or_default()
+        );
+    }
+    for f in found
+        .iter()
+        .filter(|f| f.topic.compact && f.policy.is_none())
+    {
+        warn!(topic = %f.topic.name, "the broker did not say the topic's cleanup.policy: it must be compact");
+    }
+    Ok(())
 }
 
 /// Starts a stage as a task that reports its name with its end (a panic becomes an error).

@@ -43,5 +43,6 @@ pub mod partition;
 pub mod serve;
 mod shutdown;
 pub mod store;
+pub mod topics;
 mod train;
 pub mod wire;
