@@ -19,23 +19,37 @@ const USERS: usize = 200;
 struct Fleet {
     setup: Setup,
     changelog: String,
+    partitions: i32,
 }
 
 fn fleet(dir: &std::path::Path) -> Fleet {
+    fleet_of(dir, PARTITIONS)
+}
+
+fn fleet_of(dir: &std::path::Path, partitions: i32) -> Fleet {
     let setup = Setup::named(dir);
     let changelog = format!("{}.history", setup.clicks);
     let members = format!("{}.members", setup.clicks);
     create_topics(&[
-        (&setup.clicks, PARTITIONS),
-        (&changelog, PARTITIONS),
+        (&setup.clicks, partitions),
+        (&changelog, partitions),
         (&members, 1),
         (&setup.recs, 1),
         (&setup.dlq, 1),
     ]);
-    Fleet { setup, changelog }
+    Fleet {
+        setup,
+        changelog,
+        partitions,
+    }
 }
 
 fn replica(f: &Fleet, dir: &std::path::Path, name: &str) -> Daemon {
+    replica_with(f, dir, name, &[])
+}
+
+/// The environment of replica `name` (its own data directory, a 6 s session).
+fn replica_env(f: &Fleet, dir: &std::path::Path, name: &str) -> Vec<(String, String)> {
     let data = dir.join(name);
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
@@ -57,6 +71,12 @@ fn replica(f: &Fleet, dir: &std::path::Path, name: &str) -> Daemon {
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
+    env
+}
+
+fn replica_with(f: &Fleet, dir: &std::path::Path, name: &str, extra: &[(&str, &str)]) -> Daemon {
+    let mut env = replica_env(f, dir, name);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Daemon::start(&env, free_port())
 }
 
@@ -93,12 +113,20 @@ fn produce_round(f: &Fleet, round: usize) -> usize {
     bad
 }
 
-/// The latest changelog history of each user (by log order within its partition).
+/// Each user's history as a restore reads the changelog: the latest record in log order, except
+/// records of an epoch older than one already seen in their partition (a late writer's).
 fn changelog_histories(f: &Fleet) -> HashMap<String, Vec<String>> {
     let mut out = HashMap::new();
-    for m in read_all(&f.changelog, PARTITIONS, Duration::from_secs(3)) {
+    let mut epoch: HashMap<i32, u64> = HashMap::new();
+    for m in read_all_partitioned(&f.changelog, f.partitions) {
         let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let e = v["epoch"].as_u64().unwrap_or(0);
+        let seen = epoch.entry(m.partition).or_insert(0);
+        if e < *seen {
+            continue;
+        }
+        *seen = e;
         if v["kind"] == "history" {
             let items = v["items"]
                 .as_array()
@@ -107,6 +135,47 @@ fn changelog_histories(f: &Fleet) -> HashMap<String, Vec<String>> {
                 .map(|i| i.as_str().unwrap().to_string())
                 .collect();
             out.insert(key, items);
+        }
+    }
+    out
+}
+
+/// A changelog message and its partition.
+struct Record {
+    partition: i32,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+}
+
+/// Every message of `topic`, partition by partition in log order.
+fn read_all_partitioned(topic: &str, partitions: i32) -> Vec<Record> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        c.assign(&tpl).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "{topic}/{p}: no end in 60 s");
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => out.push(Record {
+                    partition: p,
+                    key: m.key().map(|k| k.to_vec()),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                }),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                _ => {}
+            }
         }
     }
     out
@@ -419,6 +488,7 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
     let f = Fleet {
         changelog: format!("{}.history", setup.clicks),
         setup,
+        partitions: 3,
     };
     // nothing there: check fails and names every topic
     let (ok, out, _) = run_cli(&f, &["topics", "check"], &[]);
@@ -447,6 +517,7 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
     let g = Fleet {
         changelog: String::new(),
         setup: other,
+        partitions: 3,
     };
     let (ok, _, err) = run_cli(&g, &["run"], &[]);
     assert!(!ok, "{err}");
@@ -457,4 +528,210 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
     // (a changelog that is not compacted is refused the same way where the broker describes
     // topic configs; Tansu leaves cleanup.policy out for a topic created without one, so the
     // daemon can only warn there: unit test in src/topics.rs)
+}
+
+/// The churn stream: user u's k-th click is item `k`·1000 + u mod 1000 (distinct per user);
+/// every 47th message is bad (47 is prime to the user count: every user clicks). Sends at `rate` until `stop`; returns the clicks sent per user
+/// and the bad messages sent.
+fn stream(
+    topic: String,
+    partitions: i32,
+    users: usize,
+    rate: f64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(HashMap<String, HashSet<String>>, usize)> {
+    std::thread::spawn(move || {
+        let p = producer();
+        let mut sent: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut bad = 0;
+        let start = Instant::now();
+        let mut n = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let (u, k) = (n % users, n / users);
+            let user = format!("u{u}");
+            let partition = Partitioner::ConsistentRandom.partition(user.as_bytes(), partitions);
+            let payload = if n % 47 == 46 {
+                bad += 1;
+                format!("bad message {n}")
+            } else {
+                let item = format!("i{}", k * 1000 + u % 1000);
+                sent.entry(user.clone()).or_default().insert(item.clone());
+                format!(r#"{{"user_id": "{user}", "item_id": "{item}"}}"#)
+            };
+            send(
+                &p,
+                BaseRecord::to(&topic)
+                    .partition(partition)
+                    .key(user.as_bytes())
+                    .payload(payload.as_bytes()),
+            );
+            n += 1;
+            let due = Duration::from_secs_f64(n as f64 / rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+        (sent, bad)
+    })
+}
+
+/// Waits until the replicas own every partition between them, each at least one.
+fn settled(replicas: &[&Daemon], partitions: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let counts: Vec<f64> = replicas.iter().map(|d| owned(d)).collect();
+        if counts.iter().all(|&c| c >= 1.0) && counts.iter().sum::<f64>() == partitions as f64 {
+            eprintln!("{what}: partitions {counts:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: never settled: {counts:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
+    const PARTS: i32 = 6;
+    const USERS: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet_of(dir.path(), PARTS);
+    let r1 = replica(&f, dir.path(), "r1");
+    settled(&[&r1], PARTS, "r1 alone");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = stream(f.setup.clicks.clone(), PARTS, USERS, 150.0, stop.clone());
+    std::thread::sleep(Duration::from_secs(4));
+    // 1 → 3
+    let r2 = replica(&f, dir.path(), "r2");
+    let r3 = replica(&f, dir.path(), "r3");
+    settled(&[&r1, &r2, &r3], PARTS, "three replicas");
+    std::thread::sleep(Duration::from_secs(3));
+    // 3 → 2
+    r3.terminate();
+    settled(&[&r1, &r2], PARTS, "r3 stopped");
+    std::thread::sleep(Duration::from_secs(3));
+    // r3 again, killed in the middle of restoring its partitions, then again for good
+    let mut crashing = std::process::Command::new(daemon_exe());
+    crashing
+        .arg("run")
+        .envs(replica_env(&f, dir.path(), "r3"))
+        .env_remove("MULTIVAED_TEST_ECHO")
+        .env("MULTIVAED_CRASH_AT", "restore.applied")
+        .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = crashing.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "r3 never reached a restore");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "r3 died in its restore");
+    let r3 = replica(&f, dir.path(), "r3");
+    settled(&[&r1, &r2, &r3], PARTS, "r3 back");
+    // the stream goes on past the last move, so every user clicks after it
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (sent, bad) = producer.join().unwrap();
+    let replicas = [("r1", &r1), ("r2", &r2), ("r3", &r3)];
+
+    // every click is in its user's history as a restore reads it
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let histories = loop {
+        let h = changelog_histories(&f);
+        let missing: Vec<&String> = sent
+            .iter()
+            .filter(|(u, items)| {
+                let got: HashSet<&String> = h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
+                !items.iter().all(|i| got.contains(i))
+            })
+            .map(|(u, _)| u)
+            .collect();
+        if missing.is_empty() {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} users miss clicks in the changelog, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    // one owner per user: it answers, the others redirect to it
+    let no_follow = ureq::AgentBuilder::new().redirects(0).build();
+    let mut owner_of: HashMap<String, &str> = HashMap::new();
+    for u in (0..USERS).step_by(3) {
+        let user = format!("u{u}");
+        let path = format!("/v1/users/{user}/recommendations?k=10");
+        let answers: Vec<(&str, u16)> = replicas
+            .iter()
+            .map(|(name, d)| {
+                let url = format!("http://127.0.0.1:{}{path}", d.port);
+                let status = match no_follow.get(&url).call() {
+                    Ok(r) => r.status(),
+                    Err(ureq::Error::Status(s, _)) => s,
+                    Err(e) => panic!("{url}: {e}"),
+                };
+                (*name, status)
+            })
+            .collect();
+        let owners: Vec<&str> = answers.iter().filter(|a| a.1 == 200).map(|a| a.0).collect();
+        assert_eq!(owners.len(), 1, "{user}: {answers:?}");
+        assert!(answers.iter().all(|a| a.1 == 200 || a.1 == 307), "{user}: {answers:?}");
+        owner_of.insert(user, owners[0]);
+    }
+
+    // the latest recommendation (highest epoch, then offset) is the current owner's and holds
+    // none of the user's items
+    let mut latest: HashMap<String, ((u64, i64), String, serde_json::Value)> = HashMap::new();
+    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let stamp = (
+            m.headers["multivaed-epoch"].parse::<u64>().unwrap(),
+            m.headers["multivaed-offset"].parse::<i64>().unwrap(),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if latest.get(&key).is_none_or(|(s, _, _)| stamp >= *s) {
+            latest.insert(key, (stamp, m.headers["multivaed-owner"].clone(), v));
+        }
+    }
+    for (user, owner) in &owner_of {
+        let (_, by, rec) = &latest[user];
+        assert_eq!(by, owner, "{user}'s latest recommendation");
+        for item in rec["items"].as_array().unwrap() {
+            let id = item["item_id"].as_str().unwrap().to_string();
+            assert!(!histories[user].contains(&id), "{user} was recommended {id}, which they hold");
+        }
+    }
+
+    // each bad message dead-lettered once, through every move
+    let letters = read_all(&f.setup.dlq, 1, Duration::from_secs(3));
+    let sources: HashSet<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.headers["multivaed.source.partition"].clone(),
+                l.headers["multivaed.source.offset"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(sources.len(), letters.len(), "a bad message was dead-lettered twice");
+    assert_eq!(letters.len(), bad, "dead letters");
+    eprintln!(
+        "churn: {} users, {} clicks, {bad} bad; restore records r1 {} r2 {} r3 {}",
+        sent.len(),
+        sent.values().map(|v| v.len()).sum::<usize>(),
+        r1.metric("multivaed_restore_records_total", ""),
+        r2.metric("multivaed_restore_records_total", ""),
+        r3.metric("multivaed_restore_records_total", "")
+    );
+    r1.terminate();
+    r2.terminate();
+    r3.terminate();
 }

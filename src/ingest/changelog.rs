@@ -262,10 +262,12 @@ pub(super) fn restore(
         if chunk.len() >= RESTORE_CHUNK {
             store.restore_histories(&std::mem::take(&mut chunk), partition, position, None)?;
             progress(records);
+            crate::fault::crash_point("restore.applied");
         }
     }
     store.restore_histories(&chunk, partition, position, None)?;
     progress(records);
+    crate::fault::crash_point("restore.applied");
     Ok(Restored {
         position,
         records,
