@@ -360,12 +360,12 @@ impl Config {
             }
             fig = fig.merge(Toml::file(p));
         }
-        // not configuration: MULTIVAED_CONFIG names the file (clap), MULTIVAED_CRASH_AT and
-        // MULTIVAED_PANIC_AT are the fault-injection hooks, MULTIVAED_TOOLS is where the
+        // not configuration: MULTIVAED_CONFIG names the file (clap), MULTIVAED_CRASH_AT,
+        // MULTIVAED_PANIC_AT and MULTIVAED_STOP_AT are the fault-injection hooks, MULTIVAED_TOOLS is where the
         // project's scripts install the test tools
         fig = fig.merge(
             Env::prefixed("MULTIVAED_")
-                .ignore(&["config", "crash_at", "panic_at", "tools"])
+                .ignore(&["config", "crash_at", "panic_at", "stop_at", "tools"])
                 .filter(|k| property_suffix(k.as_str()).is_none())
                 .split("__"),
         );

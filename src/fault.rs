@@ -1,32 +1,45 @@
 //! Fault injection for the tests. `MULTIVAED_CRASH_AT=name[:n]` aborts the process (no
 //! destructors, no flush: as abrupt as SIGKILL) the n-th time (default: the first) the named
 //! crash point is passed; `MULTIVAED_PANIC_AT=name` panics the thread that passes the named
-//! panic point (a stage's bug, which supervision must turn into a stop). Unset, a point costs
-//! one atomic load.
+//! panic point (a stage's bug, which supervision must turn into a stop);
+//! `MULTIVAED_STOP_AT=name[:n]` freezes the process (SIGSTOP to itself) the n-th time the named
+//! crash point is passed, to be thawed by the test (a replica frozen mid-batch). Unset, a point
+//! costs one atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static PASSED: AtomicU64 = AtomicU64::new(0);
+static STOP_TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static STOP_PASSED: AtomicU64 = AtomicU64::new(0);
 
-fn target() -> &'static Option<(String, u64)> {
-    TARGET.get_or_init(|| {
-        let spec = std::env::var("MULTIVAED_CRASH_AT").ok()?;
-        let (name, n) = match spec.split_once(':') {
-            Some((name, n)) => (name.to_string(), n.parse().unwrap_or(1)),
-            None => (spec, 1),
-        };
-        Some((name, n.max(1)))
-    })
+/// `name[:n]` from the variable `var`.
+fn spec(var: &str) -> Option<(String, u64)> {
+    let spec = std::env::var(var).ok()?;
+    let (name, n) = match spec.split_once(':') {
+        Some((name, n)) => (name.to_string(), n.parse().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    Some((name, n.max(1)))
 }
 
-/// Marks a point where a crash must lose nothing acknowledged; aborts there when asked to.
+/// Marks a point where a crash must lose nothing acknowledged; aborts (or freezes) there when
+/// asked to.
 pub fn crash_point(name: &'static str) {
-    if let Some((target, n)) = target() {
+    if let Some((target, n)) = TARGET.get_or_init(|| spec("MULTIVAED_CRASH_AT")) {
         if target == name && PASSED.fetch_add(1, Ordering::Relaxed) + 1 == *n {
             eprintln!("MULTIVAED_CRASH_AT: aborting at {name}");
             std::process::abort();
+        }
+    }
+    if let Some((target, n)) = STOP_TARGET.get_or_init(|| spec("MULTIVAED_STOP_AT")) {
+        if target == name && STOP_PASSED.fetch_add(1, Ordering::Relaxed) + 1 == *n {
+            eprintln!("MULTIVAED_STOP_AT: freezing at {name}");
+            // the whole process stops here until SIGCONT
+            let _ = std::process::Command::new("kill")
+                .args(["-STOP", &std::process::id().to_string()])
+                .status();
         }
     }
 }

@@ -162,7 +162,8 @@ fn read_all_partitioned(topic: &str, partitions: i32) -> Vec<Record> {
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
         c.assign(&tpl).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -585,7 +586,10 @@ fn settled(replicas: &[&Daemon], partitions: i32, what: &str) {
             eprintln!("{what}: partitions {counts:?}");
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: never settled: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never settled: {counts:?}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -617,7 +621,10 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
         .envs(replica_env(&f, dir.path(), "r3"))
         .env_remove("MULTIVAED_TEST_ECHO")
         .env("MULTIVAED_CRASH_AT", "restore.applied")
-        .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "MULTIVAED_HTTP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = crashing.spawn().unwrap();
@@ -645,7 +652,8 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
         let missing: Vec<&String> = sent
             .iter()
             .filter(|(u, items)| {
-                let got: HashSet<&String> = h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
+                let got: HashSet<&String> =
+                    h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
                 !items.iter().all(|i| got.contains(i))
             })
             .map(|(u, _)| u)
@@ -683,7 +691,10 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
             .collect();
         let owners: Vec<&str> = answers.iter().filter(|a| a.1 == 200).map(|a| a.0).collect();
         assert_eq!(owners.len(), 1, "{user}: {answers:?}");
-        assert!(answers.iter().all(|a| a.1 == 200 || a.1 == 307), "{user}: {answers:?}");
+        assert!(
+            answers.iter().all(|a| a.1 == 200 || a.1 == 307),
+            "{user}: {answers:?}"
+        );
         owner_of.insert(user, owners[0]);
     }
 
@@ -706,7 +717,10 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
         assert_eq!(by, owner, "{user}'s latest recommendation");
         for item in rec["items"].as_array().unwrap() {
             let id = item["item_id"].as_str().unwrap().to_string();
-            assert!(!histories[user].contains(&id), "{user} was recommended {id}, which they hold");
+            assert!(
+                !histories[user].contains(&id),
+                "{user} was recommended {id}, which they hold"
+            );
         }
     }
 
@@ -721,7 +735,11 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
             )
         })
         .collect();
-    assert_eq!(sources.len(), letters.len(), "a bad message was dead-lettered twice");
+    assert_eq!(
+        sources.len(),
+        letters.len(),
+        "a bad message was dead-lettered twice"
+    );
     assert_eq!(letters.len(), bad, "dead letters");
     eprintln!(
         "churn: {} users, {} clicks, {bad} bad; restore records r1 {} r2 {} r3 {}",
@@ -734,4 +752,218 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
     r1.terminate();
     r2.terminate();
     r3.terminate();
+}
+
+/// The latest announcement of each member on the members topic: its partitions.
+fn announced(f: &Fleet) -> HashMap<String, Vec<i32>> {
+    let mut out = HashMap::new();
+    for m in read_all_partitioned(&format!("{}.members", f.setup.clicks), 1) {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        if m.payload.is_empty() {
+            out.remove(&key);
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let parts = v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[0].as_i64().unwrap() as i32)
+            .collect();
+        out.insert(key, parts);
+    }
+    out
+}
+
+#[test]
+fn a_static_member_restarted_within_the_session_gets_its_partitions_back_cheaply() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    let eager_static = [
+        ("MULTIVAED_KAFKA__REBALANCE", "eager"),
+        ("MULTIVAED_KAFKA__STATIC_MEMBERSHIP", "true"),
+    ];
+    let s1 = replica_with(&f, dir.path(), "s1", &eager_static);
+    let s2 = replica_with(&f, dir.path(), "s2", &eager_static);
+    settled(&[&s1, &s2], PARTITIONS, "two static members");
+    for round in 0..3 {
+        produce_round(&f, round);
+    }
+    let consumed = |d: &Daemon| d.metric("multivaed_events_consumed_total", "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while consumed(&s1) + consumed(&s2) < (3 * USERS) as f64 {
+        assert!(Instant::now() < deadline, "not consumed");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let before = announced(&f);
+    let total_records = read_all_partitioned(&f.changelog, PARTITIONS).len() as f64;
+    // restarted within the 6 s session: no rebalance hands its partitions to s2
+    s1.terminate();
+    let s1 = replica_with(&f, dir.path(), "s1", &eager_static);
+    settled(&[&s1, &s2], PARTITIONS, "s1 restarted");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = announced(&f);
+    assert_eq!(after["s1"], before["s1"], "s1's partitions");
+    assert_eq!(after["s2"], before["s2"], "s2's partitions");
+    let restored = s1.metric("multivaed_restore_records_total", "");
+    assert!(
+        s1.log_contains("from_beginning=false") && !s1.log_contains("from_beginning=true"),
+        "restored from its local position"
+    );
+    assert!(
+        restored < total_records / 4.0,
+        "restored {restored} of {total_records} changelog records"
+    );
+    eprintln!(
+        "restart: s1 restored {restored} of {total_records} records; partitions {:?}",
+        after["s1"]
+    );
+    s1.terminate();
+    s2.terminate();
+}
+
+fn signal(d: &Daemon, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[test]
+fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
+    const USERS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    // a freezes itself holding its 30th batch, stored but not yet in the changelog
+    let a = replica_with(
+        &f,
+        dir.path(),
+        "a",
+        &[("MULTIVAED_STOP_AT", "ingest.flushed:30")],
+    );
+    let b = replica(&f, dir.path(), "b");
+    settled(&[&a, &b], PARTITIONS, "two replicas");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = stream(
+        f.setup.clicks.clone(),
+        PARTITIONS,
+        USERS,
+        150.0,
+        stop.clone(),
+    );
+    // frozen past the 6 s session: b takes its partitions
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned(&b) < PARTITIONS as f64 {
+        assert!(Instant::now() < deadline, "b never took a's partitions");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // the stream stops before the thaw, so whatever a writes late is the last word on its users
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (sent, _) = producer.join().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // thawed, a finishes what it held, then finds itself out of the group and rejoins
+    signal(&a, "-CONT");
+    settled(&[&a, &b], PARTITIONS, "a rejoined");
+    std::thread::sleep(Duration::from_secs(3));
+
+    // read as a restore reads it, the changelog holds every click: nothing late overwrote newer
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let histories = loop {
+        let h = changelog_histories(&f);
+        let missing = sent
+            .iter()
+            .filter(|(u, items)| {
+                let got: HashSet<&String> =
+                    h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
+                !items.iter().all(|i| got.contains(i))
+            })
+            .count();
+        if missing == 0 {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} users miss clicks in the changelog"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let late = late_records(&f);
+    eprintln!("late records (an epoch below one before them): {late}");
+    assert!(late > 0, "the thawed replica wrote its held batch late");
+    std::thread::sleep(Duration::from_secs(2));
+    // the latest recommendation by (epoch, offset) of every user is the current owner's
+    let mut latest: HashMap<String, ((u64, i64), String, serde_json::Value)> = HashMap::new();
+    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let stamp = (
+            m.headers["multivaed-epoch"].parse::<u64>().unwrap(),
+            m.headers["multivaed-offset"].parse::<i64>().unwrap(),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if latest.get(&key).is_none_or(|(s, _, _)| stamp >= *s) {
+            latest.insert(key, (stamp, m.headers["multivaed-owner"].clone(), v));
+        }
+    }
+    // per user, no message of an older epoch than one already published wins: a's late
+    // messages (its old epoch) never beat b's
+    let mut highest: HashMap<String, u64> = HashMap::new();
+    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let e = m.headers["multivaed-epoch"].parse::<u64>().unwrap();
+        let h = highest.entry(key).or_insert(0);
+        *h = (*h).max(e);
+    }
+    for (user, (stamp, _, rec)) in &latest {
+        assert_eq!(stamp.0, highest[user], "{user}");
+        for item in rec["items"].as_array().unwrap() {
+            let id = item["item_id"].as_str().unwrap().to_string();
+            assert!(!histories[user].contains(&id), "{user} holds {id}");
+        }
+    }
+    // and every pull, wherever asked, is answered by one owner from the complete history
+    for u in 0..USERS {
+        let path = format!("/v1/users/u{u}/recommendations?k=5");
+        assert!(
+            owner_is(&a, &path) != owner_is(&b, &path),
+            "u{u}: one owner"
+        );
+        let body = a.get(&path).unwrap().1;
+        let rec: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for item in rec["items"].as_array().unwrap() {
+            let id = item["item_id"].as_str().unwrap().to_string();
+            assert!(
+                !histories[&format!("u{u}")].contains(&id),
+                "u{u} was offered {id}"
+            );
+        }
+    }
+    a.terminate();
+    b.terminate();
+}
+
+/// Changelog records written under an epoch lower than one earlier in their partition.
+fn late_records(f: &Fleet) -> usize {
+    let mut epoch: HashMap<i32, u64> = HashMap::new();
+    let mut late = 0;
+    for m in read_all_partitioned(&f.changelog, f.partitions) {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let e = v["epoch"].as_u64().unwrap_or(0);
+        let seen = epoch.entry(m.partition).or_insert(0);
+        if e < *seen {
+            late += 1;
+        }
+        *seen = (*seen).max(e);
+    }
+    late
+}
+
+/// Whether `d` answers `path` itself (not by a redirect).
+fn owner_is(d: &Daemon, path: &str) -> bool {
+    let url = format!("http://127.0.0.1:{}{path}", d.port);
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    matches!(agent.get(&url).call(), Ok(r) if r.status() == 200)
 }
