@@ -21,6 +21,8 @@ pub struct Health {
     dead_letters_blocked: Mutex<Option<&'static str>>,
     /// Assigned partitions consumed to their end since the assignment.
     at_end: Mutex<std::collections::HashSet<i32>>,
+    /// Partitions being restored from the changelog (role `serve`).
+    restoring: AtomicUsize,
 }
 
 impl Default for Health {
@@ -32,6 +34,7 @@ impl Default for Health {
             broker_up: AtomicBool::new(true),
             dead_letters_blocked: Mutex::new(None),
             at_end: Mutex::new(std::collections::HashSet::new()),
+            restoring: AtomicUsize::new(0),
         }
     }
 }
@@ -85,6 +88,17 @@ impl Health {
         self.partitions.load(Ordering::Acquire)
     }
 
+    /// A partition's restore from the changelog starts (`true`) or ends.
+    pub fn restoring(&self, started: bool) {
+        if started {
+            self.restoring.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let _ = self
+                .restoring
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
     pub fn set_broker_up(&self, up: bool) {
         self.broker_up.store(up, Ordering::Release);
     }
@@ -118,6 +132,7 @@ impl Readiness {
             caught_up: health.caught_up(),
             broker_up: health.broker_up(),
             dead_letters_writable: health.dead_letters_blocked().is_none(),
+            restoring: health.restoring.load(Ordering::Acquire) > 0,
         }
     }
 }
@@ -129,6 +144,8 @@ pub struct Readiness {
     pub caught_up: bool,
     pub broker_up: bool,
     pub dead_letters_writable: bool,
+    /// A partition is being restored from the changelog.
+    pub restoring: bool,
 }
 
 impl Readiness {
@@ -140,6 +157,9 @@ impl Readiness {
         }
         if !self.joined {
             return Err("not (yet) a member of the consumer group");
+        }
+        if self.restoring {
+            return Err("restoring assigned partitions from the changelog");
         }
         if !self.caught_up {
             return Err("catching up on the assigned partitions");
@@ -167,6 +187,7 @@ mod tests {
             caught_up: true,
             broker_up: true,
             dead_letters_writable: true,
+            restoring: false,
         }
     }
 
@@ -189,6 +210,11 @@ mod tests {
             ..all_well()
         })
         .contains("catching up"));
+        assert!(not(Readiness {
+            restoring: true,
+            ..all_well()
+        })
+        .contains("restoring"));
         assert!(not(Readiness {
             dead_letters_writable: false,
             ..all_well()

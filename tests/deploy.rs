@@ -146,6 +146,9 @@ fn kubernetes_manifests_validate_against_the_openapi_schemas() {
         k8s.join("service.yaml"),
         k8s.join("statefulset.yaml"),
         k8s.join("pdb.yaml"),
+        k8s.join("serve/statefulset.yaml"),
+        k8s.join("serve/service.yaml"),
+        k8s.join("serve/pdb.yaml"),
         gpu,
     ];
     let (ok, out) = run(Command::new(tool("kubernetes-validate"))

@@ -294,8 +294,10 @@ impl IngestContext {
     /// fails leaves the partition unowned and stops ingestion (the daemon restarts it).
     fn restore(&self, fleet: &Fleet, topic: &str, partition: i32) -> Offset {
         self.metrics.partitions_restoring.inc();
+        self.health.restoring(true);
         let started = Instant::now();
         let result = self.restore_and_claim(fleet, topic, partition);
+        self.health.restoring(false);
         self.metrics.partitions_restoring.dec();
         match result {
             Ok((resume, records, from_beginning, epoch)) => {
