@@ -410,8 +410,11 @@ fn hand_over(strategy: &str, static_members: bool) -> Option<Vec<(usize, usize)>
         let _ = a.poll(Duration::from_millis(100));
     }
     let b = member("b");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let joined = Instant::now();
+    let deadline = joined + Duration::from_secs(60);
     let mut log = vec![(count(&a), count(&b))];
+    // how long the first member owned nothing (its partitions all stopped)
+    let (mut idle, mut idle_since): (Duration, Option<Instant>) = (Duration::ZERO, None);
     while !(count(&a) >= 1 && count(&b) >= 1 && count(&a) + count(&b) == PARTITIONS as usize) {
         if Instant::now() > deadline {
             eprintln!("{strategy}, static {static_members}: never shared: {log:?}");
@@ -420,11 +423,23 @@ fn hand_over(strategy: &str, static_members: bool) -> Option<Vec<(usize, usize)>
         let _ = a.poll(Duration::from_millis(50));
         let _ = b.poll(Duration::from_millis(50));
         let now = (count(&a), count(&b));
+        match (now.0, idle_since) {
+            (0, None) => idle_since = Some(Instant::now()),
+            (n, Some(t)) if n > 0 => {
+                idle += t.elapsed();
+                idle_since = None;
+            }
+            _ => {}
+        }
         if log.last() != Some(&now) {
             log.push(now);
         }
     }
-    eprintln!("{strategy}, static {static_members}: {log:?}");
+    eprintln!(
+        "{strategy}, static {static_members}: {log:?}; shared {:.1} s after the join, the first member owned nothing for {:.1} s",
+        joined.elapsed().as_secs_f64(),
+        idle.as_secs_f64()
+    );
     Some(log)
 }
 

@@ -2,9 +2,11 @@
 //! and scoring, the store, the daemon against a broker, and the whole suite. Printed as markdown
 //! tables and written as JSON; benchmarks report figures, they never assert timings.
 
+mod fleet;
 mod stream;
 mod suite;
 
+pub use fleet::{run_fleet_bench, FleetBenchOptions, FleetFigures};
 pub use stream::{run_stream_bench, StreamBenchOptions, StreamFigures};
 pub use suite::{run_suite, SuiteOptions, SuiteReport};
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use multivaed::wire::{ClickEvent, Recommendation};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
@@ -98,7 +98,7 @@ fn now_us() -> u64 {
 }
 
 /// Enqueues one benchmark click (the daemon's JSON event), keyed by user.
-fn send(
+pub(super) fn send(
     p: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     user: &str,
@@ -179,32 +179,8 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
     eprintln!("ingest: {n} clicks produced in {produce_seconds:.1} s");
 
     // raw rdkafka consume of the same topic: first message to last
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &opts.brokers)
-        .set("group.id", unique("raw"))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for part in 0..partitions {
-        tpl.add_partition_offset(&topics.clicks, part, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let (mut seen, mut first, deadline) = (0usize, None, Instant::now() + Duration::from_secs(300));
-    while seen < n && Instant::now() < deadline {
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            let m = m?;
-            std::hint::black_box(m.payload());
-            first.get_or_insert_with(Instant::now);
-            seen += 1;
-        }
-    }
-    if seen < n {
-        bail!("the raw consumer read {seen} of {n} clicks");
-    }
-    let raw_seconds = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
-    let raw_rate = n as f64 / raw_seconds.max(1e-9);
+    let raw_rate = super::fleet::raw_consume(&opts.brokers, &topics.clicks, partitions, n)?;
     eprintln!("ingest: raw rdkafka consume {raw_rate:.0} events/s");
-    drop(consumer);
 
     // the daemon (training off: this measures ingestion and the scoring it triggers)
     let dir = opts.work_dir.join(unique("ingest"));

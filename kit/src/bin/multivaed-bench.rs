@@ -29,12 +29,33 @@ enum BenchCommand {
     /// The daemon against a real broker: ingest rate vs raw consume, click-to-recommendation
     /// latency under steady load with a 20k-item model.
     Stream(StreamBenchArgs),
+    /// Serving replicas against a real broker: ingest with the changelog written, and a
+    /// replica with an empty volume restoring every partition.
+    Fleet(FleetBenchArgs),
     /// The store alone (no broker): the ingest benchmark's clicks written in ingest batches,
     /// then history reads as the scorer does them.
     Store(StoreBenchArgs),
     /// Everything, each part in its own process, with the PyTorch reference beside it:
     /// writes report.json and report.md.
     Suite(SuiteArgs),
+}
+
+#[derive(Debug, Args)]
+struct FleetBenchArgs {
+    /// Bootstrap servers of the broker to measure against (topics are created per run).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: String,
+    /// Clicks produced (users: a quarter as many).
+    #[arg(long, default_value_t = 400_000)]
+    events: usize,
+    #[arg(long, default_value_t = 2)]
+    partitions: i32,
+    /// Working directory (daemon data and logs).
+    #[arg(long, default_value = "bench-out/work")]
+    work_dir: PathBuf,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +160,22 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 items: args.items,
                 rates: args.rates,
                 seconds: args.seconds,
+                exe: multivaed_kit::harness::daemon_exe(),
+                work_dir: args.work_dir,
+            })?;
+            let text = serde_json::to_string_pretty(&figures)?;
+            match args.json {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        BenchCommand::Fleet(args) => {
+            let figures = bench::run_fleet_bench(&bench::FleetBenchOptions {
+                brokers: args.brokers,
+                events: args.events,
+                partitions: args.partitions,
                 exe: multivaed_kit::harness::daemon_exe(),
                 work_dir: args.work_dir,
             })?;

@@ -1,0 +1,203 @@
+//! `multivaed bench fleet`: serving replicas (`--role serve`) against a real broker. Ingest with
+//! the changelog written (events/s vs raw consume of the same topic), then a replica with an
+//! empty volume restoring every partition from the changelog (records/s, time to ready).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::harness::{free_port, producer_to, try_create_topics, unique, Daemon, Setup};
+
+#[derive(Debug, Clone)]
+pub struct FleetBenchOptions {
+    pub brokers: String,
+    /// Clicks produced (users: a quarter as many).
+    pub events: usize,
+    pub partitions: i32,
+    pub exe: PathBuf,
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetFigures {
+    pub events: usize,
+    pub partitions: i32,
+    pub raw_consume_events_per_second: f64,
+    /// A serving replica's ingest rate with the changelog written after every batch.
+    pub serve_events_per_second: f64,
+    pub serve_ratio: f64,
+    pub changelog_records: u64,
+    /// A replica with an empty volume: changelog records read and applied per second.
+    pub restore_records_per_second: f64,
+    /// Its start → ready (every partition restored and caught up), seconds.
+    pub seconds_to_ready: f64,
+}
+
+fn metric(d: &Daemon, name: &str) -> f64 {
+    d.metric(name, "")
+}
+
+pub fn run_fleet_bench(opts: &FleetBenchOptions) -> Result<FleetFigures> {
+    std::fs::create_dir_all(&opts.work_dir)?;
+    let setup = Setup::named(&opts.work_dir);
+    let changelog = format!("{}.history", setup.clicks);
+    let members = format!("{}.members", setup.clicks);
+    let n = opts.events;
+    let parts = opts.partitions;
+    try_create_topics(
+        &opts.brokers,
+        &[
+            (&setup.clicks, parts),
+            (&changelog, parts),
+            (&members, 1),
+            (&setup.recs, 1),
+            (&setup.dlq, 1),
+        ],
+    )?;
+    // clicks keyed by user (librdkafka's default partitioner: the daemon's default)
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let p = producer_to(&opts.brokers, "20")?;
+    for _ in 0..n {
+        let u: u32 = rng.gen_range(0..(n as u32 / 4).max(1));
+        let r: f64 = rng.gen();
+        let i = (r * r * 5000.0) as u32;
+        super::stream::send(&p, &setup.clicks, &format!("u{u}"), &format!("i{i}"))?;
+    }
+    p.flush(Duration::from_secs(120))
+        .context("cannot deliver the benchmark's clicks")?;
+    let raw = raw_consume(&opts.brokers, &setup.clicks, parts, n)?;
+    eprintln!("fleet: raw rdkafka consume {raw:.0} events/s");
+
+    let env = |name: &str| {
+        let mut env = setup.base_env(&opts.brokers);
+        env.retain(|(k, _)| k != "MULTIVAED_DATA_DIR");
+        env.push((
+            "MULTIVAED_DATA_DIR".into(),
+            opts.work_dir.join(unique(name)).display().to_string(),
+        ));
+        env.push(("MULTIVAED_ROLE".into(), "serve".into()));
+        env.push(("MULTIVAED_KAFKA__INSTANCE_ID".into(), name.into()));
+        env.push(("MULTIVAED_KAFKA__STATIC_MEMBERSHIP".into(), "false".into()));
+        env
+    };
+    // one replica ingests everything, writing the changelog
+    let a = Daemon::try_start(
+        &opts.exe,
+        &env("a"),
+        free_port(),
+        Some(&opts.work_dir.join("fleet-a.log")),
+    )?;
+    let mut first = None;
+    a.try_wait_for(Duration::from_secs(900), "every click consumed", |d| {
+        let consumed = metric(d, "multivaed_events_consumed_total");
+        if consumed > 0.0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        consumed >= n as f64
+    })?;
+    let serve_rate = n as f64 / first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(1e-9);
+    eprintln!(
+        "fleet: serve replica {serve_rate:.0} events/s ({:.2} of raw)",
+        serve_rate / raw
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    a.terminate();
+    let records = count(&opts.brokers, &changelog, parts)?;
+
+    // a replica with an empty volume restores it all
+    let started = Instant::now();
+    let b = Daemon::try_start(
+        &opts.exe,
+        &env("b"),
+        free_port(),
+        Some(&opts.work_dir.join("fleet-b.log")),
+    )?;
+    b.try_wait_for(Duration::from_secs(900), "ready", |d| {
+        d.get("/readyz").is_some_and(|(s, _)| s == 200)
+            && metric(d, "multivaed_partitions_assigned") >= parts as f64
+    })?;
+    let ready = started.elapsed().as_secs_f64();
+    let restored = metric(&b, "multivaed_restore_records_total");
+    let restore_seconds: f64 = b
+        .log
+        .lock()
+        .map(|l| {
+            l.iter()
+                .filter(|line| line.contains("partition restored from the changelog"))
+                .filter_map(|line| {
+                    let s = line.split("seconds=").nth(1)?;
+                    s.split_whitespace().next()?.parse::<f64>().ok()
+                })
+                .sum()
+        })
+        .unwrap_or(0.0);
+    b.terminate();
+    if restored < records as f64 {
+        bail!("the new replica restored {restored} of {records} records");
+    }
+    let rate = restored / restore_seconds.max(1e-9);
+    eprintln!(
+        "fleet: {records} changelog records; restore {rate:.0} records/s ({restored} in {restore_seconds:.1} s), ready {ready:.1} s after start"
+    );
+    Ok(FleetFigures {
+        events: n,
+        partitions: parts,
+        raw_consume_events_per_second: raw,
+        serve_events_per_second: serve_rate,
+        serve_ratio: serve_rate / raw,
+        changelog_records: records,
+        restore_records_per_second: rate,
+        seconds_to_ready: ready,
+    })
+}
+
+/// A raw consumer's rate over the `n` messages of `topic` (first message to last).
+pub(super) fn raw_consume(brokers: &str, topic: &str, partitions: i32, n: usize) -> Result<f64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("raw"))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for part in 0..partitions {
+        tpl.add_partition_offset(topic, part, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let (mut seen, mut first, deadline) = (0usize, None, Instant::now() + Duration::from_secs(300));
+    while seen < n && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            std::hint::black_box(m?.payload());
+            first.get_or_insert_with(Instant::now);
+            seen += 1;
+        }
+    }
+    if seen < n {
+        bail!("the raw consumer read {seen} of {n} messages");
+    }
+    Ok(n as f64
+        / first
+            .map(|f: Instant| f.elapsed().as_secs_f64())
+            .unwrap_or(1e-9))
+}
+
+/// Messages in a topic (high minus low watermarks).
+fn count(brokers: &str, topic: &str, partitions: i32) -> Result<u64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("count"))
+        .create()?;
+    let mut total = 0;
+    for p in 0..partitions {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        total += (hi - lo).max(0) as u64;
+    }
+    Ok(total)
+}
