@@ -182,6 +182,76 @@ fn read_all_partitioned(topic: &str, partitions: i32) -> Vec<Record> {
     out
 }
 
+/// A user's latest recommendation by the documented rule (highest (epoch, offset)), and the
+/// highest epoch any of their messages carried.
+struct Latest {
+    stamp: (u64, i64),
+    owner: String,
+    rec: serde_json::Value,
+    highest_epoch: u64,
+}
+
+fn latest_recommendations(f: &Fleet) -> HashMap<String, Latest> {
+    let mut latest: HashMap<String, Latest> = HashMap::new();
+    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let stamp = (
+            m.headers["multivaed-epoch"].parse::<u64>().unwrap(),
+            m.headers["multivaed-offset"].parse::<i64>().unwrap(),
+        );
+        let rec: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let highest_epoch = latest
+            .get(&key)
+            .map_or(stamp.0, |l| l.highest_epoch.max(stamp.0));
+        if latest.get(&key).is_none_or(|l| stamp >= l.stamp) {
+            let owner = m.headers["multivaed-owner"].clone();
+            latest.insert(
+                key.clone(),
+                Latest {
+                    stamp,
+                    owner,
+                    rec,
+                    highest_epoch,
+                },
+            );
+        } else if let Some(l) = latest.get_mut(&key) {
+            l.highest_epoch = highest_epoch;
+        }
+    }
+    latest
+}
+
+/// Waits (up to 60 s) until every click in `sent` is in its user's changelog history; returns
+/// the histories.
+fn complete_histories(
+    f: &Fleet,
+    sent: &HashMap<String, HashSet<String>>,
+) -> HashMap<String, Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = changelog_histories(f);
+        let missing: Vec<&String> = sent
+            .iter()
+            .filter(|(u, items)| {
+                let got: HashSet<&String> =
+                    h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
+                !items.iter().all(|i| got.contains(i))
+            })
+            .map(|(u, _)| u)
+            .collect();
+        if missing.is_empty() {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} users miss clicks in the changelog, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 fn owned(d: &Daemon) -> f64 {
     d.metric("multivaed_partitions_assigned", "")
 }
@@ -287,23 +357,12 @@ fn a_moved_partition_is_restored_and_only_its_owner_publishes() {
 
     // the latest recommendation of each user (highest epoch, then offset) is the owner's, and
     // holds none of the user's items
-    let mut latest: HashMap<String, ((u64, i64), String, serde_json::Value)> = HashMap::new();
-    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
-        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
-        let stamp = (
-            m.headers["multivaed-epoch"].parse::<u64>().unwrap(),
-            m.headers["multivaed-offset"].parse::<i64>().unwrap(),
-        );
-        let owner = m.headers["multivaed-owner"].clone();
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        if latest.get(&key).is_none_or(|(s, _, _)| stamp >= *s) {
-            latest.insert(key, (stamp, owner, v));
-        }
-    }
+    let latest = latest_recommendations(&f);
     for (user, owner) in &owner_of {
-        let (_, by, rec) = latest
+        let l = latest
             .get(user)
             .unwrap_or_else(|| panic!("no recommendation for {user}"));
+        let (by, rec) = (&l.owner, &l.rec);
         assert_eq!(by, owner, "{user}'s latest recommendation");
         let held = &histories[user];
         for item in rec["items"].as_array().unwrap() {
@@ -661,29 +720,7 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
     let replicas = [("r1", &r1), ("r2", &r2), ("r3", &r3)];
 
     // every click is in its user's history as a restore reads it
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let histories = loop {
-        let h = changelog_histories(&f);
-        let missing: Vec<&String> = sent
-            .iter()
-            .filter(|(u, items)| {
-                let got: HashSet<&String> =
-                    h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
-                !items.iter().all(|i| got.contains(i))
-            })
-            .map(|(u, _)| u)
-            .collect();
-        if missing.is_empty() {
-            break h;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} users miss clicks in the changelog, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(3)]
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    };
+    let histories = complete_histories(&f, &sent);
     std::thread::sleep(Duration::from_secs(2));
 
     // one owner per user: it answers, the others redirect to it
@@ -715,20 +752,9 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
 
     // the latest recommendation (highest epoch, then offset) is the current owner's and holds
     // none of the user's items
-    let mut latest: HashMap<String, ((u64, i64), String, serde_json::Value)> = HashMap::new();
-    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
-        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
-        let stamp = (
-            m.headers["multivaed-epoch"].parse::<u64>().unwrap(),
-            m.headers["multivaed-offset"].parse::<i64>().unwrap(),
-        );
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        if latest.get(&key).is_none_or(|(s, _, _)| stamp >= *s) {
-            latest.insert(key, (stamp, m.headers["multivaed-owner"].clone(), v));
-        }
-    }
+    let latest = latest_recommendations(&f);
     for (user, owner) in &owner_of {
-        let (_, by, rec) = &latest[user];
+        let (by, rec) = (&latest[user].owner, &latest[user].rec);
         assert_eq!(by, owner, "{user}'s latest recommendation");
         for item in rec["items"].as_array().unwrap() {
             let id = item["item_id"].as_str().unwrap().to_string();
@@ -886,54 +912,18 @@ fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
     std::thread::sleep(Duration::from_secs(3));
 
     // read as a restore reads it, the changelog holds every click: nothing late overwrote newer
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let histories = loop {
-        let h = changelog_histories(&f);
-        let missing = sent
-            .iter()
-            .filter(|(u, items)| {
-                let got: HashSet<&String> =
-                    h.get(*u).map(|v| v.iter().collect()).unwrap_or_default();
-                !items.iter().all(|i| got.contains(i))
-            })
-            .count();
-        if missing == 0 {
-            break h;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} users miss clicks in the changelog"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    };
+    let histories = complete_histories(&f, &sent);
     let late = late_records(&f);
     eprintln!("late records (an epoch below one before them): {late}");
     assert!(late > 0, "the thawed replica wrote its held batch late");
     std::thread::sleep(Duration::from_secs(2));
     // the latest recommendation by (epoch, offset) of every user is the current owner's
-    let mut latest: HashMap<String, ((u64, i64), String, serde_json::Value)> = HashMap::new();
-    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
-        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
-        let stamp = (
-            m.headers["multivaed-epoch"].parse::<u64>().unwrap(),
-            m.headers["multivaed-offset"].parse::<i64>().unwrap(),
-        );
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        if latest.get(&key).is_none_or(|(s, _, _)| stamp >= *s) {
-            latest.insert(key, (stamp, m.headers["multivaed-owner"].clone(), v));
-        }
-    }
+    let latest = latest_recommendations(&f);
     // per user, no message of an older epoch than one already published wins: a's late
     // messages (its old epoch) never beat b's
-    let mut highest: HashMap<String, u64> = HashMap::new();
-    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
-        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
-        let e = m.headers["multivaed-epoch"].parse::<u64>().unwrap();
-        let h = highest.entry(key).or_insert(0);
-        *h = (*h).max(e);
-    }
-    for (user, (stamp, _, rec)) in &latest {
-        assert_eq!(stamp.0, highest[user], "{user}");
+    for (user, l) in &latest {
+        assert_eq!(l.stamp.0, l.highest_epoch, "{user}");
+        let rec = &l.rec;
         for item in rec["items"].as_array().unwrap() {
             let id = item["item_id"].as_str().unwrap().to_string();
             assert!(!histories[user].contains(&id), "{user} holds {id}");
