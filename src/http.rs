@@ -64,6 +64,7 @@ pub fn router(http: Arc<Http>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
+        .route("/v1/users/{user_id}/history", get(history))
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
         .with_state(http)
 }
@@ -121,7 +122,7 @@ async fn recommendations(
         return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
     }
     if s.ownership.owner_of(&user_id).is_none() {
-        return not_owned(&s, &user_id, k);
+        return not_owned(&s, &user_id, &format!("recommendations?k={k}"));
     }
     let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
         s.metrics.pulls_refused.inc();
@@ -153,15 +154,43 @@ async fn recommendations(
     }
 }
 
+/// A user's stored history (item ids, oldest first), from their owner: what recommendations
+/// are ranked from, for operators and for checking a fleet's state from outside.
+async fn history(State(s): State<Arc<Http>>, Path(user_id): Path<String>) -> Response {
+    if user_id.is_empty() || user_id.len() > MAX_ID_BYTES {
+        return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
+    }
+    if s.ownership.owner_of(&user_id).is_none() {
+        return not_owned(&s, &user_id, "history");
+    }
+    let shared = s.clone();
+    let id = user_id.clone();
+    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<String>>> {
+        if shared.store.user_index(&id)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(shared.store.history_ids(&id)?))
+    })
+    .await;
+    match found {
+        Ok(Ok(Some(items))) => {
+            Json(serde_json::json!({ "user_id": user_id, "items": items })).into_response()
+        }
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "unknown user"),
+        Ok(Err(e)) => internal_error(&format!("{e:#}")),
+        Err(e) => internal_error(&e.to_string()),
+    }
+}
+
 /// A pull for a user of a partition this replica does not own (a stale local copy is never
 /// served): a redirect to the owner's address, or 503 with `Retry-After` while no other replica
 /// announces the partition (it is moving: revoked, or being restored).
-fn not_owned(s: &Http, user_id: &str, k: usize) -> Response {
+fn not_owned(s: &Http, user_id: &str, rest: &str) -> Response {
     let partition = s.ownership.partition_of(user_id);
     if let Some((owner, http)) = s.directory.owner_of(partition) {
         if owner != s.instance_id {
             let user: String = url_escape(user_id);
-            let location = format!("{http}/v1/users/{user}/recommendations?k={k}");
+            let location = format!("{http}/v1/users/{user}/{rest}");
             if let Ok(v) = axum::http::HeaderValue::from_str(&location) {
                 let mut r = error(
                     StatusCode::TEMPORARY_REDIRECT,

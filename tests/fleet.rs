@@ -750,6 +750,23 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
         owner_of.insert(user, owners[0]);
     }
 
+    // every click is in the history its owner holds, read from outside (through any replica)
+    for (user, items) in &sent {
+        let (status, body) = r1.get(&format!("/v1/users/{user}/history")).unwrap();
+        assert_eq!(status, 200, "{user}'s history: {body}");
+        let held: HashSet<String> = serde_json::from_str::<serde_json::Value>(&body).unwrap()
+            ["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            items.is_subset(&held),
+            "{user}: the owner holds {held:?}, sent {items:?}"
+        );
+    }
+
     // the latest recommendation (highest epoch, then offset) is the current owner's and holds
     // none of the user's items
     let latest = latest_recommendations(&f);
