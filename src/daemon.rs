@@ -133,10 +133,13 @@ impl Daemon {
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http().serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
-        let (p, kafka) = (producers.get(), self.config.kafka.clone());
-        let changelog = self.config.role == Role::Serve;
+        let p = producers.get();
+        let (wanted, clicks) = (
+            crate::topics::topics(&self.config),
+            self.config.kafka.clicks_topic.clone(),
+        );
         let partitions = tokio::task::spawn_blocking(move || {
-            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &kafka, changelog)
+            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &wanted, &clicks)
         })
         .await
         .context("cannot check the topics")??;

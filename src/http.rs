@@ -166,10 +166,7 @@ async fn history(State(s): State<Arc<Http>>, Path(user_id): Path<String>) -> Res
     let shared = s.clone();
     let id = user_id.clone();
     let found = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<String>>> {
-        if shared.store.user_index(&id)?.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(shared.store.history_ids(&id)?))
+        shared.store.history_ids(&id)
     })
     .await;
     match found {

@@ -146,13 +146,12 @@ pub fn permanent_cause(e: &KafkaError) -> Option<&'static str> {
 /// Checks at start that the topics multivaed reads and writes exist (it never creates them),
 /// with a named error for one still missing after 15 s (a topic being created as the daemon
 /// starts is not an error). A cluster that does not answer is not an error here: the daemon
-/// starts not ready and waits for it.
-/// With `changelog`, the changelog topic must exist too, with as many partitions as the clicks
-/// topic. Returns the clicks topic's partition count (`None` when the cluster did not answer).
+/// starts not ready and waits for it. Returns the partition count of `clicks_topic` (`None`
+/// when the cluster did not answer). Partition counts and compaction are `topics::check`'s.
 pub fn check_topics<C: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<C>,
-    k: &KafkaConfig,
-    changelog: bool,
+    wanted: &[crate::topics::Topic],
+    clicks_topic: &str,
 ) -> Result<Option<i32>> {
     use std::time::{Duration, Instant};
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -171,36 +170,12 @@ pub fn check_topics<C: rdkafka::ClientContext>(
                 .find(|t| t.name() == name && !t.partitions().is_empty())
                 .map(|t| t.partitions().len() as i32)
         };
-        let changelog_topic = k.changelog();
-        let mut wanted = vec![
-            ("kafka.clicks_topic", k.clicks_topic.clone()),
-            (
-                "kafka.recommendations_topic",
-                k.recommendations_topic.clone(),
-            ),
-            ("kafka.dead_letter_topic", k.dead_letter_topic.clone()),
-        ];
-        if changelog {
-            wanted.push(("kafka.changelog_topic", changelog_topic.clone()));
-            wanted.push(("kafka.members_topic", k.members()));
-        }
-        let missing = wanted
-            .into_iter()
-            .find(|(_, topic)| partitions(topic).is_none());
-        match missing {
-            None => {
-                let clicks = partitions(&k.clicks_topic).unwrap_or(1);
-                if changelog {
-                    let n = partitions(&changelog_topic).unwrap_or(0);
-                    anyhow::ensure!(
-                        n == clicks,
-                        "kafka.changelog_topic: topic {changelog_topic:?} has {n} partitions, the clicks topic {clicks}: they must be equal (a user's history lives in the partition number of their clicks)"
-                    );
-                }
-                return Ok(Some(clicks));
-            }
-            Some((key, topic)) if Instant::now() >= deadline => anyhow::bail!(
-                "{key}: topic {topic:?} does not exist on the cluster (multivaed does not create topics; create it first)"
+        match wanted.iter().find(|t| partitions(&t.name).is_none()) {
+            None => return Ok(Some(partitions(clicks_topic).unwrap_or(1))),
+            Some(t) if Instant::now() >= deadline => anyhow::bail!(
+                "{}: topic {:?} does not exist on the cluster (multivaed does not create topics; create it first, e.g. with `multivaed topics create`)",
+                t.key,
+                t.name
             ),
             Some(_) => std::thread::sleep(Duration::from_secs(1)),
         }

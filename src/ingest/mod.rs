@@ -806,7 +806,7 @@ fn write_changelog(
     for user in ids {
         let partition = fleet.ownership.partition_of(&user);
         if owned(partition).is_some() {
-            let items = store.history_ids(&user)?;
+            let items = store.history_ids(&user)?.unwrap_or_default();
             users.push(UserRecord {
                 partition,
                 user,

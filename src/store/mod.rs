@@ -507,11 +507,16 @@ impl Store {
 
     /// The index of an external user id.
     pub fn user_index(&self, user: &str) -> Result<Option<u32>> {
+        Ok(self.record(user)?.map(|(idx, _)| idx))
+    }
+
+    /// A user's record: their index and history (`None` for an unknown user or a damaged
+    /// record).
+    fn record(&self, user: &str) -> Result<Option<(u32, Vec<u32>)>> {
         Ok(self
             .tree
             .get(key(b'U', user.as_bytes()))?
-            .and_then(|v| decode_user(&v))
-            .map(|(idx, _)| idx))
+            .and_then(|v| decode_user(&v)))
     }
 
     /// The index of an external item id.
@@ -542,9 +547,7 @@ impl Store {
             return Ok(None);
         };
         let items = self
-            .tree
-            .get(key(b'U', id.as_bytes()))?
-            .and_then(|v| decode_user(&v))
+            .record(&id)?
             .map(|(_, items)| items)
             .unwrap_or_default();
         Ok(Some((id, items)))

@@ -75,11 +75,7 @@ impl Store {
             let first_new = catalogue.ids.len() as u32;
             let mut new_index: HashMap<&str, u32> = HashMap::new();
             for (user, items) in users {
-                let old = self
-                    .tree
-                    .get(key(b'U', user.as_bytes()))?
-                    .and_then(|v| decode_user(&v));
-                let (idx, old_items) = match old {
+                let (idx, old_items) = match self.record(user)? {
                     Some(found) => found,
                     None => {
                         if next_user >= self.index_limit {
@@ -182,19 +178,18 @@ impl Store {
         Ok(())
     }
 
-    /// The external item ids of a user's history, oldest first (empty for an unknown user).
-    pub(crate) fn history_ids(&self, user: &str) -> Result<Vec<String>> {
-        let items = self
-            .tree
-            .get(key(b'U', user.as_bytes()))?
-            .and_then(|v| decode_user(&v))
-            .map(|(_, items)| items)
-            .unwrap_or_default();
+    /// The external item ids of a user's history, oldest first (`None` for an unknown user).
+    pub(crate) fn history_ids(&self, user: &str) -> Result<Option<Vec<String>>> {
+        let Some((_, items)) = self.record(user)? else {
+            return Ok(None);
+        };
         let catalogue = self.catalogue();
-        Ok(items
-            .iter()
-            .filter_map(|&i| catalogue.ids.get(i as usize).map(|s| s.to_string()))
-            .collect())
+        Ok(Some(
+            items
+                .iter()
+                .filter_map(|&i| catalogue.ids.get(i as usize).map(|s| s.to_string()))
+                .collect(),
+        ))
     }
 }
 
@@ -237,10 +232,13 @@ mod tests {
             Some(&o(10)),
         )
         .unwrap();
-        assert_eq!(s.history_ids("a").unwrap(), ids(&["i2", "i9"]));
+        assert_eq!(s.history_ids("a").unwrap().unwrap(), ids(&["i2", "i9"]));
         // bounded to max_history, the newest kept
-        assert_eq!(s.history_ids("c").unwrap(), ids(&["i2", "i3", "i4"]));
-        assert!(s.history_ids("b").unwrap().is_empty());
+        assert_eq!(
+            s.history_ids("c").unwrap().unwrap(),
+            ids(&["i2", "i3", "i4"])
+        );
+        assert!(s.history_ids("b").unwrap().unwrap().is_empty());
         assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
         assert_eq!(s.changelog_position(1).unwrap(), None);
         assert_eq!(s.stored_offset("clicks", 2).unwrap(), Some(10));
@@ -251,7 +249,7 @@ mod tests {
         // it survives a reopen
         drop(s);
         let s = Store::open(dir.path(), 3).unwrap();
-        assert_eq!(s.history_ids("a").unwrap(), ids(&["i2", "i9"]));
+        assert_eq!(s.history_ids("a").unwrap().unwrap(), ids(&["i2", "i9"]));
         assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
     }
 }

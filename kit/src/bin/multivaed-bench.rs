@@ -151,6 +151,17 @@ struct ModelBenchArgs {
     model: ModelArgs,
 }
 
+/// Figures as pretty JSON, to `path` or standard output.
+fn print_or_write(figures: &impl serde::Serialize, path: Option<&std::path::Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(figures)?;
+    match path {
+        Some(path) => std::fs::write(path, text)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
 fn run_bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Stream(args) => {
@@ -163,13 +174,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 exe: multivaed_kit::harness::daemon_exe(),
                 work_dir: args.work_dir,
             })?;
-            let text = serde_json::to_string_pretty(&figures)?;
-            match args.json {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-                None => println!("{text}"),
-            }
-            Ok(())
+            print_or_write(&figures, args.json.as_deref())
         }
         BenchCommand::Fleet(args) => {
             let figures = bench::run_fleet_bench(&bench::FleetBenchOptions {
@@ -179,13 +184,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 exe: multivaed_kit::harness::daemon_exe(),
                 work_dir: args.work_dir,
             })?;
-            let text = serde_json::to_string_pretty(&figures)?;
-            match args.json {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-                None => println!("{text}"),
-            }
-            Ok(())
+            print_or_write(&figures, args.json.as_deref())
         }
         BenchCommand::Store(args) => {
             std::fs::create_dir_all(&args.work_dir)
