@@ -134,10 +134,11 @@ impl Daemon {
         stage(&mut stages, "http", self.http().serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
         let p = producers.get();
-        let (wanted, clicks) = (
-            crate::topics::topics(&self.config),
-            self.config.kafka.clicks_topic.clone(),
-        );
+        let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
+            .into_iter()
+            .map(|t| (t.key, t.name))
+            .collect();
+        let clicks = self.config.kafka.clicks_topic.clone();
         let partitions = tokio::task::spawn_blocking(move || {
             crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &wanted, &clicks)
         })

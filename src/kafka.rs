@@ -147,10 +147,11 @@ pub fn permanent_cause(e: &KafkaError) -> Option<&'static str> {
 /// with a named error for one still missing after 15 s (a topic being created as the daemon
 /// starts is not an error). A cluster that does not answer is not an error here: the daemon
 /// starts not ready and waits for it. Returns the partition count of `clicks_topic` (`None`
-/// when the cluster did not answer). Partition counts and compaction are `topics::check`'s.
+/// when the cluster did not answer). `wanted`: (setting, topic) pairs, the role's topics as
+/// `topics::topics` lists them; their partition counts and compaction are `topics::check`'s.
 pub fn check_topics<C: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<C>,
-    wanted: &[crate::topics::Topic],
+    wanted: &[(&'static str, String)],
     clicks_topic: &str,
 ) -> Result<Option<i32>> {
     use std::time::{Duration, Instant};
@@ -170,12 +171,10 @@ pub fn check_topics<C: rdkafka::ClientContext>(
                 .find(|t| t.name() == name && !t.partitions().is_empty())
                 .map(|t| t.partitions().len() as i32)
         };
-        match wanted.iter().find(|t| partitions(&t.name).is_none()) {
+        match wanted.iter().find(|(_, name)| partitions(name).is_none()) {
             None => return Ok(Some(partitions(clicks_topic).unwrap_or(1))),
-            Some(t) if Instant::now() >= deadline => anyhow::bail!(
-                "{}: topic {:?} does not exist on the cluster (multivaed does not create topics; create it first, e.g. with `multivaed topics create`)",
-                t.key,
-                t.name
+            Some((key, name)) if Instant::now() >= deadline => anyhow::bail!(
+                "{key}: topic {name:?} does not exist on the cluster (multivaed does not create topics; create it first, e.g. with `multivaed topics create`)"
             ),
             Some(_) => std::thread::sleep(Duration::from_secs(1)),
         }
