@@ -100,6 +100,19 @@ impl Activity {
     /// A stored batch: `changed` users (their history changed), `new_interactions` new pairs,
     /// consumed at `received`. Returns how many waiting users were dropped (over the bound).
     pub fn batch_stored(&self, changed: &[u32], new_interactions: u64, received: Instant) -> u64 {
+        self.learnable(changed, new_interactions);
+        let mut g = self.lock();
+        for &u in changed {
+            g.last_seen.insert(u, received);
+        }
+        self.forget_least_recently_seen(&mut g);
+        let users: Vec<(u32, Instant)> = changed.iter().map(|&u| (u, received)).collect();
+        self.queue_clicks(g, &users)
+    }
+
+    /// Histories a fleet trainer read from the changelog: `changed` users, `new_interactions`
+    /// new pairs — what makes a round due and who is trained on first (nobody is scored).
+    pub fn learnable(&self, changed: &[u32], new_interactions: u64) {
         self.new_interactions
             .fetch_add(new_interactions, Ordering::AcqRel);
         let mut g = self.lock();
@@ -109,12 +122,6 @@ impl Activity {
             }
             g.since_round.insert(u);
         }
-        for &u in changed {
-            g.last_seen.insert(u, received);
-        }
-        self.forget_least_recently_seen(&mut g);
-        let users: Vec<(u32, Instant)> = changed.iter().map(|&u| (u, received)).collect();
-        self.queue_clicks(g, &users)
     }
 
     /// Deliveries that failed: their users wait again, with their click's receipt time

@@ -212,15 +212,23 @@ pub struct ModelsArgs {
     /// The configuration of the daemon whose models to read.
     #[arg(long, short, env = "MULTIVAED_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// The role whose versions to handle (default: the config's): `all` reads data_dir/models,
+    /// `serve` and `train` the fleet's models topic and object store.
+    #[arg(long, value_enum, global = true)]
+    pub role: Option<multivaed::config::Role>,
     #[command(subcommand)]
     pub command: ModelsCommand,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Every version on disk with its manifest figures and whether it loads.
+    /// Every version with its figures and whether it loads. Role `all`: the versions on disk;
+    /// roles `serve` and `train`: the models topic's announcements and their files in the
+    /// object store.
     List,
-    /// Make VERSION the newest again (newer ones are moved aside); the daemon loads it at start.
+    /// Make VERSION the current one again. Role `all` (daemon stopped): newer ones are moved
+    /// aside and the daemon loads it at start. Roles `serve` and `train` (everything running):
+    /// it is announced again; every replica swaps to it and the trainer continues from it.
     Rollback {
         /// The version to return to.
         version: u64,
@@ -382,7 +390,13 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
 }
 
 fn run_models(args: ModelsArgs) -> Result<()> {
-    let config = Config::load(args.config.as_deref())?;
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(role) = args.role {
+        config.role = role;
+    }
+    if config.role != multivaed::config::Role::All {
+        return runtime()?.block_on(fleet_models(&config, &args.command));
+    }
     let checkpoints = Checkpoints::new(config.data_dir.join("models"));
     match args.command {
         ModelsCommand::List => {
@@ -419,6 +433,52 @@ fn run_models(args: ModelsArgs) -> Result<()> {
             let moved = checkpoints.rollback(version)?;
             println!(
                 "model version {version} is the newest again; moved aside: {moved:?}. Restart the daemon to serve it."
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `multivaed models list|rollback` for a fleet: the models topic and the object store.
+async fn fleet_models(config: &Config, command: &ModelsCommand) -> Result<()> {
+    match command {
+        ModelsCommand::List => {
+            println!("| version | epoch | trainer | created | update_count | β | items | validation NDCG@100 | status | files |");
+            println!("|---:|---:|---|---|---:|---:|---:|---:|---|---|");
+            for l in multivaed::shipping::list(config).await? {
+                let a = &l.announcement;
+                let status = match (l.current, l.accepted, a.rollback) {
+                    (true, _, true) => "current (rollback)",
+                    (true, _, false) => "current",
+                    (false, true, true) => "rollback",
+                    (false, true, false) => "announced",
+                    (false, false, _) => "ignored (fenced)",
+                };
+                println!(
+                    "| {} | {} | {} | {} | {} | {:.5} | {} | {} | {status} | {} |",
+                    a.version,
+                    a.epoch,
+                    a.trainer,
+                    a.created_at,
+                    a.state.update_count,
+                    a.state.beta,
+                    a.n_items,
+                    a.validation_ndcg
+                        .map(|x| format!("{x:.4}"))
+                        .unwrap_or_else(|| "-".into()),
+                    match &l.files {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("unusable: {e}"),
+                    }
+                );
+            }
+            Ok(())
+        }
+        ModelsCommand::Rollback { version } => {
+            let a = multivaed::shipping::rollback(config, *version).await?;
+            println!(
+                "model version {} (update_count {}, files {}) is announced as current again, under epoch {}: every serving replica swaps to it, and the trainer continues from it",
+                a.version, a.state.update_count, a.uri, a.epoch
             );
             Ok(())
         }

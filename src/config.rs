@@ -18,8 +18,9 @@ use crate::model::ModelConfig;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// What this process does: `all` (everything, one process) or `serve` (one of N replicas
-    /// of a consumer group, owning the users of its partitions; no training).
+    /// What this process does: `all` (everything, one process), `serve` (one of N replicas
+    /// of a consumer group, owning the users of its partitions, serving the fleet's model) or
+    /// `train` (the fleet's trainer: one active, a standby may wait).
     pub role: Role,
     /// Where the store and model versions live.
     pub data_dir: PathBuf,
@@ -31,6 +32,7 @@ pub struct Config {
     pub train: TrainConfig,
     pub serve: ServeConfig,
     pub http: HttpConfig,
+    pub models: ModelsConfig,
 }
 
 /// What a process does (`multivaed run --role`).
@@ -41,9 +43,23 @@ pub enum Role {
     #[default]
     All,
     /// A serving replica: owns the users of its partitions (their state restored from the
-    /// changelog topic), scores and publishes for them, answers pulls for them; trains nothing
-    /// (until the fleet trainer exists it answers from popularity).
+    /// changelog topic), scores and publishes for them, answers pulls for them; trains nothing:
+    /// it serves the model versions the trainer announces (popularity until the first).
     Serve,
+    /// The fleet's trainer: reads every user's history from the changelog topic, trains while
+    /// it is the active trainer (elected through a consumer group) and ships each accepted
+    /// version through the object store and the models topic.
+    Train,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Serve => "serve",
+            Role::Train => "train",
+        }
+    }
 }
 
 /// A serving replica's rebalance protocol (`kafka.rebalance`).
@@ -182,6 +198,55 @@ pub struct HttpConfig {
     pub max_concurrent_pulls: usize,
 }
 
+/// How a fleet's model versions travel (roles `serve` and `train`): the files through an object
+/// store, a small announcement of each through a compacted, one-partition Kafka topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// The models topic (compacted, one partition).
+    pub topic: String,
+    /// Where versions' files live: a directory (a volume every pod mounts) or a URL:
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`, `file:///dir`.
+    /// Credentials come from the usual environment variables (`AWS_ACCESS_KEY_ID`, …).
+    pub store: String,
+    /// Options of the object store (the `object_store` crate's keys, e.g. `aws_endpoint`,
+    /// `aws_region`, `aws_allow_http`); they win over the environment.
+    pub options: BTreeMap<String, String>,
+    /// The consumer group that elects the active trainer; empty: `<kafka.group_id>.trainer`.
+    pub trainer_group: String,
+    /// A serving replica that could not load an announced version tries it again after this.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// A version announced more recently than this is never pruned (besides the
+    /// `train.keep_versions` newest and the current one).
+    #[serde(with = "humantime_serde")]
+    pub keep_announced_for: Duration,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            topic: "multivaed.models".into(),
+            store: "multivaed-models".into(),
+            options: BTreeMap::new(),
+            trainer_group: String::new(),
+            retry_interval: Duration::from_secs(30),
+            keep_announced_for: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl ModelsConfig {
+    /// The trainer election's consumer group.
+    pub fn trainer_group(&self, kafka: &KafkaConfig) -> String {
+        if self.trainer_group.is_empty() {
+            format!("{}.trainer", kafka.group_id)
+        } else {
+            self.trainer_group.clone()
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -194,6 +259,7 @@ impl Default for Config {
             train: TrainConfig::default(),
             serve: ServeConfig::default(),
             http: HttpConfig::default(),
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -335,7 +401,7 @@ impl KafkaConfig {
         }
         match role {
             Role::All => None,
-            Role::Serve => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()),
+            Role::Serve | Role::Train => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()),
         }
     }
 }
@@ -461,8 +527,15 @@ impl Config {
                 );
             }
         }
-        if self.role == Role::Serve && self.kafka.group_instance_id(self.role).is_none() {
-            bail!("invalid configuration: role serve needs kafka.instance_id (or HOSTNAME): a stable name per replica");
+        if self.role != Role::All && self.kafka.group_instance_id(self.role).is_none() {
+            bail!("invalid configuration: role {} needs kafka.instance_id (or HOSTNAME): a stable name per replica", self.role.name());
+        }
+        if self.role != Role::All && (self.models.topic.is_empty() || self.models.store.is_empty())
+        {
+            bail!(
+                "invalid configuration: models.topic and models.store: role {} needs both",
+                self.role.name()
+            );
         }
         Ok(())
     }

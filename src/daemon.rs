@@ -1,6 +1,8 @@
 //! `multivaed run`: builds each stage's context from the one set of shared parts, starts the
-//! stages and supervises them. Kafka → ingest → store → train (own thread) → live model →
-//! serve → Kafka, with http and systemd notify beside them. SIGTERM/SIGINT stop consumption,
+//! stages of the role and supervises them. Role `all`: Kafka → ingest → store → train (own
+//! thread) → live model → serve → Kafka; role `serve`: the same without training, the live model
+//! loaded from the fleet's shipped versions (`shipping`); role `train`: the changelog → store →
+//! train → shipped versions. http and systemd notify run beside them. SIGTERM/SIGINT stop consumption,
 //! flush the store, commit offsets, abandon a training round in progress and exit 0; a stage
 //! that fails or stops by itself stops the daemon with an error naming it (non-zero exit).
 //! No stage imports this module: each gets only what it uses.
@@ -88,7 +90,10 @@ impl Daemon {
         metrics.up.set(1);
         let ownership = match config.role {
             Role::All => crate::ownership::Ownership::everything(),
-            Role::Serve => crate::ownership::Ownership::by_partition(config.kafka.partitioner, 1),
+            // a trainer owns no user: it answers no pull
+            Role::Serve | Role::Train => {
+                crate::ownership::Ownership::by_partition(config.kafka.partitioner, 1)
+            }
         };
         Ok(Self {
             store: Arc::new(store),
@@ -123,62 +128,29 @@ impl Daemon {
             .await
             .with_context(|| format!("http.listen: cannot bind {}", self.config.http.listen))?;
         info!(addr = %listener.local_addr()?, "HTTP listening");
-        // role serve trains nothing
-        let worker = match self.config.role {
-            Role::All => Some(crate::train::Worker::start(self.training(device))?),
-            Role::Serve => None,
-        };
         let producers = Arc::new(crate::kafka::Producers::new(&self.config.kafka)?);
-
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http().serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
-        let p = producers.get();
-        let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
-            .into_iter()
-            .map(|t| (t.key, t.name))
-            .collect();
-        let clicks = self.config.kafka.clicks_topic.clone();
-        let partitions = tokio::task::spawn_blocking(move || {
-            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &wanted, &clicks)
-        })
-        .await
-        .context("cannot check the topics")??;
-        debug!(?partitions, "topics checked");
-        if self.config.role == Role::Serve {
-            let n = partitions.context("role serve: the cluster did not say how many partitions the clicks topic has; retry when it answers")?;
-            self.ownership.set_partitions(n);
-            check_serving_topics(&self.config).await?;
+        self.check_topics(&producers).await?;
+        match self.config.role {
+            Role::All => {
+                let worker = crate::train::Worker::start(self.training(device, None))?;
+                self.start_serving(&mut stages, &producers)?;
+                stage(&mut stages, "train", worker.run_on_thread());
+            }
+            Role::Serve => {
+                self.start_serving(&mut stages, &producers)?;
+                self.start_fleet_serving(&mut stages)?;
+            }
+            Role::Train => self.start_fleet_training(&mut stages, &producers, device)?,
         }
-        let ingest = self.ingest(&producers);
-        let consumer = ingest.consumer()?;
-        stage(
-            &mut stages,
-            "ingest",
-            ingest.run(consumer, producers.clone()),
-        );
-        stage(&mut stages, "serve", self.scorer().run(producers.clone()));
         stage(
             &mut stages,
             "broker probe",
             self.probe().run(producers.clone()),
         );
         stage(&mut stages, "notify", self.notifier().run());
-        if self.config.role == Role::Serve {
-            stage(
-                &mut stages,
-                "members",
-                crate::members::follow(
-                    self.config.kafka.clone(),
-                    self.config.kafka.members(),
-                    self.directory.clone(),
-                    self.shutdown.clone(),
-                ),
-            );
-        }
-        if let Some(worker) = worker {
-            stage(&mut stages, "train", worker.run_on_thread());
-        }
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -194,6 +166,134 @@ impl Daemon {
         self.metrics.up.set(0);
         self.log_summary();
         outcome
+    }
+
+    /// Checks that the role's topics exist (and, for a fleet role, are as it needs them).
+    async fn check_topics(&self, producers: &crate::kafka::Producers) -> Result<()> {
+        let p = producers.get();
+        let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
+            .into_iter()
+            .map(|t| (t.key, t.name))
+            .collect();
+        let clicks = self.config.kafka.clicks_topic.clone();
+        let partitions = tokio::task::spawn_blocking(move || {
+            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &wanted, &clicks)
+        })
+        .await
+        .context("cannot check the topics")??;
+        debug!(?partitions, "topics checked");
+        if self.config.role != Role::All {
+            let n = partitions.with_context(|| format!("role {}: the cluster did not say how many partitions the clicks topic has; retry when it answers", self.config.role.name()))?;
+            self.ownership.set_partitions(n);
+            check_fleet_topics(&self.config).await?;
+        }
+        Ok(())
+    }
+
+    /// Ingest, scoring and publishing (roles `all` and `serve`).
+    fn start_serving(
+        &self,
+        stages: &mut JoinSet<(&'static str, Result<()>)>,
+        producers: &Arc<crate::kafka::Producers>,
+    ) -> Result<()> {
+        let ingest = self.ingest(producers);
+        let consumer = ingest.consumer()?;
+        stage(stages, "ingest", ingest.run(consumer, producers.clone()));
+        stage(stages, "serve", self.scorer().run(producers.clone()));
+        Ok(())
+    }
+
+    /// Role `serve`: the other replicas' addresses, and the fleet's model versions (followed,
+    /// downloaded, verified, swapped in).
+    fn start_fleet_serving(&self, stages: &mut JoinSet<(&'static str, Result<()>)>) -> Result<()> {
+        stage(
+            stages,
+            "members",
+            crate::members::follow(
+                self.config.kafka.clone(),
+                self.config.kafka.members(),
+                self.directory.clone(),
+                self.shutdown.clone(),
+            ),
+        );
+        let follower = self.follow_models(stages);
+        let loader = crate::shipping::Loader {
+            objects: crate::shipping::Objects::open(&self.config.models)?,
+            follower,
+            store: self.store.clone(),
+            live: self.live.clone(),
+            metrics: self.metrics.clone(),
+            retry: self.config.models.retry_interval,
+            shutdown: self.shutdown.clone(),
+        };
+        stage(stages, "model loader", loader.run());
+        Ok(())
+    }
+
+    /// Follows the models topic (roles `serve` and `train`).
+    fn follow_models(
+        &self,
+        stages: &mut JoinSet<(&'static str, Result<()>)>,
+    ) -> Arc<crate::shipping::Follower> {
+        let follower = Arc::new(crate::shipping::Follower::default());
+        stage(
+            stages,
+            "models topic",
+            crate::shipping::follow(
+                self.config.kafka.clone(),
+                self.config.models.topic.clone(),
+                follower.clone(),
+                self.shutdown.clone(),
+            ),
+        );
+        follower
+    }
+
+    /// Role `train`: the changelog read into the store, the election, and the training worker
+    /// shipping what it accepts.
+    fn start_fleet_training(
+        &self,
+        stages: &mut JoinSet<(&'static str, Result<()>)>,
+        producers: &Arc<crate::kafka::Producers>,
+        device: Device,
+    ) -> Result<()> {
+        let reader = crate::ingest::ChangelogReader {
+            kafka: self.config.kafka.clone(),
+            store: self.store.clone(),
+            activity: self.activity.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        stage(stages, "changelog", reader.run());
+        let follower = self.follow_models(stages);
+        let election = Arc::new(crate::shipping::Election::default());
+        let elector = crate::shipping::Elector {
+            kafka: self.config.kafka.clone(),
+            group: self.config.models.trainer_group(&self.config.kafka),
+            topic: self.config.models.topic.clone(),
+            id: self.instance_id(),
+            election: election.clone(),
+            follower: follower.clone(),
+            producers: producers.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        stage(stages, "election", elector.run());
+        let fleet = crate::shipping::FleetTrainer {
+            id: self.instance_id(),
+            topic: self.config.models.topic.clone(),
+            objects: crate::shipping::Objects::open(&self.config.models)?,
+            follower,
+            election,
+            producers: producers.clone(),
+            keep_announced_for: self.config.models.keep_announced_for,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let worker = crate::train::Worker::start(self.training(device, Some(Box::new(fleet))))?;
+        stage(stages, "train", worker.run_on_thread());
+        Ok(())
     }
 
     fn log_summary(&self) {
@@ -242,14 +342,22 @@ impl Daemon {
     }
 
     fn probe(&self) -> crate::ingest::BrokerProbe {
+        let group_id = match self.config.role {
+            Role::Train => self.config.models.trainer_group(&self.config.kafka),
+            _ => self.config.kafka.group_id.clone(),
+        };
         crate::ingest::BrokerProbe {
-            group_id: self.config.kafka.group_id.clone(),
+            group_id,
             health: self.health.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
 
-    fn training(&self, device: Device) -> crate::train::Training {
+    fn training(
+        &self,
+        device: Device,
+        fleet: Option<Box<dyn crate::train::Fleet>>,
+    ) -> crate::train::Training {
         crate::train::Training {
             train: self.config.train.clone(),
             model: self.config.model.clone(),
@@ -260,6 +368,7 @@ impl Daemon {
             live: self.live.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            fleet,
         }
     }
 
@@ -309,9 +418,10 @@ impl Daemon {
     }
 }
 
-/// Role `serve`: the changelog and members topics are compacted (a broker that does not
-/// describe topic configs is not refused) and the changelog has the clicks topic's partitions.
-async fn check_serving_topics(config: &Config) -> Result<()> {
+/// Roles `serve` and `train`: the changelog, members and models topics are compacted (a broker
+/// that does not describe topic configs is not refused), the changelog has the clicks topic's
+/// partitions and the others one.
+async fn check_fleet_topics(config: &Config) -> Result<()> {
     let found = crate::topics::check(config).await?;
     if let Some(f) = found.iter().find(|f| f.problem.is_some()) {
         bail!(

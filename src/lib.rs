@@ -14,6 +14,10 @@
 //!   [`model`], checkpoints it and publishes it to the [`live`] slot.
 //! - [`serve`] takes waiting users from [`activity`], ranks them with the live model and publishes
 //!   recommendations ([`wire`]); [`http`] answers pulls with the same ranking.
+//! - A fleet (roles `serve` and `train`): [`shipping`] carries the trainer's versions to the
+//!   serving replicas — files in an object store, announcements on a Kafka topic, the trainer
+//!   elected and fenced through Kafka — and loads them into their [`live`] slots; the trainer's
+//!   store is read from the changelog ([`ingest`]).
 //!
 //! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
 //! [`online`] (the prequential hit rate), [`live`], [`metrics`], [`kafka`] (client settings),
@@ -41,6 +45,7 @@ mod online;
 mod ownership;
 pub mod partition;
 pub mod serve;
+pub mod shipping;
 mod shutdown;
 pub mod store;
 pub mod topics;

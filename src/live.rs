@@ -1,6 +1,9 @@
-//! `LiveModelSlot`: the live model behind an atomic pointer, between training (which publishes)
-//! and scoring and the HTTP API (which read); a swap never blocks a reader and a reader never
-//! sees half a model. The versions on disk are `model::Checkpoints`.
+//! `LiveModelSlot`: the live model behind an atomic pointer, between training or the fleet's
+//! model loader (which publish) and scoring and the HTTP API (which read); a swap never blocks a
+//! reader and a reader never sees half a model. A model trained on this store uses the store's
+//! item indices as its columns; a model shipped by a fleet's trainer comes with its item table,
+//! mapped onto the store's items once, when it is loaded (`ColumnMap`). The versions on disk are
+//! `model::Checkpoints`.
 
 use std::sync::Arc;
 
@@ -9,15 +12,86 @@ use tokio::sync::watch;
 
 use candle_core::Device;
 
-use crate::model::{CheckpointError, Checkpoints, MultiVae};
+use crate::model::{CheckpointError, Checkpoints, ItemTable, MultiVae};
+use crate::store::Store;
 
 /// A published model version (host memory, inference only).
 pub struct LiveModel {
     pub(crate) version: u64,
     pub(crate) model: MultiVae,
+    /// How the columns map onto the store's items: `None` when they are the store's indices.
+    pub(crate) columns: Option<ColumnMap>,
+}
+
+/// A shipped model's columns on this store: both ways, and the model's (global) popularity by
+/// store index. Items the store interns after the model was loaded are unknown to it.
+pub(crate) struct ColumnMap {
+    to_store: Vec<u32>,
+    from_store: Vec<u32>,
+    popularity: Vec<f32>,
+}
+
+/// No column.
+const NONE: u32 = u32::MAX;
+
+impl ColumnMap {
+    /// Interns the table's items into `store` (a replica may not have met them yet) and maps
+    /// them.
+    pub(crate) fn new(store: &Store, table: &ItemTable) -> anyhow::Result<Self> {
+        let to_store = store.intern_items(table.ids())?;
+        let n = to_store.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+        let mut from_store = vec![NONE; n];
+        let mut popularity = vec![0f32; n];
+        for (c, (&i, &count)) in to_store.iter().zip(table.counts()).enumerate() {
+            from_store[i as usize] = c as u32;
+            popularity[i as usize] = count as f32;
+        }
+        Ok(Self {
+            to_store,
+            from_store,
+            popularity,
+        })
+    }
 }
 
 impl LiveModel {
+    /// A model whose columns are `store`'s item indices (trained on this store).
+    pub(crate) fn local(version: u64, model: MultiVae) -> Self {
+        Self {
+            version,
+            model,
+            columns: None,
+        }
+    }
+
+    /// The model's column of a store item, if it knows the item.
+    pub(crate) fn column(&self, item: u32) -> Option<u32> {
+        match &self.columns {
+            None => ((item as usize) < self.model.n_items()).then_some(item),
+            Some(c) => c
+                .from_store
+                .get(item as usize)
+                .copied()
+                .filter(|&x| x != NONE),
+        }
+    }
+
+    /// The store item of a column.
+    pub(crate) fn store_item(&self, column: u32) -> u32 {
+        match &self.columns {
+            None => column,
+            Some(c) => c.to_store.get(column as usize).copied().unwrap_or(NONE),
+        }
+    }
+
+    /// The model's own popularity ranking (a shipped model's, global over the fleet), best
+    /// first, without `seen` (sorted store items); `None` for a model trained on this store,
+    /// whose popularity is the store's.
+    pub(crate) fn popular(&self, k: usize, seen: &[u32]) -> Option<Vec<(u32, f32)>> {
+        let c = self.columns.as_ref()?;
+        Some(crate::model::top_k_unseen(&c.popularity, None, seen, k))
+    }
+
     /// The newest version in `checkpoints` that loads, ready for inference (versions that fail
     /// go to `on_skip`); `None` when there is none.
     pub fn load_latest(
@@ -28,10 +102,10 @@ impl LiveModel {
         let Some((trainer, manifest)) = checkpoints.load_latest(device, on_skip)? else {
             return Ok(None);
         };
-        Ok(Some(LiveModel {
-            version: manifest.model_version,
-            model: trainer.model().for_serving()?,
-        }))
+        Ok(Some(LiveModel::local(
+            manifest.model_version,
+            trainer.model().for_serving()?,
+        )))
     }
 }
 

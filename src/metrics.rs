@@ -52,6 +52,11 @@ pub(crate) struct Metrics {
     pub device_info: GaugeVec,
     pub online_hits: IntCounterVec,
     pub online_events_scored: IntCounterVec,
+    pub model_announced_version: IntGauge,
+    pub model_loads: IntCounterVec,
+    pub model_load_seconds: Histogram,
+    pub trainer_active: IntGauge,
+    pub trainer_epoch: IntGauge,
     pub ready: IntGauge,
     pub up: IntGauge,
 }
@@ -304,6 +309,32 @@ impl Metrics {
                     &["k", "model_version"],
                 )?,
             )?,
+            model_announced_version: reg(
+                r,
+                IntGauge::new("multivaed_model_announced_version", "Roles serve and train: the model version the fleet's models topic announces as current (0: none yet)")?,
+            )?,
+            model_loads: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("multivaed_model_loads_total", "Role serve: announced model versions downloaded, by result (ok; refused: a file's size or digest differs from the announcement, or it does not decode; failed: the object store did not answer)"),
+                    &["result"],
+                )?,
+            )?,
+            model_load_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("multivaed_model_load_seconds", "Role serve: an announced version's download, verification and load, until it is swapped in")
+                        .buckets(exponential_buckets(0.01, 2.0, 16).expect("valid buckets")),
+                )?,
+            )?,
+            trainer_active: reg(
+                r,
+                IntGauge::new("multivaed_trainer_active", "Role train: 1 while this trainer is the fleet's active one (elected, its claim read back), 0 on standby")?,
+            )?,
+            trainer_epoch: reg(
+                r,
+                IntGauge::new("multivaed_trainer_epoch", "Role train: the fencing epoch of this trainer's last claim (0: none)")?,
+            )?,
             ready: reg(r, IntGauge::new("multivaed_ready", "1 when /readyz answers ready")?)?,
             up: reg(r, IntGauge::new("multivaed_up", "1 while the daemon runs")?)?,
             registry,
@@ -316,9 +347,13 @@ impl Metrics {
             "rejected_ndcg",
             "rejected_unvalidated",
             "abandoned",
+            "superseded",
             "failed",
         ] {
             m.training_rounds.with_label_values(&[result]);
+        }
+        for result in ["ok", "refused", "failed"] {
+            m.model_loads.with_label_values(&[result]);
         }
         for source in ["model", "popular"] {
             m.recommendations_published.with_label_values(&[source]);

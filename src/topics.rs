@@ -1,7 +1,7 @@
 //! Every topic multivaed reads or writes, in one place, with the partitions and cleanup policy
 //! it needs: `multivaed topics create` creates what is missing, `multivaed topics check` (and a
-//! serving replica at start) verifies them. The clicks topic's partition count is the unit: the
-//! changelog must have as many, the members topic one.
+//! serving replica or trainer at start) verifies them. The clicks topic's partition count is the
+//! unit: the changelog must have as many, the members and models topics one.
 
 use std::time::Duration;
 
@@ -32,19 +32,30 @@ pub fn topics(config: &Config) -> Vec<Topic> {
         partitions,
         compact,
     };
-    let mut out = vec![
-        t("kafka.clicks_topic", &k.clicks_topic, None, false),
-        t(
+    // every role knows the clicks topic (its partition count is the changelog's)
+    let mut out = vec![t("kafka.clicks_topic", &k.clicks_topic, None, false)];
+    if config.role != Role::Train {
+        out.push(t(
             "kafka.recommendations_topic",
             &k.recommendations_topic,
             None,
             false,
-        ),
-        t("kafka.dead_letter_topic", &k.dead_letter_topic, None, false),
-    ];
-    if config.role == Role::Serve {
+        ));
+        out.push(t(
+            "kafka.dead_letter_topic",
+            &k.dead_letter_topic,
+            None,
+            false,
+        ));
+    }
+    if config.role != Role::All {
         out.push(t("kafka.changelog_topic", &k.changelog(), Some(0), true));
+    }
+    if config.role == Role::Serve {
         out.push(t("kafka.members_topic", &k.members(), Some(1), true));
+    }
+    if config.role != Role::All {
+        out.push(t("models.topic", &config.models.topic, Some(1), true));
     }
     out
 }

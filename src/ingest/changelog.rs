@@ -159,6 +159,39 @@ impl Changelog {
     }
 }
 
+/// What one changelog record at `offset` means for a partition's copy at `position` (which
+/// moves past it): a user's new history (empty: forgotten), or nothing — a marker (its epoch
+/// and clicks offset are taken), a record of an older owner written after a newer one's (a late
+/// writer's), an unreadable one (logged).
+pub(crate) fn read_record(
+    position: &mut ChangelogPosition,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Option<(String, Vec<String>)> {
+    position.next_offset = offset + 1;
+    let key = String::from_utf8_lossy(key?).into_owned();
+    let Some(value) = payload else {
+        return Some((key, Vec::new()));
+    };
+    match serde_json::from_slice::<Record>(value) {
+        Ok(Record::Marker {
+            next_offset, epoch, ..
+        }) if epoch >= position.epoch => {
+            position.epoch = epoch;
+            position.clicks_next = next_offset;
+            None
+        }
+        Ok(Record::History { items, epoch }) if epoch >= position.epoch => Some((key, items)),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(error = %e, partition, offset, "an unreadable changelog record is skipped");
+            None
+        }
+    }
+}
+
 /// What a restore found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Restored {
@@ -232,32 +265,9 @@ pub(super) fn restore(
             }
         };
         records += 1;
-        position.next_offset = m.offset() + 1;
-        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        let Some(key) = key else { continue };
-        let record = match m.payload() {
-            None => None,
-            Some(v) => match serde_json::from_slice::<Record>(v) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    warn!(error = %e, partition, offset = m.offset(), "an unreadable changelog record is skipped");
-                    continue;
-                }
-            },
-        };
-        match record {
-            Some(Record::Marker {
-                next_offset, epoch, ..
-            }) if epoch >= position.epoch => {
-                position.epoch = epoch;
-                position.clicks_next = next_offset;
-            }
-            Some(Record::History { items, epoch }) if epoch >= position.epoch => {
-                chunk.push((key, items));
-            }
-            // a record of an older owner written after a newer one's: a late writer's
-            Some(_) => {}
-            None => chunk.push((key, Vec::new())),
+        if let Some(user) = read_record(&mut position, partition, m.offset(), m.key(), m.payload())
+        {
+            chunk.push(user);
         }
         if chunk.len() >= RESTORE_CHUNK {
             store.restore_histories(&std::mem::take(&mut chunk), partition, position, None)?;

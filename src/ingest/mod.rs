@@ -23,9 +23,11 @@ use tracing::{debug, error, info, warn};
 
 mod changelog;
 mod dead_letter;
+mod follow;
 
 use changelog::{Changelog, Marker, UserRecord};
 use dead_letter::{DeadLetter, DeadLetterWriter};
+pub use follow::ChangelogReader;
 
 use crate::activity::Activity;
 use crate::config::KafkaConfig;

@@ -32,6 +32,19 @@ impl Adam {
         })
     }
 
+    /// The same state on another device.
+    pub(crate) fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        let move_all = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+            ts.iter().map(|t| t.to_device(device)).collect()
+        };
+        Ok(Self {
+            learning_rate: self.learning_rate,
+            step: self.step,
+            m: move_all(&self.m)?,
+            v: move_all(&self.v)?,
+        })
+    }
+
     /// Number of updates applied so far.
     pub fn steps(&self) -> u64 {
         self.step

@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::adam::Adam;
-use super::{ModelConfig, MultiVae, Trainer};
+use super::{ItemTable, ModelConfig, MultiVae, Trainer};
 
 /// The `format` field every manifest carries.
 pub(crate) const CHECKPOINT_FORMAT: &str = "multivaed-checkpoint";
@@ -23,6 +23,7 @@ pub(crate) const CHECKPOINT_FORMAT_VERSION: u32 = 1;
 
 const WEIGHTS: &str = "weights.safetensors";
 const MANIFEST: &str = "manifest.json";
+const ITEMS: &str = "items.tsv";
 
 /// What `manifest.json` says about a model version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +56,18 @@ pub struct Manifest {
     /// is never used with a store whose items are others (absent in older checkpoints).
     #[serde(default)]
     pub catalogue_fingerprint: Option<String>,
+    /// A fleet trainer's item table (the id of each column), when the columns are not the
+    /// store's own indices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items_file: Option<ItemsFile>,
+}
+
+/// The item table file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemsFile {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
 }
 
 /// Why a checkpoint could not be written or read.
@@ -122,13 +135,16 @@ impl Checkpoints {
         self.dir.join(format!("v{version:08}"))
     }
 
-    /// Writes `trainer` as `version`, atomically. `training` is stored in the manifest.
+    /// Writes `trainer` as `version`, atomically. `training` is stored in the manifest. With
+    /// `items` (a fleet trainer's columns), the item table is written beside the weights and
+    /// the catalogue fingerprint is the table's.
     pub(crate) fn save(
         &self,
         trainer: &Trainer,
         version: u64,
         training: serde_json::Value,
         catalogue_fingerprint: Option<String>,
+        items: Option<&ItemTable>,
     ) -> Result<Manifest, CheckpointError> {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let final_path = self.path_of(version);
@@ -146,34 +162,37 @@ impl Checkpoints {
         }
         fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        let cpu = Device::Cpu;
-        let model = trainer.model();
-        for (name, t) in model.named_tensors() {
-            tensors.push((name, t.to_device(&cpu)?));
-        }
-        let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
-        let adam = trainer.adam();
-        for (i, name) in names.iter().enumerate() {
-            tensors.push((format!("adam.m.{name}"), adam.m[i].to_device(&cpu)?));
-            tensors.push((format!("adam.v.{name}"), adam.v[i].to_device(&cpu)?));
-        }
-        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
-            .map_err(|e| CheckpointError::Corrupt {
+        let bytes = serialize(&host_tensors(trainer, true)?).map_err(|reason| {
+            CheckpointError::Corrupt {
                 path: tmp.clone(),
-                reason: format!("cannot serialise weights: {e}"),
-            })?;
+                reason,
+            }
+        })?;
         crate::fault::crash_point("checkpoint.before_weights");
         write_synced(&tmp.join(WEIGHTS), &bytes)?;
         crate::fault::crash_point("checkpoint.weights_written");
+        let items_file = match items {
+            Some(table) => {
+                let encoded = table.encode();
+                write_synced(&tmp.join(ITEMS), &encoded)?;
+                Some(ItemsFile {
+                    name: ITEMS.into(),
+                    bytes: encoded.len() as u64,
+                    crc32: crc32fast::hash(&encoded),
+                })
+            }
+            None => None,
+        };
+        let catalogue_fingerprint = items.map(ItemTable::fingerprint).or(catalogue_fingerprint);
 
         let now = SystemTime::now();
+        let model = trainer.model();
         let manifest = Manifest {
             format: CHECKPOINT_FORMAT.into(),
             format_version: CHECKPOINT_FORMAT_VERSION,
             model_version: version,
             update_count: trainer.update_count(),
-            adam_step: adam.steps(),
+            adam_step: trainer.adam().steps(),
             epochs_done: trainer.epochs_done(),
             beta: trainer.beta(),
             n_items: model.n_items(),
@@ -189,6 +208,7 @@ impl Checkpoints {
             weights_bytes: bytes.len() as u64,
             weights_crc32: crc32fast::hash(&bytes),
             catalogue_fingerprint,
+            items_file,
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Corrupt {
             path: tmp.clone(),
@@ -200,6 +220,38 @@ impl Checkpoints {
         crate::fault::crash_point("checkpoint.renamed");
         sync_dir(&self.dir)?;
         Ok(manifest)
+    }
+
+    /// The item table a version was trained with, when it has one (a fleet trainer's), checked
+    /// against the manifest's size and checksum.
+    pub(crate) fn items(
+        path: &Path,
+        manifest: &Manifest,
+    ) -> Result<Option<ItemTable>, CheckpointError> {
+        let Some(f) = &manifest.items_file else {
+            return Ok(None);
+        };
+        let ipath = path.join(&f.name);
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            path: ipath.clone(),
+            reason,
+        };
+        let bytes = fs::read(&ipath).map_err(io(&ipath))?;
+        if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
+            return Err(corrupt(format!(
+                "{} bytes or checksum differ from the manifest's",
+                bytes.len()
+            )));
+        }
+        let table = ItemTable::decode(&bytes).map_err(corrupt)?;
+        if table.len() != manifest.n_items {
+            return Err(corrupt(format!(
+                "{} items, the model has {} columns",
+                table.len(),
+                manifest.n_items
+            )));
+        }
+        Ok(Some(table))
     }
 
     /// Reads only the manifest of a version directory, checking its format.
@@ -264,30 +316,13 @@ impl Checkpoints {
             tensors.get(n).cloned()
         })
         .map_err(corrupt)?;
-        let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
-        let mut m = Vec::new();
-        let mut v = Vec::new();
-        for (name, t) in names.iter().zip(model.named_tensors()) {
-            for (kind, out) in [("m", &mut m), ("v", &mut v)] {
-                let key = format!("adam.{kind}.{name}");
-                let moment = tensors
-                    .remove(&key)
-                    .ok_or_else(|| corrupt(format!("tensor {key} is missing")))?;
-                if moment.dims() != t.1.dims() {
-                    return Err(corrupt(format!(
-                        "tensor {key} has shape {:?}",
-                        moment.dims()
-                    )));
-                }
-                out.push(moment);
-            }
-        }
-        let adam = Adam {
-            learning_rate: manifest.config.learning_rate,
-            step: manifest.adam_step,
-            m,
-            v,
-        };
+        let adam = adam_from(
+            &mut tensors,
+            &model,
+            manifest.config.learning_rate,
+            manifest.adam_step,
+        )
+        .map_err(corrupt)?;
         let trainer = Trainer::from_parts(
             model,
             Some(adam),
@@ -376,18 +411,29 @@ impl Checkpoints {
     pub fn rollback(&self, version: u64) -> Result<Vec<u64>, CheckpointError> {
         let path = self.path_of(version);
         Self::load(&path, &Device::Cpu)?;
+        self.set_aside_from(version + 1)
+    }
+
+    /// Moves every version numbered `from` or above aside (renamed
+    /// `.rolled-back-vNNNNNNNN-<unix seconds>`, as a rollback does). Returns them.
+    pub(crate) fn set_aside_from(&self, from: u64) -> Result<Vec<u64>, CheckpointError> {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let mut moved = Vec::new();
-        for v in self.versions()?.into_iter().filter(|&v| v > version) {
+        for v in self.versions()?.into_iter().filter(|&v| v >= from) {
             let from = self.path_of(v);
             let to = self.dir.join(format!(".rolled-back-v{v:08}-{stamp}"));
+            if to.exists() {
+                fs::remove_dir_all(&to).map_err(io(&to))?;
+            }
             fs::rename(&from, &to).map_err(io(&from))?;
             moved.push(v);
         }
-        sync_dir(&self.dir)?;
+        if !moved.is_empty() {
+            sync_dir(&self.dir)?;
+        }
         Ok(moved)
     }
 
@@ -423,4 +469,63 @@ impl Checkpoints {
         }
         Ok(removed)
     }
+}
+
+/// A trainer's tensors on the host, by checkpoint name: the weights, then (with `adam`) the
+/// optimiser's moments as `adam.m.NAME` and `adam.v.NAME`.
+pub(crate) fn host_tensors(
+    trainer: &Trainer,
+    adam: bool,
+) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let cpu = Device::Cpu;
+    let model = trainer.model();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in model.named_tensors() {
+        tensors.push((name, t.to_device(&cpu)?));
+    }
+    if adam {
+        let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
+        let moments = trainer.adam();
+        for (i, name) in names.iter().enumerate() {
+            tensors.push((format!("adam.m.{name}"), moments.m[i].to_device(&cpu)?));
+            tensors.push((format!("adam.v.{name}"), moments.v[i].to_device(&cpu)?));
+        }
+    }
+    Ok(tensors)
+}
+
+/// Named tensors as safetensors bytes.
+pub(crate) fn serialize(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, String> {
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+        .map_err(|e| format!("cannot serialise weights: {e}"))
+}
+
+/// The optimiser's moments for `model`, taken from `tensors` (`adam.m.NAME`, `adam.v.NAME`),
+/// every shape checked.
+pub(crate) fn adam_from(
+    tensors: &mut HashMap<String, Tensor>,
+    model: &MultiVae,
+    learning_rate: f64,
+    step: u64,
+) -> Result<Adam, String> {
+    let mut m = Vec::new();
+    let mut v = Vec::new();
+    for (name, t) in model.named_tensors() {
+        for (kind, out) in [("m", &mut m), ("v", &mut v)] {
+            let key = format!("adam.{kind}.{name}");
+            let moment = tensors
+                .remove(&key)
+                .ok_or_else(|| format!("tensor {key} is missing"))?;
+            if moment.dims() != t.dims() {
+                return Err(format!("tensor {key} has shape {:?}", moment.dims()));
+            }
+            out.push(moment);
+        }
+    }
+    Ok(Adam {
+        learning_rate,
+        step,
+        m,
+        v,
+    })
 }

@@ -1,10 +1,13 @@
 //! The Multi-VAE of Liang et al. (WWW 2018) on candle: hyper-parameters, weights and inference
-//! (`MultiVae`), training with lifelong KL annealing (`Trainer`), top-K, and atomic checkpoints.
+//! (`MultiVae`), training with lifelong KL annealing (`Trainer`), top-K, atomic checkpoints, the item table of a model's columns and the bundle a
+//! fleet ships.
 
 mod adam;
+pub mod bundle;
 mod checkpoint;
 mod config;
 mod data;
+mod items;
 pub(crate) mod kernels;
 mod threads;
 mod topk;
@@ -14,6 +17,7 @@ mod vae;
 pub use checkpoint::{CheckpointError, Checkpoints, Manifest};
 pub use config::{number, ModelConfig};
 pub use data::Interactions;
+pub use items::{fingerprint, ItemTable};
 pub use threads::set_threads;
 pub use trainer::{FirstLayer, StepStats, Trainer};
 pub use vae::MultiVae;

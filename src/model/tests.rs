@@ -264,7 +264,7 @@ fn save_load_continue_equals_straight_through_and_beta_continues() {
         first.train_epoch(&data, |s| betas.push(s.beta)).unwrap();
     }
     let saved = store
-        .save(&first, 1, serde_json::json!({"loss": 1.0}), None)
+        .save(&first, 1, serde_json::json!({"loss": 1.0}), None, None)
         .unwrap();
     assert_eq!(saved.update_count, 12); // 40 users / 7 per batch = 6 steps per epoch
     assert_eq!(saved.beta, 0.2f64.min(12.0 / 10.0));
@@ -312,13 +312,17 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Checkpoints::new(dir.path());
     let mut t = Trainer::new(&config, 30, 1, &Device::Cpu).unwrap();
-    store.save(&t, 1, serde_json::Value::Null, None).unwrap();
+    store
+        .save(&t, 1, serde_json::Value::Null, None, None)
+        .unwrap();
     t.train_epoch(&train_data(), |_| {}).unwrap();
     for v in 2..=4 {
-        store.save(&t, v, serde_json::Value::Null, None).unwrap();
+        store
+            .save(&t, v, serde_json::Value::Null, None, None)
+            .unwrap();
     }
     assert!(matches!(
-        store.save(&t, 4, serde_json::Value::Null, None),
+        store.save(&t, 4, serde_json::Value::Null, None, None),
         Err(CheckpointError::Exists { .. })
     ));
 
@@ -362,7 +366,9 @@ fn corrupt_truncated_and_foreign_checkpoints_are_refused() {
     let dir2 = tempfile::tempdir().unwrap();
     let store2 = Checkpoints::new(dir2.path());
     for v in 1..=3 {
-        store2.save(&t, v, serde_json::Value::Null, None).unwrap();
+        store2
+            .save(&t, v, serde_json::Value::Null, None, None)
+            .unwrap();
     }
     assert_eq!(store2.rollback(1).unwrap(), vec![2, 3]);
     assert_eq!(store2.versions().unwrap(), vec![1]);
@@ -428,7 +434,9 @@ fn growth_keeps_old_logits_and_training_continues() {
     // a checkpoint of the grown model round-trips
     let dir = tempfile::tempdir().unwrap();
     let store = Checkpoints::new(dir.path());
-    store.save(&t, 7, serde_json::Value::Null, None).unwrap();
+    store
+        .save(&t, 7, serde_json::Value::Null, None, None)
+        .unwrap();
     let (back, m) = Checkpoints::load(&store.path_of(7), &Device::Cpu).unwrap();
     assert_eq!(m.n_items, 45);
     assert_eq!(params(&back), params(&t));

@@ -400,10 +400,7 @@ mod tests {
         };
         let n_items = store.counts().items as usize;
         let trainer = Trainer::new(&cfg, n_items, 1, &candle_core::Device::Cpu).unwrap();
-        live.publish(LiveModel {
-            version: 7,
-            model: trainer.model().for_serving().unwrap(),
-        });
+        live.publish(LiveModel::local(7, trainer.model().for_serving().unwrap()));
         published(&metrics, "model", 3).await;
 
         shutdown.trigger();

@@ -1,6 +1,8 @@
 //! Ranking, the one path by which push scoring, the pull API and offline `recommend` rank a
 //! user's items: the live model's top items (never one the user has), or the popularity ranking
-//! for users it cannot score yet; then mapped to external ids as a [`Recommendation`].
+//! for users it cannot score yet; then mapped to external ids as a [`Recommendation`]. Histories
+//! and results are in store item indices; a shipped model's columns are mapped on the way in and
+//! out.
 
 use anyhow::{Context, Result};
 
@@ -63,10 +65,14 @@ pub(crate) fn score_histories(
     }
     let mut scored: Vec<Option<Vec<(u32, f32)>>> = vec![None; users.len()];
     if let Some(live) = live {
-        let n = live.model.n_items() as u32;
+        // the model's columns of each history (items it does not know are left out)
         let inputs: Vec<Vec<u32>> = histories
             .iter()
-            .map(|h| h.iter().copied().filter(|&i| i < n).collect())
+            .map(|h| {
+                let mut c: Vec<u32> = h.iter().filter_map(|&i| live.column(i)).collect();
+                c.sort_unstable();
+                c
+            })
             .collect();
         let idx: Vec<usize> = (0..users.len())
             .filter(|&j| !inputs[j].is_empty())
@@ -75,18 +81,27 @@ pub(crate) fn score_histories(
         if !rows.is_empty() {
             let recs = live.model.recommend(&rows, depth)?;
             for (j, r) in idx.into_iter().zip(recs) {
-                scored[j] = Some(r);
+                scored[j] = Some(
+                    r.into_iter()
+                        .map(|(c, score)| (live.store_item(c), score))
+                        .collect(),
+                );
             }
         }
     }
     // the popular ranking once for the batch: deep enough that every user keeps `depth` items
-    // after dropping the ones they have (the same result as ranking per user)
+    // after dropping the ones they have (the same result as ranking per user); a shipped
+    // model's own (the fleet's) when it has one, else the store's
     let longest = (0..users.len())
         .filter(|&j| scored[j].is_none())
         .map(|j| histories[j].len())
         .max();
     let popular = longest
-        .map(|n| store.popular(depth.saturating_add(n), &[]))
+        .map(|n| {
+            let deep = depth.saturating_add(n);
+            live.and_then(|l| l.popular(deep, &[]))
+                .unwrap_or_else(|| store.popular(deep, &[]))
+        })
         .unwrap_or_default();
     Ok(users
         .iter()
@@ -197,7 +212,7 @@ pub fn recommend_offline(
             let mut ignored_items = Vec::new();
             for i in items {
                 match store.item_index(i)? {
-                    Some(x) if (x as usize) < live.model.n_items() => history.push(x),
+                    Some(x) if live.column(x).is_some() => history.push(x),
                     _ => ignored_items.push(i.clone()),
                 }
             }

@@ -247,18 +247,81 @@ impl Store {
         })
     }
 
-    /// A fingerprint of the ids of items 0..n (FNV-1a, 64 bits, hex); `None` when the store
-    /// holds fewer than `n` items.
+    /// A fingerprint of the ids of items 0..n (see [`crate::model::fingerprint`]); `None`
+    /// when the store holds fewer than `n` items.
     pub(crate) fn catalogue_fingerprint(&self, n: usize) -> Option<String> {
         let catalogue = self.catalogue();
         let ids = catalogue.ids.get(..n)?;
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for id in ids {
-            for &b in id.as_bytes().iter().chain(&[0xff]) {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        Some(crate::model::fingerprint(ids.iter().map(|s| &**s)))
+    }
+
+    /// The store indices of item ids, interning the ones it does not hold yet (no user
+    /// changes): a serving replica holds every item of the model it serves, so a model's
+    /// columns map onto store items one to one.
+    pub(crate) fn intern_items<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<u32>> {
+        let _w = self
+            .write_lock
+            .lock()
+            .map_err(|_| anyhow::anyhow!("store writer poisoned"))?;
+        let mut out = Vec::new();
+        let mut new_items: Vec<&str> = Vec::new();
+        let mut batch = sled::Batch::default();
+        let first_new = {
+            let catalogue = self.catalogue();
+            let first_new = catalogue.ids.len() as u32;
+            let mut new_index: HashMap<&str, u32> = HashMap::new();
+            for id in ids {
+                let i = match catalogue.index.get(id) {
+                    Some(&i) => i,
+                    None => *new_index.entry(id).or_insert_with(|| {
+                        new_items.push(id);
+                        first_new + new_items.len() as u32 - 1
+                    }),
+                };
+                out.push(i);
             }
+            first_new
+        };
+        if new_items.is_empty() {
+            return Ok(out);
         }
-        Some(format!("{h:016x}"))
+        let next_item = first_new as u64 + new_items.len() as u64;
+        if next_item > u64::from(self.index_limit) {
+            return Err(StoreFull {
+                what: "items",
+                limit: self.index_limit,
+            }
+            .into());
+        }
+        for (n, id) in new_items.iter().enumerate() {
+            batch.insert(&idx_key(b'i', first_new + n as u32), id.as_bytes());
+        }
+        batch.insert(NEXT_ITEM, &next_item.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        let mut catalogue = self
+            .items
+            .write()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        for id in new_items {
+            catalogue.push(Arc::from(id));
+        }
+        drop(catalogue);
+        self.popularity
+            .write()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?
+            .resize(next_item as usize, 0);
+        Ok(out)
+    }
+
+    /// How many users hold each item, by store index.
+    pub(crate) fn popularity_counts(&self) -> Vec<u32> {
+        self.popularity
+            .read()
+            .expect("store popularity poisoned by a panic")
+            .clone()
     }
 
     /// Whether a model of `n_items` columns whose manifest gives `fingerprint` was trained on
@@ -580,29 +643,29 @@ impl Store {
     /// Every user with a history, as a sample (row r = user `users[r]`).
     #[cfg(test)]
     fn snapshot(&self) -> Result<Sample> {
-        self.sample(usize::MAX, &HashSet::new(), |_, _| Pick::Maybe, 0)
+        self.sample(usize::MAX, &HashSet::new(), |_, _, _| Pick::Maybe, 0)
     }
 
     /// The histories of one training round's users, read while ingestion continues, in user
     /// order: every user `pick` (called in user order) says to take always, none it says to
     /// leave out, then up to `max_users` others — those in `preferred` first, the rest of the
-    /// budget a uniform random sample (`seed`). Memory is bounded by the sample, not by the
-    /// number of users stored.
+    /// budget a uniform random sample (`seed`). `pick` gets each user's index, [`user_key`] and
+    /// items. Memory is bounded by the sample, not by the number of users stored.
     pub fn sample(
         &self,
         max_users: usize,
         preferred: &HashSet<u32>,
-        mut pick: impl FnMut(u32, &[u32]) -> Pick,
+        mut pick: impl FnMut(u32, u64, &[u32]) -> Pick,
         seed: u64,
     ) -> Result<Sample> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut kept: Vec<(u32, Vec<u32>)> = Vec::new();
-        let mut chosen: Vec<(u32, Vec<u32>)> = Vec::new();
-        let mut reservoir: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut kept: Vec<(u32, u64, Vec<u32>)> = Vec::new();
+        let mut chosen: Vec<(u32, u64, Vec<u32>)> = Vec::new();
+        let mut reservoir: Vec<(u32, u64, Vec<u32>)> = Vec::new();
         let mut others_seen = 0usize;
         let mut max_item = 0usize;
         for kv in self.tree.scan_prefix([b'U']) {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
             let Some((u, items)) = decode_user(&v) else {
                 continue;
             };
@@ -610,21 +673,22 @@ impl Store {
                 continue;
             }
             max_item = max_item.max(items.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
-            let how = pick(u, &items);
+            let key = user_key(&k[1..]);
+            let how = pick(u, key, &items);
             if how == Pick::Always {
-                kept.push((u, items));
+                kept.push((u, key, items));
             } else if how == Pick::Never {
                 continue;
             } else if preferred.contains(&u) && chosen.len() < max_users {
-                chosen.push((u, items));
+                chosen.push((u, key, items));
             } else {
                 // reservoir sampling (algorithm R) over the other users
                 if reservoir.len() < max_users {
-                    reservoir.push((u, items));
+                    reservoir.push((u, key, items));
                 } else {
                     let j = rng.gen_range(0..=others_seen);
                     if j < max_users {
-                        reservoir[j] = (u, items);
+                        reservoir[j] = (u, key, items);
                     }
                 }
                 others_seen += 1;
@@ -637,12 +701,13 @@ impl Store {
         }
         kept.extend(chosen);
         kept.extend(reservoir);
-        kept.sort_unstable_by_key(|(u, _)| *u);
+        kept.sort_unstable_by_key(|(u, _, _)| *u);
         let n_items = (self.counts().items as usize).max(max_item);
-        let users = kept.iter().map(|(u, _)| *u).collect();
-        let rows = Interactions::from_rows(kept.into_iter().map(|(_, r)| r), n_items)
+        let users = kept.iter().map(|(u, _, _)| *u).collect();
+        let keys = kept.iter().map(|(_, k, _)| *k).collect();
+        let rows = Interactions::from_rows(kept.into_iter().map(|(_, _, r)| r), n_items)
             .map_err(anyhow::Error::msg)?;
-        Ok(Sample { users, rows })
+        Ok(Sample { users, keys, rows })
     }
 }
 
@@ -657,11 +722,24 @@ pub enum Pick {
     Maybe,
 }
 
-/// Some users' histories: row r of `rows` is user `users[r]` (ascending).
+/// Some users' histories: row r of `rows` is user `users[r]` (ascending), whose
+/// [`user_key`] is `keys[r]`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
     pub users: Vec<u32>,
+    pub keys: Vec<u64>,
     pub rows: Interactions,
+}
+
+/// A user's key for life: a hash of their external id (the same in every store, whatever index
+/// the store gave them), for choices that must not change with scan or arrival order, such as
+/// who is a validation user.
+pub fn user_key(id: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in id {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::model::splitmix(h)
 }
 
 #[cfg(test)]
@@ -855,7 +933,7 @@ mod tests {
             s.sample(
                 100,
                 &preferred,
-                |u, items| match u {
+                |u, _, items| match u {
                     _ if u % 500 == 0 && !items.is_empty() => Pick::Always,
                     3 | 1998 => Pick::Never,
                     _ => Pick::Maybe,

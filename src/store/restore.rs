@@ -23,6 +23,15 @@ pub struct ChangelogPosition {
     pub clicks_next: i64,
 }
 
+/// What [`Store::restore_histories`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoriesWritten {
+    /// The users written, by index.
+    pub users: Vec<u32>,
+    /// (user, item) pairs that were not in the users' previous histories.
+    pub added: u64,
+}
+
 fn encode_position(p: ChangelogPosition) -> Vec<u8> {
     let mut v = p.next_offset.to_be_bytes().to_vec();
     v.extend_from_slice(&p.epoch.to_be_bytes());
@@ -52,14 +61,14 @@ impl Store {
 
     /// Replaces the histories of `users` (external item ids, oldest first; empty: the user is
     /// forgotten) and records the partition's changelog `position` and, when given, its clicks
-    /// offset, in one atomic batch. Returns the indices of the users written.
+    /// offset, in one atomic batch. Returns the users written and the (user, item) pairs added.
     pub(crate) fn restore_histories(
         &self,
         users: &[(String, Vec<String>)],
         partition: i32,
         position: ChangelogPosition,
         clicks: Option<&PartitionOffset>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<HistoriesWritten> {
         let _w = self
             .write_lock
             .lock()
@@ -69,7 +78,7 @@ impl Store {
         let mut interactions = self.interactions.load(Ordering::Acquire) as i64;
         let mut pop_delta: HashMap<u32, i64> = HashMap::new();
         let mut new_items: Vec<Arc<str>> = Vec::new();
-        let mut written = Vec::with_capacity(users.len());
+        let mut written = HistoriesWritten::default();
         {
             let catalogue = self.catalogue();
             let first_new = catalogue.ids.len() as u32;
@@ -124,8 +133,9 @@ impl Store {
                     *pop_delta.entry(i).or_default() += 1;
                 }
                 interactions += indices.len() as i64 - old_items.len() as i64;
+                written.added += indices.iter().filter(|i| !old_items.contains(i)).count() as u64;
                 batch.insert(key(b'U', user.as_bytes()), encode_user(idx, &indices));
-                written.push(idx);
+                written.users.push(idx);
             }
         }
         let n_items = self.catalogue().ids.len() as u32 + new_items.len() as u32;

@@ -5,7 +5,9 @@
 //! `train.epochs_per_round` epochs continuing the lifelong KL anneal, validates on a fixed
 //! sample of held-out users, and publishes the model only if it is finite and its NDCG@100 is
 //! not worse than the live model's by more than `train.max_ndcg_drop`. Accepted models are
-//! checkpointed before they are published.
+//! checkpointed before they are published. A fleet's trainer (role `train`, `fleet`) trains only
+//! while it is the active one, continues from the version the fleet announced, keeps the fleet's
+//! item table as its columns (`columns`) and ships what it accepts.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -28,6 +30,12 @@ use crate::model::{
 use crate::shutdown::Shutdown;
 use crate::store::{Pick, Sample, Store};
 
+mod columns;
+mod fleet;
+
+use columns::Columns;
+pub use fleet::{Announced, Fleet, Shipment, Standing};
+
 /// What training uses: its settings, where model versions live, the device, the store it
 /// reads histories from, the activity record that says what is new, and the live-model slot
 /// it publishes to.
@@ -41,6 +49,8 @@ pub struct Training {
     pub live: Arc<LiveModelSlot>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
+    /// Role `train`: the fleet it trains for (`None`: role `all`, which serves what it trains).
+    pub fleet: Option<Box<dyn Fleet>>,
 }
 
 /// Validation data: the fold-in and held-out items of a fixed sample of users.
@@ -51,16 +61,23 @@ pub struct Validation {
 }
 
 /// Whether a user belongs to the fixed validation sample (about 1 in 20, chosen by a hash of the
-/// user index, so the sample never changes as data grows).
-pub fn is_validation_user(user: u32, seed: u64) -> bool {
-    mix(user as u64 ^ seed.rotate_left(17)) % 20 == 0
+/// user's id — [`crate::store::user_key`] —, so the sample never changes as data grows and is the
+/// same in every store, whatever order its users arrived in).
+pub fn is_validation_user(user_key: u64, seed: u64) -> bool {
+    mix(user_key ^ seed.rotate_left(17)) % 20 == 0
 }
 
-/// How user `u` (with `items`) takes part in a round, `picked` validation users having been
-/// picked before it in user order. A validation user (by hash, for life) is never trained on;
-/// it is evaluated once it has at least 5 items, the first `max_users` of them in user order.
-fn pick_for_validation(u: u32, items: &[u32], picked: usize, max_users: usize, seed: u64) -> Pick {
-    if !is_validation_user(u, seed) {
+/// How the user of `key` (with `items`) takes part in a round, `picked` validation users having
+/// been picked before it. A validation user (by hash, for life) is never trained on; it is
+/// evaluated once it has at least 5 items, the first `max_users` of them.
+fn pick_for_validation(
+    key: u64,
+    items: &[u32],
+    picked: usize,
+    max_users: usize,
+    seed: u64,
+) -> Pick {
+    if !is_validation_user(key, seed) {
         Pick::Maybe
     } else if picked < max_users && items.len() >= 5 {
         Pick::Always
@@ -84,11 +101,16 @@ pub fn split_validation(
         fold_in: Interactions::new(n_items),
         heldout: Interactions::new(n_items),
     };
-    for (&u, row) in sample.users.iter().zip(sample.rows.rows()) {
-        match pick_for_validation(u, row, val.users.len(), max_users, seed) {
+    for ((&u, &key), row) in sample
+        .users
+        .iter()
+        .zip(&sample.keys)
+        .zip(sample.rows.rows())
+    {
+        match pick_for_validation(key, row, val.users.len(), max_users, seed) {
             Pick::Always => {
                 let mut order: Vec<u32> = row.to_vec();
-                order.sort_by_key(|&i| mix(((u as u64) << 32) ^ i as u64 ^ seed));
+                order.sort_by_key(|&i| mix(key.rotate_left(32) ^ i as u64 ^ seed));
                 let n_te = row.len() / 5;
                 val.heldout
                     .push_row(order[..n_te].iter().copied())
@@ -139,6 +161,9 @@ pub enum RoundResult {
     /// published so (unvalidated); later ones wait for enough validation users.
     RejectedUnvalidated,
     Abandoned,
+    /// A fleet trainer's version that was not announced: another trainer became the active
+    /// one, or a rollback came, while it trained.
+    Superseded,
     Failed,
 }
 
@@ -151,6 +176,7 @@ impl RoundResult {
             Self::RejectedNdcg => "rejected_ndcg",
             Self::RejectedUnvalidated => "rejected_unvalidated",
             Self::Abandoned => "abandoned",
+            Self::Superseded => "superseded",
             Self::Failed => "failed",
         }
     }
@@ -210,6 +236,10 @@ pub struct Worker {
     /// compared it): no model more than `train.max_ndcg_drop` below it is accepted, so drops
     /// within the tolerance cannot add up.
     best_version: Option<u64>,
+    /// How the model's columns map to the store's items.
+    columns: Columns,
+    /// Role `train`: the announced version the trainer's state is (`None` before the first).
+    base: Option<Announced>,
 }
 
 impl Worker {
@@ -223,6 +253,8 @@ impl Worker {
             version: 0,
             not_before: None,
             best_version: None,
+            columns: Columns::Store,
+            base: None,
         };
         // never reuse a number, even one a rollback moved aside
         w.version = w.checkpoints.highest_version_ever()?;
@@ -237,10 +269,13 @@ impl Worker {
         })?;
         match loaded {
             Some((mut trainer, manifest)) => {
-                if !self
-                    .ctx
-                    .store
-                    .matches_catalogue(manifest.n_items, manifest.catalogue_fingerprint.as_deref())
+                let path = self.checkpoints.path_of(manifest.model_version);
+                let items = Checkpoints::items(&path, &manifest)?;
+                if items.is_none()
+                    && !self.ctx.store.matches_catalogue(
+                        manifest.n_items,
+                        manifest.catalogue_fingerprint.as_deref(),
+                    )
                 {
                     bail!(
                         "model version {} was trained on other items than this store holds (its item catalogue fingerprint differs): the store was rebuilt beside old models. Move {} aside to train afresh, or restore the store it was trained with",
@@ -282,8 +317,12 @@ impl Worker {
                     );
                 }
                 self.trainer = Some(trainer);
+                self.columns = self.columns_for(items);
             }
-            None => self.trainer = None,
+            None => {
+                self.trainer = None;
+                self.columns = self.columns_for(None);
+            }
         }
         Ok(())
     }
@@ -303,7 +342,7 @@ impl Worker {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
-        self.ctx.live.publish(LiveModel { version, model });
+        self.ctx.live.publish(LiveModel::local(version, model));
         Ok(())
     }
 
@@ -325,7 +364,7 @@ impl Worker {
     /// Reads the round's users from the store (those in `active` first): training rows and the
     /// validation users.
     fn read_sample(
-        &self,
+        &mut self,
         active: std::collections::HashSet<u32>,
     ) -> Result<(Interactions, Validation, usize, usize)> {
         let cfg = &self.ctx.train;
@@ -333,14 +372,14 @@ impl Worker {
         // interactions of validation users left out of this round (never trained on)
         let mut withheld = 0usize;
         let (max_val, seed) = (cfg.validation_users, cfg.seed);
-        let sample = self
+        let mut sample = self
             .ctx
             .store
             .sample(
                 cfg.max_users_per_round,
                 &active,
-                |u, items| {
-                    let p = pick_for_validation(u, items, picked, max_val, seed);
+                |_, key, items| {
+                    let p = pick_for_validation(key, items, picked, max_val, seed);
                     picked += usize::from(p == Pick::Always);
                     if p == Pick::Never {
                         withheld += items.len();
@@ -351,8 +390,9 @@ impl Worker {
             )
             .context("cannot read the store")?;
         drop(active);
+        let n_items = self.columns.map_sample(&self.ctx.store, &mut sample)?;
         let (train, val) = split_validation(&sample, max_val, seed)?;
-        Ok((train, val, sample.rows.n_items(), withheld))
+        Ok((train, val, n_items, withheld))
     }
 
     /// Trains the round's epochs; `false` when it was abandoned (shutdown or
@@ -507,7 +547,8 @@ impl Worker {
             )?),
         };
         trainer.grow(n_items)?;
-        let next_version = self.version + 1;
+        let announced = self.ctx.fleet.as_ref().map_or(0, |f| f.highest_version());
+        let next_version = self.version.max(announced) + 1;
         let span = info_span!("training_round", model_version = next_version);
         let _enter = span.enter();
         let validation_interactions = val.fold_in.nnz() + val.heldout.nnz();
@@ -552,7 +593,7 @@ impl Worker {
             );
         }
         let trainer = self.trainer.as_ref().context("no trainer")?;
-        let figures = serde_json::json!({
+        let mut figures = serde_json::json!({
             "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "beta": stats.beta,
             "validation_ndcg": j.ndcg, "live_validation_ndcg": j.live_ndcg,
             "best_validation_ndcg": j.best_ndcg, "validated": j.validated,
@@ -563,14 +604,29 @@ impl Worker {
             "withheld_interactions": withheld,
             "seconds": started.elapsed().as_secs_f64(),
         });
+        let items = self
+            .columns
+            .shipped(&self.ctx.store, trainer.model().n_items());
+        match self.ship(next_version, items.as_ref(), &figures)? {
+            Shipped::Local => {}
+            Shipped::Announced(a) => {
+                figures["bundle"] = a.key.clone().into();
+                self.base = Some(a);
+            }
+            Shipped::Superseded => return self.superseded(consumed),
+        }
+        let trainer = self.trainer.as_ref().context("no trainer")?;
         let fingerprint = self
             .ctx
             .store
             .catalogue_fingerprint(trainer.model().n_items());
         self.checkpoints
-            .save(trainer, next_version, figures, fingerprint)?;
+            .save(trainer, next_version, figures, fingerprint, items.as_ref())?;
         if let Err(e) = self.checkpoints.prune(self.ctx.train.keep_versions) {
             warn!(error = %e, "cannot prune old model versions");
+        }
+        if let Some(fleet) = &self.ctx.fleet {
+            fleet.prune(self.ctx.train.keep_versions);
         }
         self.version = next_version;
         let read = (train.nnz() + validation_interactions + withheld) as u64;
@@ -585,6 +641,41 @@ impl Worker {
         };
         info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, loss = stats.loss, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started.elapsed().as_secs_f64(), "model accepted and swapped in");
         Ok(RoundResult::Accepted)
+    }
+
+    /// Role `train`: uploads and announces an accepted version before it is kept locally (a
+    /// version the fleet never announced is never a base).
+    fn ship(
+        &self,
+        version: u64,
+        items: Option<&crate::model::ItemTable>,
+        figures: &serde_json::Value,
+    ) -> Result<Shipped> {
+        let Some(fleet) = &self.ctx.fleet else {
+            return Ok(Shipped::Local);
+        };
+        let trainer = self.trainer.as_ref().context("no trainer")?;
+        let items = items.context("a fleet trainer without an item table")?;
+        crate::fault::crash_point("train.before_ship");
+        let shipped = fleet.ship(Shipment {
+            trainer,
+            items,
+            version,
+            base: self.base.as_ref(),
+            figures,
+        })?;
+        Ok(shipped.map_or(Shipped::Superseded, Shipped::Announced))
+    }
+
+    /// A version the fleet did not take: training goes back to the last local (announced)
+    /// state, the round's data is counted again, and the next round starts from whatever the
+    /// fleet announced meanwhile (when this trainer is still the active one).
+    fn superseded(&mut self, consumed: u64) -> Result<RoundResult> {
+        warn!("the version was not announced: another trainer is active now, or a rollback came first; training continues from the fleet's announced version");
+        self.reload_latest(false)?;
+        self.base = None;
+        self.ctx.activity.round_not_learnt(consumed);
+        Ok(RoundResult::Superseded)
     }
 
     /// A model that was not accepted. With a live model, training goes back to the live state.
@@ -640,7 +731,7 @@ impl Worker {
             .build();
         let mut last_round = Instant::now();
         while !self.ctx.shutdown.is_set() {
-            if !self.due(last_round) {
+            if !self.may_train() || !self.due(last_round) {
                 self.ctx.shutdown.wait_timeout(Duration::from_millis(200));
                 continue;
             }
@@ -661,6 +752,29 @@ impl Worker {
             self.pace(result);
         }
         info!("training worker stopped");
+    }
+
+    /// Role `train`: whether this trainer may train now — it is the active one, and its state is
+    /// the version the fleet announced (adopted first when that moved: a takeover, a rollback).
+    /// Role `all`: always.
+    fn may_train(&mut self) -> bool {
+        let Some(fleet) = &self.ctx.fleet else {
+            return true;
+        };
+        let Standing::Active { current } = fleet.standing() else {
+            return false;
+        };
+        if current == self.base {
+            return true;
+        }
+        match self.adopt(current) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "cannot continue from the fleet's announced version; retrying in 5 s");
+                self.ctx.shutdown.wait_timeout(Duration::from_secs(5));
+                false
+            }
+        }
     }
 
     /// Counts a round and, if it was not accepted, holds the next one back by `train.interval`.
@@ -686,6 +800,16 @@ impl Worker {
             "next training round after train.interval"
         );
     }
+}
+
+/// Where an accepted version went.
+enum Shipped {
+    /// Role `all`: nowhere but the local checkpoints and the live slot.
+    Local,
+    /// Announced to the fleet.
+    Announced(Announced),
+    /// Not announced (see [`Fleet::ship`]).
+    Superseded,
 }
 
 /// NDCG@100 of the popularity ranking (items by how many training users hold them) on the
@@ -825,6 +949,7 @@ mod tests {
             live: Arc::new(LiveModelSlot::new()),
             metrics: Arc::new(Metrics::new().unwrap()),
             shutdown: Arc::new(Shutdown::default()),
+            fleet: None,
         })
     }
 
@@ -987,10 +1112,9 @@ mod tests {
         // the live model drifted down (an untrained one stands in for it); the best is v3
         let n_items = w.ctx.store.counts().items as usize;
         let junk = Trainer::new(&w.ctx.model, n_items, 5, &Device::Cpu).unwrap();
-        w.ctx.live.publish(LiveModel {
-            version: 3,
-            model: junk.model().for_serving().unwrap(),
-        });
+        w.ctx
+            .live
+            .publish(LiveModel::local(3, junk.model().for_serving().unwrap()));
         w.best_version = Some(2);
         // a fresh model trained once is within the tolerance of the junk, but not of v2
         w.ctx.train.max_ndcg_drop = 0.05;

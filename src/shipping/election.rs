@@ -1,0 +1,184 @@
+//! Which trainer is the active one, decided by Kafka alone: every trainer joins one consumer
+//! group (`models.trainer_group`) on the one-partition models topic, and the member the group
+//! assigns partition 0 to may train. On each such assignment it claims the next fencing epoch on
+//! the models topic and is active once it has read its own claim back as the epoch's first; a
+//! newer claim read later (another trainer assigned after this one's session expired) makes it
+//! stand by at once, before librdkafka even notices the lost assignment. One claim per
+//! assignment: a trainer never out-claims the one the group chose after it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::ClientContext;
+use tracing::{info, warn};
+
+use super::log::{claim_key, Record};
+use super::topic::{write, Follower};
+use crate::config::KafkaConfig;
+use crate::health::Health;
+use crate::kafka::{client_config, client_error, Producers};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// This trainer's place in the election.
+#[derive(Default)]
+pub struct Election {
+    /// The group assigned partition 0 to this member.
+    assigned: AtomicBool,
+    /// Assignments of partition 0 so far (each allows one claim).
+    assignments: AtomicU64,
+    /// The claim made for the current assignment: (assignment, epoch, its offset).
+    claim: Mutex<Option<(u64, u64, i64)>>,
+}
+
+impl Election {
+    /// The epoch this trainer may announce under now, if it is the active trainer: assigned,
+    /// its claim read back, and no newer claim since.
+    pub fn active_epoch(&self, id: &str, follower: &Follower) -> Option<u64> {
+        if !self.assigned.load(Ordering::Acquire) {
+            return None;
+        }
+        let (assignment, epoch, offset) = (*self.claim.lock().unwrap_or_else(|e| e.into_inner()))?;
+        if assignment != self.assignments.load(Ordering::Acquire) {
+            return None;
+        }
+        follower.with(|log| {
+            let (e, owner) = log.epoch();
+            (log.next_offset() > offset && e == epoch && owner == Some(id)).then_some(epoch)
+        })
+    }
+}
+
+/// The election consumer's context: notes assignments of partition 0.
+struct ElectionContext {
+    election: Arc<Election>,
+    health: Arc<Health>,
+}
+
+impl ClientContext for ElectionContext {}
+
+impl ConsumerContext for ElectionContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let has_zero =
+            |tpl: &rdkafka::TopicPartitionList| tpl.elements().iter().any(|e| e.partition() == 0);
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                // joining the group (even with nothing assigned: a standby) is being up
+                self.health.assigned(0);
+                if has_zero(tpl) {
+                    self.election.assignments.fetch_add(1, Ordering::AcqRel);
+                    self.election.assigned.store(true, Ordering::Release);
+                    info!("elected: this trainer holds the models topic's partition 0");
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                if has_zero(tpl) {
+                    self.election.assigned.store(false, Ordering::Release);
+                    info!("no longer the elected trainer (partition 0 revoked)");
+                }
+            }
+            Rebalance::Error(e) => warn!(error = %e, "trainer election rebalance error"),
+        }
+    }
+}
+
+/// What the election task uses.
+pub struct Elector {
+    pub kafka: KafkaConfig,
+    pub group: String,
+    pub topic: String,
+    pub id: String,
+    pub election: Arc<Election>,
+    pub follower: Arc<Follower>,
+    pub producers: Arc<Producers>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Arc<Shutdown>,
+}
+
+impl Elector {
+    /// Stays in the group until shutdown, claiming an epoch after each assignment.
+    pub async fn run(self) -> Result<()> {
+        let consumer: StreamConsumer<ElectionContext> = client_config(
+            &self.kafka.brokers,
+            &[
+                ("group.id", &self.group),
+                ("enable.auto.commit", "false"),
+                ("auto.offset.reset", "latest"),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+                ("session.timeout.ms", "10000"),
+            ],
+            &self.kafka.properties,
+        )
+        .create_with_context(ElectionContext {
+            election: self.election.clone(),
+            health: self.health.clone(),
+        })
+        .map_err(|e| client_error("cannot create the trainer election's consumer", e))?;
+        consumer.subscribe(&[&self.topic])?;
+        let mut stop = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                // the messages themselves are the follower's to read
+                m = consumer.recv() => {
+                    if let Err(e) = m {
+                        warn!(error = %e, "trainer election consumer error");
+                    }
+                }
+                _ = tick.tick() => self.claim_if_elected().await,
+                _ = stop.changed() => break,
+            }
+        }
+        // leave the group at once, so a standby takes over without waiting for the session
+        consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// After an assignment without a claim: claims the epoch after the highest read.
+    async fn claim_if_elected(&self) {
+        let active = self.election.active_epoch(&self.id, &self.follower);
+        self.metrics.trainer_active.set(i64::from(active.is_some()));
+        if !self.election.assigned.load(Ordering::Acquire) {
+            return;
+        }
+        let assignment = self.election.assignments.load(Ordering::Acquire);
+        let claimed = *self
+            .election
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if claimed.is_some_and(|(a, _, _)| a == assignment) {
+            return;
+        }
+        let epoch = self.follower.with(|l| l.epoch().0) + 1;
+        let record = Record::Claim {
+            epoch,
+            trainer: self.id.clone(),
+            at_unix_ms: crate::wire::now_ms(),
+        };
+        let producer = self.producers.get();
+        match write(
+            &producer,
+            &self.topic,
+            &claim_key(epoch, &self.id),
+            Some(&record),
+        )
+        .await
+        {
+            Ok(offset) => {
+                *self
+                    .election
+                    .claim
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((assignment, epoch, offset));
+                self.metrics.trainer_epoch.set(epoch as i64);
+                info!(epoch, offset, "claimed the next fencing epoch");
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot claim an epoch; retrying"),
+        }
+    }
+}

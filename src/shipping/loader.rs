@@ -1,0 +1,142 @@
+//! A serving replica's side: whenever the models topic's current version changes, download its
+//! weights and item table, check each against the announcement's size and SHA-256, load, map its
+//! columns onto the store's items and swap it into the live slot (scoring never waits: it reads
+//! whatever the slot holds). A file that is missing, truncated or not what was announced is
+//! refused: the replica keeps serving what it has, counts the failure, and tries again after
+//! `models.retry_interval`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use super::log::Announcement;
+use super::objects::Objects;
+use super::topic::Follower;
+use crate::live::{ColumnMap, LiveModel, LiveModelSlot};
+use crate::metrics::Metrics;
+use crate::model::bundle::decode_model;
+use crate::model::ItemTable;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// What the loader uses.
+pub struct Loader {
+    pub objects: Objects,
+    pub follower: Arc<Follower>,
+    pub store: Arc<Store>,
+    pub live: Arc<LiveModelSlot>,
+    pub metrics: Arc<Metrics>,
+    pub retry: Duration,
+    pub shutdown: Arc<Shutdown>,
+}
+
+/// Why a version was not loaded.
+enum LoadError {
+    /// A file is not what the announcement says (or does not decode): not retried soon.
+    Refused(anyhow::Error),
+    /// The store did not answer.
+    Failed(anyhow::Error),
+}
+
+impl Loader {
+    pub async fn run(self) -> Result<()> {
+        let mut read = self.follower.subscribe();
+        let mut stop = self.shutdown.subscribe();
+        let mut loaded: Option<String> = None;
+        let mut not_before: Option<(String, Instant)> = None;
+        loop {
+            let current = self.follower.with(|l| l.current().cloned());
+            if let Some(a) = current {
+                self.metrics.model_announced_version.set(a.version as i64);
+                let held_back = not_before
+                    .as_ref()
+                    .is_some_and(|(key, t)| *key == a.path && Instant::now() < *t);
+                if loaded.as_deref() != Some(a.path.as_str()) && !held_back {
+                    match self.load(&a).await {
+                        Ok(()) => {
+                            loaded = Some(a.path.clone());
+                            not_before = None;
+                        }
+                        Err(e) => {
+                            let (result, e) = match e {
+                                LoadError::Refused(e) => ("refused", e),
+                                LoadError::Failed(e) => ("failed", e),
+                            };
+                            self.metrics.model_loads.with_label_values(&[result]).inc();
+                            warn!(model_version = a.version, path = %a.path, result, error = %format!("{e:#}"),
+                                retry = %humantime::format_duration(self.retry),
+                                "cannot load the announced model version; the current one keeps serving");
+                            not_before = Some((a.path.clone(), Instant::now() + self.retry));
+                        }
+                    }
+                }
+            }
+            let wait = not_before
+                .as_ref()
+                .map(|(_, t)| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = read.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Downloads, verifies, loads and swaps in one announced version.
+    async fn load(&self, a: &Announcement) -> Result<(), LoadError> {
+        let started = Instant::now();
+        let fetch = |name: String| async move {
+            self.objects
+                .get(&a.path, &name)
+                .await
+                .map_err(LoadError::Failed)
+        };
+        let model = fetch(a.model.name.clone()).await?;
+        a.model
+            .verify(&model)
+            .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
+        let items = fetch(a.items.name.clone()).await?;
+        a.items
+            .verify(&items)
+            .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
+        let (config, n_items, version) = (a.config.clone(), a.n_items, a.version);
+        let store = self.store.clone();
+        let live = tokio::task::spawn_blocking(move || -> Result<LiveModel> {
+            let table = ItemTable::decode(&items).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                table.len() == n_items,
+                "the item table has {} items, the model {n_items} columns",
+                table.len()
+            );
+            let model = decode_model(&config, n_items, &model)
+                .map_err(anyhow::Error::msg)?
+                .for_serving()?;
+            let columns = ColumnMap::new(&store, &table)?;
+            Ok(LiveModel {
+                version,
+                model,
+                columns: Some(columns),
+            })
+        })
+        .await
+        .context("the loading task failed")
+        .map_err(LoadError::Failed)?
+        .map_err(LoadError::Refused)?;
+        self.live.publish(live);
+        let seconds = started.elapsed().as_secs_f64();
+        let m = &self.metrics;
+        m.model_load_seconds.observe(seconds);
+        m.model_loads.with_label_values(&["ok"]).inc();
+        m.model_version.set(a.version as i64);
+        m.model_items.set(a.n_items as i64);
+        m.model_validated.set(i64::from(a.validated));
+        m.kl_beta.set(a.state.beta);
+        m.update_count.set(a.state.update_count as i64);
+        m.model_swap_time.set(crate::wire::now_ms() as f64 / 1000.0);
+        info!(model_version = a.version, path = %a.path, items = a.n_items, seconds, "announced model version swapped in");
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! Reading and writing the models topic: every replica and trainer follows it from its
+//! beginning into a [`ModelLog`] (the rule of `log`), the trainers write claims and
+//! announcements, and the `models` command reads it to its end.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::log::{ModelLog, Read, Record};
+use crate::config::KafkaConfig;
+use crate::kafka::{client_config, client_error};
+use crate::shutdown::Shutdown;
+
+/// The models topic as this process has read it so far; wakes its watchers on every record.
+pub struct Follower {
+    log: RwLock<ModelLog>,
+    read: watch::Sender<i64>,
+}
+
+impl Default for Follower {
+    fn default() -> Self {
+        Self {
+            log: RwLock::new(ModelLog::default()),
+            read: watch::channel(0).0,
+        }
+    }
+}
+
+impl Follower {
+    /// The log read so far (a snapshot).
+    pub fn log(&self) -> ModelLog {
+        self.log.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads `f` of the log without copying it.
+    pub fn with<T>(&self, f: impl FnOnce(&ModelLog) -> T) -> T {
+        f(&self.log.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A receiver woken after every record read (its value: the next offset).
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.read.subscribe()
+    }
+
+    fn apply(&self, offset: i64, key: &str, value: Option<&[u8]>) {
+        let read = self
+            .log
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(offset, key, value);
+        match &read {
+            Read::Ignored(why) => {
+                warn!(key, reason = %why, "a model announcement is ignored (fenced)")
+            }
+            Read::Unreadable(why) => {
+                warn!(key, offset, error = %why, "an unreadable models-topic record is skipped")
+            }
+            Read::Claimed { epoch, trainer } => {
+                info!(epoch, trainer = %trainer, "a trainer claimed the models topic")
+            }
+            _ => debug!(key, offset, ?read, "models topic"),
+        }
+        self.read.send_replace(offset + 1);
+    }
+
+    /// Waits until the record at `offset` has been read (at most `limit`).
+    pub async fn wait_past(&self, offset: i64, limit: Duration) -> Result<()> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.with(|l| l.next_offset()) <= offset {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                bail!("the models topic was not read up to offset {offset} within {limit:?}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Follows the models topic from its beginning into `follower` until shutdown.
+pub async fn follow(
+    kafka: KafkaConfig,
+    topic: String,
+    follower: Arc<Follower>,
+    shutdown: Arc<Shutdown>,
+) -> Result<()> {
+    let consumer: StreamConsumer = client_config(
+        &kafka.brokers,
+        &[
+            ("group.id", &format!("{}.models-reader", kafka.group_id)),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("fetch.wait.max.ms", "100"),
+        ],
+        &kafka.properties,
+    )
+    .create()
+    .map_err(|e| client_error("cannot create the models-topic reader", e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut stop = shutdown.subscribe();
+    loop {
+        let m = tokio::select! {
+            m = consumer.recv() => m,
+            _ = stop.changed() => return Ok(()),
+        };
+        match m {
+            Ok(m) => {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                follower.apply(m.offset(), &key, m.payload());
+            }
+            Err(e) => {
+                warn!(error = %e, "models topic read error");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Reads the models topic from its beginning to its end (the `models` command).
+pub fn read_to_end(kafka: &KafkaConfig, topic: &str) -> Result<ModelLog> {
+    let consumer: BaseConsumer = client_config(
+        &kafka.brokers,
+        &[
+            ("group.id", &format!("{}.models-reader", kafka.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            ("auto.offset.reset", "earliest"),
+        ],
+        &kafka.properties,
+    )
+    .create()
+    .map_err(|e| client_error("cannot create the models-topic reader", e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut log = ModelLog::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if Instant::now() > deadline {
+            bail!("models topic {topic:?}: no end within 30 s (is the broker up, does the topic exist?)");
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                log.apply(m.offset(), &key, m.payload());
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(log),
+            Some(Err(e)) => bail!("models topic {topic:?}: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// Writes a record (or a tombstone) under `key` and waits for the broker to have it; returns
+/// its offset.
+pub async fn write(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    record: Option<&Record>,
+) -> Result<i64> {
+    let value = record.map(serde_json::to_vec).transpose()?;
+    let mut r: FutureRecord<'_, str, Vec<u8>> = FutureRecord::to(topic).partition(0).key(key);
+    if let Some(v) = &value {
+        r = r.payload(v);
+    }
+    let delivered = producer
+        .send(r, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .with_context(|| format!("cannot write {key} to the models topic {topic:?}"))?;
+    Ok(delivered.offset)
+}

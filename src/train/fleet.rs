@@ -1,0 +1,117 @@
+//! What training needs from a fleet (role `train`), as a trait the `shipping` module implements:
+//! whether this trainer is the active one, the version the fleet serves (which a trainer taking
+//! over, or one told of a rollback, continues from), fetching a version, and shipping a new one.
+//! The worker's rounds are the same as role `all`'s; only where a version comes from and goes to
+//! differs.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use tracing::info;
+
+use crate::model::{ItemTable, Trainer};
+
+use super::columns::Columns;
+use super::Worker;
+
+/// A version as the fleet announced it: its number, and the key of its files (a number may
+/// name a deposed trainer's version too; the key never names two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    pub version: u64,
+    pub key: String,
+}
+
+/// This trainer's standing in the fleet now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Another trainer is active (or none is elected yet): keep the store warm, train nothing.
+    Standby,
+    /// This one trains, continuing from `current` (none before the fleet's first version).
+    Active { current: Option<Announced> },
+}
+
+/// A new version to ship.
+pub struct Shipment<'a> {
+    pub trainer: &'a Trainer,
+    pub items: &'a ItemTable,
+    pub version: u64,
+    /// The announced version it was trained from.
+    pub base: Option<&'a Announced>,
+    /// Training figures for the announcement (validation NDCG@100, …).
+    pub figures: &'a serde_json::Value,
+}
+
+/// The fleet, as training sees it.
+pub trait Fleet: Send {
+    fn standing(&self) -> Standing;
+    /// The highest version number announced so far, by any trainer (numbers are never reused).
+    fn highest_version(&self) -> u64;
+    /// Downloads and verifies an announced version: a trainer continuing from it (weights,
+    /// optimiser moments, counters) on `device`, and its item table.
+    fn fetch(&self, version: &Announced, device: &Device) -> Result<(Trainer, ItemTable)>;
+    /// Uploads a version and announces it; `None` when it was not announced or not accepted
+    /// because this trainer is no longer the one that may (deposed, or a rollback came first).
+    fn ship(&self, shipment: Shipment<'_>) -> Result<Option<Announced>>;
+    /// Removes old versions' files and announcements (keeping the `keep` newest and anything
+    /// announced in the last hour).
+    fn prune(&self, keep: usize);
+}
+
+impl Worker {
+    /// Makes the announced `current` version this worker's state, as its newest local
+    /// checkpoint (newer local ones, never announced, are moved aside) and its live model.
+    pub(super) fn adopt(&mut self, current: Option<Announced>) -> Result<()> {
+        let Some(a) = current else {
+            // nothing announced yet: the first version starts from the local state
+            self.base = None;
+            return Ok(());
+        };
+        let local = self.checkpoints.versions()?.last().copied();
+        let have = match local {
+            Some(v) if v == a.version => Checkpoints::read_manifest(&self.checkpoints.path_of(v))
+                .ok()
+                .and_then(|m| {
+                    m.training
+                        .get("bundle")
+                        .and_then(|b| b.as_str())
+                        .map(String::from)
+                })
+                .is_some_and(|k| k == a.key),
+            _ => false,
+        };
+        if !have {
+            let fleet = self.ctx.fleet.as_ref().context("no fleet")?;
+            let (trainer, items) = fleet
+                .fetch(&a, &self.ctx.device)
+                .with_context(|| format!("cannot fetch model version {}", a.version))?;
+            self.checkpoints.set_aside_from(a.version)?;
+            let figures = serde_json::json!({ "bundle": a.key, "fetched": true });
+            self.checkpoints
+                .save(&trainer, a.version, figures, None, Some(&items))?;
+        } else {
+            self.checkpoints.set_aside_from(a.version + 1)?;
+        }
+        self.reload_latest(true)?;
+        self.best_version = Some(a.version);
+        self.version = self.version.max(a.version);
+        info!(
+            model_version = a.version,
+            key = %a.key,
+            fetched = !have,
+            "continuing from the fleet's announced version"
+        );
+        self.base = Some(a);
+        Ok(())
+    }
+
+    /// The columns a checkpoint's item table gives (a fleet trainer's), or the store's.
+    pub(super) fn columns_for(&self, items: Option<ItemTable>) -> Columns {
+        match (items, &self.ctx.fleet) {
+            (Some(t), _) => Columns::table(t),
+            (None, Some(_)) => Columns::table(ItemTable::default()),
+            (None, None) => Columns::Store,
+        }
+    }
+}
+
+use crate::model::Checkpoints;
