@@ -181,6 +181,20 @@ pub fn check_topics<C: rdkafka::ClientContext>(
     }
 }
 
+/// The context of a reader that asks to be told of partition ends (`enable.partition.eof`):
+/// reaching one is news it polls for, not an error to log.
+pub struct EofReader;
+
+impl rdkafka::ClientContext for EofReader {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EofReader {}
+
 /// A client-creation error that never shows a property's value (it may be a password).
 pub fn client_error(what: &str, e: KafkaError) -> anyhow::Error {
     match e {

@@ -16,62 +16,20 @@ use rdkafka::producer::{BaseRecord, Producer};
 const PARTITIONS: i32 = 4;
 const USERS: usize = 200;
 
-struct Fleet {
-    setup: Setup,
-    changelog: String,
-    partitions: i32,
-}
-
 fn fleet(dir: &std::path::Path) -> Fleet {
     fleet_of(dir, PARTITIONS)
 }
 
 fn fleet_of(dir: &std::path::Path, partitions: i32) -> Fleet {
-    let setup = Setup::named(dir);
-    let changelog = format!("{}.history", setup.clicks);
-    let members = format!("{}.members", setup.clicks);
-    create_topics(&[
-        (&setup.clicks, partitions),
-        (&changelog, partitions),
-        (&members, 1),
-        (&setup.recs, 1),
-        (&setup.dlq, 1),
-    ]);
-    Fleet {
-        setup,
-        changelog,
-        partitions,
-    }
+    Fleet::new(dir, partitions)
 }
 
 fn replica(f: &Fleet, dir: &std::path::Path, name: &str) -> Daemon {
     replica_with(f, dir, name, &[])
 }
 
-/// The environment of replica `name` (its own data directory, a 6 s session).
 fn replica_env(f: &Fleet, dir: &std::path::Path, name: &str) -> Vec<(String, String)> {
-    let data = dir.join(name);
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
-    )
-    .unwrap();
-    let mut env = f.setup.base_env(&brokers());
-    env.retain(|(k, _)| k != "MULTIVAED_DATA_DIR");
-    env.extend(
-        [
-            ("MULTIVAED_CONFIG", config.display().to_string()),
-            ("MULTIVAED_DATA_DIR", data.display().to_string()),
-            ("MULTIVAED_ROLE", "serve".into()),
-            ("MULTIVAED_KAFKA__INSTANCE_ID", name.to_string()),
-            ("MULTIVAED_KAFKA__BATCH_SIZE", "100".into()),
-            // Tansu hands nothing over with both (see the probe below)
-            ("MULTIVAED_KAFKA__STATIC_MEMBERSHIP", "false".into()),
-        ]
-        .map(|(k, v)| (k.to_string(), v)),
-    );
-    env
+    f.replica_env(dir, name)
 }
 
 fn replica_with(f: &Fleet, dir: &std::path::Path, name: &str, extra: &[(&str, &str)]) -> Daemon {
@@ -523,6 +481,8 @@ fn run_cli(f: &Fleet, args: &[&str], extra: &[(&str, &str)]) -> (bool, String, S
         .env_remove("MULTIVAED_TEST_ECHO")
         .env("MULTIVAED_ROLE", "serve")
         .env("MULTIVAED_KAFKA__INSTANCE_ID", "probe")
+        .env("MULTIVAED_MODELS__TOPIC", &f.models)
+        .env("MULTIVAED_MODELS__STORE", &f.store)
         .env(
             "MULTIVAED_HTTP__LISTEN",
             format!("127.0.0.1:{}", free_port()),
@@ -559,15 +519,10 @@ fn run_cli(f: &Fleet, args: &[&str], extra: &[(&str, &str)]) -> (bool, String, S
 #[test]
 fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::named(dir.path());
-    let f = Fleet {
-        changelog: format!("{}.history", setup.clicks),
-        setup,
-        partitions: 3,
-    };
+    let f = Fleet::named(dir.path(), 3);
     // nothing there: check fails and names every topic
     let (ok, out, _) = run_cli(&f, &["topics", "check"], &[]);
-    assert!(!ok && out.matches("missing").count() == 5, "{out}");
+    assert!(!ok && out.matches("missing").count() == 6, "{out}");
     // create makes them, as the role needs them
     let (ok, out, err) = run_cli(&f, &["topics", "create", "--partitions", "3"], &[]);
     assert!(ok, "{out}{err}");
@@ -581,19 +536,15 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
         "{out}"
     );
     // a changelog with another partition count than the clicks topic: refused at start, named
-    let other = Setup::named(dir.path());
+    let g = Fleet::named(dir.path(), 3);
     create_topics(&[
-        (&other.clicks, 3),
-        (&format!("{}.history", other.clicks), 2),
-        (&format!("{}.members", other.clicks), 1),
-        (&other.recs, 1),
-        (&other.dlq, 1),
+        (&g.setup.clicks, 3),
+        (&g.changelog, 2),
+        (&g.members, 1),
+        (&g.models, 1),
+        (&g.setup.recs, 1),
+        (&g.setup.dlq, 1),
     ]);
-    let g = Fleet {
-        changelog: String::new(),
-        setup: other,
-        partitions: 3,
-    };
     let (ok, _, err) = run_cli(&g, &["run"], &[]);
     assert!(!ok, "{err}");
     assert!(

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, client_error, Producers};
+use crate::kafka::{client_config, client_error, EofReader, Producers};
 use crate::store::{ChangelogPosition, Store};
 
 /// The key of a partition's marker: user ids never hold control characters.
@@ -213,7 +213,7 @@ pub(super) fn restore(
     store: &Store,
     progress: &dyn Fn(u64),
 ) -> Result<Restored> {
-    let consumer: BaseConsumer = client_config(
+    let consumer: BaseConsumer<EofReader> = client_config(
         &k.brokers,
         &[
             ("group.id", &format!("{}.restore", k.group_id)),
@@ -223,7 +223,7 @@ pub(super) fn restore(
         ],
         &k.properties,
     )
-    .create()
+    .create_with_context(EofReader)
     .map_err(|e| client_error("cannot create the changelog reader", e))?;
     let local = store.changelog_position(partition)?;
     let (low, _high) = consumer

@@ -21,7 +21,7 @@ use super::changelog::read_record;
 use crate::activity::Activity;
 use crate::config::KafkaConfig;
 use crate::health::Health;
-use crate::kafka::{client_config, client_error};
+use crate::kafka::{client_config, client_error, EofReader};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{ChangelogPosition, Store};
@@ -58,7 +58,7 @@ impl ChangelogReader {
 
     fn read(self) -> Result<()> {
         let topic = self.kafka.changelog();
-        let consumer: BaseConsumer = client_config(
+        let consumer: BaseConsumer<EofReader> = client_config(
             &self.kafka.brokers,
             &[
                 (
@@ -72,7 +72,7 @@ impl ChangelogReader {
             ],
             &self.kafka.properties,
         )
-        .create()
+        .create_with_context(EofReader)
         .map_err(|e| client_error("cannot create the changelog reader", e))?;
         let mut parts = self.assign(&consumer, &topic)?;
         self.health.restoring(true);
@@ -129,7 +129,11 @@ impl ChangelogReader {
     }
 
     /// Assigns every partition of the changelog at the store's position for it.
-    fn assign(&self, consumer: &BaseConsumer, topic: &str) -> Result<HashMap<i32, Partition>> {
+    fn assign(
+        &self,
+        consumer: &BaseConsumer<EofReader>,
+        topic: &str,
+    ) -> Result<HashMap<i32, Partition>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let n = loop {
             let found = consumer

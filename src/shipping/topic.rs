@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::log::{ModelLog, Read, Record};
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, client_error};
+use crate::kafka::{client_config, client_error, EofReader};
 use crate::shutdown::Shutdown;
 
 /// The models topic as this process has read it so far; wakes its watchers on every record.
@@ -130,7 +130,7 @@ pub async fn follow(
 
 /// Reads the models topic from its beginning to its end (the `models` command).
 pub fn read_to_end(kafka: &KafkaConfig, topic: &str) -> Result<ModelLog> {
-    let consumer: BaseConsumer = client_config(
+    let consumer: BaseConsumer<EofReader> = client_config(
         &kafka.brokers,
         &[
             ("group.id", &format!("{}.models-reader", kafka.group_id)),
@@ -140,7 +140,7 @@ pub fn read_to_end(kafka: &KafkaConfig, topic: &str) -> Result<ModelLog> {
         ],
         &kafka.properties,
     )
-    .create()
+    .create_with_context(EofReader)
     .map_err(|e| client_error("cannot create the models-topic reader", e))?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)?;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use tracing::info;
 
-use crate::model::{ItemTable, Trainer};
+use crate::model::{Checkpoints, ItemTable, Trainer};
 
 use super::columns::Columns;
 use super::Worker;
@@ -59,26 +59,25 @@ pub trait Fleet: Send {
 
 impl Worker {
     /// Makes the announced `current` version this worker's state, as its newest local
-    /// checkpoint (newer local ones, never announced, are moved aside) and its live model.
+    /// checkpoint (fetched unless this trainer holds that very version; newer local ones — never
+    /// announced, or rolled back — are moved aside) and its live model.
     pub(super) fn adopt(&mut self, current: Option<Announced>) -> Result<()> {
         let Some(a) = current else {
             // nothing announced yet: the first version starts from the local state
             self.base = None;
             return Ok(());
         };
-        let local = self.checkpoints.versions()?.last().copied();
-        let have = match local {
-            Some(v) if v == a.version => Checkpoints::read_manifest(&self.checkpoints.path_of(v))
-                .ok()
-                .and_then(|m| {
-                    m.training
-                        .get("bundle")
-                        .and_then(|b| b.as_str())
-                        .map(String::from)
-                })
-                .is_some_and(|k| k == a.key),
-            _ => false,
-        };
+        // the local copy of that version, when this trainer has it (it made it, or fetched it)
+        let local = self.checkpoints.path_of(a.version);
+        let have = Checkpoints::read_manifest(&local)
+            .ok()
+            .and_then(|m| {
+                m.training
+                    .get("bundle")
+                    .and_then(|b| b.as_str())
+                    .map(String::from)
+            })
+            .is_some_and(|k| k == a.key);
         if !have {
             let fleet = self.ctx.fleet.as_ref().context("no fleet")?;
             let (trainer, items) = fleet
@@ -113,5 +112,3 @@ impl Worker {
         }
     }
 }
-
-use crate::model::Checkpoints;

@@ -2,4 +2,5 @@
 //! as a child process, its HTTP surface), shared with the benchmarks.
 #![allow(unused_imports)]
 
+pub use multivaed_kit::fleet::*;
 pub use multivaed_kit::harness::*;

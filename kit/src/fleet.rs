@@ -1,0 +1,108 @@
+//! A fleet under test: fresh names for every topic a fleet uses (clicks, changelog, members,
+//! models, recommendations, dead letters), an object-store directory shared by its processes,
+//! and the environment of a serving replica (`--role serve`) or a trainer (`--role train`) as
+//! child processes, each with its own data directory and a 6 s Kafka session.
+
+use std::path::{Path, PathBuf};
+
+use crate::harness::{brokers, create_topics, unique, Setup};
+
+pub struct Fleet {
+    pub setup: Setup,
+    pub changelog: String,
+    pub members: String,
+    pub models: String,
+    /// The object store every process of the fleet shares (a directory, or a URL).
+    pub store: String,
+    pub partitions: i32,
+}
+
+impl Fleet {
+    /// Fresh names; no topic created.
+    pub fn named(dir: &Path, partitions: i32) -> Self {
+        let setup = Setup::named(dir);
+        Self {
+            changelog: format!("{}.history", setup.clicks),
+            members: format!("{}.members", setup.clicks),
+            models: unique("models"),
+            store: dir.join("object-store").display().to_string(),
+            setup,
+            partitions,
+        }
+    }
+
+    /// Fresh names with every topic created on the test broker.
+    pub fn new(dir: &Path, partitions: i32) -> Self {
+        let f = Self::named(dir, partitions);
+        create_topics(&[
+            (&f.setup.clicks, partitions),
+            (&f.changelog, partitions),
+            (&f.members, 1),
+            (&f.models, 1),
+            (&f.setup.recs, 1),
+            (&f.setup.dlq, 1),
+        ]);
+        f
+    }
+
+    /// A process's own data directory, and a config file giving it a 6 s session.
+    fn process_env(&self, dir: &Path, name: &str, role: &str) -> Vec<(String, String)> {
+        let data: PathBuf = dir.join(name);
+        let config = dir.join(format!("{name}.toml"));
+        let _ = std::fs::write(
+            &config,
+            "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+        );
+        let mut env = self.setup.base_env(&brokers());
+        env.retain(|(k, _)| k != "MULTIVAED_DATA_DIR");
+        env.extend(
+            [
+                ("MULTIVAED_CONFIG", config.display().to_string()),
+                ("MULTIVAED_DATA_DIR", data.display().to_string()),
+                ("MULTIVAED_ROLE", role.to_string()),
+                ("MULTIVAED_KAFKA__INSTANCE_ID", name.to_string()),
+                ("MULTIVAED_MODELS__TOPIC", self.models.clone()),
+                ("MULTIVAED_MODELS__STORE", self.store.clone()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        env
+    }
+
+    /// Serving replica `name`: batches of 100, dynamic membership (Tansu hands nothing over with
+    /// cooperative rebalancing and static members together: README "Scaling").
+    pub fn replica_env(&self, dir: &Path, name: &str) -> Vec<(String, String)> {
+        let mut env = self.process_env(dir, name, "serve");
+        env.extend(
+            [
+                ("MULTIVAED_KAFKA__BATCH_SIZE", "100"),
+                ("MULTIVAED_KAFKA__STATIC_MEMBERSHIP", "false"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        env
+    }
+
+    /// Trainer `name`: a small, fast model, a round every 3 s (or 1,000 new interactions) of 3
+    /// epochs, validated on up to 100 users (at least 10).
+    pub fn trainer_env(&self, dir: &Path, name: &str) -> Vec<(String, String)> {
+        let mut env = self.process_env(dir, name, "train");
+        env.extend(
+            [
+                ("MULTIVAED_TRAIN__INTERVAL", "3s"),
+                ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000"),
+                ("MULTIVAED_TRAIN__MIN_USERS", "100"),
+                ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "3"),
+                ("MULTIVAED_TRAIN__VALIDATION_USERS", "100"),
+                ("MULTIVAED_TRAIN__MIN_VALIDATION_USERS", "10"),
+                ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),
+                ("MULTIVAED_MODEL__MLP_HIDDEN_SIZE", "[64]"),
+                ("MULTIVAED_MODEL__LATENT_DIMENSION", "16"),
+                ("MULTIVAED_MODEL__BATCH_SIZE", "100"),
+                ("MULTIVAED_MODEL__TOTAL_ANNEAL_STEPS", "200"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        env
+    }
+}

@@ -1,0 +1,816 @@
+//! One trainer for the fleet (`--role train`) against the real broker, every process a child:
+//! versions shipped through an object store (a directory, and S3 through a local S3-compatible
+//! server) and announced on the models topic reach every serving replica, which verify what
+//! they download; a standby takes over from a killed trainer and continues the anneal; a
+//! deposed trainer's late announcement is ignored; a rollback while clicks flow is served by
+//! every replica and training continues from it. The tests of this file run one at a time
+//! (each starts up to five processes on a small machine).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use multivaed::demo::SyntheticStream;
+use multivaed::partition::Partitioner;
+use multivaed::shipping::log::{model_key, Announcement, ModelLog, Record};
+use rdkafka::producer::{BaseRecord, Producer};
+
+/// One test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The models topic as every reader reads it.
+fn models_log(f: &Fleet) -> ModelLog {
+    let mut log = ModelLog::default();
+    for (offset, m) in read_all(&f.models, 1, Duration::from_millis(700))
+        .into_iter()
+        .enumerate()
+    {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let value = (!m.payload.is_empty()).then_some(m.payload.as_slice());
+        log.apply(offset as i64, &key, value);
+    }
+    log
+}
+
+/// The accepted announcements, in log order.
+fn accepted(log: &ModelLog) -> Vec<Announcement> {
+    log.entries()
+        .filter(|e| e.accepted)
+        .map(|e| e.announcement.as_ref().clone())
+        .collect()
+}
+
+fn version(d: &Daemon) -> u64 {
+    d.metrics()
+        .map(|t| metric_value(&t, "multivaed_model_version", "") as u64)
+        .unwrap_or(0)
+}
+
+/// A click stream with taste structure (users in clusters of items), keyed by user to their
+/// partition, at `rate` a second until stopped. Once `measuring` is set, each new click is
+/// also scored as the popularity ranking would have (top 10 of every click so far, without the
+/// user's items): (hits, clicks).
+struct Clicks {
+    stop: Arc<AtomicBool>,
+    measuring: Arc<AtomicBool>,
+    popularity: Arc<Mutex<(u64, u64)>>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Clicks {
+    fn start(f: &Fleet, users: usize, items: usize, rate: f64) -> Self {
+        let (topic, partitions) = (f.setup.clicks.clone(), f.partitions);
+        let stop = Arc::new(AtomicBool::new(false));
+        let measuring = Arc::new(AtomicBool::new(false));
+        let popularity = Arc::new(Mutex::new((0, 0)));
+        let (s, m, pop) = (stop.clone(), measuring.clone(), popularity.clone());
+        let thread = std::thread::spawn(move || {
+            let p = producer();
+            let mut stream = SyntheticStream::new(users, items, 8, 5);
+            let mut seen: HashMap<usize, HashSet<usize>> = HashMap::new();
+            let mut holders: HashMap<usize, usize> = HashMap::new();
+            let start = Instant::now();
+            let mut n = 0usize;
+            while !s.load(Ordering::Acquire) {
+                // every user clicks first, then the stream draws users at random
+                let (u, i) = if n < users {
+                    (n, stream.item_for(n))
+                } else {
+                    stream.next_click()
+                };
+                let mine = seen.entry(u).or_default();
+                if !mine.contains(&i) {
+                    if m.load(Ordering::Acquire) {
+                        let mut ranked: Vec<(&usize, &usize)> =
+                            holders.iter().filter(|(x, _)| !mine.contains(x)).collect();
+                        ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                        let hit = ranked.iter().take(10).any(|(x, _)| **x == i);
+                        let mut g = pop.lock().unwrap();
+                        g.0 += u64::from(hit);
+                        g.1 += 1;
+                    }
+                    mine.insert(i);
+                    *holders.entry(i).or_default() += 1;
+                }
+                let user = format!("u{u}");
+                let payload = format!(r#"{{"user_id": "{user}", "item_id": "i{i}"}}"#);
+                send(
+                    &p,
+                    BaseRecord::to(&topic)
+                        .partition(
+                            Partitioner::ConsistentRandom.partition(user.as_bytes(), partitions),
+                        )
+                        .key(user.as_bytes())
+                        .payload(payload.as_bytes()),
+                );
+                n += 1;
+                let due = start + Duration::from_secs_f64(n as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            p.flush(Duration::from_secs(30)).unwrap();
+            n
+        });
+        Self {
+            stop,
+            measuring,
+            popularity,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) -> usize {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().map(|t| t.join().unwrap()).unwrap_or(0)
+    }
+}
+
+impl Drop for Clicks {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Online hits and clicks scored at k = 10 of every model version, summed over `replicas`.
+fn model_hits(replicas: &[&Daemon]) -> (f64, f64) {
+    let mut out = (0.0, 0.0);
+    for d in replicas {
+        let text = d.metrics().unwrap();
+        for l in text
+            .lines()
+            .filter(|l| l.contains("k=\"10\"") && !l.contains("popular"))
+        {
+            let v: f64 = l
+                .rsplit(' ')
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0.0);
+            if l.starts_with("multivaed_online_hits_total") {
+                out.0 += v;
+            } else if l.starts_with("multivaed_online_events_scored_total") {
+                out.1 += v;
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the replicas together own every partition.
+fn wait_owned(f: &Fleet, replicas: &[&Daemon]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let owned: f64 = replicas
+            .iter()
+            .map(|d| d.metric("multivaed_partitions_assigned", ""))
+            .sum();
+        let each = replicas
+            .iter()
+            .all(|d| d.metric("multivaed_partitions_assigned", "") >= 1.0);
+        if owned == f.partitions as f64 && each {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never split among the replicas: {owned}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// When each replica first reported each version (Unix ms), polled every ~100 ms until `done`
+/// says so (at most `limit`).
+fn watch_versions(
+    replicas: &[&Daemon],
+    seen: &mut Vec<BTreeMap<u64, u64>>,
+    limit: Duration,
+    mut done: impl FnMut(&[BTreeMap<u64, u64>]) -> bool,
+) -> bool {
+    seen.resize(replicas.len(), BTreeMap::new());
+    let deadline = Instant::now() + limit;
+    let mut last_check = Instant::now();
+    while Instant::now() < deadline {
+        for (r, d) in replicas.iter().enumerate() {
+            let v = version(d);
+            if v > 0 {
+                seen[r].entry(v).or_insert_with(now_ms);
+            }
+        }
+        if last_check.elapsed() > Duration::from_secs(2) {
+            last_check = Instant::now();
+            if done(seen) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done(seen)
+}
+
+fn quantile(mut xs: Vec<f64>, q: f64) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.get(((xs.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs `multivaed` with `args` in the environment `env`; (success, stdout, stderr).
+fn cli(env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(daemon_exe())
+        .args(args)
+        .envs(env.iter().cloned())
+        .env_remove("MULTIVAED_TEST_ECHO")
+        .output()
+        .expect("run multivaed");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_replica_serves_each_announced_version_beats_popularity_and_follows_a_rollback() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 6);
+    let mut env = f.trainer_env(dir.path(), "t0");
+    env.push(("MULTIVAED_TRAIN__EPOCHS_PER_ROUND".into(), "10".into()));
+    let trainer = Daemon::start(&env, free_port());
+    let replicas: Vec<Daemon> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|n| Daemon::start(&f.replica_env(dir.path(), n), free_port()))
+        .collect();
+    let rs: Vec<&Daemon> = replicas.iter().collect();
+    wait_owned(&f, &rs);
+    let mut clicks = Clicks::start(&f, 600, 200, 250.0);
+
+    // every replica reports every version the trainer announces, soon after its announcement
+    let mut seen = Vec::new();
+    let mut versions: Vec<Announcement> = Vec::new();
+    let mut measured_from: Option<(f64, f64)> = None;
+    let ok = watch_versions(&rs, &mut seen, Duration::from_secs(240), |seen| {
+        versions = accepted(&models_log(&f));
+        // the measured clicks start once every replica serves a model trained on a few
+        // thousand clicks (the first ones saw only the first hundreds)
+        if measured_from.is_none() && seen.iter().all(|s| s.keys().any(|&v| v >= 3)) {
+            measured_from = Some(model_hits(&rs));
+            clicks.measuring.store(true, Ordering::Release);
+        }
+        let all_seen = versions
+            .iter()
+            .all(|a| seen.iter().all(|s| s.contains_key(&a.version)));
+        versions.len() >= 5 && all_seen && clicks.popularity.lock().unwrap().1 >= 2000
+    });
+    let latencies: Vec<f64> = versions
+        .iter()
+        .filter_map(|a| {
+            let last = seen
+                .iter()
+                .map(|s| s.get(&a.version).copied())
+                .collect::<Option<Vec<_>>>()?;
+            Some(last.into_iter().max()?.saturating_sub(a.announced_unix_ms) as f64 / 1000.0)
+        })
+        .collect();
+    eprintln!(
+        "fleet: {} versions; announcement → all 3 replicas serving: p50 {:.2} s, max {:.2} s (each replica polled every ~100 ms)",
+        versions.len(),
+        quantile(latencies.clone(), 0.5),
+        quantile(latencies.clone(), 1.0)
+    );
+    assert!(
+        ok,
+        "not every version reached every replica: announced {:?}, seen {seen:?}",
+        versions.iter().map(|a| a.version).collect::<Vec<_>>()
+    );
+    for (a, l) in versions.iter().zip(&latencies) {
+        assert!(
+            *l < 30.0,
+            "v{} reached every replica only after {l:.1} s",
+            a.version
+        );
+    }
+    // the anneal continues version to version, each trained from the one before
+    for w in versions.windows(2) {
+        assert!(w[1].version > w[0].version && w[1].state.update_count > w[0].state.update_count);
+        assert_eq!(w[1].base_version, Some(w[0].version));
+    }
+
+    // the fleet's live hit rate beats popularity's on the same clicks
+    let (h0, n0) = measured_from.expect("a model on every replica");
+    let (h1, n1) = model_hits(&rs);
+    let (pop_hits, pop_clicks) = *clicks.popularity.lock().unwrap();
+    let model_rate = (h1 - h0) / (n1 - n0).max(1.0);
+    let pop_rate = pop_hits as f64 / pop_clicks.max(1) as f64;
+    eprintln!(
+        "fleet: online hit rate @10 of the shipped models {model_rate:.3} over {} clicks; popularity on the same clicks {pop_rate:.3} over {pop_clicks}",
+        n1 - n0
+    );
+    assert!(n1 - n0 > 500.0, "too few clicks scored online: {}", n1 - n0);
+    assert!(
+        model_rate > pop_rate * 1.5,
+        "model {model_rate:.3} vs popularity {pop_rate:.3}"
+    );
+
+    // a rollback while clicks flow: every replica serves the old version, then the trainer's
+    // next version has a new number and continues from it
+    let target = versions[1].clone();
+    let mut env = f.trainer_env(dir.path(), "operator");
+    env.push((
+        "MULTIVAED_HTTP__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    let asked = Instant::now();
+    let (ok, out, err) = cli(&env, &["models", "rollback", &target.version.to_string()]);
+    assert!(ok, "rollback failed: {out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rs.iter().all(|d| version(d) == target.version) {
+        assert!(
+            Instant::now() < deadline,
+            "not every replica serves the rollback to v{}: {:?}",
+            target.version,
+            rs.iter().map(|d| version(d)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "fleet: rollback to v{} served by every replica {:.2} s after the command started",
+        target.version,
+        asked.elapsed().as_secs_f64()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (next, highest) = loop {
+        // the first version accepted after the rollback record, in log order
+        let log = accepted(&models_log(&f));
+        let at = log
+            .iter()
+            .rposition(|a| a.rollback && a.version == target.version)
+            .expect("the rollback is on the models topic");
+        let highest = log[..at].iter().map(|a| a.version).max().unwrap();
+        if let Some(n) = log[at + 1..].iter().find(|a| !a.rollback) {
+            break (n.clone(), highest);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no version trained after the rollback"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        next.version > highest,
+        "v{} is a new number (above v{highest})",
+        next.version
+    );
+    assert_eq!(
+        next.base_version,
+        Some(target.version),
+        "trained from the rollback"
+    );
+    assert!(
+        next.state.update_count > target.state.update_count,
+        "the anneal continues from v{}: {} after {}",
+        target.version,
+        next.state.update_count,
+        target.state.update_count
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rs.iter().all(|d| version(d) >= next.version) {
+        assert!(
+            Instant::now() < deadline,
+            "v{} not served everywhere",
+            next.version
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    clicks.stop();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // every replica published recommendations tagged with every version it served
+    let mut tagged: HashMap<String, HashSet<String>> = HashMap::new();
+    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
+        if let (Some(owner), Some(v)) = (
+            m.headers.get("multivaed-owner"),
+            m.headers.get("model_version"),
+        ) {
+            tagged.entry(owner.clone()).or_default().insert(v.clone());
+        }
+    }
+    for r in ["r1", "r2", "r3"] {
+        for a in &versions {
+            assert!(
+                tagged
+                    .get(r)
+                    .is_some_and(|t| t.contains(&a.version.to_string())),
+                "{r} published nothing tagged v{}: {:?}",
+                a.version,
+                tagged.get(r)
+            );
+        }
+    }
+    // no version number was announced twice (a rollback re-announces an old one on purpose)
+    let numbers: Vec<u64> = accepted(&models_log(&f))
+        .iter()
+        .filter(|a| !a.rollback)
+        .map(|a| a.version)
+        .collect();
+    let distinct: HashSet<&u64> = numbers.iter().collect();
+    assert_eq!(distinct.len(), numbers.len(), "{numbers:?}");
+    let (list_ok, listing, err) = cli(&env, &["models", "list"]);
+    assert!(list_ok, "{listing}{err}");
+    assert!(listing.contains("current"), "{listing}");
+    for d in replicas {
+        d.terminate();
+    }
+    trainer.terminate();
+}
+
+/// Whether a process is stopped (SIGSTOP), from /proc.
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "T"))
+        .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status();
+}
+
+fn active(d: &Daemon) -> bool {
+    d.metric("multivaed_trainer_active", "") == 1.0
+}
+
+/// The accepted announcements of `trainer`.
+fn by(log: &ModelLog, trainer: &str) -> Vec<Announcement> {
+    accepted(log)
+        .into_iter()
+        .filter(|a| a.trainer == trainer)
+        .collect()
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_standby_takes_over_from_a_killed_trainer_and_a_thawed_deposed_one_is_ignored() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 4);
+    let mut t0 = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
+    t0.wait_for(Duration::from_secs(60), "t0 elected", active);
+    let t1 = Daemon::start(&f.trainer_env(dir.path(), "t1"), free_port());
+    let replica = Daemon::start(&f.replica_env(dir.path(), "r1"), free_port());
+    let mut clicks = Clicks::start(&f, 500, 150, 250.0);
+    wait_until(Duration::from_secs(120), "two versions from t0", || {
+        by(&models_log(&f), "t0").len() >= 2
+    });
+    assert!(
+        !active(&t1),
+        "the standby trains nothing while t0 is active"
+    );
+
+    // t0 dies in the middle of a round: the standby announces the next version
+    let rounds = || {
+        t0.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("round started"))
+            .count()
+    };
+    let before = rounds();
+    t0.wait_for(Duration::from_secs(60), "t0 in a new round", |_| {
+        rounds() > before
+    });
+    let last_t0 = accepted(&models_log(&f)).last().cloned().unwrap();
+    t0.child.kill().unwrap();
+    let _ = t0.child.wait();
+    let killed = Instant::now();
+    t1.wait_for(Duration::from_secs(60), "t1 elected", active);
+    let elected = killed.elapsed().as_secs_f64();
+    wait_until(Duration::from_secs(90), "a version from t1", || {
+        !by(&models_log(&f), "t1").is_empty()
+    });
+    let announced = killed.elapsed().as_secs_f64();
+    let first_t1 = by(&models_log(&f), "t1")[0].clone();
+    eprintln!(
+        "failover: t0 SIGKILLed mid-round; t1 elected {elected:.1} s later, its first version (v{}) announced {announced:.1} s later (session timeout 6 s)",
+        first_t1.version
+    );
+    assert!(first_t1.version > last_t0.version);
+    assert_eq!(
+        first_t1.base_version,
+        Some(last_t0.version),
+        "continues from t0's last"
+    );
+    assert!(
+        first_t1.state.update_count > last_t0.state.update_count,
+        "the anneal continues: {} after {}",
+        first_t1.state.update_count,
+        last_t0.state.update_count
+    );
+    assert!(first_t1.state.epochs_done > last_t0.state.epochs_done);
+
+    // t2 waits as standby, freezing itself just before it announces once it is active; t3 waits
+    // too. t1 dies: t2 takes over, trains, freezes; its session expires and t3 takes over;
+    // thawed, t2 writes its announcement under the deposed epoch
+    let mut env2 = f.trainer_env(dir.path(), "t2");
+    env2.push(("MULTIVAED_STOP_AT".into(), "ship.before_announce".into()));
+    let t2 = Daemon::start(&env2, free_port());
+    let t3 = Daemon::start(&f.trainer_env(dir.path(), "t3"), free_port());
+    std::thread::sleep(Duration::from_secs(8));
+    let mut t1 = t1;
+    t1.child.kill().unwrap();
+    let _ = t1.child.wait();
+    let pid2 = t2.child.id();
+    wait_until(
+        Duration::from_secs(120),
+        "t2 frozen before its announcement",
+        || stopped(pid2),
+    );
+    wait_until(Duration::from_secs(120), "a version from t3", || {
+        !by(&models_log(&f), "t3").is_empty()
+    });
+    let served = by(&models_log(&f), "t3")[0].clone();
+    replica.wait_for(
+        Duration::from_secs(30),
+        "the replica serves t3's version",
+        |d| version(d) == served.version,
+    );
+    signal(pid2, "-CONT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let late = loop {
+        let log = models_log(&f);
+        if let Some(e) = log.entries().find(|e| e.announcement.trainer == "t2") {
+            break (e.announcement.as_ref().clone(), e.accepted);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "t2 never wrote its announcement after the thaw"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        !late.1,
+        "t2's late announcement (epoch {}) must be fenced",
+        late.0.epoch
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !replica.log_contains(&format!("path={}", late.0.path)),
+        "the replica loaded the deposed trainer's version {}",
+        late.0.path
+    );
+    assert!(version(&replica) >= served.version);
+    clicks.stop();
+
+    // no version number was announced twice; every trainer's accepted versions continue the one
+    // before
+    let all = accepted(&models_log(&f));
+    let numbers: Vec<u64> = all.iter().map(|a| a.version).collect();
+    let distinct: HashSet<&u64> = numbers.iter().collect();
+    assert_eq!(distinct.len(), numbers.len(), "{numbers:?}");
+    for w in all.windows(2) {
+        assert!(
+            w[1].state.update_count > w[0].state.update_count,
+            "{numbers:?}"
+        );
+    }
+    for d in [replica, t2, t3] {
+        d.terminate();
+    }
+}
+
+/// Writes an operator's announcement (a rollback record) pointing at `path` with `a`'s files.
+fn announce_at(f: &Fleet, a: &Announcement, epoch: u64, path: &str) {
+    let mut r = a.clone();
+    r.path = path.to_string();
+    r.epoch = epoch;
+    r.rollback = true;
+    r.trainer = "test".into();
+    r.announced_unix_ms = now_ms();
+    let value = serde_json::to_vec(&Record::Model(Box::new(r.clone()))).unwrap();
+    produce_keyed(&f.models, &model_key(&r), &value);
+}
+
+fn produce_keyed(topic: &str, key: &str, value: &[u8]) {
+    let p = producer();
+    send(
+        &p,
+        BaseRecord::to(topic)
+            .partition(0)
+            .key(key.as_bytes())
+            .payload(value),
+    );
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_truncated_or_altered_version_is_refused_and_the_previous_keeps_serving() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 2);
+    let trainer = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
+    let replica = Daemon::start(&f.replica_env(dir.path(), "r1"), free_port());
+    let mut clicks = Clicks::start(&f, 400, 120, 250.0);
+    replica.wait_for(Duration::from_secs(120), "a model served", |d| {
+        version(d) > 0
+    });
+    clicks.stop();
+    // no more versions: what is served now stays unless the test announces something
+    trainer.terminate();
+    let log = models_log(&f);
+    let good = log.current().unwrap().as_ref().clone();
+    let epoch = log.epoch().0;
+    replica.wait_for(Duration::from_secs(30), "the current version served", |d| {
+        version(d) == good.version
+    });
+    let store = std::path::Path::new(&f.store);
+    let refused = |d: &Daemon| d.metric("multivaed_model_loads_total", "result=\"refused\"");
+    let published = |d: &Daemon| {
+        d.metric(
+            "multivaed_recommendations_published_total",
+            "source=\"model\"",
+        )
+    };
+
+    // a truncated weights file
+    copy_folder(&store.join(&good.path), &store.join("damaged-truncated"));
+    let weights = store.join("damaged-truncated").join(&good.model.name);
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    announce_at(&f, &good, epoch, "damaged-truncated");
+    replica.wait_for(Duration::from_secs(30), "the truncated file refused", |d| {
+        refused(d) >= 1.0
+    });
+    assert!(
+        replica.log_contains("truncated"),
+        "the refusal names the cause"
+    );
+    // a file of the right size with one byte changed
+    copy_folder(&store.join(&good.path), &store.join("damaged-altered"));
+    let weights = store.join("damaged-altered").join(&good.model.name);
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&weights, bytes).unwrap();
+    announce_at(&f, &good, epoch, "damaged-altered");
+    replica.wait_for(Duration::from_secs(30), "the altered file refused", |d| {
+        refused(d) >= 2.0
+    });
+    assert!(
+        replica.log_contains("sha256"),
+        "the refusal names the digest"
+    );
+
+    // the previous version keeps serving: new clicks (on items it does not know) get its
+    // recommendations
+    assert_eq!(version(&replica), good.version);
+    let before = published(&replica);
+    let p = producer();
+    for u in 0..20 {
+        let user = format!("u{u}");
+        send(
+            &p,
+            BaseRecord::to(&f.setup.clicks)
+                .partition(Partitioner::ConsistentRandom.partition(user.as_bytes(), f.partitions))
+                .key(user.as_bytes())
+                .payload(format!(r#"{{"user_id": "{user}", "item_id": "fresh-{u}"}}"#).as_bytes()),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    replica.wait_for(
+        Duration::from_secs(30),
+        "recommendations from the served model",
+        |d| published(d) >= before + 20.0,
+    );
+    assert_eq!(version(&replica), good.version);
+    assert_eq!(
+        replica.metric("multivaed_model_announced_version", "") as u64,
+        good.version
+    );
+    replica.terminate();
+}
+
+#[test]
+fn versions_travel_through_s3() {
+    let _one = serial();
+    let port = free_port();
+    let mut moto = std::process::Command::new("moto_server")
+        .args(["-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server (installed by scripts/tools.sh, which scripts/test.sh runs)");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ureq::put(&format!("{endpoint}/fleet-models"))
+        .call()
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "moto_server did not answer");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = Fleet::new(dir.path(), 2);
+    f.store = "s3://fleet-models/multivaed".into();
+    let s3 = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+    ];
+    let with_s3 = |mut env: Vec<(String, String)>| {
+        env.extend(s3.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    };
+    let trainer = Daemon::start(&with_s3(f.trainer_env(dir.path(), "t0")), free_port());
+    let replica = Daemon::start(&with_s3(f.replica_env(dir.path(), "r1")), free_port());
+    let mut clicks = Clicks::start(&f, 400, 120, 250.0);
+    replica.wait_for(Duration::from_secs(120), "a version loaded from S3", |d| {
+        d.metric("multivaed_model_loads_total", "result=\"ok\"") >= 2.0
+    });
+    clicks.stop();
+    let current = models_log(&f).current().unwrap().as_ref().clone();
+    assert!(
+        current.uri.starts_with("s3://fleet-models/multivaed/"),
+        "{}",
+        current.uri
+    );
+    // the files are in the bucket, as announced
+    let bucket = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("fleet-models")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let items = rt
+        .block_on(async {
+            use object_store::ObjectStore;
+            let path = object_store::path::Path::from(format!(
+                "multivaed/{}/{}",
+                current.path, current.items.name
+            ));
+            bucket.get(&path).await?.bytes().await
+        })
+        .expect("the item table is in the bucket");
+    current.items.verify(&items).unwrap();
+    let mut env = with_s3(f.trainer_env(dir.path(), "operator"));
+    env.push((
+        "MULTIVAED_HTTP__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    let (ok, listing, err) = cli(&env, &["models", "list"]);
+    assert!(ok, "{listing}{err}");
+    assert!(
+        listing.lines().filter(|l| l.contains("| ok |")).count() >= 2,
+        "every version's files are in the bucket: {listing}"
+    );
+    replica.terminate();
+    trainer.terminate();
+    let _ = moto.kill();
+    let _ = moto.wait();
+}
