@@ -88,6 +88,10 @@ impl Daemon {
         )?;
         let metrics = Metrics::new().context("cannot register metrics")?;
         metrics.up.set(1);
+        metrics
+            .role_info
+            .with_label_values(&[config.role.name()])
+            .set(1);
         let ownership = match config.role {
             Role::All => crate::ownership::Ownership::everything(),
             // a trainer owns no user: it answers no pull

@@ -57,6 +57,7 @@ pub(crate) struct Metrics {
     pub model_load_seconds: Histogram,
     pub trainer_active: IntGauge,
     pub trainer_epoch: IntGauge,
+    pub role_info: IntGaugeVec,
     pub ready: IntGauge,
     pub up: IntGauge,
 }
@@ -334,6 +335,13 @@ impl Metrics {
             trainer_epoch: reg(
                 r,
                 IntGauge::new("multivaed_trainer_epoch", "Role train: the fencing epoch of this trainer's last claim (0: none)")?,
+            )?,
+            role_info: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("multivaed_role_info", "1 for this process's role (all, serve, train)"),
+                    &["role"],
+                )?,
             )?,
             ready: reg(r, IntGauge::new("multivaed_ready", "1 when /readyz answers ready")?)?,
             up: reg(r, IntGauge::new("multivaed_up", "1 while the daemon runs")?)?,

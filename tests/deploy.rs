@@ -96,9 +96,17 @@ fn merge(base: &mut Value, patch: &Value) {
 }
 
 fn gpu_statefulset() -> Value {
+    gpu_variant("statefulset.yaml")
+}
+
+/// A StatefulSet with the GPU patch merged over it (the fleet's overlay applies it to the
+/// trainers by target, whatever the patch's own name).
+fn gpu_variant(statefulset: &str) -> Value {
     let k8s = root().join("deploy/k8s");
-    let mut sts = yaml(&k8s.join("statefulset.yaml"));
-    merge(&mut sts, &yaml(&k8s.join("gpu/statefulset-gpu.yaml")));
+    let mut sts = yaml(&k8s.join(statefulset));
+    let mut patch = yaml(&k8s.join("gpu/statefulset-gpu.yaml"));
+    patch["metadata"]["name"] = sts["metadata"]["name"].clone();
+    merge(&mut sts, &patch);
     sts
 }
 
@@ -141,6 +149,12 @@ fn kubernetes_manifests_validate_against_the_openapi_schemas() {
     let dir = tempfile::tempdir().unwrap();
     let gpu = dir.path().join("statefulset-gpu-rendered.yaml");
     std::fs::write(&gpu, serde_yaml::to_string(&gpu_statefulset()).unwrap()).unwrap();
+    let train_gpu = dir.path().join("train-statefulset-gpu-rendered.yaml");
+    std::fs::write(
+        &train_gpu,
+        serde_yaml::to_string(&gpu_variant("train/statefulset.yaml")).unwrap(),
+    )
+    .unwrap();
     let files = [
         k8s.join("configmap.yaml"),
         k8s.join("service.yaml"),
@@ -149,7 +163,13 @@ fn kubernetes_manifests_validate_against_the_openapi_schemas() {
         k8s.join("serve/statefulset.yaml"),
         k8s.join("serve/service.yaml"),
         k8s.join("serve/pdb.yaml"),
+        k8s.join("train/statefulset.yaml"),
+        k8s.join("train/service.yaml"),
+        k8s.join("train/pdb.yaml"),
+        k8s.join("fleet/models-pvc.yaml"),
+        k8s.join("fleet/object-store-secret.yaml"),
         gpu,
+        train_gpu,
     ];
     let (ok, out) = run(Command::new(tool("kubernetes-validate"))
         .arg("--strict")
@@ -381,4 +401,97 @@ fn kustomizations_and_the_gpu_variant_are_consistent() {
         v
     };
     assert_eq!(strip(&gpu), strip(&base));
+}
+
+/// The fleet: its kustomizations list every manifest, the GPU overlay patches the trainers, and
+/// both roles mount the shared models volume where the ConfigMap's object store is.
+#[test]
+fn the_fleet_manifests_share_the_object_store_and_the_gpu_overlay_targets_the_trainers() {
+    let k8s = root().join("deploy/k8s");
+    let listed = |kust: &str| -> Vec<String> {
+        get(&yaml(&k8s.join(kust)), "resources")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        listed("fleet/kustomization.yaml"),
+        ["../serve", "../train", "models-pvc.yaml"]
+    );
+    let mut train: Vec<String> = listed("train/kustomization.yaml");
+    train.sort();
+    assert_eq!(train, ["pdb.yaml", "service.yaml", "statefulset.yaml"]);
+    let gpu = yaml(&k8s.join("fleet/gpu/kustomization.yaml"));
+    assert_eq!(str_at(&gpu, "resources.0"), "../");
+    assert_eq!(
+        str_at(&gpu, "patches.0.path"),
+        "../../gpu/statefulset-gpu.yaml"
+    );
+    assert_eq!(str_at(&gpu, "patches.0.target.name"), "multivaed-train");
+    let rendered = gpu_variant("train/statefulset.yaml");
+    let c = get(&rendered, "spec.template.spec.containers.0");
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"].as_u64(), Some(1));
+    assert!(get(c, "args")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|a| a.as_str() == Some("train")));
+
+    let cm = yaml(&k8s.join("configmap.yaml"));
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("multivaed.toml");
+    std::fs::write(&cfg, cm["data"]["multivaed.toml"].as_str().unwrap()).unwrap();
+    let config = multivaed::config::Config::load(Some(&cfg)).unwrap();
+    let claim = str_at(&yaml(&k8s.join("fleet/models-pvc.yaml")), "metadata.name").to_string();
+    assert_eq!(
+        str_at(&yaml(&k8s.join("fleet/models-pvc.yaml")), "spec.accessModes.0"),
+        "ReadWriteMany"
+    );
+    for (file, role) in [
+        ("train/statefulset.yaml", "train"),
+        ("serve/statefulset.yaml", "serve"),
+    ] {
+        let sts = yaml(&k8s.join(file));
+        let pod = get(&sts, "spec.template.spec");
+        let volume = get(pod, "volumes")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "models")
+            .unwrap_or_else(|| panic!("{file}: no models volume"));
+        assert_eq!(
+            volume["persistentVolumeClaim"]["claimName"].as_str(),
+            Some(claim.as_str()),
+            "{file}"
+        );
+        let c = get(pod, "containers.0");
+        let mount = get(c, "volumeMounts")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "models")
+            .unwrap_or_else(|| panic!("{file}: models not mounted"));
+        assert_eq!(
+            mount["mountPath"].as_str(),
+            Some(config.models.store.as_str()),
+            "{file}: mounted where the ConfigMap's models.store is"
+        );
+        assert!(
+            get(c, "args")
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_str() == Some(role)),
+            "{file} runs --role {role}"
+        );
+        assert_eq!(
+            str_at(c, "envFrom.0.secretRef.name"),
+            str_at(
+                &yaml(&k8s.join("fleet/object-store-secret.yaml")),
+                "metadata.name"
+            )
+        );
+    }
 }

@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::harness::{brokers, create_topics, unique, Setup};
+use anyhow::Result;
+
+use crate::harness::{brokers, try_create_topics, unique, Setup};
 
 pub struct Fleet {
     pub setup: Setup,
@@ -34,26 +36,42 @@ impl Fleet {
     /// Fresh names with every topic created on the test broker.
     pub fn new(dir: &Path, partitions: i32) -> Self {
         let f = Self::named(dir, partitions);
-        create_topics(&[
-            (&f.setup.clicks, partitions),
-            (&f.changelog, partitions),
-            (&f.members, 1),
-            (&f.models, 1),
-            (&f.setup.recs, 1),
-            (&f.setup.dlq, 1),
-        ]);
+        if let Err(e) = f.create_on(&brokers()) {
+            panic!("{e:#}");
+        }
         f
     }
 
+    /// Creates every topic of the fleet on the broker at `bootstrap`.
+    pub fn create_on(&self, bootstrap: &str) -> Result<()> {
+        try_create_topics(
+            bootstrap,
+            &[
+                (&self.setup.clicks, self.partitions),
+                (&self.changelog, self.partitions),
+                (&self.members, 1),
+                (&self.models, 1),
+                (&self.setup.recs, 1),
+                (&self.setup.dlq, 1),
+            ],
+        )
+    }
+
     /// A process's own data directory, and a config file giving it a 6 s session.
-    fn process_env(&self, dir: &Path, name: &str, role: &str) -> Vec<(String, String)> {
+    fn process_env(
+        &self,
+        bootstrap: &str,
+        dir: &Path,
+        name: &str,
+        role: &str,
+    ) -> Vec<(String, String)> {
         let data: PathBuf = dir.join(name);
         let config = dir.join(format!("{name}.toml"));
         let _ = std::fs::write(
             &config,
             "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
         );
-        let mut env = self.setup.base_env(&brokers());
+        let mut env = self.setup.base_env(bootstrap);
         env.retain(|(k, _)| k != "MULTIVAED_DATA_DIR");
         env.extend(
             [
@@ -72,7 +90,12 @@ impl Fleet {
     /// Serving replica `name`: batches of 100, dynamic membership (Tansu hands nothing over with
     /// cooperative rebalancing and static members together: README "Scaling").
     pub fn replica_env(&self, dir: &Path, name: &str) -> Vec<(String, String)> {
-        let mut env = self.process_env(dir, name, "serve");
+        self.replica_env_on(&brokers(), dir, name)
+    }
+
+    /// As [`Fleet::replica_env`], on the broker at `bootstrap`.
+    pub fn replica_env_on(&self, bootstrap: &str, dir: &Path, name: &str) -> Vec<(String, String)> {
+        let mut env = self.process_env(bootstrap, dir, name, "serve");
         env.extend(
             [
                 ("MULTIVAED_KAFKA__BATCH_SIZE", "100"),
@@ -86,7 +109,7 @@ impl Fleet {
     /// Trainer `name`: a small, fast model, a round every 3 s (or 1,000 new interactions) of 3
     /// epochs, validated on up to 100 users (at least 10).
     pub fn trainer_env(&self, dir: &Path, name: &str) -> Vec<(String, String)> {
-        let mut env = self.process_env(dir, name, "train");
+        let mut env = self.process_env(&brokers(), dir, name, "train");
         env.extend(
             [
                 ("MULTIVAED_TRAIN__INTERVAL", "3s"),

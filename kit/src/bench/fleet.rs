@@ -14,7 +14,8 @@ use rdkafka::producer::Producer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::harness::{free_port, producer_to, try_create_topics, unique, Daemon, Setup};
+use crate::fleet::Fleet;
+use crate::harness::{free_port, producer_to, unique, Daemon};
 
 #[derive(Debug, Clone)]
 pub struct FleetBenchOptions {
@@ -47,21 +48,11 @@ fn metric(d: &Daemon, name: &str) -> f64 {
 
 pub fn run_fleet_bench(opts: &FleetBenchOptions) -> Result<FleetFigures> {
     std::fs::create_dir_all(&opts.work_dir)?;
-    let setup = Setup::named(&opts.work_dir);
-    let changelog = format!("{}.history", setup.clicks);
-    let members = format!("{}.members", setup.clicks);
-    let n = opts.events;
     let parts = opts.partitions;
-    try_create_topics(
-        &opts.brokers,
-        &[
-            (&setup.clicks, parts),
-            (&changelog, parts),
-            (&members, 1),
-            (&setup.recs, 1),
-            (&setup.dlq, 1),
-        ],
-    )?;
+    let fleet = Fleet::named(&opts.work_dir, parts);
+    fleet.create_on(&opts.brokers)?;
+    let (setup, changelog) = (&fleet.setup, &fleet.changelog);
+    let n = opts.events;
     // clicks keyed by user (librdkafka's default partitioner: the daemon's default)
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let p = producer_to(&opts.brokers, "20")?;
@@ -76,16 +67,10 @@ pub fn run_fleet_bench(opts: &FleetBenchOptions) -> Result<FleetFigures> {
     let raw = raw_consume(&opts.brokers, &setup.clicks, parts, n)?;
     eprintln!("fleet: raw rdkafka consume {raw:.0} events/s");
 
+    // a replica as deployed: the default batch size and session
     let env = |name: &str| {
-        let mut env = setup.base_env(&opts.brokers);
-        env.retain(|(k, _)| k != "MULTIVAED_DATA_DIR");
-        env.push((
-            "MULTIVAED_DATA_DIR".into(),
-            opts.work_dir.join(unique(name)).display().to_string(),
-        ));
-        env.push(("MULTIVAED_ROLE".into(), "serve".into()));
-        env.push(("MULTIVAED_KAFKA__INSTANCE_ID".into(), name.into()));
-        env.push(("MULTIVAED_KAFKA__STATIC_MEMBERSHIP".into(), "false".into()));
+        let mut env = fleet.replica_env_on(&opts.brokers, &opts.work_dir, &unique(name));
+        env.retain(|(k, _)| k != "MULTIVAED_KAFKA__BATCH_SIZE" && k != "MULTIVAED_CONFIG");
         env
     };
     // one replica ingests everything, writing the changelog
@@ -110,7 +95,7 @@ pub fn run_fleet_bench(opts: &FleetBenchOptions) -> Result<FleetFigures> {
     );
     std::thread::sleep(Duration::from_secs(3));
     a.terminate();
-    let records = count(&opts.brokers, &changelog, parts)?;
+    let records = count(&opts.brokers, changelog, parts)?;
 
     // a replica with an empty volume restores it all
     let started = Instant::now();
