@@ -373,7 +373,7 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
     let store = Store::open(&config.data_dir, config.store.max_history)
         .context("cannot open the store (is a daemon still running on this data_dir?)")?;
     let checkpoints = Checkpoints::new(config.data_dir.join("models"));
-    let live = LiveModel::load_latest(&checkpoints, &Device::Cpu, |v, e| {
+    let live = LiveModel::load_latest(&checkpoints, &store, &Device::Cpu, |v, e| {
         eprintln!("skipping model version {v}: {e}")
     })?;
     let query = match (args.user, args.items) {

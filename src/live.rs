@@ -92,20 +92,24 @@ impl LiveModel {
         Some(crate::model::top_k_unseen(&c.popularity, None, seen, k))
     }
 
-    /// The newest version in `checkpoints` that loads, ready for inference (versions that fail
-    /// go to `on_skip`); `None` when there is none.
+    /// The newest version in `checkpoints` that loads, ready for inference on `store` (versions
+    /// that fail go to `on_skip`); `None` when there is none. A fleet trainer's version carries
+    /// its item table, mapped onto the store's items.
     pub fn load_latest(
         checkpoints: &Checkpoints,
+        store: &Store,
         device: &Device,
         on_skip: impl FnMut(u64, &CheckpointError),
     ) -> anyhow::Result<Option<LiveModel>> {
         let Some((trainer, manifest)) = checkpoints.load_latest(device, on_skip)? else {
             return Ok(None);
         };
-        Ok(Some(LiveModel::local(
-            manifest.model_version,
-            trainer.model().for_serving()?,
-        )))
+        let items = Checkpoints::items(&checkpoints.path_of(manifest.model_version), &manifest)?;
+        Ok(Some(LiveModel {
+            version: manifest.model_version,
+            model: trainer.model().for_serving()?,
+            columns: items.map(|t| ColumnMap::new(store, &t)).transpose()?,
+        }))
     }
 }
 

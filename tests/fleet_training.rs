@@ -763,20 +763,24 @@ fn versions_travel_through_s3() {
         env.extend(s3.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         env
     };
-    let trainer = Daemon::start(&with_s3(f.trainer_env(dir.path(), "t0")), free_port());
+    // old versions are pruned at once: two kept
+    let mut env = with_s3(f.trainer_env(dir.path(), "t0"));
+    env.push(("MULTIVAED_TRAIN__KEEP_VERSIONS".into(), "2".into()));
+    env.push(("MULTIVAED_MODELS__KEEP_ANNOUNCED_FOR".into(), "0s".into()));
+    let trainer = Daemon::start(&env, free_port());
     let replica = Daemon::start(&with_s3(f.replica_env(dir.path(), "r1")), free_port());
     let mut clicks = Clicks::start(&f, 400, 120, 250.0);
-    replica.wait_for(Duration::from_secs(120), "a version loaded from S3", |d| {
-        d.metric("multivaed_model_loads_total", "result=\"ok\"") >= 2.0
+    replica.wait_for(Duration::from_secs(180), "four versions loaded from S3", |d| {
+        d.metric("multivaed_model_loads_total", "result=\"ok\"") >= 4.0
     });
     clicks.stop();
-    let current = models_log(&f).current().unwrap().as_ref().clone();
-    assert!(
-        current.uri.starts_with("s3://fleet-models/multivaed/"),
-        "{}",
-        current.uri
-    );
-    // the files are in the bucket, as announced
+    // no round after this one: what is pruned stays pruned
+    trainer.terminate();
+    let log = models_log(&f);
+    let current = log.current().unwrap().as_ref().clone();
+    assert!(current.uri.starts_with("s3://fleet-models/multivaed/"), "{}", current.uri);
+    // the files are in the bucket, as announced; the pruned versions' are gone, and their
+    // announcements too
     let bucket = object_store::aws::AmazonS3Builder::new()
         .with_bucket_name("fleet-models")
         .with_endpoint(&endpoint)
@@ -787,17 +791,31 @@ fn versions_travel_through_s3() {
         .build()
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let items = rt
+    let (items, folders) = rt
         .block_on(async {
+            use futures::TryStreamExt;
             use object_store::ObjectStore;
             let path = object_store::path::Path::from(format!(
                 "multivaed/{}/{}",
                 current.path, current.items.name
             ));
-            bucket.get(&path).await?.bytes().await
+            let items = bucket.get(&path).await?.bytes().await?;
+            let all: Vec<object_store::ObjectMeta> = bucket
+                .list(Some(&object_store::path::Path::from("multivaed")))
+                .try_collect()
+                .await?;
+            let folders: HashSet<String> = all
+                .iter()
+                .filter_map(|m| m.location.as_ref().split('/').nth(1).map(String::from))
+                .collect();
+            object_store::Result::Ok((items, folders))
         })
-        .expect("the item table is in the bucket");
+        .expect("the bucket answers");
     current.items.verify(&items).unwrap();
+    let present: HashSet<String> = log.entries().map(|e| e.announcement.path.clone()).collect();
+    assert!(log.highest_version() >= 4);
+    assert!(present.len() <= 2, "announcements left: {present:?}");
+    assert_eq!(folders, present, "the bucket holds the announced versions' folders only");
     let mut env = with_s3(f.trainer_env(dir.path(), "operator"));
     env.push((
         "MULTIVAED_HTTP__LISTEN".into(),
@@ -805,12 +823,12 @@ fn versions_travel_through_s3() {
     ));
     let (ok, listing, err) = cli(&env, &["models", "list"]);
     assert!(ok, "{listing}{err}");
-    assert!(
-        listing.lines().filter(|l| l.contains("| ok |")).count() >= 2,
-        "every version's files are in the bucket: {listing}"
+    assert_eq!(
+        listing.lines().filter(|l| l.ends_with("| ok |")).count(),
+        present.len(),
+        "every version listed has its files in the bucket: {listing}"
     );
     replica.terminate();
-    trainer.terminate();
     let _ = moto.kill();
     let _ = moto.wait();
 }

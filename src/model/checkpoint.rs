@@ -224,7 +224,7 @@ impl Checkpoints {
 
     /// The item table a version was trained with, when it has one (a fleet trainer's), checked
     /// against the manifest's size and checksum.
-    pub(crate) fn items(
+    pub fn items(
         path: &Path,
         manifest: &Manifest,
     ) -> Result<Option<ItemTable>, CheckpointError> {

@@ -33,7 +33,8 @@ pub struct Loader {
 }
 
 /// Why a version was not loaded.
-enum LoadError {
+#[derive(Debug)]
+pub enum LoadError {
     /// A file is not what the announcement says (or does not decode): not retried soon.
     Refused(anyhow::Error),
     /// The store did not answer.
@@ -88,43 +89,7 @@ impl Loader {
     /// Downloads, verifies, loads and swaps in one announced version.
     async fn load(&self, a: &Announcement) -> Result<(), LoadError> {
         let started = Instant::now();
-        let fetch = |name: String| async move {
-            self.objects
-                .get(&a.path, &name)
-                .await
-                .map_err(LoadError::Failed)
-        };
-        let model = fetch(a.model.name.clone()).await?;
-        a.model
-            .verify(&model)
-            .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
-        let items = fetch(a.items.name.clone()).await?;
-        a.items
-            .verify(&items)
-            .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
-        let (config, n_items, version) = (a.config.clone(), a.n_items, a.version);
-        let store = self.store.clone();
-        let live = tokio::task::spawn_blocking(move || -> Result<LiveModel> {
-            let table = ItemTable::decode(&items).map_err(anyhow::Error::msg)?;
-            anyhow::ensure!(
-                table.len() == n_items,
-                "the item table has {} items, the model {n_items} columns",
-                table.len()
-            );
-            let model = decode_model(&config, n_items, &model)
-                .map_err(anyhow::Error::msg)?
-                .for_serving()?;
-            let columns = ColumnMap::new(&store, &table)?;
-            Ok(LiveModel {
-                version,
-                model,
-                columns: Some(columns),
-            })
-        })
-        .await
-        .context("the loading task failed")
-        .map_err(LoadError::Failed)?
-        .map_err(LoadError::Refused)?;
+        let live = load_for_serving(&self.objects, a, &self.store).await?;
         self.live.publish(live);
         let seconds = started.elapsed().as_secs_f64();
         let m = &self.metrics;
@@ -139,4 +104,46 @@ impl Loader {
         info!(model_version = a.version, path = %a.path, items = a.n_items, seconds, "announced model version swapped in");
         Ok(())
     }
+}
+
+/// An announced version ready to serve on this store: its weights and item table downloaded,
+/// each checked against the announcement's size and SHA-256, decoded, and its columns mapped
+/// onto the store's items (interned where the store has not met them).
+pub async fn load_for_serving(
+    objects: &Objects,
+    a: &Announcement,
+    store: &Arc<Store>,
+) -> Result<LiveModel, LoadError> {
+    let fetch = |name: String| async move { objects.get(&a.path, &name).await.map_err(LoadError::Failed) };
+    let model = fetch(a.model.name.clone()).await?;
+    a.model
+        .verify(&model)
+        .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
+    let items = fetch(a.items.name.clone()).await?;
+    a.items
+        .verify(&items)
+        .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
+    let (config, n_items, version) = (a.config.clone(), a.n_items, a.version);
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || -> Result<LiveModel> {
+        let table = ItemTable::decode(&items).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            table.len() == n_items,
+            "the item table has {} items, the model {n_items} columns",
+            table.len()
+        );
+        let model = decode_model(&config, n_items, &model)
+            .map_err(anyhow::Error::msg)?
+            .for_serving()?;
+        let columns = ColumnMap::new(&store, &table)?;
+        Ok(LiveModel {
+            version,
+            model,
+            columns: Some(columns),
+        })
+    })
+    .await
+    .context("the loading task failed")
+    .map_err(LoadError::Failed)?
+    .map_err(LoadError::Refused)
 }

@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 
 pub(crate) use election::{Election, Elector};
 pub(crate) use loader::Loader;
-pub(crate) use objects::Objects;
+pub use loader::{load_for_serving, LoadError};
+pub use objects::Objects;
 pub(crate) use topic::{follow, Follower};
 pub(crate) use trainer::FleetTrainer;
 

@@ -32,6 +32,9 @@ enum BenchCommand {
     /// Serving replicas against a real broker: ingest with the changelog written, and a
     /// replica with an empty volume restoring every partition.
     Fleet(FleetBenchArgs),
+    /// Shipping one model version (no broker): encoding and uploading the bundle, and a
+    /// replica's download, verification and load, at several catalogue sizes.
+    Ship(ShipBenchArgs),
     /// The store alone (no broker): the ingest benchmark's clicks written in ingest batches,
     /// then history reads as the scorer does them.
     Store(StoreBenchArgs),
@@ -81,6 +84,24 @@ struct StreamBenchArgs {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ShipBenchArgs {
+    /// Catalogue sizes.
+    #[arg(long, value_delimiter = ',', default_value = "20000,100000")]
+    items: Vec<usize>,
+    /// The object store to ship through (a directory, or a URL as `models.store` takes).
+    #[arg(long, default_value = "bench-out/work/object-store")]
+    store: String,
+    /// Working directory (the replica's store).
+    #[arg(long, default_value = "bench-out/work")]
+    work_dir: PathBuf,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +206,19 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 work_dir: args.work_dir,
             })?;
             print_or_write(&figures, args.json.as_deref())
+        }
+        BenchCommand::Ship(args) => {
+            let rows = bench::run_ship_bench(&bench::ShipBenchOptions {
+                items: args.items,
+                store: args.store,
+                work_dir: args.work_dir,
+                config: args.model.config()?,
+            })?;
+            println!("{}", bench::ship_table(&rows));
+            if let Some(path) = args.json {
+                print_or_write(&rows, Some(&path))?;
+            }
+            Ok(())
         }
         BenchCommand::Store(args) => {
             std::fs::create_dir_all(&args.work_dir)
