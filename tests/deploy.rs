@@ -446,7 +446,10 @@ fn the_fleet_manifests_share_the_object_store_and_the_gpu_overlay_targets_the_tr
     let config = multivaed::config::Config::load(Some(&cfg)).unwrap();
     let claim = str_at(&yaml(&k8s.join("fleet/models-pvc.yaml")), "metadata.name").to_string();
     assert_eq!(
-        str_at(&yaml(&k8s.join("fleet/models-pvc.yaml")), "spec.accessModes.0"),
+        str_at(
+            &yaml(&k8s.join("fleet/models-pvc.yaml")),
+            "spec.accessModes.0"
+        ),
         "ReadWriteMany"
     );
     for (file, role) in [

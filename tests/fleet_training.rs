@@ -770,15 +770,21 @@ fn versions_travel_through_s3() {
     let trainer = Daemon::start(&env, free_port());
     let replica = Daemon::start(&with_s3(f.replica_env(dir.path(), "r1")), free_port());
     let mut clicks = Clicks::start(&f, 400, 120, 250.0);
-    replica.wait_for(Duration::from_secs(180), "four versions loaded from S3", |d| {
-        d.metric("multivaed_model_loads_total", "result=\"ok\"") >= 4.0
-    });
+    replica.wait_for(
+        Duration::from_secs(180),
+        "four versions loaded from S3",
+        |d| d.metric("multivaed_model_loads_total", "result=\"ok\"") >= 4.0,
+    );
     clicks.stop();
     // no round after this one: what is pruned stays pruned
     trainer.terminate();
     let log = models_log(&f);
     let current = log.current().unwrap().as_ref().clone();
-    assert!(current.uri.starts_with("s3://fleet-models/multivaed/"), "{}", current.uri);
+    assert!(
+        current.uri.starts_with("s3://fleet-models/multivaed/"),
+        "{}",
+        current.uri
+    );
     // the files are in the bucket, as announced; the pruned versions' are gone, and their
     // announcements too
     let bucket = object_store::aws::AmazonS3Builder::new()
@@ -808,14 +814,17 @@ fn versions_travel_through_s3() {
                 .iter()
                 .filter_map(|m| m.location.as_ref().split('/').nth(1).map(String::from))
                 .collect();
-            object_store::Result::Ok((items, folders))
+            Ok::<_, object_store::Error>((items, folders))
         })
         .expect("the bucket answers");
     current.items.verify(&items).unwrap();
     let present: HashSet<String> = log.entries().map(|e| e.announcement.path.clone()).collect();
     assert!(log.highest_version() >= 4);
     assert!(present.len() <= 2, "announcements left: {present:?}");
-    assert_eq!(folders, present, "the bucket holds the announced versions' folders only");
+    assert_eq!(
+        folders, present,
+        "the bucket holds the announced versions' folders only"
+    );
     let mut env = with_s3(f.trainer_env(dir.path(), "operator"));
     env.push((
         "MULTIVAED_HTTP__LISTEN".into(),

@@ -224,10 +224,7 @@ impl Checkpoints {
 
     /// The item table a version was trained with, when it has one (a fleet trainer's), checked
     /// against the manifest's size and checksum.
-    pub fn items(
-        path: &Path,
-        manifest: &Manifest,
-    ) -> Result<Option<ItemTable>, CheckpointError> {
+    pub fn items(path: &Path, manifest: &Manifest) -> Result<Option<ItemTable>, CheckpointError> {
         let Some(f) = &manifest.items_file else {
             return Ok(None);
         };

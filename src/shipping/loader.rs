@@ -114,7 +114,8 @@ pub async fn load_for_serving(
     a: &Announcement,
     store: &Arc<Store>,
 ) -> Result<LiveModel, LoadError> {
-    let fetch = |name: String| async move { objects.get(&a.path, &name).await.map_err(LoadError::Failed) };
+    let fetch =
+        |name: String| async move { objects.get(&a.path, &name).await.map_err(LoadError::Failed) };
     let model = fetch(a.model.name.clone()).await?;
     a.model
         .verify(&model)

@@ -93,7 +93,9 @@ pub fn run_ship_bench(opts: &ShipBenchOptions) -> Result<Vec<ShipBenchRow>> {
         };
         drop(trainer);
         drop(encoded);
-        let dir = opts.work_dir.join(format!("ship-store-{n}-{}", std::process::id()));
+        let dir = opts
+            .work_dir
+            .join(format!("ship-store-{n}-{}", std::process::id()));
         let store = Arc::new(Store::open(&dir, 500)?);
         let started = Instant::now();
         let live = rt
