@@ -195,6 +195,50 @@ impl rdkafka::ClientContext for EofReader {
 
 impl rdkafka::consumer::ConsumerContext for EofReader {}
 
+/// Follows partition 0 of a (compacted, one-partition) topic from its beginning until shutdown,
+/// handing each record's offset, key and value (`None`: a tombstone) to `apply`, in log order.
+/// `reader` names the reader in its group id (`<group_id>.<reader>`) and in logs.
+pub async fn follow_topic(
+    k: &KafkaConfig,
+    reader: &str,
+    topic: &str,
+    shutdown: &crate::shutdown::Shutdown,
+    mut apply: impl FnMut(i64, &[u8], Option<&[u8]>),
+) -> Result<()> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let consumer: StreamConsumer = client_config(
+        &k.brokers,
+        &[
+            ("group.id", &format!("{}.{reader}", k.group_id)),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("fetch.wait.max.ms", "100"),
+        ],
+        &k.properties,
+    )
+    .create()
+    .map_err(|e| client_error(&format!("cannot create the {reader}"), e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut stop = shutdown.subscribe();
+    loop {
+        let m = tokio::select! {
+            m = consumer.recv() => m,
+            _ = stop.changed() => return Ok(()),
+        };
+        match m {
+            Ok(m) => apply(m.offset(), m.key().unwrap_or_default(), m.payload()),
+            Err(e) => {
+                tracing::warn!(error = %e, topic, "{reader}: read error");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// A client-creation error that never shows a property's value (it may be a password).
 pub fn client_error(what: &str, e: KafkaError) -> anyhow::Error {
     match e {

@@ -8,18 +8,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use anyhow::Result;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, client_error, Producers};
+use crate::kafka::Producers;
 use crate::shutdown::Shutdown;
 
 /// One replica's announcement.
@@ -107,51 +103,22 @@ pub async fn follow(
     directory: Arc<Directory>,
     shutdown: Arc<Shutdown>,
 ) -> Result<()> {
-    let consumer: StreamConsumer = client_config(
-        &kafka.brokers,
-        &[
-            ("group.id", &format!("{}.members", kafka.group_id)),
-            ("enable.auto.commit", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("fetch.wait.max.ms", "100"),
-        ],
-        &kafka.properties,
-    )
-    .create()
-    .map_err(|e| client_error("cannot create the members reader", e))?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let mut stop = shutdown.subscribe();
-    loop {
-        let m = tokio::select! {
-            m = consumer.recv() => m,
-            _ = stop.changed() => return Ok(()),
+    crate::kafka::follow_topic(&kafka, "members", &topic, &shutdown, |_, key, value| {
+        let id = String::from_utf8_lossy(key).into_owned();
+        let member = match value {
+            None => None,
+            Some(v) => match serde_json::from_slice::<Member>(v) {
+                Ok(member) => Some(member),
+                Err(e) => {
+                    warn!(error = %e, member = id, "an unreadable members record is skipped");
+                    return;
+                }
+            },
         };
-        match m {
-            Ok(m) => {
-                let Some(id) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-                    continue;
-                };
-                let member = match m.payload() {
-                    None => None,
-                    Some(v) => match serde_json::from_slice::<Member>(v) {
-                        Ok(member) => Some(member),
-                        Err(e) => {
-                            warn!(error = %e, member = id, "an unreadable members record is skipped");
-                            continue;
-                        }
-                    },
-                };
-                debug!(member = id, ?member, "members topic");
-                directory.apply(id, member);
-            }
-            Err(e) => {
-                warn!(error = %e, "members topic read error");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+        debug!(member = id, ?member, "members topic");
+        directory.apply(id, member);
+    })
+    .await
 }
 
 #[cfg(test)]

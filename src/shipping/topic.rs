@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -94,38 +94,14 @@ pub async fn follow(
     follower: Arc<Follower>,
     shutdown: Arc<Shutdown>,
 ) -> Result<()> {
-    let consumer: StreamConsumer = client_config(
-        &kafka.brokers,
-        &[
-            ("group.id", &format!("{}.models-reader", kafka.group_id)),
-            ("enable.auto.commit", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("fetch.wait.max.ms", "100"),
-        ],
-        &kafka.properties,
+    crate::kafka::follow_topic(
+        &kafka,
+        "models-reader",
+        &topic,
+        &shutdown,
+        |offset, key, value| follower.apply(offset, &String::from_utf8_lossy(key), value),
     )
-    .create()
-    .map_err(|e| client_error("cannot create the models-topic reader", e))?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let mut stop = shutdown.subscribe();
-    loop {
-        let m = tokio::select! {
-            m = consumer.recv() => m,
-            _ = stop.changed() => return Ok(()),
-        };
-        match m {
-            Ok(m) => {
-                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                follower.apply(m.offset(), &key, m.payload());
-            }
-            Err(e) => {
-                warn!(error = %e, "models topic read error");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+    .await
 }
 
 /// Reads the models topic from its beginning to its end (the `models` command).

@@ -56,7 +56,7 @@ impl FleetTrainer {
         let encoded = bundle::encode(s.trainer, s.items).map_err(anyhow::Error::msg)?;
         let path = folder(s.version, epoch);
         let figure = |k: &str| s.figures.get(k).and_then(|v| v.as_f64());
-        let a = Announcement {
+        let mut a = Announcement {
             version: s.version,
             epoch,
             trainer: self.id.clone(),
@@ -82,6 +82,8 @@ impl FleetTrainer {
         for (name, bytes) in encoded.files() {
             self.objects.put(&path, name, bytes.to_vec()).await?;
         }
+        // the files are in: what follows is the announcement
+        a.announced_unix_ms = crate::wire::now_ms();
         let record = Record::Model(Box::new(a.clone()));
         self.objects
             .put(

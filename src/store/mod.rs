@@ -301,19 +301,24 @@ impl Store {
         }
         batch.insert(NEXT_ITEM, &next_item.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        let mut catalogue = self
-            .items
-            .write()
-            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-        for id in new_items {
-            catalogue.push(Arc::from(id));
-        }
-        drop(catalogue);
+        self.catalogue_extend(new_items)?;
         self.popularity
             .write()
             .map_err(|_| anyhow::anyhow!("store poisoned"))?
             .resize(next_item as usize, 0);
         Ok(out)
+    }
+
+    /// Shows readers the items a batch just stored (their ids in index order).
+    fn catalogue_extend<S: Into<Arc<str>>>(&self, ids: impl IntoIterator<Item = S>) -> Result<()> {
+        let mut catalogue = self
+            .items
+            .write()
+            .map_err(|_| anyhow::anyhow!("store poisoned"))?;
+        for id in ids {
+            catalogue.push(id.into());
+        }
+        Ok(())
     }
 
     /// How many users hold each item, by store index.
@@ -399,15 +404,7 @@ impl Store {
         m.applied.new_users = m.next_user - m.next_user0;
         m.applied.new_items = next_item - m.next_item0;
         m.applied.quarantined = m.damaged.len() as u64;
-        {
-            let mut catalogue = self
-                .items
-                .write()
-                .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-            for id in m.new_items {
-                catalogue.push(Arc::from(id));
-            }
-        }
+        self.catalogue_extend(m.new_items)?;
         pop.resize(next_item as usize, 0);
         for (i, v) in new_pop {
             pop[i as usize] = v;

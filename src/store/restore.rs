@@ -157,15 +157,7 @@ impl Store {
         batch.insert(INTERACTIONS, &interactions.to_be_bytes());
         self.tree.apply_batch(batch)?;
         // in: publish to readers
-        {
-            let mut catalogue = self
-                .items
-                .write()
-                .map_err(|_| anyhow::anyhow!("store poisoned"))?;
-            for id in new_items {
-                catalogue.push(id);
-            }
-        }
+        self.catalogue_extend(new_items)?;
         pop.resize(n_items as usize, 0);
         for (i, v) in new_pop {
             pop[i as usize] = v;
