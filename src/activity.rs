@@ -2,7 +2,9 @@
 //! (`batch_stored`) and read by scoring and training: who waits to be scored (with the receipt
 //! time of their earliest unscored click), who was active since the last training round (trained
 //! on first), how many interactions arrived since it, and when each user was last seen (for
-//! re-scoring after a model swap). Every part is bounded.
+//! re-scoring after a model swap), and whose recommendation must be withdrawn (forgotten users,
+//! each a tombstone for the scorer to publish). Every part but the last is bounded (forgotten
+//! users wait there until their tombstone is delivered: none may be dropped).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +24,8 @@ struct Inner {
     last_seen: HashMap<u32, Instant>,
     /// Users active since the last training round started.
     since_round: HashSet<u32>,
+    /// Forgotten users whose recommendation the scorer withdraws, oldest first.
+    withdrawn: VecDeque<String>,
 }
 
 pub struct Activity {
@@ -82,6 +86,7 @@ impl Activity {
                 rescore_set: HashSet::new(),
                 last_seen: HashMap::new(),
                 since_round: HashSet::new(),
+                withdrawn: VecDeque::new(),
             }),
             new_interactions: AtomicU64::new(0),
             max_waiting: max_waiting.max(1),
@@ -122,6 +127,38 @@ impl Activity {
             }
             g.since_round.insert(u);
         }
+    }
+
+    /// Users a stored batch forgot: nothing is kept of them here, and each waits for the
+    /// scorer to withdraw their recommendation (a later click of the same batch queues them
+    /// again after this, through [`Activity::batch_stored`]).
+    pub fn forgotten(&self, users: &[crate::store::Forgotten]) {
+        let gone: HashSet<u32> = users.iter().filter_map(|f| f.index).collect();
+        let mut g = self.lock();
+        g.queue.retain(|u| !gone.contains(u));
+        g.pending.retain(|u, _| !gone.contains(u));
+        g.rescore_set.retain(|u| !gone.contains(u));
+        g.rescore.retain(|(u, _)| !gone.contains(u));
+        g.last_seen.retain(|u, _| !gone.contains(u));
+        g.since_round.retain(|u| !gone.contains(u));
+        g.withdrawn.extend(users.iter().map(|f| f.user.clone()));
+        drop(g);
+        self.waiting.notify_one();
+    }
+
+    /// Takes the users whose recommendation is to be withdrawn.
+    pub fn take_withdrawn(&self) -> Vec<String> {
+        self.lock().withdrawn.drain(..).collect()
+    }
+
+    /// Withdrawals whose delivery failed: they wait again, first.
+    pub fn withdraw_failed(&self, users: Vec<String>) {
+        let mut g = self.lock();
+        for u in users.into_iter().rev() {
+            g.withdrawn.push_front(u);
+        }
+        drop(g);
+        self.waiting.notify_one();
     }
 
     /// Deliveries that failed: their users wait again, with their click's receipt time
@@ -279,10 +316,11 @@ impl Activity {
         (recent.len(), dropped)
     }
 
-    /// Users waiting to be scored (for a click or a re-scoring).
+    /// Users waiting to be scored (for a click or a re-scoring) or to have their
+    /// recommendation withdrawn.
     pub fn waiting_count(&self) -> usize {
         let g = self.lock();
-        g.queue.len() + g.rescore_set.len()
+        g.queue.len() + g.rescore_set.len() + g.withdrawn.len()
     }
 
     /// Interactions stored since the last round started.
@@ -315,6 +353,29 @@ mod tests {
 
     fn users(w: &[Waiting]) -> Vec<u32> {
         w.iter().map(|w| w.user).collect()
+    }
+
+    #[test]
+    fn a_forgotten_user_stops_waiting_and_waits_to_be_withdrawn() {
+        let d = Activity::new(10, 10);
+        let t = Instant::now();
+        d.batch_stored(&[1, 2, 3], 3, t);
+        d.requeue_seen_within(Duration::from_secs(60));
+        let gone = |u: &str, index| crate::store::Forgotten {
+            user: u.into(),
+            index,
+        };
+        d.forgotten(&[gone("two", Some(2)), gone("never-seen", None)]);
+        assert_eq!(d.take_withdrawn(), vec!["two", "never-seen"]);
+        assert!(d.take_withdrawn().is_empty());
+        d.withdraw_failed(vec!["two".into()]);
+        assert_eq!(d.waiting_count(), 3, "1, 3 and a withdrawal");
+        assert_eq!(users(&d.take_waiting(10, usize::MAX)), vec![1, 3]);
+        assert!(!d.start_round().active.contains(&2));
+        // a swap re-scores the users seen lately: not the forgotten one
+        d.requeue_seen_within(Duration::from_secs(60));
+        assert_eq!(users(&d.take_waiting(10, usize::MAX)), vec![1, 3]);
+        assert_eq!(d.take_withdrawn(), vec!["two"]);
     }
 
     #[test]

@@ -99,16 +99,19 @@ impl Daemon {
                 crate::ownership::Ownership::by_partition(config.kafka.partitioner, 1)
             }
         };
+        let activity = Activity::new(
+            config.serve.max_dirty_users,
+            config.train.max_users_per_round,
+        );
+        // forgotten users whose recommendation a crash left unwithdrawn
+        activity.forgotten(&store.withdrawals_pending()?);
         Ok(Self {
             store: Arc::new(store),
             ownership: Arc::new(ownership),
             directory: Arc::new(crate::members::Directory::default()),
             metrics: Arc::new(metrics),
             live: Arc::new(LiveModelSlot::new()),
-            activity: Arc::new(Activity::new(
-                config.serve.max_dirty_users,
-                config.train.max_users_per_round,
-            )),
+            activity: Arc::new(activity),
             online: Arc::new(OnlineEval::new(config.serve.online_eval_users)),
             health: Arc::new(Health::default()),
             shutdown: Arc::new(Shutdown::default()),

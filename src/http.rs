@@ -1,6 +1,6 @@
 //! The outside surface over HTTP (axum): `/metrics`, `/healthz` (alive), `/readyz` (the rules
-//! of `health::Readiness::serving`) and `GET /v1/users/{user_id}/recommendations?k=` (the pull
-//! path, ranked by the same code as the push path).
+//! of `health::Readiness::serving`) and `GET /v1/users/{user_id}/recommendations?k=&exclude=`
+//! (the pull path, ranked by the same code as the push path).
 
 use std::sync::Arc;
 
@@ -15,13 +15,16 @@ use crate::activity::Activity;
 use crate::health::{Health, Readiness};
 use crate::live::LiveModelSlot;
 use crate::metrics::Metrics;
-use crate::serve::recommend_users;
+use crate::serve::recommend_excluding;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::wire::{Recommendation, MAX_ID_BYTES};
 
 /// Largest `k` the API serves.
 pub const MAX_K: usize = 1000;
+
+/// Most item ids a pull may exclude.
+pub const MAX_EXCLUDE: usize = 1000;
 
 /// What the HTTP surface uses: the store and live model (pull scoring), the activity record
 /// (queue size), metrics, and health (readiness).
@@ -97,6 +100,27 @@ async fn readyz(State(s): State<Arc<Http>>) -> Response {
 #[derive(Debug, Deserialize)]
 struct RecQuery {
     k: Option<usize>,
+    /// Item ids never to recommend in this answer, comma-separated.
+    exclude: Option<String>,
+}
+
+/// The ids of `exclude=a,b,c` (empty parts skipped), each within the id limits.
+fn excluded_ids(exclude: Option<&str>) -> Result<Vec<String>, String> {
+    let ids: Vec<String> = exclude
+        .unwrap_or_default()
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.len() > MAX_EXCLUDE {
+        return Err(format!("exclude holds at most {MAX_EXCLUDE} item ids"));
+    }
+    if ids.iter().any(|id| id.len() > MAX_ID_BYTES) {
+        return Err(format!(
+            "an excluded item id is longer than {MAX_ID_BYTES} bytes"
+        ));
+    }
+    Ok(ids)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -121,8 +145,17 @@ async fn recommendations(
     if user_id.is_empty() || user_id.len() > MAX_ID_BYTES {
         return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
     }
+    let exclude = match excluded_ids(q.exclude.as_deref()) {
+        Ok(ids) => ids,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
     if s.ownership.owner_of(&user_id).is_none() {
-        return not_owned(&s, &user_id, &format!("recommendations?k={k}"));
+        let mut rest = format!("recommendations?k={k}");
+        if !exclude.is_empty() {
+            let ids: Vec<String> = exclude.iter().map(|i| url_escape(i)).collect();
+            rest.push_str(&format!("&exclude={}", ids.join(",")));
+        }
+        return not_owned(&s, &user_id, &rest);
     }
     let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
         s.metrics.pulls_refused.inc();
@@ -142,8 +175,13 @@ async fn recommendations(
         let Some(u) = shared.store.user_index(&user_id)? else {
             return Ok(None);
         };
+        // an item the store does not know cannot be recommended anyway
+        let mut excluded = std::collections::HashSet::new();
+        for id in &exclude {
+            excluded.extend(shared.store.item_index(id)?);
+        }
         let live = shared.live.current();
-        Ok(recommend_users(&shared.store, live.as_deref(), &[u], k)?.pop())
+        recommend_excluding(&shared.store, live.as_deref(), u, k, &excluded)
     })
     .await;
     match result {

@@ -14,6 +14,9 @@ pub(crate) struct Metrics {
     pub events_dead_lettered: IntCounter,
     pub events_ignored: IntCounter,
     pub events_duplicate: IntCounter,
+    pub users_forgotten: IntCounter,
+    pub forget_seconds: Histogram,
+    pub recommendations_withdrawn: IntCounter,
     pub ingest_batches: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub partitions_assigned: IntGauge,
@@ -103,6 +106,27 @@ impl Metrics {
             events_duplicate: reg(
                 r,
                 IntCounter::new("multivaed_events_duplicate_total", "Clicks already stored (replays, repeats)")?,
+            )?,
+            users_forgotten: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_users_forgotten_total",
+                    "Requests to forget a user (tombstones, forget events) applied to the store",
+                )?,
+            )?,
+            forget_seconds: reg(
+                r,
+                lat(
+                    "multivaed_forget_seconds",
+                    "From a request to forget a user (its message timestamp) to the store having deleted their history",
+                )?,
+            )?,
+            recommendations_withdrawn: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_recommendations_withdrawn_total",
+                    "Tombstones published on the recommendations topic for forgotten users",
+                )?,
             )?,
             ingest_batches: reg(r, IntCounter::new("multivaed_ingest_batches_total", "Ingest batches stored")?)?,
             consumer_lag: reg(

@@ -48,6 +48,14 @@ impl OnlineEval {
         }
     }
 
+    /// Drops what was shown to a forgotten user.
+    pub fn forget(&self, user: u32) {
+        let mut g = self.lock();
+        if g.0.remove(&user).is_some() {
+            g.1.retain(|&u| u != user);
+        }
+    }
+
     /// Counts, for each new (user, item) click, whether the item was in the top k of the user's
     /// last published recommendation.
     pub fn clicked(&self, clicks: &[(u32, u32)], metrics: &Metrics) {

@@ -14,13 +14,22 @@ use event::{parse_event, Event, MAX_ID_BYTES};
 fuzz_target!(|data: &[u8]| {
     let types = vec!["click".to_string(), "view".to_string()];
     for max in [65536usize, 64] {
-        match parse_event(Some(data), max, &types) {
+        let key = data.get(..data.len().min(8));
+        if let Ok(Event::Forget { user }) = parse_event(key, None, max, &types) {
+            assert!(!user.is_empty() && user.len() <= MAX_ID_BYTES);
+            assert!(!user.chars().any(char::is_control));
+        }
+        match parse_event(key, Some(data), max, &types) {
             Ok(Event::Click(c)) => {
                 assert!(data.len() <= max);
                 for id in [&c.user, &c.item] {
                     assert!(!id.is_empty() && id.len() <= MAX_ID_BYTES);
                     assert!(!id.chars().any(char::is_control));
                 }
+            }
+            Ok(Event::Forget { user }) => {
+                assert!(data.len() <= max);
+                assert!(!user.is_empty() && user.len() <= MAX_ID_BYTES);
             }
             Ok(_) => assert!(data.len() <= max),
             Err(r) => {

@@ -44,11 +44,11 @@ pub(super) enum Record {
     },
 }
 
-/// A user's history to write.
+/// A user's history to write (`None`: the user was forgotten, a tombstone).
 pub(super) struct UserRecord {
     pub partition: i32,
     pub user: String,
-    pub items: Vec<String>,
+    pub items: Option<Vec<String>>,
 }
 
 /// A partition's marker to write after its users.
@@ -103,11 +103,14 @@ impl Changelog {
         let epoch_of = |p: i32| markers.iter().find(|m| m.partition == p).map(|m| m.epoch);
         let mut pending = Vec::with_capacity(users.len());
         for u in users {
-            let value = serde_json::to_vec(&Record::History {
-                items: u.items.clone(),
-                epoch: epoch_of(u.partition).unwrap_or(0),
-            })?;
-            pending.push(self.send(producer, u.partition, &u.user, &value)?);
+            let value = match &u.items {
+                Some(items) => Some(serde_json::to_vec(&Record::History {
+                    items: items.clone(),
+                    epoch: epoch_of(u.partition).unwrap_or(0),
+                })?),
+                None => None,
+            };
+            pending.push(self.send(producer, u.partition, &u.user, value.as_deref())?);
         }
         // the markers go after their partition's users (one producer, idempotent: in order)
         let mut marks = Vec::with_capacity(markers.len());
@@ -117,7 +120,10 @@ impl Changelog {
                 epoch: m.epoch,
                 owner: self.owner.clone(),
             })?;
-            marks.push((*m, self.send(producer, m.partition, MARKER_KEY, &value)?));
+            marks.push((
+                *m,
+                self.send(producer, m.partition, MARKER_KEY, Some(&value))?,
+            ));
         }
         for d in pending {
             futures::executor::block_on(d)
@@ -146,15 +152,17 @@ impl Changelog {
         producer: &FutureProducer,
         partition: i32,
         key: &str,
-        value: &[u8],
+        value: Option<&[u8]>,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
+        let record = FutureRecord::<str, [u8]>::to(&self.topic)
+            .partition(partition)
+            .key(key);
+        let record = match value {
+            Some(v) => record.payload(v),
+            None => record,
+        };
         producer
-            .send_result(
-                FutureRecord::to(&self.topic)
-                    .partition(partition)
-                    .key(key)
-                    .payload(value),
-            )
+            .send_result(record)
             .map_err(|(e, _)| anyhow::Error::new(e).context("cannot queue a changelog record"))
     }
 }

@@ -187,6 +187,7 @@ impl ChangelogReader {
             None,
         )?;
         self.activity.learnable(&written.users, written.added);
+        self.metrics.users_forgotten.inc_by(written.forgotten);
         Ok(())
     }
 }

@@ -36,7 +36,7 @@ use crate::kafka::{client_config, client_error};
 use crate::metrics::Metrics;
 use crate::online::OnlineEval;
 use crate::shutdown::Shutdown;
-use crate::store::{Applied, Click, PartitionOffset, Store};
+use crate::store::{Applied, Change, PartitionOffset, Store};
 use crate::wire::{parse_event, Event};
 
 /// What ingestion uses: the clicks topic's settings, the store it writes, the activity record
@@ -440,10 +440,13 @@ impl Ingest {
     }
 }
 
-/// A consumed batch, parsed: the clicks to store, the messages to dead-letter, and the next
-/// offset of each partition it read.
+/// A consumed batch, parsed: the clicks and forgotten users to store, the messages to
+/// dead-letter, and the next offset of each partition it read.
 struct Parsed {
-    clicks: Vec<Click>,
+    changes: Vec<Change>,
+    /// When each request to forget a user was produced (ms since the epoch, the message's
+    /// timestamp), for the time until the store has forgotten them.
+    forget_requested: Vec<i64>,
     letters: Vec<DeadLetter>,
     offsets: Vec<PartitionOffset>,
     /// Users of clicks consumed again after a crash (role `serve`): written to the changelog.
@@ -459,6 +462,7 @@ struct StoreTask {
     handle: tokio::task::JoinHandle<Result<Applied>>,
     offsets: Vec<PartitionOffset>,
     received: Instant,
+    forget_requested: Vec<i64>,
 }
 
 impl Ingest {
@@ -561,7 +565,8 @@ impl Ingest {
     /// its user's, and notes the users of re-consumed clicks (see [`Fleet`]).
     fn parse_batch(&self, msgs: &[BorrowedMessage<'_>], received: Instant) -> Parsed {
         let k = &self.kafka;
-        let mut clicks: Vec<Click> = Vec::with_capacity(msgs.len());
+        let mut changes: Vec<Change> = Vec::with_capacity(msgs.len());
+        let mut forget_requested = Vec::new();
         let mut letters = Vec::new();
         let mut replayed = Vec::new();
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
@@ -577,15 +582,28 @@ impl Ingest {
             self.metrics.events_consumed.inc();
             let e = next.entry((m.topic().to_string(), p)).or_insert(0);
             *e = (*e).max(offset + 1);
-            let parsed = parse_event(m.payload(), k.max_message_bytes, &k.positive_event_types)
-                .map_err(|r| (r.reason(), r.to_string()))
-                .and_then(|event| self.check_partition(event, p));
+            let parsed = parse_event(
+                m.key(),
+                m.payload(),
+                k.max_message_bytes,
+                &k.positive_event_types,
+            )
+            .map_err(|r| (r.reason(), r.to_string()))
+            .and_then(|event| self.check_partition(event, p));
             match parsed {
                 Ok(Event::Click(c)) => {
                     if replay {
                         replayed.push(c.user.clone());
                     }
-                    clicks.push(c)
+                    changes.push(Change::Click(c))
+                }
+                Ok(Event::Forget { user }) => {
+                    if replay {
+                        replayed.push(user.clone());
+                    }
+                    let at = m.timestamp().to_millis();
+                    forget_requested.push(at.unwrap_or_else(|| crate::wire::now_ms() as i64));
+                    changes.push(Change::Forget(user))
                 }
                 Ok(Event::Ignored { .. }) => self.metrics.events_ignored.inc(),
                 // dead-lettered before the crash that made this a replay
@@ -617,7 +635,8 @@ impl Ingest {
             })
             .collect();
         Parsed {
-            clicks,
+            changes,
+            forget_requested,
             letters,
             offsets,
             replayed,
@@ -634,18 +653,22 @@ impl Ingest {
         event: Event,
         partition: i32,
     ) -> std::result::Result<Event, (&'static str, String)> {
-        let (Some(f), Event::Click(c)) = (&self.fleet, &event) else {
+        let user = match &event {
+            Event::Click(c) => &c.user,
+            Event::Forget { user } => user,
+            Event::Ignored { .. } => return Ok(event),
+        };
+        let Some(f) = &self.fleet else {
             return Ok(event);
         };
-        let expected = f.ownership.partition_of(&c.user);
+        let expected = f.ownership.partition_of(user);
         if expected == partition {
             return Ok(event);
         }
         Err((
             "wrong_partition",
             format!(
-                "user {:?} belongs to partition {expected} with the {} partitioner (kafka.partitioner), but the click arrived on partition {partition}: produce clicks keyed by user id with that partitioner",
-                c.user,
+                "user {user:?} belongs to partition {expected} with the {} partitioner (kafka.partitioner), but the event arrived on partition {partition}: produce events keyed by user id with that partitioner",
                 f.kafka.partitioner.librdkafka_name()
             ),
         ))
@@ -668,13 +691,13 @@ impl Ingest {
         let store = self.store.clone();
         let fleet = self.fleet.clone();
         let shutdown = self.shutdown.clone();
-        let (clicks, offsets, n) = (parsed.clicks, parsed.offsets.clone(), parsed.messages);
+        let (changes, offsets, n) = (parsed.changes, parsed.offsets.clone(), parsed.messages);
         let replayed = parsed.replayed;
         let handle = tokio::task::spawn_blocking(move || {
             let _batch = fleet
                 .as_ref()
                 .map(|f| f.batch.lock().unwrap_or_else(|e| e.into_inner()));
-            let a = store.apply_consumed(&clicks, &offsets, n)?;
+            let a = store.apply_changes(&changes, &offsets, n)?;
             crate::fault::crash_point("ingest.applied");
             store.flush()?;
             crate::fault::crash_point("ingest.flushed");
@@ -688,6 +711,7 @@ impl Ingest {
             handle,
             offsets: parsed.offsets,
             received: parsed.received,
+            forget_requested: parsed.forget_requested,
         }
     }
 
@@ -719,6 +743,7 @@ impl Ingest {
             debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
         }
         self.online.clicked(&applied.new_pairs, &self.metrics);
+        self.forgotten(&applied, &task.forget_requested);
         let dropped = self.activity.batch_stored(
             &applied.changed_users,
             applied.new_interactions,
@@ -738,6 +763,33 @@ impl Ingest {
             );
         }
         Ok(())
+    }
+
+    /// Users a stored batch forgot: nothing of them is kept in memory either, their
+    /// recommendation is withdrawn (the scorer publishes a tombstone), and the time since each
+    /// request was produced is measured.
+    fn forgotten(&self, applied: &Applied, requested: &[i64]) {
+        if applied.forgotten.is_empty() {
+            return;
+        }
+        for f in &applied.forgotten {
+            if let Some(u) = f.index {
+                self.online.forget(u);
+            }
+        }
+        self.activity.forgotten(&applied.forgotten);
+        let now = crate::wire::now_ms() as i64;
+        for &at in requested {
+            let seconds = (now - at).max(0) as f64 / 1000.0;
+            self.metrics.forget_seconds.observe(seconds);
+        }
+        self.metrics
+            .users_forgotten
+            .inc_by(applied.forgotten.len() as u64);
+        info!(
+            users = applied.forgotten.len(),
+            "users forgotten: their histories are deleted"
+        );
     }
 
     /// Waits for the batch being stored, if any, and finishes it.
@@ -784,7 +836,8 @@ impl Ingest {
 }
 
 /// After a serving replica stored a batch: every changed user's history (and every user of a
-/// re-consumed click) to the changelog, then each owned partition's marker. Partitions revoked
+/// re-consumed event; a tombstone for each user forgotten) to the changelog, then each owned
+/// partition's marker. Partitions revoked
 /// meanwhile are left out (the revocation waited for this batch only if it came later).
 fn write_changelog(
     fleet: &Fleet,
@@ -802,13 +855,15 @@ fn write_changelog(
         }
     }
     ids.extend(replayed.iter().cloned());
+    ids.extend(applied.forgotten.iter().map(|f| f.user.clone()));
     ids.sort_unstable();
     ids.dedup();
     let mut users = Vec::with_capacity(ids.len());
     for user in ids {
         let partition = fleet.ownership.partition_of(&user);
         if owned(partition).is_some() {
-            let items = store.history_ids(&user)?.unwrap_or_default();
+            // a user the store no longer holds was forgotten: a tombstone
+            let items = store.history_ids(&user)?;
             users.push(UserRecord {
                 partition,
                 user,

@@ -4,8 +4,10 @@
 //! users, ranks them with the live model (`rank`: never an item the user has; popularity for
 //! users the model cannot score yet) and publishes one message per user to the recommendations
 //! topic. After a swap, users seen within `serve.rescore_window` are re-scored, at most
-//! `serve.max_rescores_per_second` of them a second (`budget`). It never waits
-//! for training: it reads whatever model the live slot holds.
+//! `serve.max_rescores_per_second` of them a second (`budget`). A forgotten user's
+//! recommendation is withdrawn with a tombstone, published in order with the batches (so no
+//! answer scored before the forget lands after it). It never waits for training: it reads
+//! whatever model the live slot holds.
 
 mod budget;
 mod rank;
@@ -20,8 +22,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, warn};
 
+pub(crate) use rank::{recommend_excluding, score_users, to_recommendation, Scored};
 pub use rank::{recommend_offline, OfflineAnswer, OfflineQuery};
-pub(crate) use rank::{recommend_users, score_users, to_recommendation, Scored};
 
 use crate::activity::{Activity, Waiting, Why};
 use crate::config::ServeConfig;
@@ -86,12 +88,25 @@ impl Scorer {
             }
             last_batch = Some(tokio::time::Instant::now());
             crate::fault::panic_point("serve.batch");
+            let withdrawn = me.activity.take_withdrawn();
+            let withdrew = !withdrawn.is_empty();
+            if withdrew {
+                let producer = producers.get();
+                in_flight.push_back(
+                    me.clone()
+                        .withdraw(producer, withdrawn, producers.clone())
+                        .await,
+                );
+            }
             me.metrics
                 .dirty_users
                 .set(me.activity.waiting_count() as i64);
             let allowed = budget.available(Instant::now(), me.activity.clicks_waiting());
             let batch = me.activity.take_waiting(me.serve.batch_size, allowed);
             budget.spend(batch.iter().filter(|w| w.why == Why::Rescore).count());
+            if batch.is_empty() && withdrew {
+                continue;
+            }
             if batch.is_empty() {
                 // only re-scorings wait and their budget is spent: until it refills, only a
                 // click (or shutdown) starts a batch
@@ -148,19 +163,10 @@ impl Scorer {
                 if me.ownership.is_partitioned() {
                     // a user whose partition moved leaves the queue unpublished: the new
                     // owner publishes for them
-                    let Some(owned) = me.ownership.owner_of(&sc.user_id) else {
+                    let Some(stamp) = me.stamp(&sc.user_id)? else {
                         continue;
                     };
-                    let offset = me
-                        .store
-                        .stored_offset(&me.clicks_topic, owned.partition)?
-                        .unwrap_or(0);
-                    r.owner = Some(OwnerStamp {
-                        partition: owned.partition,
-                        epoch: owned.epoch,
-                        offset,
-                        owner: me.owner_id.clone(),
-                    });
+                    r.owner = Some(stamp);
                 }
                 out.push((r, sc));
             }
@@ -196,18 +202,12 @@ impl Scorer {
     ) -> tokio::task::JoinHandle<()> {
         let mut deliveries = Vec::with_capacity(recs.len());
         for (r, _) in &recs {
-            deliveries.push(enqueue(&producer, &self.topic, r).await);
+            let payload = r.to_json();
+            let headers = headers(&r.model_version_header(), r.owner.as_ref());
+            deliveries
+                .push(enqueue(&producer, &self.topic, &r.user_id, Some(&payload), headers).await);
         }
-        let deliveries = futures::future::join_all(deliveries.into_iter().map(|d| async move {
-            match d {
-                Ok(f) => match f.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(KafkaError::Canceled),
-                },
-                Err(e) => Err(e),
-            }
-        }));
+        let deliveries = settled(deliveries);
         tokio::spawn(async move {
             let results = deliveries.await;
             crate::fault::crash_point("serve.published");
@@ -216,6 +216,75 @@ impl Scorer {
             }
             self.delivered(recs, &batch, results);
         })
+    }
+
+    /// Enqueues a tombstone for each forgotten user now (stamped as their owner's when this
+    /// replica owns them) and awaits the deliveries off the scoring loop; those that failed
+    /// wait to be withdrawn again.
+    async fn withdraw(
+        self: Arc<Self>,
+        producer: Arc<FutureProducer>,
+        users: Vec<String>,
+        producers: Arc<Producers>,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut deliveries = Vec::with_capacity(users.len());
+        for user in &users {
+            let stamp = self.stamp(user).ok().flatten();
+            let headers = headers("", stamp.as_ref());
+            deliveries.push(enqueue(&producer, &self.topic, user, None, headers).await);
+        }
+        let deliveries = settled(deliveries);
+        tokio::spawn(async move {
+            let results = deliveries.await;
+            let (mut failed, mut done) = (Vec::new(), Vec::new());
+            for (user, res) in users.into_iter().zip(results) {
+                match res {
+                    Ok(()) => {
+                        self.metrics.recommendations_withdrawn.inc();
+                        done.push(user);
+                    }
+                    Err(e) if crate::kafka::is_permanent(&e) => {
+                        // the mark stays in the store: the next start tries again
+                        self.metrics.publish_errors.inc();
+                        warn!(error = %e, "cannot withdraw a forgotten user's recommendation (a permanent error: tried again at the next start)");
+                    }
+                    Err(e) => {
+                        self.metrics.publish_errors.inc();
+                        producers.recover(&producer, &e);
+                        warn!(error = %e, "cannot withdraw a forgotten user's recommendation; retrying");
+                        failed.push(user);
+                    }
+                }
+            }
+            if let Err(e) = self.store.withdrawn(&done) {
+                // still pending: withdrawn again after a restart (a repeated tombstone)
+                warn!(error = %format!("{e:#}"), "cannot note delivered withdrawals");
+            }
+            if !failed.is_empty() {
+                self.activity.withdraw_failed(failed);
+            }
+        })
+    }
+
+    /// The owner's stamp for `user` (role `serve`; `None` when this replica does not own them,
+    /// or every replica owns everything).
+    fn stamp(&self, user: &str) -> anyhow::Result<Option<OwnerStamp>> {
+        if !self.ownership.is_partitioned() {
+            return Ok(None);
+        }
+        let Some(owned) = self.ownership.owner_of(user) else {
+            return Ok(None);
+        };
+        let offset = self
+            .store
+            .stored_offset(&self.clicks_topic, owned.partition)?
+            .unwrap_or(0);
+        Ok(Some(OwnerStamp {
+            partition: owned.partition,
+            epoch: owned.epoch,
+            offset,
+            owner: self.owner_id.clone(),
+        }))
     }
 
     /// Metrics and the online-evaluation record of a delivered batch; users whose delivery
@@ -269,38 +338,48 @@ impl Scorer {
     }
 }
 
-/// Enqueues one recommendation, waiting (up to 10 s) while the producer's queue is full.
+/// A recommendation's headers: the model version (empty for popularity) and, from an owner,
+/// its stamp.
+fn headers(version: &str, owner: Option<&OwnerStamp>) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new().insert(Header {
+        key: MODEL_VERSION_HEADER,
+        value: Some(version.as_bytes()),
+    });
+    if let Some(o) = owner {
+        let values = [
+            o.partition.to_string(),
+            o.epoch.to_string(),
+            o.offset.to_string(),
+            o.owner.clone(),
+        ];
+        for (key, value) in OWNER_HEADERS.iter().zip(&values) {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+    }
+    headers
+}
+
+/// Enqueues one message keyed by user id (a `None` payload: a tombstone), waiting (up to 10 s)
+/// while the producer's queue is full.
 async fn enqueue(
     producer: &FutureProducer,
     topic: &str,
-    r: &Recommendation,
+    user: &str,
+    payload: Option<&[u8]>,
+    headers: OwnedHeaders,
 ) -> Result<DeliveryFuture, KafkaError> {
-    let payload = r.to_json();
-    let version = r.model_version_header();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut headers = OwnedHeaders::new().insert(Header {
-            key: MODEL_VERSION_HEADER,
-            value: Some(version.as_bytes()),
-        });
-        if let Some(o) = &r.owner {
-            let values = [
-                o.partition.to_string(),
-                o.epoch.to_string(),
-                o.offset.to_string(),
-                o.owner.clone(),
-            ];
-            for (key, value) in OWNER_HEADERS.iter().zip(&values) {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-        }
-        let record = FutureRecord::to(topic)
-            .key(r.user_id.as_bytes())
-            .payload(&payload)
-            .headers(headers);
+        let record = FutureRecord::<str, [u8]>::to(topic)
+            .key(user)
+            .headers(headers.clone());
+        let record = match payload {
+            Some(p) => record.payload(p),
+            None => record,
+        };
         match producer.send_result(record) {
             Ok(f) => return Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
@@ -311,6 +390,22 @@ async fn enqueue(
             Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// Resolves once every enqueued message is delivered or failed, with each one's result.
+fn settled(
+    deliveries: Vec<Result<DeliveryFuture, KafkaError>>,
+) -> impl std::future::Future<Output = Vec<Result<(), KafkaError>>> {
+    futures::future::join_all(deliveries.into_iter().map(|d| async move {
+        match d {
+            Ok(f) => match f.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(KafkaError::Canceled),
+            },
+            Err(e) => Err(e),
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! and results are in store item indices; a shipped model's columns are mapped on the way in and
 //! out.
 
+use std::collections::HashSet;
+
 use anyhow::{Context, Result};
 
 use crate::live::LiveModel;
@@ -150,9 +152,11 @@ pub(crate) fn to_recommendation(
     k: usize,
     model_version: Option<u64>,
 ) -> Recommendation {
+    let items = scored_items(store, &s.items, k);
     Recommendation {
         user_id: s.user_id.clone(),
-        items: scored_items(store, &s.items, k),
+        fewer_than_k: items.len() < k,
+        items,
         model_version: model_version.filter(|_| s.source == Source::Model),
         generated_at: now_ms(),
         source: s.source,
@@ -172,6 +176,29 @@ pub(crate) fn recommend_users(
         .iter()
         .map(|s| to_recommendation(store, s, k, version))
         .collect())
+}
+
+/// Top-`k` for one user (store index) without the items of `exclude` (store indices): ranked
+/// deep enough that all of them could be among the first, so the answer is never padded with
+/// them (fewer than `k` when nothing else qualifies). `None` for a user the store does not hold.
+pub(crate) fn recommend_excluding(
+    store: &Store,
+    live: Option<&LiveModel>,
+    user: u32,
+    k: usize,
+    exclude: &HashSet<u32>,
+) -> Result<Option<Recommendation>> {
+    let depth = k.saturating_add(exclude.len());
+    let Some(mut scored) = score_users(store, live, &[user], depth)?.pop() else {
+        return Ok(None);
+    };
+    scored.items.retain(|(i, _)| !exclude.contains(i));
+    Ok(Some(to_recommendation(
+        store,
+        &scored,
+        k,
+        live.map(|l| l.version),
+    )))
 }
 
 /// An offline question: a user the store knows, or an ad-hoc history of external item ids.
@@ -277,5 +304,27 @@ mod tests {
         assert_eq!(scored[0].user_id, "heavy");
         assert_eq!(store.item_id(scored[0].items[0].0).unwrap(), "i30");
         assert_eq!(store.item_id(scored[1].items[0].0).unwrap(), "i0");
+
+        // excluded items are left out, never padded: "heavy" has 30 of the 40 items
+        let ids = |r: &Recommendation| -> Vec<String> {
+            r.items.iter().map(|i| i.item_id.clone()).collect()
+        };
+        let exclude: HashSet<u32> = ["i30", "i32", "i39"]
+            .iter()
+            .map(|i| store.item_index(i).unwrap().unwrap())
+            .collect();
+        let r = recommend_excluding(&store, None, heavy, 5, &exclude)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&r), ["i31", "i33", "i34", "i35", "i36"]);
+        assert!(!r.fewer_than_k);
+        let r = recommend_excluding(&store, None, heavy, 20, &exclude)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&r), ["i31", "i33", "i34", "i35", "i36", "i37", "i38"]);
+        assert!(r.fewer_than_k);
+        assert!(recommend_excluding(&store, None, 9999, 5, &exclude)
+            .unwrap()
+            .is_none());
     }
 }

@@ -4,6 +4,9 @@
 pub(super) const NEXT_USER: &[u8] = b"mnext_user";
 pub(super) const NEXT_ITEM: &[u8] = b"mnext_item";
 pub(super) const INTERACTIONS: &[u8] = b"minteractions";
+/// Users forgotten over the store's life (their indices are not reused): the stored users are
+/// the indices given less these.
+pub(super) const FORGOTTEN: &[u8] = b"mforgotten";
 /// Consumed messages applied over the store's life (clicks, ignored and dead-lettered ones):
 /// equal to the sum of the partitions' next offsets when no message was ever applied twice.
 pub(super) const MESSAGES: &[u8] = b"mmessages";
@@ -17,6 +20,8 @@ pub(super) const POPULARITY_BLOCK: usize = 256;
 
 // Records, by first byte of the key:
 //   'U' + user id   → user index (u32 BE), then the history, oldest first (u32 LE each)
+//   'Q' + user id   → a damaged 'U' record, kept aside
+//   'W' + user id   → a forgotten user whose recommendation is not yet withdrawn (empty)
 //   'u' + index BE  → user id
 //   'i' + index BE  → item id (the catalogue, loaded into memory at open)
 //   'p' + block BE  → how many users hold each of items 256·block.. (u32 LE each)

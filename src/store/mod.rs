@@ -2,7 +2,7 @@
 //! dense u32 indices (an item's index is its model column); each user's items are a set bounded
 //! to the `max_history` most recent; the next offset of every partition is written in the same
 //! atomic batch as the events it covers, so replaying from the stored offsets never loses or
-//! double-counts a click.
+//! double-counts a click. Forgetting a user deletes every record that names them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -33,6 +33,29 @@ pub struct PartitionOffset {
     pub next_offset: i64,
 }
 
+/// One consumed change to the histories, applied in consumption order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Click(Click),
+    /// The user's whole history is deleted (a later click starts a new one).
+    Forget(String),
+}
+
+/// A change, borrowed (what a batch is merged from).
+#[derive(Clone, Copy)]
+enum ChangeRef<'c> {
+    Click(&'c Click),
+    Forget(&'c str),
+}
+
+/// A user a batch forgot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    pub user: String,
+    /// The index the store knew them by (`None`: it held nothing of them).
+    pub index: Option<u32>,
+}
+
 /// What a batch changed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
@@ -49,6 +72,9 @@ pub struct Applied {
     /// Damaged user records met: each was moved aside (kept under a quarantine key) and its
     /// user started again with this batch's clicks.
     pub quarantined: u64,
+    /// Users forgotten, in order (one forgotten and clicking again in the same batch is in
+    /// both this and `changed_users`).
+    pub forgotten: Vec<Forgotten>,
 }
 
 /// Counts of what is stored.
@@ -80,6 +106,9 @@ struct Touched<'a> {
     items: Vec<u32>,
     new: bool,
     changed: bool,
+    /// Forgotten in this batch: its stored records go (a later click of the batch starts a
+    /// new history under the same index).
+    forgotten: bool,
 }
 
 /// A batch of clicks merged into the users they touch, before it is written.
@@ -87,6 +116,10 @@ struct Merge<'c> {
     touched: Vec<Touched<'c>>,
     /// Damaged user records (id, raw bytes), to be moved aside.
     damaged: Vec<(&'c str, sled::IVec)>,
+    /// Users forgotten whose only record was damaged: it is deleted.
+    erased: Vec<&'c str>,
+    /// Users whose records the batch deletes (forgotten, with no click after).
+    deleted: u64,
     new_items: Vec<&'c str>,
     /// Change of each touched item's count (new clicks, minus evictions).
     pop_delta: HashMap<u32, i64>,
@@ -123,6 +156,25 @@ impl Merge<'_> {
             self.applied.changed_users.push(user.idx);
         }
     }
+
+    /// Empties touched user `t`'s history: they are forgotten.
+    fn forget(&mut self, t: usize) {
+        let user = &mut self.touched[t];
+        for old in user.items.drain(..) {
+            *self.pop_delta.entry(old).or_default() -= 1;
+            self.interactions -= 1;
+        }
+        user.forgotten = true;
+        if user.changed {
+            user.changed = false;
+            let idx = user.idx;
+            self.applied.changed_users.retain(|&u| u != idx);
+        }
+        self.applied.forgotten.push(Forgotten {
+            user: user.id.to_string(),
+            index: (!user.new).then_some(user.idx),
+        });
+    }
 }
 
 /// The interaction store (one writer: the ingest loop; any number of readers).
@@ -135,6 +187,7 @@ pub struct Store {
     /// How many users hold each item (popularity fallback).
     popularity: RwLock<Vec<u32>>,
     n_users: AtomicU64,
+    forgotten: AtomicU64,
     interactions: AtomicU64,
     messages: AtomicU64,
     write_lock: Mutex<()>,
@@ -206,6 +259,7 @@ impl Store {
         let n_users = read_u64(tree.get(NEXT_USER)?);
         let n_items = read_u64(tree.get(NEXT_ITEM)?);
         let interactions = read_u64(tree.get(INTERACTIONS)?);
+        let forgotten = read_u64(tree.get(FORGOTTEN)?);
         let messages = read_u64(tree.get(MESSAGES)?);
         let mut ids: Vec<Arc<str>> = vec![Arc::from(""); n_items as usize];
         for kv in tree.scan_prefix([b'i']) {
@@ -240,6 +294,7 @@ impl Store {
             items: RwLock::new(catalogue),
             popularity: RwLock::new(popularity),
             n_users: AtomicU64::new(n_users),
+            forgotten: AtomicU64::new(forgotten),
             interactions: AtomicU64::new(interactions),
             messages: AtomicU64::new(messages),
             write_lock: Mutex::new(()),
@@ -360,16 +415,51 @@ impl Store {
         offsets: &[PartitionOffset],
         messages: u64,
     ) -> Result<Applied> {
+        self.apply_batch(clicks.iter().map(ChangeRef::Click), offsets, messages)
+    }
+
+    /// As [`Store::apply_consumed`], for clicks and forgotten users in consumption order.
+    pub fn apply_changes(
+        &self,
+        changes: &[Change],
+        offsets: &[PartitionOffset],
+        messages: u64,
+    ) -> Result<Applied> {
+        let changes = changes.iter().map(|c| match c {
+            Change::Click(c) => ChangeRef::Click(c),
+            Change::Forget(u) => ChangeRef::Forget(u),
+        });
+        self.apply_batch(changes, offsets, messages)
+    }
+
+    fn apply_batch<'c>(
+        &self,
+        changes: impl Iterator<Item = ChangeRef<'c>>,
+        offsets: &[PartitionOffset],
+        messages: u64,
+    ) -> Result<Applied> {
         let _w = self
             .write_lock
             .lock()
             .map_err(|_| anyhow::anyhow!("store writer poisoned"))?;
-        let mut m = self.merge(clicks)?;
+        let mut m = self.merge(changes)?;
         let mut batch = sled::Batch::default();
         for (id, raw) in &m.damaged {
             batch.insert(key(b'Q', id.as_bytes()), raw.clone());
         }
-        for user in m.touched.iter().filter(|u| u.changed) {
+        for user in &m.touched {
+            if user.forgotten {
+                batch.remove(key(b'Q', user.id.as_bytes()));
+            }
+            if user.forgotten && user.items.is_empty() {
+                batch.remove(key(b'U', user.id.as_bytes()));
+                batch.remove(&idx_key(b'u', user.idx));
+                m.deleted += 1;
+                continue;
+            }
+            if !user.changed && !user.forgotten {
+                continue;
+            }
             batch.insert(
                 key(b'U', user.id.as_bytes()),
                 encode_user(user.idx, &user.items),
@@ -378,6 +468,15 @@ impl Store {
                 batch.insert(&idx_key(b'u', user.idx), user.id.as_bytes());
             }
         }
+        for id in &m.erased {
+            batch.remove(key(b'U', id.as_bytes()));
+            batch.remove(key(b'Q', id.as_bytes()));
+        }
+        for f in &m.applied.forgotten {
+            batch.insert(key(b'W', f.user.as_bytes()), &[][..]);
+        }
+        let forgotten = self.forgotten.load(Ordering::Acquire) + m.deleted;
+        batch.insert(FORGOTTEN, &forgotten.to_be_bytes());
         let next_item = m.next_item0 + m.new_items.len() as u32;
         for (n, id) in m.new_items.iter().enumerate() {
             batch.insert(&idx_key(b'i', m.next_item0 + n as u32), id.as_bytes());
@@ -410,14 +509,15 @@ impl Store {
             pop[i as usize] = v;
         }
         self.n_users.store(m.next_user as u64, Ordering::Release);
+        self.forgotten.store(forgotten, Ordering::Release);
         self.interactions.store(interactions, Ordering::Release);
         self.messages.store(messages, Ordering::Release);
         Ok(m.applied)
     }
 
-    /// Merges `clicks` into the histories of the users they touch (read once each), interning
+    /// Merges `changes` into the histories of the users they touch (read once each), interning
     /// new users and items: what the batch will write, nothing written yet.
-    fn merge<'c>(&self, clicks: &'c [Click]) -> Result<Merge<'c>> {
+    fn merge<'c>(&self, changes: impl Iterator<Item = ChangeRef<'c>>) -> Result<Merge<'c>> {
         let next_user0 = self.n_users.load(Ordering::Acquire) as u32;
         let catalogue = self
             .items
@@ -426,6 +526,8 @@ impl Store {
         let mut m = Merge {
             touched: Vec::new(),
             damaged: Vec::new(),
+            erased: Vec::new(),
+            deleted: 0,
             new_items: Vec::new(),
             pop_delta: HashMap::new(),
             applied: Applied::default(),
@@ -434,9 +536,16 @@ impl Store {
             next_item0: catalogue.ids.len() as u32,
             interactions: self.interactions.load(Ordering::Acquire) as i64,
         };
-        let mut by_user: HashMap<&str, usize> = HashMap::with_capacity(clicks.len());
+        let mut by_user: HashMap<&str, usize> = HashMap::new();
         let mut new_item_index: HashMap<&str, u32> = HashMap::new();
-        for c in clicks {
+        for change in changes {
+            let c = match change {
+                ChangeRef::Click(c) => c,
+                ChangeRef::Forget(user) => {
+                    self.merge_forget(&mut m, &mut by_user, user)?;
+                    continue;
+                }
+            };
             let t = match by_user.get(c.user.as_str()) {
                 Some(&t) => t,
                 None => {
@@ -465,6 +574,7 @@ impl Store {
                         items,
                         new,
                         changed: false,
+                        forgotten: false,
                     });
                     by_user.insert(&c.user, m.touched.len() - 1);
                     m.touched.len() - 1
@@ -492,6 +602,48 @@ impl Store {
             m.add(t, i, self.max_history);
         }
         Ok(m)
+    }
+
+    /// Merges a request to forget `user`: a user touched by the batch or stored is emptied
+    /// (and deleted when the batch has no later click of theirs); a damaged record is erased.
+    fn merge_forget<'c>(
+        &self,
+        m: &mut Merge<'c>,
+        by_user: &mut HashMap<&'c str, usize>,
+        user: &'c str,
+    ) -> Result<()> {
+        if let Some(&t) = by_user.get(user) {
+            m.forget(t);
+            return Ok(());
+        }
+        match self.tree.get(key(b'U', user.as_bytes()))? {
+            None => m.applied.forgotten.push(Forgotten {
+                user: user.to_string(),
+                index: None,
+            }),
+            Some(raw) => match decode_user(&raw) {
+                Some((idx, items)) => {
+                    m.touched.push(Touched {
+                        id: user,
+                        idx,
+                        items,
+                        new: false,
+                        changed: false,
+                        forgotten: false,
+                    });
+                    by_user.insert(user, m.touched.len() - 1);
+                    m.forget(m.touched.len() - 1);
+                }
+                None => {
+                    m.erased.push(user);
+                    m.applied.forgotten.push(Forgotten {
+                        user: user.to_string(),
+                        index: None,
+                    });
+                }
+            },
+        }
+        Ok(())
     }
 
     /// The new counts of the items `delta` touches, with each block of counts they fall in
@@ -527,6 +679,34 @@ impl Store {
             batch.insert(&idx_key(b'p', b), encode_items(&block));
         }
         new_pop
+    }
+
+    /// Forgotten users whose recommendation is not withdrawn yet (written with their delete, so
+    /// a crash before the withdrawal does not skip it). One who has clicked again since is no
+    /// longer pending: their new recommendation replaces the old.
+    pub(crate) fn withdrawals_pending(&self) -> Result<Vec<Forgotten>> {
+        let mut pending = Vec::new();
+        let mut back = Vec::new();
+        for k in self.tree.scan_prefix([b'W']).keys() {
+            let user = String::from_utf8_lossy(&k?[1..]).into_owned();
+            if self.record(&user)?.is_some() {
+                back.push(user);
+            } else {
+                pending.push(Forgotten { user, index: None });
+            }
+        }
+        self.withdrawn(&back)?;
+        Ok(pending)
+    }
+
+    /// Forgotten users whose recommendation was withdrawn: nothing names them any more.
+    pub(crate) fn withdrawn(&self, users: &[String]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for u in users {
+            batch.remove(key(b'W', u.as_bytes()));
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Makes everything applied so far durable (fsync).
@@ -631,7 +811,10 @@ impl Store {
     /// Counts of users, items and stored interactions.
     pub fn counts(&self) -> StoreCounts {
         StoreCounts {
-            users: self.n_users.load(Ordering::Acquire),
+            users: self
+                .n_users
+                .load(Ordering::Acquire)
+                .saturating_sub(self.forgotten.load(Ordering::Acquire)),
             items: self.catalogue().ids.len() as u64,
             interactions: self.interactions.load(Ordering::Acquire),
         }
@@ -807,6 +990,133 @@ mod tests {
             partition: p,
             next_offset: o,
         }
+    }
+
+    fn forget(u: &str) -> Change {
+        Change::Forget(u.into())
+    }
+
+    /// Every key of the store that names `user` (by id or by index).
+    fn records_naming(s: &Store, user: &str, idx: u32) -> Vec<Vec<u8>> {
+        s.tree
+            .iter()
+            .keys()
+            .map(|k| k.unwrap().to_vec())
+            .filter(|k| {
+                k.windows(user.len()).any(|w| w == user.as_bytes())
+                    || (k[0] == b'u' && k[1..] == idx.to_be_bytes())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_forgotten_user_leaves_no_record_and_starts_fresh_when_clicking_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        s.apply(
+            &[
+                click("alice", "i1"),
+                click("alice", "i2"),
+                click("bob", "i1"),
+            ],
+            &[off(0, 3)],
+        )
+        .unwrap();
+        let alice = s.user_index("alice").unwrap().unwrap();
+        let i1 = s.item_index("i1").unwrap().unwrap();
+        let a = s
+            .apply_changes(&[forget("alice"), forget("nobody")], &[off(0, 5)], 2)
+            .unwrap();
+        assert_eq!(
+            a.forgotten,
+            vec![
+                Forgotten {
+                    user: "alice".into(),
+                    index: Some(alice)
+                },
+                Forgotten {
+                    user: "nobody".into(),
+                    index: None
+                }
+            ]
+        );
+        assert!(a.changed_users.is_empty());
+        assert_eq!(s.user_index("alice").unwrap(), None);
+        assert_eq!(s.history_ids("alice").unwrap(), None);
+        assert_eq!(s.user_id(alice).unwrap(), None);
+        // her recommendation waits to be withdrawn (across a reopen), then nothing names her
+        drop(s);
+        let s = Store::open(dir.path(), 10).unwrap();
+        let pending = s.withdrawals_pending().unwrap();
+        assert_eq!(
+            pending.iter().map(|f| f.user.as_str()).collect::<Vec<_>>(),
+            ["alice", "nobody"]
+        );
+        assert_eq!(records_naming(&s, "alice", alice).len(), 1);
+        s.withdrawn(&["alice".into(), "nobody".into()]).unwrap();
+        assert!(records_naming(&s, "alice", alice).is_empty());
+        assert_eq!(
+            s.counts(),
+            StoreCounts {
+                users: 1,
+                items: 2,
+                interactions: 1
+            }
+        );
+        // popularity no longer counts her: i1 held by bob alone, i2 by nobody
+        assert_eq!(s.popularity_counts(), vec![1, 0]);
+        assert_eq!(s.popular(1, &[])[0].0, i1);
+        // a training round never sees her
+        let snap = s.snapshot().unwrap();
+        assert_eq!(snap.users, vec![s.user_index("bob").unwrap().unwrap()]);
+        assert_eq!(s.stored_offset("clicks", 0).unwrap(), Some(5));
+        // she clicks again: a new history, from nothing
+        s.apply(&[click("alice", "i3")], &[off(0, 6)]).unwrap();
+        assert_eq!(s.history_ids("alice").unwrap().unwrap(), vec!["i3"]);
+        // and all of it survives a reopen
+        drop(s);
+        let s = Store::open(dir.path(), 10).unwrap();
+        assert_eq!(s.history_ids("alice").unwrap().unwrap(), vec!["i3"]);
+        assert_eq!(s.counts().users, 2);
+        assert_eq!(s.counts().interactions, 2);
+    }
+
+    #[test]
+    fn a_batch_applies_clicks_and_forgets_in_consumption_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        s.apply(&[click("a", "i1")], &[off(0, 1)]).unwrap();
+        let a_idx = s.user_index("a").unwrap().unwrap();
+        let changes = [
+            Change::Click(click("a", "i2")),
+            forget("a"),
+            Change::Click(click("a", "i3")),
+            Change::Click(click("b", "i1")),
+            forget("b"),
+        ];
+        let applied = s.apply_changes(&changes, &[off(0, 6)], 5).unwrap();
+        assert_eq!(s.history_ids("a").unwrap().unwrap(), vec!["i3"]);
+        assert_eq!(applied.changed_users, vec![a_idx], "b is gone");
+        assert_eq!(s.user_index("b").unwrap(), None);
+        assert_eq!(s.counts().users, 1);
+        assert_eq!(s.counts().interactions, 1);
+        assert_eq!(s.popularity_counts(), vec![0, 0, 1]);
+        // one who clicked again is no longer waiting for a withdrawal
+        let pending = s.withdrawals_pending().unwrap();
+        assert_eq!(
+            pending,
+            vec![Forgotten {
+                user: "b".into(),
+                index: None
+            }]
+        );
+        s.withdrawn(&["b".into()]).unwrap();
+        // a damaged record is erased too
+        s.tree.insert(key(b'U', b"carol"), &b"\xff"[..]).unwrap();
+        s.apply_changes(&[forget("carol")], &[off(0, 7)], 1)
+            .unwrap();
+        s.withdrawn(&["carol".into()]).unwrap();
+        assert!(records_naming(&s, "carol", u32::MAX).is_empty());
     }
 
     #[test]

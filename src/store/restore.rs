@@ -30,6 +30,8 @@ pub struct HistoriesWritten {
     pub users: Vec<u32>,
     /// (user, item) pairs that were not in the users' previous histories.
     pub added: u64,
+    /// Users forgotten (an empty history: their records were deleted).
+    pub forgotten: u64,
 }
 
 fn encode_position(p: ChangelogPosition) -> Vec<u8> {
@@ -60,7 +62,7 @@ impl Store {
     }
 
     /// Replaces the histories of `users` (external item ids, oldest first; empty: the user is
-    /// forgotten) and records the partition's changelog `position` and, when given, its clicks
+    /// forgotten, and every record naming them deleted) and records the partition's changelog `position` and, when given, its clicks
     /// offset, in one atomic batch. Returns the users written and the (user, item) pairs added.
     pub(crate) fn restore_histories(
         &self,
@@ -83,7 +85,32 @@ impl Store {
             let catalogue = self.catalogue();
             let first_new = catalogue.ids.len() as u32;
             let mut new_index: HashMap<&str, u32> = HashMap::new();
-            for (user, items) in users {
+            // the log before compaction holds several records of a user: the last is theirs
+            let last: HashMap<&str, usize> = users
+                .iter()
+                .enumerate()
+                .map(|(n, (u, _))| (u.as_str(), n))
+                .collect();
+            let latest = users
+                .iter()
+                .enumerate()
+                .filter(|(n, (u, _))| last.get(u.as_str()) == Some(n))
+                .map(|(_, r)| r);
+            for (user, items) in latest {
+                if items.is_empty() {
+                    // forgotten: every record that names them goes
+                    if let Some((idx, old_items)) = self.record(user)? {
+                        for &i in &old_items {
+                            *pop_delta.entry(i).or_default() -= 1;
+                        }
+                        interactions -= old_items.len() as i64;
+                        batch.remove(&idx_key(b'u', idx));
+                        written.forgotten += 1;
+                    }
+                    batch.remove(key(b'U', user.as_bytes()));
+                    batch.remove(key(b'Q', user.as_bytes()));
+                    continue;
+                }
                 let (idx, old_items) = match self.record(user)? {
                     Some(found) => found,
                     None => {
@@ -152,6 +179,8 @@ impl Store {
             );
         }
         let interactions = interactions.max(0) as u64;
+        let forgotten = self.forgotten.load(Ordering::Acquire) + written.forgotten;
+        batch.insert(FORGOTTEN, &forgotten.to_be_bytes());
         batch.insert(NEXT_USER, &(next_user as u64).to_be_bytes());
         batch.insert(NEXT_ITEM, &(n_items as u64).to_be_bytes());
         batch.insert(INTERACTIONS, &interactions.to_be_bytes());
@@ -163,6 +192,7 @@ impl Store {
             pop[i as usize] = v;
         }
         self.n_users.store(next_user as u64, Ordering::Release);
+        self.forgotten.store(forgotten, Ordering::Release);
         self.interactions.store(interactions, Ordering::Release);
         Ok(written)
     }
@@ -240,7 +270,9 @@ mod tests {
             s.history_ids("c").unwrap().unwrap(),
             ids(&["i2", "i3", "i4"])
         );
-        assert!(s.history_ids("b").unwrap().unwrap().is_empty());
+        assert_eq!(s.history_ids("b").unwrap(), None, "b is forgotten");
+        assert_eq!(s.user_index("b").unwrap(), None);
+        assert_eq!(s.counts().users, 2, "a and c");
         assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
         assert_eq!(s.changelog_position(1).unwrap(), None);
         assert_eq!(s.stored_offset("clicks", 2).unwrap(), Some(10));
@@ -253,5 +285,36 @@ mod tests {
         let s = Store::open(dir.path(), 3).unwrap();
         assert_eq!(s.history_ids("a").unwrap().unwrap(), ids(&["i2", "i9"]));
         assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
+    }
+
+    #[test]
+    fn of_several_records_of_a_user_in_one_chunk_the_last_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        let pos = ChangelogPosition {
+            next_offset: 4,
+            epoch: 1,
+            clicks_next: 4,
+        };
+        s.restore_histories(
+            &[
+                ("a".into(), ids(&["i1"])),
+                ("d".into(), ids(&["i3"])),
+                ("a".into(), ids(&["i1", "i2"])),
+                ("d".into(), vec![]),
+            ],
+            0,
+            pos,
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.history_ids("a").unwrap().unwrap(), ids(&["i1", "i2"]));
+        assert_eq!(s.history_ids("d").unwrap(), None);
+        assert_eq!(s.counts().users, 1);
+        assert_eq!(s.counts().interactions, 2);
+        // one user index given, one id record
+        let a = s.user_index("a").unwrap().unwrap();
+        assert_eq!(a, 0);
+        assert_eq!(s.tree.scan_prefix([b'u']).count(), 1);
     }
 }

@@ -1,6 +1,7 @@
-//! Reading one click-event message: parsing and validation into a `Click`. Never panics: every
-//! bad message becomes a `Rejection` with a stable reason (the metric label and dead-letter
-//! header). Self-contained (serde_json and thiserror only), so the fuzzer compiles it alone.
+//! Reading one message of the clicks topic: parsing and validation into a `Click` (or a request
+//! to forget a user: a tombstone, or an event of type `forget`). Never panics: every bad message
+//! becomes a `Rejection` with a stable reason (the metric label and dead-letter header).
+//! Self-contained (serde_json and thiserror only), so the fuzzer compiles it alone.
 
 use serde_json::Value;
 
@@ -65,11 +66,33 @@ impl Rejection {
     }
 }
 
-/// A valid message: a positive click, or an event of a type that does not count.
+/// The event type that asks to forget a user (as a tombstone does).
+pub(crate) const FORGET_TYPE: &str = "forget";
+
+/// A valid message: a positive click, a request to forget a user (their whole history), or an
+/// event of a type that does not count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
     Click(Click),
+    Forget { user: String },
     Ignored { event_type: String },
+}
+
+/// An id's limits: not empty, at most [`MAX_ID_BYTES`], no control character.
+fn checked_id(s: String, field: &'static str) -> Result<String, Rejection> {
+    if s.is_empty() {
+        return Err(Rejection::EmptyId { field });
+    }
+    if s.len() > MAX_ID_BYTES {
+        return Err(Rejection::IdTooLong {
+            field,
+            len: s.len(),
+        });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Rejection::ControlCharacter { field });
+    }
+    Ok(s)
 }
 
 fn id(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<String, Rejection> {
@@ -95,28 +118,24 @@ fn id(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<Strin
             })
         }
     };
-    if s.is_empty() {
-        return Err(Rejection::EmptyId { field });
-    }
-    if s.len() > MAX_ID_BYTES {
-        return Err(Rejection::IdTooLong {
-            field,
-            len: s.len(),
-        });
-    }
-    if s.chars().any(char::is_control) {
-        return Err(Rejection::ControlCharacter { field });
-    }
-    Ok(s)
+    checked_id(s, field)
 }
 
-/// Parses one message payload. Size is checked before any parsing.
+/// Parses one message: its `key` and payload. A tombstone (a null payload under a key, the
+/// user's id) forgets that user; size is checked before any parsing.
 pub(crate) fn parse_event(
+    key: Option<&[u8]>,
     payload: Option<&[u8]>,
     max_bytes: usize,
     positive_types: &[String],
 ) -> Result<Event, Rejection> {
-    let bytes = payload.ok_or(Rejection::Empty)?;
+    let Some(bytes) = payload else {
+        let key = key.filter(|k| !k.is_empty()).ok_or(Rejection::Empty)?;
+        let user = std::str::from_utf8(key).map_err(|_| Rejection::NotUtf8)?;
+        return Ok(Event::Forget {
+            user: checked_id(user.to_string(), "key")?,
+        });
+    };
     if bytes.len() > max_bytes {
         return Err(Rejection::TooLarge {
             size: bytes.len(),
@@ -133,6 +152,9 @@ pub(crate) fn parse_event(
         return Err(Rejection::NotAnObject);
     };
     let user = id(&obj, "user_id")?;
+    if obj.get("event_type").and_then(Value::as_str) == Some(FORGET_TYPE) {
+        return Ok(Event::Forget { user });
+    }
     let item = id(&obj, "item_id")?;
     let timestamp_ms = match obj.get("timestamp") {
         None | Some(Value::Null) => None,
@@ -181,7 +203,44 @@ mod tests {
     use proptest::prelude::*;
 
     fn parse(s: &[u8]) -> Result<Event, Rejection> {
-        parse_event(Some(s), 1024, &["click".to_string()])
+        parse_event(Some(b"key"), Some(s), 1024, &["click".to_string()])
+    }
+
+    #[test]
+    fn a_tombstone_or_a_forget_event_forgets_a_user() {
+        let forget = |u: &str| Event::Forget { user: u.into() };
+        assert_eq!(parse_event(Some(b"u7"), None, 64, &[]), Ok(forget("u7")));
+        assert_eq!(
+            parse(br#"{"user_id": "u7", "event_type": "forget"}"#),
+            Ok(forget("u7"))
+        );
+        // an item may be given, and is not needed
+        assert_eq!(
+            parse(br#"{"user_id": 7, "item_id": "x", "event_type": "forget"}"#),
+            Ok(forget("7"))
+        );
+        for (key, reason) in [
+            (None, "empty"),
+            (Some(&b""[..]), "empty"),
+            (Some(&b"\xff"[..]), "not_utf8"),
+            (Some(&b"a\x01"[..]), "control_character"),
+        ] {
+            assert_eq!(
+                parse_event(key, None, 64, &[]).unwrap_err().reason(),
+                reason
+            );
+        }
+        let long = vec![b'a'; MAX_ID_BYTES + 1];
+        assert_eq!(
+            parse_event(Some(&long), None, 64, &[])
+                .unwrap_err()
+                .reason(),
+            "id_too_long"
+        );
+        assert_eq!(
+            parse(br#"{"event_type": "forget"}"#).unwrap_err().reason(),
+            "missing_field"
+        );
     }
 
     #[test]
@@ -248,10 +307,13 @@ mod tests {
         assert_eq!(parse(long.as_bytes()).unwrap_err().reason(), "id_too_long");
         let big = vec![b' '; 2000];
         assert_eq!(parse(&big).unwrap_err().reason(), "too_large");
-        assert_eq!(parse_event(None, 10, &[]).unwrap_err().reason(), "empty");
+        assert_eq!(
+            parse_event(None, None, 10, &[]).unwrap_err().reason(),
+            "empty"
+        );
         let deep = "[".repeat(100_000);
         assert_eq!(
-            parse_event(Some(deep.as_bytes()), 1 << 20, &[])
+            parse_event(None, Some(deep.as_bytes()), 1 << 20, &[])
                 .unwrap_err()
                 .reason(),
             "invalid_json"
@@ -267,7 +329,7 @@ mod tests {
         #[test]
         fn accepted_ids_are_valid(user in any::<String>(), item in any::<u64>()) {
             let payload = serde_json::json!({"user_id": user, "item_id": item}).to_string();
-            match parse_event(Some(payload.as_bytes()), 1 << 20, &[]) {
+            match parse_event(None, Some(payload.as_bytes()), 1 << 20, &[]) {
                 Ok(Event::Click(c)) => {
                     prop_assert!(!c.user.is_empty() && c.user.len() <= MAX_ID_BYTES);
                     prop_assert!(!c.user.chars().any(char::is_control));

@@ -80,6 +80,10 @@ pub struct Recommendation {
     /// Milliseconds since the epoch.
     pub generated_at: u64,
     pub source: Source,
+    /// Fewer items than asked for qualified (the user has, or excluded, nearly every item): an
+    /// answer is never padded with excluded or unavailable items. Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fewer_than_k: bool,
     /// Role `serve`: who wrote it, sent as headers (not in the payload).
     #[serde(skip)]
     pub owner: Option<OwnerStamp>,
@@ -142,7 +146,7 @@ mod tests {
             String::from_utf8_lossy(&json),
             r#"{"user_id":"u-42","item_id":"1234","timestamp":1700000000000,"event_type":"click"}"#
         );
-        let parsed = parse_event(Some(&json), 65536, &["click".to_string()]).unwrap();
+        let parsed = parse_event(None, Some(&json), 65536, &["click".to_string()]).unwrap();
         assert_eq!(
             parsed,
             Event::Click(Click {
@@ -164,6 +168,7 @@ mod tests {
             model_version: None,
             generated_at: 1,
             source: Source::Popular,
+            fewer_than_k: false,
             owner: None,
         };
         let json = String::from_utf8(r.to_json()).unwrap();
@@ -172,6 +177,13 @@ mod tests {
             r#"{"user_id":"u","items":[{"item_id":"i","score":2.5}],"model_version":null,"generated_at":1,"source":"popular"}"#
         );
         assert_eq!(serde_json::from_str::<Recommendation>(&json).unwrap(), r);
+        let short = Recommendation {
+            fewer_than_k: true,
+            ..r.clone()
+        };
+        assert!(String::from_utf8(short.to_json())
+            .unwrap()
+            .ends_with(r#""source":"popular","fewer_than_k":true}"#));
         assert_eq!(r.model_version_header(), "");
         assert_eq!(Source::Model.as_str(), "model");
     }

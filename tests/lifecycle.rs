@@ -1,0 +1,265 @@
+//! The data lifecycle against the real broker: forgetting a user (a tombstone on the clicks
+//! topic, or a `forget` event) deletes their history from the store for good (across an abort
+//! right after the store's flush, a SIGKILL and restarts), withdraws their recommendation with a
+//! tombstone on the recommendations topic (after the restart when the abort came first),
+//! answers 404 to pulls, and a later click starts a new history; a serving replica writes a
+//! tombstone to the changelog, so a replica that restores the partition never sees the user.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use multivaed::partition::Partitioner;
+use multivaed::wire::Recommendation;
+use rdkafka::producer::{BaseRecord, Producer};
+
+fn click(user: &str, item: &str) -> (String, Vec<u8>) {
+    (
+        user.to_string(),
+        format!(r#"{{"user_id": "{user}", "item_id": "{item}"}}"#).into_bytes(),
+    )
+}
+
+/// 30 users of 4 clicks each (items i0..i11).
+fn clicks() -> Vec<(String, Vec<u8>)> {
+    (0..30)
+        .flat_map(|u| (0..4).map(move |k| click(&format!("u{u}"), &format!("i{}", (u + k) % 12))))
+        .collect()
+}
+
+/// Forgets `u3` with a tombstone and `u4` with a forget event, on the partition `partition`
+/// gives each (`None`: the producer's partitioner).
+fn forget_u3_and_u4(topic: &str, partition: impl Fn(&str) -> Option<i32>) {
+    let p = producer();
+    let mut tombstone = BaseRecord::to(topic).key(&b"u3"[..]);
+    if let Some(n) = partition("u3") {
+        tombstone = tombstone.partition(n);
+    }
+    send(&p, tombstone);
+    let payload = br#"{"user_id": "u4", "event_type": "forget"}"#;
+    let mut event = BaseRecord::to(topic).key(&b"u4"[..]).payload(&payload[..]);
+    if let Some(n) = partition("u4") {
+        event = event.partition(n);
+    }
+    send(&p, event);
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// The messages of `topic` keyed by `user`, in log order (one partition).
+fn messages_for(topic: &str, user: &str) -> Vec<Consumed> {
+    read_all(topic, 1, Duration::from_secs(2))
+        .into_iter()
+        .filter(|m| m.key.as_deref() == Some(user.as_bytes()))
+        .collect()
+}
+
+fn status(d: &Daemon, path: &str) -> u16 {
+    d.get(path).map(|(s, _)| s).unwrap_or(0)
+}
+
+#[test]
+fn a_forgotten_user_is_deleted_withdrawn_kept_forgotten_across_a_crash_and_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 2);
+    let env = setup.env();
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "partitions assigned", |d| {
+        d.metric("multivaed_partitions_assigned", "") >= 1.0
+    });
+    produce(&setup.clicks, &clicks());
+    daemon.wait_for(Duration::from_secs(60), "every user published", |d| {
+        d.metric("multivaed_recommendations_published_total", "") >= 30.0
+            && d.metric("multivaed_dirty_users", "") == 0.0
+    });
+    assert_eq!(status(&daemon, "/v1/users/u3/history"), 200);
+
+    // the forgets are stored, then the daemon aborts before it withdraws anything
+    drop(daemon);
+    let mut crash_env = env.clone();
+    crash_env.push(("MULTIVAED_CRASH_AT".into(), "ingest.flushed:1".into()));
+    let mut crashing = Daemon::start(&crash_env, free_port());
+    crashing.wait_for(Duration::from_secs(60), "partitions assigned", |d| {
+        d.metric("multivaed_partitions_assigned", "") >= 1.0
+    });
+    forget_u3_and_u4(&setup.clicks, |_| None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while crashing.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the daemon never aborted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(crashing.log_contains("aborting at ingest.flushed"));
+    for u in ["u3", "u4"] {
+        let last = messages_for(&setup.recs, u).pop().unwrap();
+        assert!(!last.payload.is_empty(), "{u}: withdrawn before the crash");
+    }
+
+    // the restart withdraws what the crash left pending
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "both withdrawn", |d| {
+        d.metric("multivaed_recommendations_withdrawn_total", "") >= 2.0
+    });
+    // (forgotten before the crash, or after it by this process when the two came in two
+    // batches)
+    assert!(daemon.metric("multivaed_users_forgotten_total", "") <= 1.0);
+    assert_eq!(daemon.metric("multivaed_events_rejected_total", ""), 0.0);
+    for u in ["u3", "u4"] {
+        assert_eq!(
+            status(&daemon, &format!("/v1/users/{u}/recommendations")),
+            404
+        );
+        assert_eq!(status(&daemon, &format!("/v1/users/{u}/history")), 404);
+        // their last recommendation message is a tombstone, after a recommendation
+        let mine = messages_for(&setup.recs, u);
+        assert!(mine.len() >= 2, "{u}: {} messages", mine.len());
+        assert!(!mine[0].payload.is_empty());
+        assert!(
+            mine.last().unwrap().payload.is_empty(),
+            "{u}: no tombstone last"
+        );
+    }
+    assert_eq!(status(&daemon, "/v1/users/u5/history"), 200);
+    assert_eq!(daemon.metric("multivaed_store_users", ""), 28.0);
+    assert_eq!(daemon.metric("multivaed_store_interactions", ""), 112.0);
+
+    // a crash and a restart: still forgotten, nothing replayed
+    drop(daemon);
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "partitions assigned", |d| {
+        d.metric("multivaed_partitions_assigned", "") >= 1.0
+    });
+    assert_eq!(status(&daemon, "/v1/users/u3/history"), 404);
+    assert_eq!(status(&daemon, "/v1/users/u4/recommendations"), 404);
+
+    // u3 clicks again: a history of that click alone, and a recommendation after the tombstone
+    produce(&setup.clicks, &[click("u3", "i99")]);
+    daemon.wait_for(Duration::from_secs(60), "u3 back", |d| {
+        status(d, "/v1/users/u3/history") == 200
+    });
+    let (_, body) = daemon.get("/v1/users/u3/history").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["items"], serde_json::json!(["i99"]));
+    daemon.wait_for(Duration::from_secs(60), "u3 published", |d| {
+        d.metric("multivaed_recommendations_published_total", "") >= 1.0
+    });
+    let mine = messages_for(&setup.recs, "u3");
+    let last: Recommendation = serde_json::from_slice(&mine.last().unwrap().payload)
+        .expect("a recommendation after the tombstone");
+    assert!(last.items.iter().all(|i| i.item_id != "i99"));
+    assert_eq!(daemon.metric("multivaed_store_users", ""), 29.0);
+}
+
+#[test]
+fn a_replica_restoring_a_partition_never_sees_a_forgotten_user() {
+    const PARTITIONS: i32 = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), PARTITIONS);
+    let partition =
+        |u: &str| Some(Partitioner::ConsistentRandom.partition(u.as_bytes(), PARTITIONS));
+    // a user of each partition, neither forgotten
+    let witnesses: Vec<String> = (0..PARTITIONS)
+        .map(|n| {
+            (5..30)
+                .map(|u| format!("u{u}"))
+                .find(|u| partition(u) == Some(n))
+                .unwrap()
+        })
+        .collect();
+    let owns_everything = |d: &Daemon| {
+        witnesses
+            .iter()
+            .all(|u| status(d, &format!("/v1/users/{u}/history")) == 200)
+    };
+    let a = Daemon::start(&f.replica_env(dir.path(), "a"), free_port());
+    a.wait_for(Duration::from_secs(60), "a assigned every partition", |d| {
+        d.metric("multivaed_partitions_assigned", "") >= PARTITIONS as f64
+    });
+    let p = producer();
+    for (user, payload) in clicks() {
+        let n = partition(&user).unwrap();
+        send(
+            &p,
+            BaseRecord::to(&f.setup.clicks)
+                .partition(n)
+                .key(user.as_bytes())
+                .payload(&payload[..]),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    a.wait_for(Duration::from_secs(60), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= 120.0 && owns_everything(d)
+    });
+    forget_u3_and_u4(&f.setup.clicks, partition);
+    a.wait_for(Duration::from_secs(60), "both withdrawn", |d| {
+        d.metric("multivaed_recommendations_withdrawn_total", "") >= 2.0
+    });
+    assert_eq!(a.metric("multivaed_users_forgotten_total", ""), 2.0);
+    assert_eq!(a.metric("multivaed_forget_seconds_count", ""), 2.0);
+    // the withdrawal is stamped by the owner
+    let tombstone = messages_for(&f.setup.recs, "u3").pop().unwrap();
+    assert!(tombstone.payload.is_empty());
+    assert_eq!(
+        tombstone.headers.get("multivaed-owner").map(String::as_str),
+        Some("a")
+    );
+
+    // a dies; b, with an empty data directory, restores every partition from the changelog
+    drop(a);
+    let b = Daemon::start(&f.replica_env(dir.path(), "b"), free_port());
+    b.wait_for(
+        Duration::from_secs(90),
+        "b owns every partition",
+        owns_everything,
+    );
+    for u in ["u3", "u4"] {
+        assert_eq!(status(&b, &format!("/v1/users/{u}/history")), 404, "{u}");
+        assert_eq!(
+            status(&b, &format!("/v1/users/{u}/recommendations")),
+            404,
+            "{u}"
+        );
+    }
+    assert_eq!(b.metric("multivaed_store_users", ""), 28.0);
+    assert_eq!(b.metric("multivaed_store_interactions", ""), 112.0);
+}
+
+#[test]
+fn a_pull_leaves_out_excluded_items_and_is_never_padded() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let daemon = Daemon::start(&setup.env(), free_port());
+    produce(&setup.clicks, &clicks());
+    daemon.wait_for(Duration::from_secs(60), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= 120.0
+    });
+    let pull = |query: &str| -> (u16, String) {
+        daemon
+            .get(&format!("/v1/users/u5/recommendations?{query}"))
+            .unwrap()
+    };
+    let answer = |query: &str| -> Recommendation {
+        let (status, body) = pull(query);
+        assert_eq!(status, 200, "{query}: {body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let ids =
+        |r: &Recommendation| -> Vec<String> { r.items.iter().map(|i| i.item_id.clone()).collect() };
+    // 12 items, u5 holds 4: 8 qualify
+    let all = answer("k=20");
+    assert_eq!(all.items.len(), 8);
+    assert!(all.fewer_than_k);
+    let top = ids(&all);
+    let query = format!("k=20&exclude={},{},no-such-item", top[0], top[3]);
+    let r = answer(&query);
+    assert_eq!(ids(&r).len(), 6);
+    assert!(r.fewer_than_k);
+    assert!(!ids(&r).contains(&top[0]) && !ids(&r).contains(&top[3]));
+    let r = answer(&format!("k=5&exclude={}", top[0]));
+    assert_eq!(ids(&r), top[1..6].to_vec(), "the next ones move up");
+    assert!(!r.fewer_than_k);
+    // bad exclusions are refused
+    let long = "x".repeat(300);
+    assert_eq!(pull(&format!("k=5&exclude={long}")).0, 400);
+    let many: Vec<String> = (0..1001).map(|i| format!("i{i}")).collect();
+    assert_eq!(pull(&format!("k=5&exclude={}", many.join(","))).0, 400);
+}
