@@ -574,7 +574,11 @@ async fn topics(config: &Config, action: &TopicsAction) -> Result<()> {
                 (None, true) => "?",
                 (None, false) => "-",
             },
-            f.problem.as_deref().unwrap_or("ok")
+            match (&f.problem, f.partitions) {
+                (Some(p), _) => p.as_str(),
+                (None, None) => "absent (optional)",
+                (None, Some(_)) => "ok",
+            }
         );
     }
     if found.iter().any(|f| f.problem.is_some()) {

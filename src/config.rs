@@ -33,6 +33,7 @@ pub struct Config {
     pub serve: ServeConfig,
     pub http: HttpConfig,
     pub models: ModelsConfig,
+    pub items: ItemsConfig,
 }
 
 /// What a process does (`multivaed run --role`).
@@ -198,6 +199,32 @@ pub struct HttpConfig {
     pub max_concurrent_pulls: usize,
 }
 
+/// Which items may be recommended (roles `all` and `serve`): the items topic, and the
+/// operator's lists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ItemsConfig {
+    /// The compacted topic of item availability and categories, keyed by item id; empty:
+    /// `<kafka.clicks_topic>.items`. Optional: without it every item may be recommended (it is
+    /// followed once it exists).
+    pub topic: String,
+    /// Item ids never recommended.
+    pub deny: Vec<String>,
+    /// When not empty, only these item ids are recommended.
+    pub allow: Vec<String>,
+}
+
+impl ItemsConfig {
+    /// The items topic's name.
+    pub fn topic(&self, kafka: &KafkaConfig) -> String {
+        if self.topic.is_empty() {
+            format!("{}.items", kafka.clicks_topic)
+        } else {
+            self.topic.clone()
+        }
+    }
+}
+
 /// How a fleet's model versions travel (roles `serve` and `train`): the files through an object
 /// store, a small announcement of each through a compacted, one-partition Kafka topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +287,7 @@ impl Default for Config {
             serve: ServeConfig::default(),
             http: HttpConfig::default(),
             models: ModelsConfig::default(),
+            items: ItemsConfig::default(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct Daemon {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) live: Arc<LiveModelSlot>,
     pub(crate) activity: Arc<Activity>,
+    /// Which items may be recommended (the items topic, the operator's lists).
+    pub(crate) items: Arc<crate::items::ItemRules>,
     pub(crate) online: Arc<OnlineEval>,
     pub(crate) health: Arc<Health>,
     pub(crate) shutdown: Arc<Shutdown>,
@@ -112,6 +114,7 @@ impl Daemon {
             metrics: Arc::new(metrics),
             live: Arc::new(LiveModelSlot::new()),
             activity: Arc::new(activity),
+            items: Arc::new(crate::items::ItemRules::new(&config.items)),
             online: Arc::new(OnlineEval::new(config.serve.online_eval_users)),
             health: Arc::new(Health::default()),
             shutdown: Arc::new(Shutdown::default()),
@@ -180,6 +183,7 @@ impl Daemon {
         let p = producers.get();
         let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
             .into_iter()
+            .filter(|t| !t.optional)
             .map(|t| (t.key, t.name))
             .collect();
         let clicks = self.config.kafka.clicks_topic.clone();
@@ -206,6 +210,14 @@ impl Daemon {
         let ingest = self.ingest(producers);
         let consumer = ingest.consumer()?;
         stage(stages, "ingest", ingest.run(consumer, producers.clone()));
+        let items = crate::ingest::ItemsReader {
+            kafka: self.config.kafka.clone(),
+            topic: self.config.items.topic(&self.config.kafka),
+            rules: self.items.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        stage(stages, "items", items.run());
         stage(stages, "serve", self.scorer().run(producers.clone()));
         Ok(())
     }
@@ -388,6 +400,7 @@ impl Daemon {
             owner_id: self.instance_id(),
             clicks_topic: self.config.kafka.clicks_topic.clone(),
             activity: self.activity.clone(),
+            items: self.items.clone(),
             live: self.live.clone(),
             online: self.online.clone(),
             metrics: self.metrics.clone(),
@@ -408,6 +421,7 @@ impl Daemon {
             instance_id: self.instance_id(),
             live: self.live.clone(),
             activity: self.activity.clone(),
+            items: self.items.clone(),
             metrics: self.metrics.clone(),
             health: self.health.clone(),
             shutdown: self.shutdown.clone(),

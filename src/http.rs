@@ -13,9 +13,10 @@ use serde::Deserialize;
 
 use crate::activity::Activity;
 use crate::health::{Health, Readiness};
+use crate::items::ItemRules;
 use crate::live::LiveModelSlot;
 use crate::metrics::Metrics;
-use crate::serve::recommend_excluding;
+use crate::serve::recommend_hiding;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::wire::{Recommendation, MAX_ID_BYTES};
@@ -40,6 +41,8 @@ pub struct Http {
     pub instance_id: String,
     pub live: Arc<LiveModelSlot>,
     pub activity: Arc<Activity>,
+    /// Which items may be recommended.
+    pub items: Arc<ItemRules>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub shutdown: Arc<Shutdown>,
@@ -74,6 +77,9 @@ pub fn router(http: Arc<Http>) -> Router {
 
 async fn metrics(State(s): State<Arc<Http>>) -> Response {
     s.metrics.set_store_counts(s.store.counts());
+    s.metrics
+        .items_unavailable
+        .set(s.items.unavailable() as i64);
     s.metrics.dirty_users.set(s.activity.waiting_count() as i64);
     s.metrics.ready.set(s.readiness().is_ok() as i64);
     (
@@ -102,6 +108,8 @@ struct RecQuery {
     k: Option<usize>,
     /// Item ids never to recommend in this answer, comma-separated.
     exclude: Option<String>,
+    /// Only items of this category (as the items topic gives them).
+    category: Option<String>,
 }
 
 /// The ids of `exclude=a,b,c` (empty parts skipped), each within the id limits.
@@ -149,13 +157,34 @@ async fn recommendations(
         Ok(ids) => ids,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
+    let category = q.category.filter(|c| !c.is_empty());
+    if category.as_ref().is_some_and(|c| c.len() > MAX_ID_BYTES) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "category must be at most 256 bytes",
+        );
+    }
     if s.ownership.owner_of(&user_id).is_none() {
         let mut rest = format!("recommendations?k={k}");
         if !exclude.is_empty() {
             let ids: Vec<String> = exclude.iter().map(|i| url_escape(i)).collect();
             rest.push_str(&format!("&exclude={}", ids.join(",")));
         }
+        if let Some(c) = &category {
+            rest.push_str(&format!("&category={}", url_escape(c)));
+        }
         return not_owned(&s, &user_id, &rest);
+    }
+    if !s.items.loaded() {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the items topic is still being read: retry",
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
     }
     let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
         s.metrics.pulls_refused.inc();
@@ -175,13 +204,18 @@ async fn recommendations(
         let Some(u) = shared.store.user_index(&user_id)? else {
             return Ok(None);
         };
+        let mut hidden: Vec<u32> = match &category {
+            Some(c) => shared.items.hidden_outside(&shared.store, c),
+            None => shared.items.hidden(&shared.store).to_vec(),
+        };
         // an item the store does not know cannot be recommended anyway
-        let mut excluded = std::collections::HashSet::new();
         for id in &exclude {
-            excluded.extend(shared.store.item_index(id)?);
+            hidden.extend(shared.store.item_index(id)?);
         }
+        hidden.sort_unstable();
+        hidden.dedup();
         let live = shared.live.current();
-        recommend_excluding(&shared.store, live.as_deref(), u, k, &excluded)
+        recommend_hiding(&shared.store, live.as_deref(), u, k, &hidden)
     })
     .await;
     match result {

@@ -20,6 +20,8 @@
 //!   store is read from the changelog ([`ingest`]).
 //!
 //! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
+//! [`items`] (which items may be recommended: written by ingest from the items topic, read by
+//! every ranking),
 //! [`online`] (the prequential hit rate), [`live`], [`metrics`], [`kafka`] (client settings),
 //! [`config`], [`ownership`] (which users a serving replica owns, through [`partition`]).
 //! [`daemon`] wires the stages together and supervises them; [`notify`] speaks
@@ -35,6 +37,7 @@ mod fault;
 mod health;
 mod http;
 mod ingest;
+mod items;
 mod kafka;
 pub mod live;
 mod members;

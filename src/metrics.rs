@@ -17,6 +17,8 @@ pub(crate) struct Metrics {
     pub users_forgotten: IntCounter,
     pub forget_seconds: Histogram,
     pub recommendations_withdrawn: IntCounter,
+    pub items_unavailable: IntGauge,
+    pub item_updates: IntCounterVec,
     pub ingest_batches: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub partitions_assigned: IntGauge,
@@ -126,6 +128,20 @@ impl Metrics {
                 IntCounter::new(
                     "multivaed_recommendations_withdrawn_total",
                     "Tombstones published on the recommendations topic for forgotten users",
+                )?,
+            )?,
+            items_unavailable: reg(
+                r,
+                IntGauge::new(
+                    "multivaed_items_unavailable",
+                    "Items never recommended now: unavailable or expired by the items topic, or on the deny list",
+                )?,
+            )?,
+            item_updates: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("multivaed_item_updates_total", "Items-topic messages read, by result (applied, rejected)"),
+                    &["result"],
                 )?,
             )?,
             ingest_batches: reg(r, IntCounter::new("multivaed_ingest_batches_total", "Ingest batches stored")?)?,

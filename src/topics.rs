@@ -21,6 +21,8 @@ pub struct Topic {
     /// Partitions required: `None` for "any", `Some(0)` for "as many as the clicks topic".
     pub partitions: Option<i32>,
     pub compact: bool,
+    /// May be missing (the items topic): created by `topics create`, not required at start.
+    pub optional: bool,
 }
 
 /// The topics of `config`'s role.
@@ -31,6 +33,7 @@ pub fn topics(config: &Config) -> Vec<Topic> {
         name: name.to_string(),
         partitions,
         compact,
+        optional: false,
     };
     // every role knows the clicks topic (its partition count is the changelog's)
     let mut out = vec![t("kafka.clicks_topic", &k.clicks_topic, None, false)];
@@ -47,6 +50,10 @@ pub fn topics(config: &Config) -> Vec<Topic> {
             None,
             false,
         ));
+        out.push(Topic {
+            optional: true,
+            ..t("items.topic", &config.items.topic(k), None, true)
+        });
     }
     if config.role != Role::All {
         out.push(t("kafka.changelog_topic", &k.changelog(), Some(0), true));
@@ -104,7 +111,10 @@ pub async fn check(config: &Config) -> Result<Vec<Found>> {
             Some(0) => clicks,
             other => other,
         };
-        let problem = problem(partitions, wanted, policy.as_deref(), topic.compact);
+        let problem = match partitions {
+            None if topic.optional => None,
+            _ => problem(partitions, wanted, policy.as_deref(), topic.compact),
+        };
         found.push(Found {
             topic,
             partitions,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use multivaed::partition::Partitioner;
-use multivaed::wire::Recommendation;
+use multivaed::wire::{Recommendation, Source};
 use rdkafka::producer::{BaseRecord, Producer};
 
 fn click(user: &str, item: &str) -> (String, Vec<u8>) {
@@ -262,4 +262,136 @@ fn a_pull_leaves_out_excluded_items_and_is_never_padded() {
     assert_eq!(pull(&format!("k=5&exclude={long}")).0, 400);
     let many: Vec<String> = (0..1001).map(|i| format!("i{i}")).collect();
     assert_eq!(pull(&format!("k=5&exclude={}", many.join(","))).0, 400);
+}
+
+/// Produces `value` (`None`: a tombstone) for `item` on the items topic.
+fn item_message(topic: &str, item: &str, value: Option<&str>) {
+    let p = producer();
+    let mut record = BaseRecord::to(topic).key(item.as_bytes());
+    if let Some(v) = value {
+        record = record.payload(v.as_bytes());
+    }
+    send(&p, record);
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// Clicks of `users` users (ids from `first`) with taste groups over 60 items, and "hot" clicked
+/// by every one of them (the most popular item, and one every model ranks high).
+fn taste_clicks(first: usize, users: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut stream = multivaed::demo::SyntheticStream::new(users, 60, 6, seed);
+    let mut out = Vec::new();
+    for u in 0..users {
+        let user = format!("t{}", first + u);
+        out.push(click(&user, "hot"));
+        for _ in 0..6 {
+            out.push(click(&user, &format!("i{}", stream.item_for(u))));
+        }
+    }
+    out
+}
+
+#[test]
+fn an_unavailable_item_is_never_recommended_after_its_message_even_across_swaps_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let items = format!("{}.items", setup.clicks);
+    create_topics(&[(&items, 1)]);
+    let mut env = setup.env();
+    // every round validated on the few users this test has
+    env.push(("MULTIVAED_TRAIN__MIN_VALIDATION_USERS".into(), "5".into()));
+    let daemon = Daemon::start(&env, free_port());
+    produce(&setup.clicks, &taste_clicks(0, 250, 3));
+    daemon.wait_for(Duration::from_secs(120), "a model", |d| {
+        d.metric("multivaed_model_version", "") >= 1.0
+    });
+    let hot_in = |r: &Recommendation| r.items.iter().any(|i| i.item_id == "hot");
+    let recs_of = |topic: &str| -> Vec<Recommendation> {
+        read_all(topic, 1, Duration::from_secs(2))
+            .iter()
+            .filter(|m| !m.payload.is_empty())
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
+    };
+    // a new user who clicked one item gets "hot" first (popularity, or the model)
+    produce(&setup.clicks, &[click("cold0", "i1")]);
+    daemon.wait_for(Duration::from_secs(30), "cold0 answered", |d| {
+        status(d, "/v1/users/cold0/recommendations") == 200
+    });
+    let (_, body) = daemon.get("/v1/users/cold0/recommendations").unwrap();
+    assert!(hot_in(&serde_json::from_str(&body).unwrap()), "{body}");
+
+    // "hot" is withdrawn from sale, then categories arrive for two items
+    item_message(
+        &items,
+        "hot",
+        Some(r#"{"item": "hot", "available": false}"#),
+    );
+    item_message(&items, "i1", Some(r#"{"category": "shoes"}"#));
+    item_message(&items, "i2", Some(r#"{"category": "shoes"}"#));
+    daemon.wait_for(Duration::from_secs(30), "the message applied", |d| {
+        d.metric("multivaed_items_unavailable", "") == 1.0
+            && d.metric("multivaed_item_updates_total", "result=\"applied\"") == 3.0
+    });
+    // a batch being scored when it arrived is published within moments
+    std::thread::sleep(Duration::from_secs(1));
+    let before = recs_of(&setup.recs).len();
+    let v1 = daemon.metric("multivaed_model_version", "");
+
+    // more clicks (known users and cold ones, answered by popularity), and a model swap
+    let mut more = taste_clicks(0, 250, 4);
+    more.extend((1..40).map(|u| click(&format!("cold{u}"), &format!("new{u}"))));
+    produce(&setup.clicks, &more);
+    daemon.wait_for(Duration::from_secs(180), "a new model swapped in", |d| {
+        d.metric("multivaed_model_version", "") > v1
+    });
+    daemon.wait_for(Duration::from_secs(60), "everyone scored", |d| {
+        d.metric("multivaed_dirty_users", "") == 0.0
+    });
+    let after: Vec<Recommendation> = recs_of(&setup.recs).split_off(before);
+    let v2 = daemon.metric("multivaed_model_version", "") as u64;
+    let by_new_model = after
+        .iter()
+        .filter(|r| r.model_version.is_some_and(|v| v >= v2))
+        .count();
+    let by_popularity = after.iter().filter(|r| r.source == Source::Popular).count();
+    eprintln!(
+        "items: {} recommendations after the message ({by_new_model} by the new model v{v2}, {by_popularity} by popularity)",
+        after.len()
+    );
+    assert!(by_new_model > 0 && by_popularity > 0);
+    assert!(
+        !after.iter().any(hot_in),
+        "\"hot\" recommended after its message"
+    );
+    let (_, body) = daemon.get("/v1/users/cold0/recommendations?k=50").unwrap();
+    assert!(!hot_in(&serde_json::from_str(&body).unwrap()), "{body}");
+    // a category pull holds only that category's available items
+    let (_, body) = daemon
+        .get("/v1/users/t7/recommendations?k=20&category=shoes")
+        .unwrap();
+    let r: Recommendation = serde_json::from_str(&body).unwrap();
+    assert!(
+        r.items
+            .iter()
+            .all(|i| i.item_id == "i1" || i.item_id == "i2")
+            && r.fewer_than_k,
+        "{body}"
+    );
+
+    // a restart: still hidden (nothing is ranked before the items topic is read)
+    drop(daemon);
+    let daemon = Daemon::start(&env, free_port());
+    daemon.wait_for(Duration::from_secs(60), "pulls answered", |d| {
+        status(d, "/v1/users/cold0/recommendations") == 200
+    });
+    let (_, body) = daemon.get("/v1/users/cold0/recommendations?k=50").unwrap();
+    assert!(!hot_in(&serde_json::from_str(&body).unwrap()), "{body}");
+
+    // back on sale: recommended again
+    item_message(&items, "hot", None);
+    daemon.wait_for(Duration::from_secs(30), "hot available again", |d| {
+        d.metric("multivaed_items_unavailable", "") == 0.0
+    });
+    let (_, body) = daemon.get("/v1/users/cold0/recommendations").unwrap();
+    assert!(hot_in(&serde_json::from_str(&body).unwrap()), "{body}");
 }

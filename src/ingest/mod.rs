@@ -24,10 +24,12 @@ use tracing::{debug, error, info, warn};
 mod changelog;
 mod dead_letter;
 mod follow;
+mod items;
 
 use changelog::{Changelog, Marker, UserRecord};
 use dead_letter::{DeadLetter, DeadLetterWriter};
 pub use follow::ChangelogReader;
+pub use items::ItemsReader;
 
 use crate::activity::Activity;
 use crate::config::KafkaConfig;

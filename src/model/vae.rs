@@ -312,6 +312,17 @@ impl MultiVae {
     /// Top-`k` items for each user (given by their current items), best first, never an item
     /// the user already has. Users are scored in chunks to bound memory.
     pub fn recommend(&self, rows: &[&[u32]], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.recommend_hiding(rows, &[], k)
+    }
+
+    /// As [`MultiVae::recommend`], never recommending the columns of `hidden` either (ascending;
+    /// rows are ascending too).
+    pub fn recommend_hiding(
+        &self,
+        rows: &[&[u32]],
+        hidden: &[u32],
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
         const CHUNK: usize = 1024;
         let mut out = Vec::with_capacity(rows.len());
         let out_bias = &self.decoder[self.decoder.len() - 1].bias;
@@ -353,7 +364,13 @@ impl MultiVae {
                 with_slice(&bias_ref, |bias| {
                     Ok(l.par_chunks(n)
                         .zip(chunk.par_iter())
-                        .map(|(row, seen)| top_k_unseen(row, Some(bias), seen, k))
+                        .map(|(row, seen)| {
+                            if hidden.is_empty() {
+                                top_k_unseen(row, Some(bias), seen, k)
+                            } else {
+                                top_k_unseen(row, Some(bias), &merged(seen, hidden), k)
+                            }
+                        })
                         .collect::<Vec<_>>())
                 })
             })?;
@@ -392,4 +409,22 @@ impl MultiVae {
         self.output_t = None;
         Ok(())
     }
+}
+
+/// The union of two ascending lists, ascending (duplicates kept: the top-k skips them alike).
+fn merged(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i] <= b[j] {
+            out.push(a[i]);
+            i += 1;
+        } else {
+            out.push(b[j]);
+            j += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }

@@ -22,11 +22,12 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, warn};
 
-pub(crate) use rank::{recommend_excluding, score_users, to_recommendation, Scored};
+pub(crate) use rank::{recommend_hiding, score_users, to_recommendation, Scored};
 pub use rank::{recommend_offline, OfflineAnswer, OfflineQuery};
 
 use crate::activity::{Activity, Waiting, Why};
 use crate::config::ServeConfig;
+use crate::items::ItemRules;
 use crate::kafka::Producers;
 use crate::live::LiveModelSlot;
 use crate::metrics::{LatencySamples, Metrics};
@@ -48,6 +49,8 @@ pub(crate) struct Scorer {
     pub owner_id: String,
     pub clicks_topic: String,
     pub activity: Arc<Activity>,
+    /// Which items may be recommended: nothing is published before it is known.
+    pub items: Arc<ItemRules>,
     pub live: Arc<LiveModelSlot>,
     pub online: Arc<OnlineEval>,
     pub metrics: Arc<Metrics>,
@@ -68,6 +71,11 @@ impl Scorer {
         let mut in_flight: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
         let mut last_batch: Option<tokio::time::Instant> = None;
         let mut budget = RescoreBudget::new(me.serve.max_rescores_per_second, Instant::now());
+        // an item made unavailable before a restart must stay hidden after it
+        tokio::select! {
+            _ = me.items.wait_loaded() => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
         loop {
             // wait for waiting users (woken by ingest), a swap, or shutdown
             tokio::select! {
@@ -157,8 +165,9 @@ impl Scorer {
             let version = live.as_ref().map(|l| l.version);
             let k = me.serve.k;
             let depth = k.max(ONLINE_CUTOFFS[ONLINE_CUTOFFS.len() - 1]);
+            let hidden = me.items.hidden(&me.store);
             let mut out = Vec::with_capacity(users.len());
-            for sc in score_users(&me.store, live.as_deref(), &users, depth)? {
+            for sc in score_users(&me.store, live.as_deref(), &users, depth, &hidden)? {
                 let mut r = to_recommendation(&me.store, &sc, k, version);
                 if me.ownership.is_partitioned() {
                     // a user whose partition moved leaves the queue unpublished: the new
@@ -466,6 +475,7 @@ mod tests {
             owner_id: "test".into(),
             clicks_topic: "clicks".into(),
             activity: Arc::new(Activity::new(100, 100)),
+            items: Arc::new(ItemRules::open()),
             live: Arc::new(LiveModelSlot::new()),
             online: Arc::new(OnlineEval::new(100)),
             metrics: Arc::new(Metrics::new().unwrap()),

@@ -4,8 +4,6 @@
 //! and results are in store item indices; a shipped model's columns are mapped on the way in and
 //! out.
 
-use std::collections::HashSet;
-
 use anyhow::{Context, Result};
 
 use crate::live::LiveModel;
@@ -24,13 +22,15 @@ pub(crate) struct Scored {
 
 /// Ranks the top `depth` items for `users` (store indices) with the live model, or the popular
 /// items for users the model cannot score (no model yet, or only items newer than the model).
-/// Never an item the user has. A user whose id the store does not hold is left out (logged):
-/// a recommendation is never published under an id that is not the user's.
+/// Never an item the user has, nor one of `hidden` (store indices, ascending: unavailable,
+/// excluded). A user whose id the store does not hold is left out (logged): a recommendation is
+/// never published under an id that is not the user's.
 pub fn score_users(
     store: &Store,
     live: Option<&LiveModel>,
     users: &[u32],
     depth: usize,
+    hidden: &[u32],
 ) -> Result<Vec<Scored>> {
     let mut known = Vec::with_capacity(users.len());
     let mut histories = Vec::with_capacity(users.len());
@@ -48,7 +48,7 @@ pub fn score_users(
             ),
         }
     }
-    score_histories(store, live, &known, ids, histories, depth)
+    score_histories(store, live, &known, ids, histories, depth, hidden)
 }
 
 /// As [`score_users`], for users given by their id and history (store item indices): the one
@@ -60,6 +60,7 @@ pub(crate) fn score_histories(
     ids: Vec<String>,
     mut histories: Vec<Vec<u32>>,
     depth: usize,
+    hidden: &[u32],
 ) -> Result<Vec<Scored>> {
     for h in &mut histories {
         h.sort_unstable();
@@ -81,7 +82,10 @@ pub(crate) fn score_histories(
             .collect();
         let rows: Vec<&[u32]> = idx.iter().map(|&j| inputs[j].as_slice()).collect();
         if !rows.is_empty() {
-            let recs = live.model.recommend(&rows, depth)?;
+            let mut hidden_columns: Vec<u32> =
+                hidden.iter().filter_map(|&i| live.column(i)).collect();
+            hidden_columns.sort_unstable();
+            let recs = live.model.recommend_hiding(&rows, &hidden_columns, depth)?;
             for (j, r) in idx.into_iter().zip(recs) {
                 scored[j] = Some(
                     r.into_iter()
@@ -100,7 +104,7 @@ pub(crate) fn score_histories(
         .max();
     let popular = longest
         .map(|n| {
-            let deep = depth.saturating_add(n);
+            let deep = depth.saturating_add(n).saturating_add(hidden.len());
             live.and_then(|l| l.popular(deep, &[]))
                 .unwrap_or_else(|| store.popular(deep, &[]))
         })
@@ -122,7 +126,9 @@ pub(crate) fn score_histories(
                 user_id,
                 items: popular
                     .iter()
-                    .filter(|(i, _)| h.binary_search(i).is_err())
+                    .filter(|(i, _)| {
+                        h.binary_search(i).is_err() && hidden.binary_search(i).is_err()
+                    })
                     .take(depth)
                     .copied()
                     .collect(),
@@ -172,27 +178,25 @@ pub(crate) fn recommend_users(
     k: usize,
 ) -> Result<Vec<Recommendation>> {
     let version = live.map(|l| l.version);
-    Ok(score_users(store, live, users, k)?
+    Ok(score_users(store, live, users, k, &[])?
         .iter()
         .map(|s| to_recommendation(store, s, k, version))
         .collect())
 }
 
-/// Top-`k` for one user (store index) without the items of `exclude` (store indices): ranked
-/// deep enough that all of them could be among the first, so the answer is never padded with
-/// them (fewer than `k` when nothing else qualifies). `None` for a user the store does not hold.
-pub(crate) fn recommend_excluding(
+/// Top-`k` for one user (store index) without the items of `hidden` (store indices,
+/// ascending): never padded with them (fewer than `k` when nothing else qualifies). `None` for
+/// a user the store does not hold.
+pub(crate) fn recommend_hiding(
     store: &Store,
     live: Option<&LiveModel>,
     user: u32,
     k: usize,
-    exclude: &HashSet<u32>,
+    hidden: &[u32],
 ) -> Result<Option<Recommendation>> {
-    let depth = k.saturating_add(exclude.len());
-    let Some(mut scored) = score_users(store, live, &[user], depth)?.pop() else {
+    let Some(scored) = score_users(store, live, &[user], k, hidden)?.pop() else {
         return Ok(None);
     };
-    scored.items.retain(|(i, _)| !exclude.contains(i));
     Ok(Some(to_recommendation(
         store,
         &scored,
@@ -250,6 +254,7 @@ pub fn recommend_offline(
                 vec![String::new()],
                 vec![history],
                 k,
+                &[],
             )?;
             Ok(OfflineAnswer {
                 recommendation: scored
@@ -292,7 +297,7 @@ mod tests {
             .unwrap();
         let heavy = store.user_index("heavy").unwrap().unwrap();
         let light = store.user_index("light").unwrap().unwrap();
-        let scored = score_users(&store, None, &[heavy, light], 5).unwrap();
+        let scored = score_users(&store, None, &[heavy, light], 5, &[]).unwrap();
         for (s, u) in scored.iter().zip([heavy, light]) {
             let mut h = store.history(u).unwrap();
             h.sort_unstable();
@@ -309,21 +314,22 @@ mod tests {
         let ids = |r: &Recommendation| -> Vec<String> {
             r.items.iter().map(|i| i.item_id.clone()).collect()
         };
-        let exclude: HashSet<u32> = ["i30", "i32", "i39"]
+        let mut exclude: Vec<u32> = ["i30", "i32", "i39"]
             .iter()
             .map(|i| store.item_index(i).unwrap().unwrap())
             .collect();
-        let r = recommend_excluding(&store, None, heavy, 5, &exclude)
+        exclude.sort_unstable();
+        let r = recommend_hiding(&store, None, heavy, 5, &exclude)
             .unwrap()
             .unwrap();
         assert_eq!(ids(&r), ["i31", "i33", "i34", "i35", "i36"]);
         assert!(!r.fewer_than_k);
-        let r = recommend_excluding(&store, None, heavy, 20, &exclude)
+        let r = recommend_hiding(&store, None, heavy, 20, &exclude)
             .unwrap()
             .unwrap();
         assert_eq!(ids(&r), ["i31", "i33", "i34", "i35", "i36", "i37", "i38"]);
         assert!(r.fewer_than_k);
-        assert!(recommend_excluding(&store, None, 9999, 5, &exclude)
+        assert!(recommend_hiding(&store, None, 9999, 5, &exclude)
             .unwrap()
             .is_none());
     }
