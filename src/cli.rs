@@ -1,6 +1,7 @@
 //! The command line: `run` (the daemon), `demo` (everything embedded), `produce` (replay a
-//! dataset into Kafka), `recommend` (offline, from a checkpoint), `eval` (the paper's protocol)
-//! and `bench` (throughput).
+//! dataset, or an export, into Kafka), `export` (every user's history, for audits and
+//! migrations), `recommend` (offline, from a checkpoint), `eval` (the paper's protocol) and
+//! `bench` (throughput).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -46,6 +47,10 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Recommend offline from the newest model version and the store of a (stopped) daemon.
     Recommend(RecommendArgs),
+    /// Write every user's history as JSON lines (`{"user_id", "items"}`, items oldest first)
+    /// from the store of a (stopped) daemon: for audits and migrations (`multivaed produce
+    /// --data FILE.jsonl` imports it into a fresh deployment).
+    Export(ExportArgs),
     /// List the model versions of a data_dir, or roll back to one (daemon stopped).
     Models(ModelsArgs),
     /// Create or check every topic the configured role needs (partitions, compaction).
@@ -190,6 +195,16 @@ pub struct ProduceArgs {
     /// The partitioner (as the daemon's `kafka.partitioner`): clicks are keyed by user id.
     #[arg(long, value_enum, default_value = "consistent-random")]
     pub partitioner: multivaed::partition::Partitioner,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The configuration of the daemon whose store to read.
+    #[arg(long, short, env = "MULTIVAED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where to write (default: standard output).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -389,6 +404,32 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_export(args: ExportArgs) -> Result<()> {
+    use std::io::Write;
+    #[derive(serde::Serialize)]
+    struct Exported<'a> {
+        user_id: &'a str,
+        items: Vec<String>,
+    }
+    let config = Config::load(args.config.as_deref())?;
+    let store = Store::open(&config.data_dir, config.store.max_history)
+        .context("cannot open the store (is a daemon still running on this data_dir?)")?;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let users = store.export(|user_id, items| {
+        serde_json::to_writer(&mut out, &Exported { user_id, items })?;
+        out.write_all(b"\n")?;
+        Ok(())
+    })?;
+    out.flush()?;
+    eprintln!("exported {users} users");
+    Ok(())
+}
+
 fn run_models(args: ModelsArgs) -> Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(role) = args.role {
@@ -541,6 +582,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Recommend(args) => run_recommend(args),
+        Command::Export(args) => run_export(args),
         Command::Models(args) => run_models(args),
         Command::Eval(args) => run_eval(args),
         Command::Bench(args) => run_bench(args.args),

@@ -395,3 +395,60 @@ fn an_unavailable_item_is_never_recommended_after_its_message_even_across_swaps_
     let (_, body) = daemon.get("/v1/users/cold0/recommendations").unwrap();
     assert!(hot_in(&serde_json::from_str(&body).unwrap()), "{body}");
 }
+
+/// Runs the multivaed binary with `env` and `args`; its standard output, or the failure.
+fn cli(env: &[(String, String)], args: &[&str]) -> String {
+    let out = std::process::Command::new(daemon_exe())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("multivaed runs");
+    assert!(
+        out.status.success(),
+        "multivaed {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn an_export_imported_twice_into_a_fresh_deployment_counts_each_click_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Setup::new(&dir.path().join("old"), 1);
+    let daemon = Daemon::start(&old.env(), free_port());
+    produce(&old.clicks, &clicks());
+    daemon.wait_for(Duration::from_secs(60), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= 120.0
+    });
+    daemon.terminate();
+
+    // the export: one line per user, items oldest first
+    let file = dir.path().join("histories.jsonl");
+    cli(&old.env(), &["export", "--output", file.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 30);
+    let u5 = lines.iter().find(|l| l["user_id"] == "u5").unwrap();
+    assert_eq!(u5["items"], serde_json::json!(["i5", "i6", "i7", "i8"]));
+
+    // imported into a fresh deployment twice (a retried migration): each click counts once
+    let new = Setup::new(&dir.path().join("new"), 2);
+    let daemon = Daemon::start(&new.env(), free_port());
+    for _ in 0..2 {
+        let args = ["produce", "--brokers", &brokers(), "--topic", &new.clicks];
+        let data = ["--data", file.to_str().unwrap(), "--rate", "0"];
+        cli(&[], &[&args[..], &data[..]].concat());
+    }
+    daemon.wait_for(Duration::from_secs(60), "both imports consumed", |d| {
+        d.metric("multivaed_events_consumed_total", "") >= 240.0
+    });
+    assert_eq!(daemon.metric("multivaed_store_users", ""), 30.0);
+    assert_eq!(daemon.metric("multivaed_store_interactions", ""), 120.0);
+    assert_eq!(daemon.metric("multivaed_events_duplicate_total", ""), 120.0);
+    let (_, body) = daemon.get("/v1/users/u5/history").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["items"], u5["items"]);
+}

@@ -39,6 +39,8 @@ pub enum RawFormat {
     Csv,
     /// One line per user: `uid iid iid …` (every item is positive).
     Lines,
+    /// `multivaed export`'s JSON lines: `{"user_id": …, "items": […]}`, items oldest first.
+    Jsonl,
 }
 
 impl RawFormat {
@@ -47,6 +49,7 @@ impl RawFormat {
         match path.extension().and_then(|e| e.to_str()) {
             Some("inter") => Self::Inter,
             Some("csv") => Self::Csv,
+            Some("jsonl") => Self::Jsonl,
             _ => Self::Lines,
         }
     }
@@ -74,6 +77,28 @@ pub fn read_raw(path: &Path, format: RawFormat) -> Result<Vec<RawInteraction>> {
         fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = Vec::new();
     match format {
+        RawFormat::Jsonl => {
+            #[derive(serde::Deserialize)]
+            struct Exported {
+                user_id: String,
+                items: Vec<String>,
+            }
+            for (n, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let e: Exported = serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: not an exported history", path.display(), n + 1)
+                })?;
+                // one timestamp per line: a stable sort keeps each history's order
+                out.extend(e.items.into_iter().map(|item| RawInteraction {
+                    user: e.user_id.clone(),
+                    item,
+                    rating: None,
+                    timestamp: Some(n as f64),
+                }));
+            }
+        }
         RawFormat::Lines => {
             for (n, line) in text.lines().enumerate() {
                 let mut tok = line.split_whitespace();
