@@ -30,6 +30,14 @@ pub struct ItemsReader {
     pub shutdown: Arc<Shutdown>,
 }
 
+/// What the cluster says of the items topic.
+enum Lookup {
+    Found(i32),
+    Missing,
+    /// No answer (the brokers are away).
+    Unknown,
+}
+
 /// How often a missing items topic is looked for again.
 const LOOK_AGAIN: Duration = Duration::from_secs(30);
 
@@ -52,16 +60,19 @@ impl ItemsReader {
         );
         let mut stop = self.shutdown.subscribe();
         let partitions = loop {
-            match self.partitions(&consumer).await {
-                Some(n) => break n,
-                None => {
+            let wait = match self.partitions(&consumer).await {
+                Lookup::Found(n) => break n,
+                Lookup::Missing => {
                     // nothing to wait for: every item may be recommended meanwhile
                     self.rules.set_loaded();
-                    tokio::select! {
-                        _ = tokio::time::sleep(LOOK_AGAIN) => {}
-                        _ = stop.changed() => return Ok(()),
-                    }
+                    LOOK_AGAIN
                 }
+                // the cluster did not answer: whether items are hidden is not known yet
+                Lookup::Unknown => Duration::from_secs(2),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return Ok(()),
             }
         };
         let mut tpl = TopicPartitionList::new();
@@ -96,21 +107,25 @@ impl ItemsReader {
         }
     }
 
-    /// The topic's partition count, `None` when it does not exist (said once).
-    async fn partitions(&self, consumer: &Arc<StreamConsumer<EofReader>>) -> Option<i32> {
+    /// The topic's partition count, if the cluster says it exists (a missing topic is said
+    /// once).
+    async fn partitions(&self, consumer: &Arc<StreamConsumer<EofReader>>) -> Lookup {
         let topic = self.topic.clone();
         let consumer = consumer.clone();
         let found = tokio::task::spawn_blocking(move || {
-            let md = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .ok()?;
-            let t = md.topics().first()?;
-            (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as i32)
+            let Ok(md) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)) else {
+                return Lookup::Unknown;
+            };
+            match md.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    Lookup::Found(t.partitions().len() as i32)
+                }
+                _ => Lookup::Missing,
+            }
         })
         .await
-        .ok()
-        .flatten();
-        if found.is_none() && !self.rules.loaded() {
+        .unwrap_or(Lookup::Unknown);
+        if matches!(found, Lookup::Missing) && !self.rules.loaded() {
             info!(topic = %self.topic, "no items topic: every item may be recommended (looked for again every 30 s)");
         }
         found
