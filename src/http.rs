@@ -112,27 +112,89 @@ struct RecQuery {
     category: Option<String>,
 }
 
-/// The ids of `exclude=a,b,c` (empty parts skipped), each within the id limits.
-fn excluded_ids(exclude: Option<&str>) -> Result<Vec<String>, String> {
-    let ids: Vec<String> = exclude
-        .unwrap_or_default()
-        .split(',')
-        .filter(|id| !id.is_empty())
-        .map(str::to_string)
-        .collect();
-    if ids.len() > MAX_EXCLUDE {
-        return Err(format!("exclude holds at most {MAX_EXCLUDE} item ids"));
+/// A pull's question, checked.
+struct Pull {
+    k: usize,
+    /// Item ids never to recommend in this answer.
+    exclude: Vec<String>,
+    category: Option<String>,
+}
+
+impl Pull {
+    /// Checks a query: a bad value is refused with what is wrong (a 400).
+    fn read(q: RecQuery, default_k: usize) -> Result<Self, String> {
+        let k = q.k.unwrap_or(default_k);
+        if k == 0 || k > MAX_K {
+            return Err(format!("k must be between 1 and {MAX_K}"));
+        }
+        let exclude: Vec<String> = q
+            .exclude
+            .unwrap_or_default()
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .collect();
+        if exclude.len() > MAX_EXCLUDE {
+            return Err(format!("exclude holds at most {MAX_EXCLUDE} item ids"));
+        }
+        if exclude.iter().any(|id| id.len() > MAX_ID_BYTES) {
+            return Err(format!(
+                "an excluded item id is longer than {MAX_ID_BYTES} bytes"
+            ));
+        }
+        let category = q.category.filter(|c| !c.is_empty());
+        if category.as_ref().is_some_and(|c| c.len() > MAX_ID_BYTES) {
+            return Err(format!("category must be at most {MAX_ID_BYTES} bytes"));
+        }
+        Ok(Self {
+            k,
+            exclude,
+            category,
+        })
     }
-    if ids.iter().any(|id| id.len() > MAX_ID_BYTES) {
-        return Err(format!(
-            "an excluded item id is longer than {MAX_ID_BYTES} bytes"
-        ));
+
+    /// The same question, as a path below the user at another replica.
+    fn path(&self) -> String {
+        let mut path = format!("recommendations?k={}", self.k);
+        if !self.exclude.is_empty() {
+            let ids: Vec<String> = self.exclude.iter().map(|i| url_escape(i)).collect();
+            path.push_str(&format!("&exclude={}", ids.join(",")));
+        }
+        if let Some(c) = &self.category {
+            path.push_str(&format!("&category={}", url_escape(c)));
+        }
+        path
     }
-    Ok(ids)
+
+    /// The store indices the answer may not hold, ascending: the hidden items (for a category,
+    /// every item outside it too) and the excluded ones (an item the store does not know cannot
+    /// be recommended anyway).
+    fn hidden(&self, store: &Store, items: &ItemRules) -> anyhow::Result<Vec<u32>> {
+        let mut hidden: Vec<u32> = match &self.category {
+            Some(c) => items.hidden_outside(store, c),
+            None => items.hidden(store).to_vec(),
+        };
+        for id in &self.exclude {
+            hidden.extend(store.item_index(id)?);
+        }
+        hidden.sort_unstable();
+        hidden.dedup();
+        Ok(hidden)
+    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// An error to retry after a second (`Retry-After: 1`).
+fn retry_later(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut r = error(status, msg);
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    r
 }
 
 async fn recommendations(
@@ -143,60 +205,28 @@ async fn recommendations(
     let Ok(Query(q)) = query else {
         return error(StatusCode::BAD_REQUEST, "k must be a positive integer");
     };
-    let k = q.k.unwrap_or(s.default_k);
-    if k == 0 || k > MAX_K {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("k must be between 1 and {MAX_K}"),
-        );
-    }
+    let pull = match Pull::read(q, s.default_k) {
+        Ok(pull) => pull,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
     if user_id.is_empty() || user_id.len() > MAX_ID_BYTES {
         return error(StatusCode::BAD_REQUEST, "user_id must be 1 to 256 bytes");
     }
-    let exclude = match excluded_ids(q.exclude.as_deref()) {
-        Ok(ids) => ids,
-        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
-    };
-    let category = q.category.filter(|c| !c.is_empty());
-    if category.as_ref().is_some_and(|c| c.len() > MAX_ID_BYTES) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "category must be at most 256 bytes",
-        );
-    }
     if s.ownership.owner_of(&user_id).is_none() {
-        let mut rest = format!("recommendations?k={k}");
-        if !exclude.is_empty() {
-            let ids: Vec<String> = exclude.iter().map(|i| url_escape(i)).collect();
-            rest.push_str(&format!("&exclude={}", ids.join(",")));
-        }
-        if let Some(c) = &category {
-            rest.push_str(&format!("&category={}", url_escape(c)));
-        }
-        return not_owned(&s, &user_id, &rest);
+        return not_owned(&s, &user_id, &pull.path());
     }
     if !s.items.loaded() {
-        let mut r = error(
+        return retry_later(
             StatusCode::SERVICE_UNAVAILABLE,
             "the items topic is still being read: retry",
         );
-        r.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return r;
     }
     let Ok(permit) = s.pulls.clone().try_acquire_owned() else {
         s.metrics.pulls_refused.inc();
-        let mut r = error(
+        return retry_later(
             StatusCode::TOO_MANY_REQUESTS,
             "too many pull requests at once: retry later",
         );
-        r.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return r;
     };
     let shared = s.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Recommendation>> {
@@ -204,18 +234,9 @@ async fn recommendations(
         let Some(u) = shared.store.user_index(&user_id)? else {
             return Ok(None);
         };
-        let mut hidden: Vec<u32> = match &category {
-            Some(c) => shared.items.hidden_outside(&shared.store, c),
-            None => shared.items.hidden(&shared.store).to_vec(),
-        };
-        // an item the store does not know cannot be recommended anyway
-        for id in &exclude {
-            hidden.extend(shared.store.item_index(id)?);
-        }
-        hidden.sort_unstable();
-        hidden.dedup();
+        let hidden = pull.hidden(&shared.store, &shared.items)?;
         let live = shared.live.current();
-        recommend_hiding(&shared.store, live.as_deref(), u, k, &hidden)
+        recommend_hiding(&shared.store, live.as_deref(), u, pull.k, &hidden)
     })
     .await;
     match result {
@@ -270,15 +291,10 @@ fn not_owned(s: &Http, user_id: &str, rest: &str) -> Response {
             }
         }
     }
-    let mut r = error(
+    retry_later(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("partition {partition} of this user is moving between replicas: retry"),
-    );
-    r.headers_mut().insert(
-        axum::http::header::RETRY_AFTER,
-        axum::http::HeaderValue::from_static("1"),
-    );
-    r
+    )
 }
 
 /// Percent-encodes a path segment (everything but unreserved characters).
