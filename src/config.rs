@@ -217,11 +217,7 @@ pub struct ItemsConfig {
 impl ItemsConfig {
     /// The items topic's name.
     pub fn topic(&self, kafka: &KafkaConfig) -> String {
-        if self.topic.is_empty() {
-            format!("{}.items", kafka.clicks_topic)
-        } else {
-            self.topic.clone()
-        }
+        kafka.named_or_derived(&self.topic, "items")
     }
 }
 
@@ -406,19 +402,20 @@ impl HttpConfig {
 impl KafkaConfig {
     /// The changelog topic's name.
     pub fn changelog(&self) -> String {
-        if self.changelog_topic.is_empty() {
-            format!("{}.history", self.clicks_topic)
-        } else {
-            self.changelog_topic.clone()
-        }
+        self.named_or_derived(&self.changelog_topic, "history")
     }
 
     /// The members topic's name.
     pub fn members(&self) -> String {
-        if self.members_topic.is_empty() {
-            format!("{}.members", self.clicks_topic)
+        self.named_or_derived(&self.members_topic, "members")
+    }
+
+    /// A topic's configured `name`, or when it is empty `<clicks_topic>.<suffix>`.
+    fn named_or_derived(&self, name: &str, suffix: &str) -> String {
+        if name.is_empty() {
+            format!("{}.{suffix}", self.clicks_topic)
         } else {
-            self.members_topic.clone()
+            name.to_string()
         }
     }
 

@@ -16,7 +16,7 @@ use crate::store::Store;
 /// What the items topic says of one item (each message replaces the item's previous one).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ItemState {
-    /// `false`: never recommended (until a later message says otherwise).
+    /// Never recommended (until a later message says otherwise).
     pub unavailable: bool,
     /// Not recommended from this time on (ms since the epoch).
     pub until_ms: Option<u64>,
@@ -46,11 +46,9 @@ pub fn parse_item(
 ) -> Result<(String, Option<ItemState>), String> {
     let key = key.ok_or("the message has no key (the item id)")?;
     let id = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8")?;
-    if id.is_empty() || id.len() > crate::wire::MAX_ID_BYTES || id.chars().any(char::is_control) {
-        return Err("the key is not a valid item id".into());
-    }
+    let id = crate::wire::checked_id(id.to_string(), "key").map_err(|e| e.to_string())?;
     let Some(value) = value else {
-        return Ok((id.to_string(), None));
+        return Ok((id, None));
     };
     let m: ItemMessage =
         serde_json::from_slice(value).map_err(|e| format!("not a valid item message: {e}"))?;
@@ -58,7 +56,7 @@ pub fn parse_item(
         return Err("its \"item\" is not its key".into());
     }
     Ok((
-        id.to_string(),
+        id,
         Some(ItemState {
             unavailable: m.available == Some(false),
             until_ms: m.available_until,

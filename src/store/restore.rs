@@ -220,14 +220,7 @@ impl Store {
                 continue;
             };
             let user = String::from_utf8_lossy(&k[1..]);
-            let ids = {
-                let catalogue = self.catalogue();
-                items
-                    .iter()
-                    .filter_map(|&i| catalogue.ids.get(i as usize).map(|s| s.to_string()))
-                    .collect()
-            };
-            each(&user, ids)?;
+            each(&user, self.item_ids(&items))?;
             n += 1;
         }
         Ok(n)
@@ -235,16 +228,16 @@ impl Store {
 
     /// The external item ids of a user's history, oldest first (`None` for an unknown user).
     pub(crate) fn history_ids(&self, user: &str) -> Result<Option<Vec<String>>> {
-        let Some((_, items)) = self.record(user)? else {
-            return Ok(None);
-        };
+        Ok(self.record(user)?.map(|(_, items)| self.item_ids(&items)))
+    }
+
+    /// The external ids of store items, in their order.
+    fn item_ids(&self, items: &[u32]) -> Vec<String> {
         let catalogue = self.catalogue();
-        Ok(Some(
-            items
-                .iter()
-                .filter_map(|&i| catalogue.ids.get(i as usize).map(|s| s.to_string()))
-                .collect(),
-        ))
+        items
+            .iter()
+            .filter_map(|&i| catalogue.ids.get(i as usize).map(|s| s.to_string()))
+            .collect()
     }
 }
 

@@ -79,7 +79,7 @@ pub(crate) enum Event {
 }
 
 /// An id's limits: not empty, at most [`MAX_ID_BYTES`], no control character.
-fn checked_id(s: String, field: &'static str) -> Result<String, Rejection> {
+pub(crate) fn checked_id(s: String, field: &'static str) -> Result<String, Rejection> {
     if s.is_empty() {
         return Err(Rejection::EmptyId { field });
     }

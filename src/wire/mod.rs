@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use click::Click;
-pub(crate) use click::{parse_event, Event, MAX_ID_BYTES};
+pub(crate) use click::{checked_id, parse_event, Event, MAX_ID_BYTES};
 
 /// A click event as producers write it (`multivaed produce`, the demo, the benchmarks). Ids may
 /// also be non-negative JSON integers; `timestamp` (ms) and `event_type` may be left out; other
