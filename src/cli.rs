@@ -269,7 +269,11 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             let heldout = args
                 .heldout_users
                 .unwrap_or_else(|| (n_users / 10).clamp(1, 10_000));
-            let split = eval::build_split(&raw, args.min_rating, heldout, args.split_seed)?;
+            let mut split = eval::build_split(&raw, args.min_rating, heldout, args.split_seed)?;
+            if config.input == multivaed::model::Input::Weighted {
+                split = split.weighted_by_rating(&raw)?;
+                eprintln!("weighted input: each interaction weighs its rating");
+            }
             if let Some(dir) = &args.write_split {
                 eval::write_split_dir(&split, dir)?;
                 eprintln!("split written to {}", dir.display());
@@ -409,7 +413,8 @@ fn run_export(args: ExportArgs) -> Result<()> {
     #[derive(serde::Serialize)]
     struct Exported<'a> {
         user_id: &'a str,
-        items: Vec<String>,
+        #[serde(flatten)]
+        history: multivaed::store::HistoryIds,
     }
     let config = Config::load(args.config.as_deref())?;
     let store = Store::open(&config.data_dir, config.store.max_history)
@@ -420,8 +425,8 @@ fn run_export(args: ExportArgs) -> Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let users = store.export(|user_id, items| {
-        serde_json::to_writer(&mut out, &Exported { user_id, items })?;
+    let users = store.export(|user_id, history| {
+        serde_json::to_writer(&mut out, &Exported { user_id, history })?;
         out.write_all(b"\n")?;
         Ok(())
     })?;

@@ -34,6 +34,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub models: ModelsConfig,
     pub items: ItemsConfig,
+    pub events: EventsConfig,
 }
 
 /// What a process does (`multivaed run --role`).
@@ -110,8 +111,10 @@ pub struct KafkaConfig {
     /// Role `serve`: join the group as a static member under the instance id, so a replica
     /// restarted within the session timeout gets its partitions back without a rebalance.
     pub static_membership: bool,
-    /// Event types that count as a positive interaction (an event without a type counts).
-    pub positive_event_types: Vec<String>,
+    /// Replaced by `[events] types`: when given, these types count with weight 1 and other
+    /// types are skipped, as before (a warning says so).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub positive_event_types: Option<Vec<String>>,
     /// Messages larger than this are dead-lettered unparsed.
     pub max_message_bytes: usize,
     /// Messages per ingest batch (one store write, one offset commit).
@@ -199,6 +202,62 @@ pub struct HttpConfig {
     pub max_concurrent_pulls: usize,
 }
 
+/// What each `event_type` of the clicks topic means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Positive types and their weights (> 0), e.g. `view = 0.5, click = 1, purchase = 3`. An
+    /// event without a type is a `click`. A user's weight for an item is the largest of its
+    /// events' (a repeat changes nothing); the model reads it only with `model.input =
+    /// "weighted"`.
+    pub types: BTreeMap<String, f64>,
+    /// Types that take the item out of the user's history and never recommend it to them again,
+    /// until a later positive event for it.
+    pub negative: Vec<String>,
+    /// A type in neither list: `dead_letter` (the default) or `ignore` (skipped and counted).
+    pub unknown: UnknownTypes,
+}
+
+/// What becomes of an event whose type is not configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownTypes {
+    #[default]
+    DeadLetter,
+    Ignore,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            types: BTreeMap::from([("click".into(), 1.0)]),
+            negative: ["dislike", "hide", "not_interested"]
+                .map(String::from)
+                .to_vec(),
+            unknown: UnknownTypes::DeadLetter,
+        }
+    }
+}
+
+impl EventsConfig {
+    fn validate(&self) -> Result<()> {
+        for (t, &w) in &self.types {
+            if !(w > 0.0 && w.is_finite() && w <= 1e6) {
+                bail!("invalid configuration: events.types.{t}: a weight must be in (0, 1e6], got {w}");
+            }
+        }
+        for t in self.types.keys().chain(&self.negative) {
+            if t == crate::wire::FORGET_TYPE {
+                bail!("invalid configuration: events: \"forget\" always forgets the user; it cannot be a positive or negative type");
+            }
+        }
+        if let Some(t) = self.negative.iter().find(|t| self.types.contains_key(*t)) {
+            bail!("invalid configuration: events: {t:?} is both positive (events.types) and negative (events.negative)");
+        }
+        Ok(())
+    }
+}
+
 /// Which items may be recommended (roles `all` and `serve`): the items topic, and the
 /// operator's lists.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -284,6 +343,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             models: ModelsConfig::default(),
             items: ItemsConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -302,7 +362,7 @@ impl Default for KafkaConfig {
             instance_id: String::new(),
             rebalance: Rebalance::Cooperative,
             static_membership: true,
-            positive_event_types: vec!["click".into()],
+            positive_event_types: None,
             max_message_bytes: 64 * 1024,
             batch_size: 2000,
             batch_timeout: Duration::from_millis(5),
@@ -442,6 +502,28 @@ const OWN_PROPERTIES: [(&str, &str); 3] = [
 ];
 
 impl Config {
+    /// The parser's reading of `event_type`, from `[events]` (or the older
+    /// `kafka.positive_event_types`: those types with weight 1, others skipped).
+    pub fn event_types(&self) -> crate::wire::EventTypes {
+        if let Some(old) = &self.kafka.positive_event_types {
+            return crate::wire::EventTypes {
+                weights: old.iter().map(|t| (t.clone(), 1.0)).collect(),
+                negative: Vec::new(),
+                ignore_unknown: true,
+            };
+        }
+        crate::wire::EventTypes {
+            weights: self
+                .events
+                .types
+                .iter()
+                .map(|(t, &w)| (t.clone(), w as f32))
+                .collect(),
+            negative: self.events.negative.clone(),
+            ignore_unknown: self.events.unknown == UnknownTypes::Ignore,
+        }
+    }
+
     /// Defaults, then the TOML file (when given), then `MULTIVAED_*` variables.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
@@ -481,6 +563,7 @@ impl Config {
         self.model
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
+        self.events.validate()?;
         let checks: [(bool, &str); 15] = [
             (
                 self.kafka.batch_size > 0,

@@ -340,8 +340,12 @@ impl Daemon {
                 producers.clone(),
             ))
         });
+        if self.config.kafka.positive_event_types.is_some() {
+            warn!("kafka.positive_event_types is replaced by [events] types (with weights) and negative: its types count with weight 1, others are skipped");
+        }
         crate::ingest::Ingest {
             kafka: self.config.kafka.clone(),
+            event_types: self.config.event_types(),
             fleet,
             store: self.store.clone(),
             activity: self.activity.clone(),

@@ -268,6 +268,7 @@ mod tests {
                 user: "u".into(),
                 item: i.to_string(),
                 timestamp_ms: None,
+                weight: 1.0,
             })
             .collect();
         s.apply(
@@ -340,11 +341,13 @@ mod tests {
                         user: "v".into(),
                         item: "y".into(),
                         timestamp_ms: None,
+                        weight: 1.0,
                     },
                     Click {
                         user: "v".into(),
                         item: "z".into(),
                         timestamp_ms: None,
+                        weight: 1.0,
                     },
                 ],
                 &[],

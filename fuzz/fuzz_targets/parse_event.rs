@@ -9,10 +9,14 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod event;
 
-use event::{parse_event, Event, MAX_ID_BYTES};
+use event::{parse_event, Event, EventTypes, MAX_ID_BYTES};
 
 fuzz_target!(|data: &[u8]| {
-    let types = vec!["click".to_string(), "view".to_string()];
+    let types = EventTypes {
+        weights: vec![("click".into(), 1.0), ("view".into(), 0.5)],
+        negative: vec!["dislike".into()],
+        ignore_unknown: false,
+    };
     for max in [65536usize, 64] {
         let key = data.get(..data.len().min(8));
         if let Ok(Event::Forget { user }) = parse_event(key, None, max, &types) {
@@ -20,8 +24,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(!user.chars().any(char::is_control));
         }
         match parse_event(key, Some(data), max, &types) {
-            Ok(Event::Click(c)) => {
+            Ok(Event::Click(c) | Event::Negative(c)) => {
                 assert!(data.len() <= max);
+                assert!(c.weight > 0.0);
                 for id in [&c.user, &c.item] {
                     assert!(!id.is_empty() && id.len() <= MAX_ID_BYTES);
                     assert!(!id.chars().any(char::is_control));

@@ -24,6 +24,10 @@ pub struct ModelArgs {
     pub learning_rate: f64,
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
+    /// The model's input: binary (the paper's) or weighted (with --data: each interaction
+    /// weighs its rating).
+    #[arg(long, value_enum, default_value = "binary")]
+    pub input: multivaed::model::Input,
 }
 
 impl ModelArgs {
@@ -36,6 +40,7 @@ impl ModelArgs {
             total_anneal_steps: self.total_anneal_steps,
             learning_rate: self.learning_rate,
             batch_size: self.batch_size,
+            input: self.input,
         };
         c.validate()
             .map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;

@@ -25,7 +25,10 @@ pub(crate) fn evaluate_model(
     heldout: &Interactions,
 ) -> Result<RankingScores> {
     let rows: Vec<&[u32]> = fold_in.rows().collect();
-    let recs = model.recommend(&rows, 100)?;
+    let weights = fold_in
+        .all_weights()
+        .filter(|_| model.config().input == crate::model::Input::Weighted);
+    let recs = model.recommend_weighted(&rows, weights.as_deref(), &[], 100)?;
     let ranked: Vec<Vec<u32>> = recs
         .into_iter()
         .map(|r| r.into_iter().map(|(i, _)| i).collect())

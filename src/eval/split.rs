@@ -276,6 +276,42 @@ pub fn build_split(
     })
 }
 
+impl Split {
+    /// The same split with each fold-in and training interaction weighted by its rating in
+    /// `raw` (1 where it has none): the input of a weighted model. Held-out items stay binary
+    /// (relevance, as in the paper's metrics).
+    pub fn weighted_by_rating(mut self, raw: &[RawInteraction]) -> Result<Self> {
+        let ratings: HashMap<(&str, &str), f32> = raw
+            .iter()
+            .filter_map(|r| Some(((r.user.as_str(), r.item.as_str()), r.rating? as f32)))
+            .collect();
+        let (n_train, n_val) = (self.train.n_users(), self.validation_tr.n_users());
+        if self.user_ids.len() != n_train + n_val + self.test_tr.n_users() {
+            bail!("the split does not name its users: ratings cannot be matched");
+        }
+        let reweight = |m: &Interactions, users: &[String]| -> Result<Interactions> {
+            let mut w = Interactions::new_weighted(m.n_items());
+            for (u, user) in users.iter().enumerate() {
+                w.push_pairs(m.row(u).iter().map(|&i| {
+                    let item = self.item_ids[i as usize].as_str();
+                    let r = ratings.get(&(user.as_str(), item)).copied();
+                    (i, r.filter(|r| *r > 0.0).unwrap_or(1.0))
+                }))
+                .map_err(anyhow::Error::msg)?;
+            }
+            Ok(w)
+        };
+        let users = &self.user_ids;
+        let train = reweight(&self.train, &users[..n_train])?;
+        let validation_tr = reweight(&self.validation_tr, &users[n_train..n_train + n_val])?;
+        let test_tr = reweight(&self.test_tr, &users[n_train + n_val..])?;
+        self.train = train;
+        self.validation_tr = validation_tr;
+        self.test_tr = test_tr;
+        Ok(self)
+    }
+}
+
 fn read_pairs(path: &Path) -> Result<Vec<(u64, u32)>> {
     let text =
         fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

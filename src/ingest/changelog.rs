@@ -19,7 +19,7 @@ use tracing::warn;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, client_error, EofReader, Producers};
-use crate::store::{ChangelogPosition, Store};
+use crate::store::{ChangelogPosition, HistoryIds, Store};
 
 /// The key of a partition's marker: user ids never hold control characters.
 pub(super) const MARKER_KEY: &str = "\u{1}multivaed.marker";
@@ -30,8 +30,10 @@ pub(super) const MARKER_KEY: &str = "\u{1}multivaed.marker";
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(super) enum Record {
     History {
-        /// External item ids, oldest first.
-        items: Vec<String>,
+        /// External item ids, oldest first; their weights (absent: 1 each) and the user's
+        /// excluded items (absent: none).
+        #[serde(flatten)]
+        history: HistoryIds,
         /// The owner's epoch.
         epoch: u64,
     },
@@ -48,7 +50,7 @@ pub(super) enum Record {
 pub(super) struct UserRecord {
     pub partition: i32,
     pub user: String,
-    pub items: Option<Vec<String>>,
+    pub history: Option<HistoryIds>,
 }
 
 /// A partition's marker to write after its users.
@@ -103,9 +105,9 @@ impl Changelog {
         let epoch_of = |p: i32| markers.iter().find(|m| m.partition == p).map(|m| m.epoch);
         let mut pending = Vec::with_capacity(users.len());
         for u in users {
-            let value = match &u.items {
-                Some(items) => Some(serde_json::to_vec(&Record::History {
-                    items: items.clone(),
+            let value = match &u.history {
+                Some(history) => Some(serde_json::to_vec(&Record::History {
+                    history: history.clone(),
                     epoch: epoch_of(u.partition).unwrap_or(0),
                 })?),
                 None => None,
@@ -177,11 +179,11 @@ pub(crate) fn read_record(
     offset: i64,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-) -> Option<(String, Vec<String>)> {
+) -> Option<(String, HistoryIds)> {
     position.next_offset = offset + 1;
     let key = String::from_utf8_lossy(key?).into_owned();
     let Some(value) = payload else {
-        return Some((key, Vec::new()));
+        return Some((key, HistoryIds::default()));
     };
     match serde_json::from_slice::<Record>(value) {
         Ok(Record::Marker {
@@ -191,7 +193,7 @@ pub(crate) fn read_record(
             position.clicks_next = next_offset;
             None
         }
-        Ok(Record::History { items, epoch }) if epoch >= position.epoch => Some((key, items)),
+        Ok(Record::History { history, epoch }) if epoch >= position.epoch => Some((key, history)),
         Ok(_) => None,
         Err(e) => {
             warn!(error = %e, partition, offset, "an unreadable changelog record is skipped");
@@ -252,7 +254,7 @@ pub(super) fn restore(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, start)?;
     consumer.assign(&tpl)?;
-    let mut chunk: Vec<(String, Vec<String>)> = Vec::new();
+    let mut chunk: Vec<(String, HistoryIds)> = Vec::new();
     let mut records = 0u64;
     let deadline_idle = Duration::from_secs(30);
     let mut idle_since = std::time::Instant::now();

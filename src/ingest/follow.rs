@@ -44,7 +44,7 @@ pub struct ChangelogReader {
 /// One partition's read state.
 struct Partition {
     position: ChangelogPosition,
-    chunk: Vec<(String, Vec<String>)>,
+    chunk: Vec<(String, crate::store::HistoryIds)>,
     at_end: bool,
 }
 

@@ -45,6 +45,8 @@ use crate::wire::{parse_event, Event};
 /// and online evaluation it tells about each stored batch, and the health it reports.
 pub struct Ingest {
     pub kafka: KafkaConfig,
+    /// What each event type means (weights, negatives).
+    pub event_types: crate::wire::EventTypes,
     /// Role `serve`: the changelog and partition ownership (`None`: role `all`).
     pub fleet: Option<Arc<Fleet>>,
     pub store: Arc<Store>,
@@ -584,20 +586,21 @@ impl Ingest {
             self.metrics.events_consumed.inc();
             let e = next.entry((m.topic().to_string(), p)).or_insert(0);
             *e = (*e).max(offset + 1);
-            let parsed = parse_event(
-                m.key(),
-                m.payload(),
-                k.max_message_bytes,
-                &k.positive_event_types,
-            )
-            .map_err(|r| (r.reason(), r.to_string()))
-            .and_then(|event| self.check_partition(event, p));
+            let parsed = parse_event(m.key(), m.payload(), k.max_message_bytes, &self.event_types)
+                .map_err(|r| (r.reason(), r.to_string()))
+                .and_then(|event| self.check_partition(event, p));
             match parsed {
                 Ok(Event::Click(c)) => {
                     if replay {
                         replayed.push(c.user.clone());
                     }
                     changes.push(Change::Click(c))
+                }
+                Ok(Event::Negative(c)) => {
+                    if replay {
+                        replayed.push(c.user.clone());
+                    }
+                    changes.push(Change::Negative(c))
                 }
                 Ok(Event::Forget { user }) => {
                     if replay {
@@ -656,7 +659,7 @@ impl Ingest {
         partition: i32,
     ) -> std::result::Result<Event, (&'static str, String)> {
         let user = match &event {
-            Event::Click(c) => &c.user,
+            Event::Click(c) | Event::Negative(c) => &c.user,
             Event::Forget { user } => user,
             Event::Ignored { .. } => return Ok(event),
         };
@@ -865,11 +868,11 @@ fn write_changelog(
         let partition = fleet.ownership.partition_of(&user);
         if owned(partition).is_some() {
             // a user the store no longer holds was forgotten: a tombstone
-            let items = store.history_ids(&user)?;
+            let history = store.history_record(&user)?;
             users.push(UserRecord {
                 partition,
                 user,
-                items,
+                history,
             });
         }
     }

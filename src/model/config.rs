@@ -26,6 +26,18 @@ pub struct ModelConfig {
     pub learning_rate: f64,
     /// Users per mini-batch.
     pub batch_size: usize,
+    /// The model's input: `binary` (the paper's: 1 per item a user has) or `weighted` (each
+    /// item's weight from `events.types`, in the input and the multinomial likelihood).
+    pub input: Input,
+}
+
+/// What a user's row holds for each of their items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Input {
+    #[default]
+    Binary,
+    Weighted,
 }
 
 /// A float given as a number or as a string ("1e-4": environment variables arrive as text and
@@ -56,6 +68,7 @@ impl Default for ModelConfig {
             total_anneal_steps: 200_000,
             learning_rate: 1e-3,
             batch_size: 500,
+            input: Input::Binary,
         }
     }
 }

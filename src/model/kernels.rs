@@ -31,28 +31,44 @@ impl Bag {
 
     /// The un-dropped scoring input of `rows`: weight 1/√n for each of a user's n items.
     pub(crate) fn normalised(rows: &[&[u32]]) -> Self {
-        Self::build(rows, 1.0, || true)
+        Self::build(rows, None, 1.0, || true)
     }
 
-    /// Each item of a user for which `keep()` holds, weighted `scale`/√n (n: all the user's
-    /// items, so the L2 normalisation comes before dropout, as in the paper).
-    pub(crate) fn build(rows: &[&[u32]], scale: f32, mut keep: impl FnMut() -> bool) -> Self {
+    /// As [`Bag::normalised`], for weighted rows: item j of a user is w_j/‖w‖ (`None`: binary).
+    pub(crate) fn normalised_weighted(rows: &[&[u32]], weights: Option<&[&[f32]]>) -> Self {
+        Self::build(rows, weights, 1.0, || true)
+    }
+
+    /// Each item of a user for which `keep()` holds, weighted `scale`·w/‖w‖ (w: the row's
+    /// weights, 1 each for binary rows: `scale`/√n; the norm over all the user's items, so the
+    /// L2 normalisation comes before dropout, as in the paper).
+    pub(crate) fn build(
+        rows: &[&[u32]],
+        weights: Option<&[&[f32]]>,
+        scale: f32,
+        mut keep: impl FnMut() -> bool,
+    ) -> Self {
         let mut bag = Bag {
             offsets: Vec::with_capacity(rows.len() + 1),
             items: Vec::new(),
             weights: Vec::new(),
         };
         bag.offsets.push(0);
-        for row in rows {
-            let w = if row.is_empty() {
+        for (r, row) in rows.iter().enumerate() {
+            let w = weights.map(|w| w[r]);
+            let norm = match w {
+                Some(w) => w.iter().map(|x| x * x).sum::<f32>().sqrt(),
+                None => (row.len() as f32).sqrt(),
+            };
+            let unit = if row.is_empty() || norm == 0.0 {
                 0.0
             } else {
-                scale / (row.len() as f32).sqrt()
+                scale / norm
             };
-            for &i in *row {
+            for (j, &i) in row.iter().enumerate() {
                 if keep() {
                     bag.items.push(i);
-                    bag.weights.push(w);
+                    bag.weights.push(unit * w.map_or(1.0, |w| w[j]));
                 }
             }
             bag.offsets.push(bag.items.len());
@@ -262,11 +278,17 @@ pub(crate) fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<T
 }
 
 /// Output layer, fused: adds `bias` to `logits` ([B × items]), computes the multinomial
-/// negative log-likelihood `-Σ_b Σ_{i∈x_b} log softmax(logits_b)_i` (summed over the batch) and
-/// the gradient of its batch mean, `(softmax(logits_b)·|x_b| − x_b) / B`.
+/// negative log-likelihood `-Σ_b Σ_{i∈x_b} x_bi·log softmax(logits_b)_i` (summed over the batch;
+/// x binary, or the rows' `weights`) and the gradient of its batch mean,
+/// `(softmax(logits_b)·Σx_b − x_b) / B`.
 /// On CPU the gradient overwrites `logits` in place (no [B × items] allocation): pass a tensor
 /// nothing else shares.
-pub(crate) fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Result<(Tensor, f64)> {
+pub(crate) fn softmax_nll(
+    logits: Tensor,
+    bias: &Tensor,
+    rows: &[&[u32]],
+    weights: Option<&[&[f32]]>,
+) -> Result<(Tensor, f64)> {
     let (b, n_items) = logits.dims2()?;
     if rows.len() != b {
         candle_core::bail!("softmax_nll: {} target rows for {b} logit rows", rows.len());
@@ -286,22 +308,27 @@ pub(crate) fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Res
                             max = max.max(*x);
                         }
                         let target = rows[u];
-                        // Σ_{i∈x} log p_i = Σ_{i∈x} (l_i − max) − |x|·log Σ_j e^{l_j − max}
-                        let shifted: f64 =
-                            target.iter().map(|&i| (row[i as usize] - max) as f64).sum();
+                        let w = |j: usize| weights.map_or(1.0, |w| w[u][j]);
+                        // Σ_i x_i log p_i = Σ_i x_i (l_i − max) − Σx·log Σ_j e^{l_j − max}
+                        let shifted: f64 = target
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &i)| (w(j) * (row[i as usize] - max)) as f64)
+                            .sum();
+                        let total: f32 = (0..target.len()).map(w).sum();
                         let mut sum = 0f32;
                         for x in row.iter_mut() {
                             *x = (*x - max).exp();
                             sum += *x;
                         }
-                        let s = target.len() as f64 * (sum as f64).ln() - shifted;
+                        let s = total as f64 * (sum as f64).ln() - shifted;
                         *nll = s;
-                        let scale = target.len() as f32 * inv_b / sum;
+                        let scale = total * inv_b / sum;
                         for x in row.iter_mut() {
                             *x *= scale;
                         }
-                        for &i in target {
-                            row[i as usize] -= inv_b;
+                        for (j, &i) in target.iter().enumerate() {
+                            row[i as usize] -= w(j) * inv_b;
                         }
                     });
                 Ok(())
@@ -315,7 +342,7 @@ pub(crate) fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Res
         let shifted = logits.broadcast_sub(&max)?;
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
         let logp = shifted.broadcast_sub(&lse)?;
-        let x = dense_rows(rows, n_items, &dev)?;
+        let x = dense_rows(rows, weights, n_items, &dev)?;
         let nll = -(logp.mul(&x)?.sum_all()?.to_scalar::<f32>()? as f64);
         let n = x.sum_keepdim(1)?;
         let grad = (logp.exp()?.broadcast_mul(&n)? - x)?.affine(inv_b as f64, 0.0)?;
@@ -323,22 +350,26 @@ pub(crate) fn softmax_nll(logits: Tensor, bias: &Tensor, rows: &[&[u32]]) -> Res
     }
 }
 
-/// The binary rows as a dense [rows × n_items] f32 tensor (built on the device by a scatter).
-pub(crate) fn dense_rows(rows: &[&[u32]], n_items: usize, dev: &Device) -> Result<Tensor> {
+/// The rows (binary, or with `weights`) as a dense [rows × n_items] f32 tensor (built on the
+/// device by a scatter).
+pub(crate) fn dense_rows(
+    rows: &[&[u32]],
+    weights: Option<&[&[f32]]>,
+    n_items: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let row_weights =
+        |r: usize| weights.map_or_else(|| vec![1.0; rows[r].len()], |w| w[r].to_vec());
     if on_host(dev) {
         let mut x = vec![0f32; rows.len() * n_items];
         for (u, row) in rows.iter().enumerate() {
-            for &i in *row {
-                x[u * n_items + i as usize] = 1.0;
+            for (&i, w) in row.iter().zip(row_weights(u)) {
+                x[u * n_items + i as usize] = w;
             }
         }
         return Tensor::from_vec(x, (rows.len(), n_items), dev);
     }
-    let (idx, ones) = padded(
-        rows.len(),
-        |r| (rows[r].to_vec(), vec![1.0; rows[r].len()]),
-        dev,
-    )?;
+    let (idx, ones) = padded(rows.len(), |r| (rows[r].to_vec(), row_weights(r)), dev)?;
     Tensor::zeros((rows.len(), n_items), DType::F32, dev)?.scatter(&idx, &ones, 1)
 }
 
@@ -398,12 +429,31 @@ mod tests {
     fn softmax_nll_host_equals_composed() {
         let (_, rows) = sample_bag();
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        softmax_nll_equals_composed(&refs, None);
+        // weighted: −Σ w·log p, gradient softmax·Σw − w, on both paths
+        let weights: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|r| (0..r.len()).map(|j| 0.5 + j as f32).collect())
+            .collect();
+        let w: Vec<&[f32]> = weights.iter().map(|r| r.as_slice()).collect();
+        softmax_nll_equals_composed(&refs, Some(&w));
+        let logits = rand_tensor((4, 10), 4);
+        let bias = rand_tensor((1, 10), 5).reshape(10).unwrap();
+        let (host, host_nll) = softmax_nll(logits.copy().unwrap(), &bias, &refs, Some(&w)).unwrap();
+        let (comp, comp_nll) = with_composed_kernels(|| {
+            softmax_nll(logits.copy().unwrap(), &bias, &refs, Some(&w)).unwrap()
+        });
+        assert!((host_nll - comp_nll).abs() < 1e-4 * comp_nll.abs());
+        assert!(rel_err(&host, &comp) < 1e-5);
+    }
+
+    fn softmax_nll_equals_composed(refs: &[&[u32]], weights: Option<&[&[f32]]>) {
         let logits = rand_tensor((4, 10), 4).affine(5.0, 0.0).unwrap();
         let bias = rand_tensor((1, 10), 5).reshape(10).unwrap();
         // Composed reference, forced through the generic path by computing it by hand.
         let l = logits.broadcast_add(&bias).unwrap();
         let logp = candle_nn::ops::log_softmax(&l, 1).unwrap();
-        let x = dense_rows(&refs, 10, &Device::Cpu).unwrap();
+        let x = dense_rows(refs, weights, 10, &Device::Cpu).unwrap();
         let want_nll = -(logp
             .mul(&x)
             .unwrap()
@@ -416,7 +466,7 @@ mod tests {
             .unwrap()
             .affine(0.25, 0.0)
             .unwrap();
-        let (grad, nll) = softmax_nll(logits.copy().unwrap(), &bias, &refs).unwrap();
+        let (grad, nll) = softmax_nll(logits.copy().unwrap(), &bias, refs, weights).unwrap();
         assert!((nll as f32 - want_nll).abs() < 1e-4 * want_nll.abs());
         assert!(rel_err(&grad, &want_grad) < 1e-5);
     }

@@ -15,7 +15,7 @@ mod trainer;
 mod vae;
 
 pub use checkpoint::{CheckpointError, Checkpoints, Manifest};
-pub use config::{number, ModelConfig};
+pub use config::{number, Input, ModelConfig};
 pub use data::Interactions;
 pub use items::{fingerprint, ItemTable};
 pub use threads::set_threads;

@@ -73,7 +73,7 @@ fn dense_autograd(
         }
     }
     let xt = Tensor::from_vec(xt, (b, n), &dev).unwrap();
-    let x = super::kernels::dense_rows(rows, n, &dev).unwrap();
+    let x = super::kernels::dense_rows(rows, None, n, &dev).unwrap();
     let n_enc = model.encoder.len();
     let n_dec = model.decoder.len();
     let mut h = xt;
@@ -126,16 +126,16 @@ fn sparse_step_equals_dense_autograd() {
         let rows = random_rows(9, 50, 11);
         let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let bag = dropout_bag(&refs, 0.5, &mut rng);
+        let bag = dropout_bag(&refs, None, 0.5, &mut rng);
         let eps: Vec<f32> = (0..9 * 4).map(|_| rng.gen_range(-2.0..2.0)).collect();
         let beta = 0.15;
         let (stats, grads) = trainer
-            .loss_and_grads(&refs, bag.clone(), eps.clone(), beta)
+            .loss_and_grads(&refs, None, bag.clone(), eps.clone(), beta)
             .unwrap();
         let mut dense = trainer.clone();
         dense.set_first_layer(FirstLayer::Dense);
         let (dstats, dgrads) = dense
-            .loss_and_grads(&refs, bag.clone(), eps.clone(), beta)
+            .loss_and_grads(&refs, None, bag.clone(), eps.clone(), beta)
             .unwrap();
         assert!((dstats.loss - stats.loss).abs() <= 1e-5 * stats.loss.abs());
         assert!(rel_err(&grads[0], &dgrads[0]) <= 1e-5);
@@ -188,7 +188,7 @@ fn loss_and_kl_by_hand() {
     let eps = vec![0.5f32, -1.0];
     let beta = 0.2;
     let (stats, _) = trainer
-        .loss_and_grads(&rows, bag, eps.clone(), beta)
+        .loss_and_grads(&rows, None, bag, eps.clone(), beta)
         .unwrap();
 
     // by hand

@@ -221,9 +221,13 @@ impl Trainer {
             .collect();
         users.shuffle(&mut rng_for(self.seed, Stream::Shuffle, self.epochs_done));
         let mut total = EpochStats::default();
+        let weighted = self.model.config().input == super::Input::Weighted;
         for batch in users.chunks(self.model.config().batch_size) {
             let rows: Vec<&[u32]> = batch.iter().map(|&u| data.row(u)).collect();
-            let s = self.train_step(&rows)?;
+            let weights: Option<Vec<&[f32]>> = weighted
+                .then(|| batch.iter().map(|&u| data.weights(u)).collect())
+                .flatten();
+            let s = self.train_step_weighted(&rows, weights.as_deref())?;
             total.loss += s.loss;
             total.nll += s.nll;
             total.kl += s.kl;
@@ -245,13 +249,22 @@ impl Trainer {
 
     /// One Adam update on the users `rows` (each a non-empty, sorted item list).
     pub fn train_step(&mut self, rows: &[&[u32]]) -> Result<StepStats> {
+        self.train_step_weighted(rows, None)
+    }
+
+    /// As [`Trainer::train_step`], with each item's weight (`None`: binary rows).
+    pub fn train_step_weighted(
+        &mut self,
+        rows: &[&[u32]],
+        weights: Option<&[&[f32]]>,
+    ) -> Result<StepStats> {
         let beta = self.beta();
         let mut rng = rng_for(self.seed, Stream::Step, self.update_count);
-        let bag = dropout_bag(rows, self.model.config().dropout_prob, &mut rng);
+        let bag = dropout_bag(rows, weights, self.model.config().dropout_prob, &mut rng);
         let eps: Vec<f32> = (0..rows.len() * self.model.config().latent_dimension)
             .map(|_| rng.sample::<f32, _>(StandardNormal))
             .collect();
-        let (stats, grads) = self.loss_and_grads(rows, bag, eps, beta)?;
+        let (stats, grads) = self.loss_and_grads(rows, weights, bag, eps, beta)?;
         let mut params = self.model.params_mut();
         self.adam.update(&mut params, &grads)?;
         self.update_count += 1;
@@ -314,6 +327,7 @@ impl Trainer {
     pub(crate) fn loss_and_grads(
         &self,
         rows: &[&[u32]],
+        weights: Option<&[&[f32]]>,
         bag: Bag,
         eps: Vec<f32>,
         beta: f64,
@@ -333,7 +347,7 @@ impl Trainer {
         let kl = kl_sum * inv_b;
 
         let last = m.decoder.len() - 1;
-        let (dlogits, nll_sum) = softmax_nll(f.logits, &m.decoder[last].bias, rows)?;
+        let (dlogits, nll_sum) = softmax_nll(f.logits, &m.decoder[last].bias, rows, weights)?;
         let nll = nll_sum * inv_b;
 
         let mut dec_grads: Vec<(Tensor, Tensor)> = Vec::with_capacity(m.decoder.len());
@@ -393,9 +407,15 @@ impl Trainer {
 }
 
 /// The training input of a batch: each item of a user kept with probability 1 − p, weighted
-/// 1/√n (L2 normalisation over all n items) × 1/(1 − p) (inverted dropout).
-pub(crate) fn dropout_bag(rows: &[&[u32]], p: f64, rng: &mut impl Rng) -> Bag {
-    Bag::build(rows, 1.0 / (1.0 - p) as f32, || {
+/// 1/√n (L2 normalisation over all n items; w/‖w‖ for weighted rows) × 1/(1 − p) (inverted
+/// dropout).
+pub(crate) fn dropout_bag(
+    rows: &[&[u32]],
+    weights: Option<&[&[f32]]>,
+    p: f64,
+    rng: &mut impl Rng,
+) -> Bag {
+    Bag::build(rows, weights, 1.0 / (1.0 - p) as f32, || {
         p == 0.0 || rng.gen::<f64>() >= p
     })
 }

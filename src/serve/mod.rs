@@ -448,6 +448,7 @@ mod tests {
                     user: format!("u{u}"),
                     item: format!("i{}", u + i),
                     timestamp_ms: None,
+                    weight: 1.0,
                 })
             })
             .collect();

@@ -7,7 +7,8 @@
 use anyhow::{Context, Result};
 
 use crate::live::LiveModel;
-use crate::store::Store;
+use crate::model::Input;
+use crate::store::{History, Store};
 use crate::wire::{now_ms, Recommendation, ScoredItem, Source};
 
 /// A user's ranked items before publishing (store indices).
@@ -52,47 +53,37 @@ pub fn score_users(
 }
 
 /// As [`score_users`], for users given by their id and history (store item indices): the one
-/// ranking path of the scorer, the pull API and offline `recommend`.
+/// ranking path of the scorer, the pull API and offline `recommend`. A user's own items and
+/// excluded items (negative events) are never ranked for them.
 pub(crate) fn score_histories(
     store: &Store,
     live: Option<&LiveModel>,
     users: &[u32],
     ids: Vec<String>,
-    mut histories: Vec<Vec<u32>>,
+    histories: Vec<History>,
     depth: usize,
     hidden: &[u32],
 ) -> Result<Vec<Scored>> {
-    for h in &mut histories {
-        h.sort_unstable();
-        h.dedup();
-    }
+    // what each user must not be offered, ascending
+    let seen: Vec<Vec<u32>> = histories
+        .iter()
+        .map(|h| {
+            let mut s: Vec<u32> = h.items.iter().chain(&h.excluded).copied().collect();
+            s.sort_unstable();
+            s.dedup();
+            s
+        })
+        .collect();
     let mut scored: Vec<Option<Vec<(u32, f32)>>> = vec![None; users.len()];
     if let Some(live) = live {
-        // the model's columns of each history (items it does not know are left out)
-        let inputs: Vec<Vec<u32>> = histories
-            .iter()
-            .map(|h| {
-                let mut c: Vec<u32> = h.iter().filter_map(|&i| live.column(i)).collect();
-                c.sort_unstable();
-                c
-            })
-            .collect();
-        let idx: Vec<usize> = (0..users.len())
-            .filter(|&j| !inputs[j].is_empty())
-            .collect();
-        let rows: Vec<&[u32]> = idx.iter().map(|&j| inputs[j].as_slice()).collect();
-        if !rows.is_empty() {
-            let mut hidden_columns: Vec<u32> =
-                hidden.iter().filter_map(|&i| live.column(i)).collect();
-            hidden_columns.sort_unstable();
-            let recs = live.model.recommend_hiding(&rows, &hidden_columns, depth)?;
-            for (j, r) in idx.into_iter().zip(recs) {
-                scored[j] = Some(
-                    r.into_iter()
-                        .map(|(c, score)| (live.store_item(c), score))
-                        .collect(),
-                );
-            }
+        let ranked = rank_with_model(live, &histories, hidden, depth)?;
+        for (j, r) in ranked {
+            scored[j] = Some(
+                r.into_iter()
+                    .filter(|(i, _)| seen[j].binary_search(i).is_err())
+                    .take(depth)
+                    .collect(),
+            );
         }
     }
     // the popular ranking once for the batch: deep enough that every user keeps `depth` items
@@ -100,7 +91,7 @@ pub(crate) fn score_histories(
     // model's own (the fleet's) when it has one, else the store's
     let longest = (0..users.len())
         .filter(|&j| scored[j].is_none())
-        .map(|j| histories[j].len())
+        .map(|j| seen[j].len())
         .max();
     let popular = longest
         .map(|n| {
@@ -112,7 +103,7 @@ pub(crate) fn score_histories(
     Ok(users
         .iter()
         .zip(ids)
-        .zip(&histories)
+        .zip(&seen)
         .zip(scored)
         .map(|(((&user, user_id), h), s)| match s {
             Some(items) => Scored {
@@ -134,6 +125,59 @@ pub(crate) fn score_histories(
                     .collect(),
                 source: Source::Popular,
             },
+        })
+        .collect())
+}
+
+/// The live model's ranking (store items) of each user `j` of `histories` it can score (one of
+/// whose items it knows): deep enough that `depth` remain once their excluded items are
+/// dropped. A weighted model reads each item's weight.
+fn rank_with_model(
+    live: &LiveModel,
+    histories: &[History],
+    hidden: &[u32],
+    depth: usize,
+) -> Result<Vec<(usize, Vec<(u32, f32)>)>> {
+    // the model's columns of each history, ascending (items it does not know are left out)
+    let inputs: Vec<(Vec<u32>, Vec<f32>)> = histories
+        .iter()
+        .map(|h| {
+            let mut c: Vec<(u32, f32)> = h
+                .items
+                .iter()
+                .zip(&h.weights)
+                .filter_map(|(&i, &w)| live.column(i).map(|c| (c, w)))
+                .collect();
+            c.sort_unstable_by_key(|p| p.0);
+            c.dedup_by_key(|p| p.0);
+            c.into_iter().unzip()
+        })
+        .collect();
+    let idx: Vec<usize> = (0..histories.len())
+        .filter(|&j| !inputs[j].0.is_empty())
+        .collect();
+    if idx.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<&[u32]> = idx.iter().map(|&j| inputs[j].0.as_slice()).collect();
+    let weights: Option<Vec<&[f32]>> = (live.model.config().input == Input::Weighted)
+        .then(|| idx.iter().map(|&j| inputs[j].1.as_slice()).collect());
+    let mut hidden_columns: Vec<u32> = hidden.iter().filter_map(|&i| live.column(i)).collect();
+    hidden_columns.sort_unstable();
+    let most_excluded = idx.iter().map(|&j| histories[j].excluded.len()).max();
+    let deep = depth.saturating_add(most_excluded.unwrap_or(0));
+    let recs = live
+        .model
+        .recommend_weighted(&rows, weights.as_deref(), &hidden_columns, deep)?;
+    Ok(idx
+        .into_iter()
+        .zip(recs)
+        .map(|(j, r)| {
+            let items = r
+                .into_iter()
+                .map(|(c, s)| (live.store_item(c), s))
+                .collect();
+            (j, items)
         })
         .collect())
 }
@@ -252,7 +296,7 @@ pub fn recommend_offline(
                 Some(live),
                 &[u32::MAX],
                 vec![String::new()],
-                vec![history],
+                vec![History::binary(history)],
                 k,
                 &[],
             )?;
@@ -274,11 +318,7 @@ mod tests {
     fn without_a_model_each_user_gets_the_popular_items_they_do_not_have() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 100).unwrap();
-        let click = |u: &str, i: usize| crate::store::Click {
-            user: u.into(),
-            item: format!("i{i}"),
-            timestamp_ms: None,
-        };
+        let click = |u: &str, i: usize| crate::store::Click::new(u, format!("i{i}"));
         // item i is held by 40 - i fillers; "heavy" holds the 30 most popular, "light" one
         let mut clicks: Vec<_> = (0..40)
             .flat_map(|i| (0..40 - i).map(move |f| click(&format!("f{f}"), i)))

@@ -13,13 +13,19 @@ pub(super) const MESSAGES: &[u8] = b"mmessages";
 /// The layout of the records (absent: format 1, the original layout).
 pub(super) const FORMAT: &[u8] = b"mformat";
 /// Format 2: a user's index and history in one record under its external id (one read and one
-/// write per click); items are found through the in-memory catalogue.
-pub(super) const CURRENT_FORMAT: u64 = 2;
+/// write per click); items are found through the in-memory catalogue. Format 3: each item of
+/// the history has a weight, and the record ends with the user's excluded items.
+pub(super) const CURRENT_FORMAT: u64 = 3;
+/// While a store is converted to format 3: the last user key converted (written with each
+/// converted chunk, so an interrupted conversion resumes after it).
+pub(super) const UPGRADE_CURSOR: &[u8] = b"mupgrade3";
 /// Items per popularity record.
 pub(super) const POPULARITY_BLOCK: usize = 256;
 
 // Records, by first byte of the key:
-//   'U' + user id   → user index (u32 BE), then the history, oldest first (u32 LE each)
+//   'U' + user id   → user index (u32 BE), the history's length n (u32 LE), its n items,
+//                     oldest first (u32 LE each), their n weights (f32 LE each), then the
+//                     user's excluded items (u32 LE each; format 2 had the items only)
 //   'Q' + user id   → a damaged 'U' record, kept aside
 //   'W' + user id   → a forgotten user whose recommendation is not yet withdrawn (empty)
 //   'u' + index BE  → user id
@@ -67,14 +73,97 @@ pub(super) fn encode_items(items: &[u32]) -> Vec<u8> {
 }
 
 /// A user record: its index, then its history.
-pub(super) fn encode_user(idx: u32, items: &[u32]) -> Vec<u8> {
-    let mut v = idx.to_be_bytes().to_vec();
-    v.extend(encode_items(items));
+pub(super) fn encode_user(idx: u32, h: &History) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 8 * h.items.len() + 4 * h.excluded.len());
+    v.extend(idx.to_be_bytes());
+    v.extend((h.items.len() as u32).to_le_bytes());
+    v.extend(encode_items(&h.items));
+    v.extend(h.weights.iter().flat_map(|w| w.to_le_bytes()));
+    v.extend(encode_items(&h.excluded));
     v
 }
 
-/// The index and history of a user record (`None` when it is not one).
-pub(super) fn decode_user(v: &[u8]) -> Option<(u32, Vec<u32>)> {
+/// The index and history of a user record (`None` when it is not one: a damaged record).
+pub(super) fn decode_user(v: &[u8]) -> Option<(u32, History)> {
+    let idx = u32::from_be_bytes(<[u8; 4]>::try_from(v.get(..4)?).ok()?);
+    let n = u32::from_le_bytes(<[u8; 4]>::try_from(v.get(4..8)?).ok()?) as usize;
+    let weights_at = 8usize.checked_add(n.checked_mul(4)?)?;
+    let excluded_at = weights_at.checked_add(n.checked_mul(4)?)?;
+    let rest = v.get(excluded_at..)?;
+    if rest.len() % 4 != 0 || weights_at > v.len() {
+        return None;
+    }
+    let weights: Vec<f32> = v[weights_at..excluded_at]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
+        return None;
+    }
+    Some((
+        idx,
+        History {
+            items: decode_items(&v[8..weights_at]),
+            weights,
+            excluded: decode_items(rest),
+        },
+    ))
+}
+
+/// A format-2 user record: its index, then its items.
+pub(super) fn decode_user_v2(v: &[u8]) -> Option<(u32, Vec<u32>)> {
     let idx = u32::from_be_bytes(<[u8; 4]>::try_from(v.get(..4)?).ok()?);
     Some((idx, decode_items(&v[4..])))
+}
+
+/// What the store holds of one user: their items, oldest first, with the weight of each (the
+/// largest of its events' since it last entered the history), and the items they do not want
+/// (negative events), oldest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    pub items: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub excluded: Vec<u32>,
+}
+
+impl History {
+    /// A history of weight-1 items and no exclusions.
+    pub fn binary(items: Vec<u32>) -> Self {
+        Self {
+            weights: vec![1.0; items.len()],
+            items,
+            excluded: Vec::new(),
+        }
+    }
+
+    /// Nothing stored: no item, no exclusion.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.excluded.is_empty()
+    }
+}
+
+/// A user's history by external ids (the changelog's and the export's form): items oldest
+/// first, their weights (empty: 1 each), the excluded items oldest first. Empty (no item, no
+/// exclusion): the user is forgotten.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryIds {
+    pub items: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
+}
+
+impl HistoryIds {
+    /// Items of weight 1, no exclusions.
+    pub fn items(items: Vec<String>) -> Self {
+        Self {
+            items,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.excluded.is_empty()
+    }
 }

@@ -20,6 +20,7 @@ mod restore;
 mod upgrade;
 
 use codec::*;
+pub use codec::{History, HistoryIds};
 pub(crate) use restore::ChangelogPosition;
 use upgrade::upgrade;
 
@@ -34,9 +35,11 @@ pub struct PartitionOffset {
 }
 
 /// One consumed change to the histories, applied in consumption order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Click(Click),
+    /// The item leaves the user's history and is excluded for them (until a later click on it).
+    Negative(Click),
     /// The user's whole history is deleted (a later click starts a new one).
     Forget(String),
 }
@@ -45,6 +48,7 @@ pub enum Change {
 #[derive(Clone, Copy)]
 enum ChangeRef<'c> {
     Click(&'c Click),
+    Negative(&'c Click),
     Forget(&'c str),
 }
 
@@ -65,8 +69,10 @@ pub struct Applied {
     pub new_interactions: u64,
     /// Those pairs, in arrival order (for online evaluation).
     pub new_pairs: Vec<(u32, u32)>,
-    /// Clicks that were already stored (replays, repeats).
+    /// Clicks that were already stored (replays, repeats) with at least their weight.
     pub duplicates: u64,
+    /// Items newly excluded by negative events.
+    pub excluded: u64,
     pub new_users: u32,
     pub new_items: u32,
     /// Damaged user records met: each was moved aside (kept under a quarantine key) and its
@@ -103,7 +109,7 @@ impl Catalogue {
 struct Touched<'a> {
     id: &'a str,
     idx: u32,
-    items: Vec<u32>,
+    history: History,
     new: bool,
     changed: bool,
     /// Forgotten in this batch: its stored records go (a later click of the batch starts a
@@ -131,39 +137,76 @@ struct Merge<'c> {
 }
 
 impl Merge<'_> {
-    /// Adds item `i` to touched user `t` (nothing if they have it), evicting the oldest past
-    /// `max_history`.
-    fn add(&mut self, t: usize, i: u32, max_history: usize) {
+    /// Adds item `i` of `weight` to touched user `t` (a larger weight when they have it),
+    /// evicting the oldest past `max_history`; a positive event lifts the item's exclusion.
+    fn add(&mut self, t: usize, i: u32, weight: f32, max_history: usize) {
         let user = &mut self.touched[t];
-        if user.items.contains(&i) {
+        let h = &mut user.history;
+        if let Some(at) = h.items.iter().position(|&x| x == i) {
+            if weight <= h.weights[at] {
+                self.applied.duplicates += 1;
+                return;
+            }
+            h.weights[at] = weight;
+        } else {
+            h.excluded.retain(|&x| x != i);
+            h.items.push(i);
+            h.weights.push(weight);
+            self.applied.new_pairs.push((user.idx, i));
+            *self.pop_delta.entry(i).or_default() += 1;
+            self.applied.new_interactions += 1;
+            self.interactions += 1;
+            if h.items.len() > max_history {
+                let evicted = h.items.len() - max_history;
+                h.weights.drain(..evicted);
+                for old in h.items.drain(..evicted) {
+                    *self.pop_delta.entry(old).or_default() -= 1;
+                    self.interactions -= 1;
+                }
+            }
+        }
+        self.changed(t);
+    }
+
+    /// A negative event of touched user `t` on item `i`: out of the history, into the excluded
+    /// items (the `max_history` most recent are kept).
+    fn exclude(&mut self, t: usize, i: u32, max_history: usize) {
+        let h = &mut self.touched[t].history;
+        if let Some(at) = h.items.iter().position(|&x| x == i) {
+            h.items.remove(at);
+            h.weights.remove(at);
+            *self.pop_delta.entry(i).or_default() -= 1;
+            self.interactions -= 1;
+        }
+        if h.excluded.contains(&i) {
             self.applied.duplicates += 1;
             return;
         }
-        user.items.push(i);
-        self.applied.new_pairs.push((user.idx, i));
-        *self.pop_delta.entry(i).or_default() += 1;
-        self.applied.new_interactions += 1;
-        self.interactions += 1;
-        if user.items.len() > max_history {
-            let evicted = user.items.len() - max_history;
-            for old in user.items.drain(..evicted) {
-                *self.pop_delta.entry(old).or_default() -= 1;
-                self.interactions -= 1;
-            }
+        h.excluded.push(i);
+        if h.excluded.len() > max_history {
+            let evicted = h.excluded.len() - max_history;
+            h.excluded.drain(..evicted);
         }
+        self.applied.excluded += 1;
+        self.changed(t);
+    }
+
+    fn changed(&mut self, t: usize) {
+        let user = &mut self.touched[t];
         if !user.changed {
             user.changed = true;
             self.applied.changed_users.push(user.idx);
         }
     }
 
-    /// Empties touched user `t`'s history: they are forgotten.
+    /// Empties touched user `t`'s history and exclusions: they are forgotten.
     fn forget(&mut self, t: usize) {
         let user = &mut self.touched[t];
-        for old in user.items.drain(..) {
+        for old in user.history.items.drain(..) {
             *self.pop_delta.entry(old).or_default() -= 1;
             self.interactions -= 1;
         }
+        user.history = History::default();
         user.forgotten = true;
         if user.changed {
             user.changed = false;
@@ -427,6 +470,7 @@ impl Store {
     ) -> Result<Applied> {
         let changes = changes.iter().map(|c| match c {
             Change::Click(c) => ChangeRef::Click(c),
+            Change::Negative(c) => ChangeRef::Negative(c),
             Change::Forget(u) => ChangeRef::Forget(u),
         });
         self.apply_batch(changes, offsets, messages)
@@ -451,7 +495,7 @@ impl Store {
             if user.forgotten {
                 batch.remove(key(b'Q', user.id.as_bytes()));
             }
-            if user.forgotten && user.items.is_empty() {
+            if user.forgotten && user.history.is_empty() {
                 batch.remove(key(b'U', user.id.as_bytes()));
                 batch.remove(&idx_key(b'u', user.idx));
                 m.deleted += 1;
@@ -462,7 +506,7 @@ impl Store {
             }
             batch.insert(
                 key(b'U', user.id.as_bytes()),
-                encode_user(user.idx, &user.items),
+                encode_user(user.idx, &user.history),
             );
             if user.new {
                 batch.insert(&idx_key(b'u', user.idx), user.id.as_bytes());
@@ -539,8 +583,9 @@ impl Store {
         let mut by_user: HashMap<&str, usize> = HashMap::new();
         let mut new_item_index: HashMap<&str, u32> = HashMap::new();
         for change in changes {
-            let c = match change {
-                ChangeRef::Click(c) => c,
+            let (c, negative) = match change {
+                ChangeRef::Click(c) => (c, false),
+                ChangeRef::Negative(c) => (c, true),
                 ChangeRef::Forget(user) => {
                     self.merge_forget(&mut m, &mut by_user, user)?;
                     continue;
@@ -550,8 +595,8 @@ impl Store {
                 Some(&t) => t,
                 None => {
                     let record = self.tree.get(key(b'U', c.user.as_bytes()))?;
-                    let (idx, items, new) = match record.as_ref().map(|v| decode_user(v)) {
-                        Some(Some((idx, items))) => (idx, items, false),
+                    let (idx, history, new) = match record.as_ref().map(|v| decode_user(v)) {
+                        Some(Some((idx, history))) => (idx, history, false),
                         found => {
                             if let (Some(None), Some(raw)) = (found, record.clone()) {
                                 // a damaged record: kept aside, the user starts again
@@ -565,13 +610,13 @@ impl Store {
                                 .into());
                             }
                             m.next_user += 1;
-                            (m.next_user - 1, Vec::new(), true)
+                            (m.next_user - 1, History::default(), true)
                         }
                     };
                     m.touched.push(Touched {
                         id: &c.user,
                         idx,
-                        items,
+                        history,
                         new,
                         changed: false,
                         forgotten: false,
@@ -599,7 +644,11 @@ impl Store {
                     }
                 },
             };
-            m.add(t, i, self.max_history);
+            if negative {
+                m.exclude(t, i, self.max_history);
+            } else {
+                m.add(t, i, c.weight, self.max_history);
+            }
         }
         Ok(m)
     }
@@ -622,11 +671,11 @@ impl Store {
                 index: None,
             }),
             Some(raw) => match decode_user(&raw) {
-                Some((idx, items)) => {
+                Some((idx, history)) => {
                     m.touched.push(Touched {
                         id: user,
                         idx,
-                        items,
+                        history,
                         new: false,
                         changed: false,
                         forgotten: false,
@@ -752,7 +801,7 @@ impl Store {
 
     /// A user's record: their index and history (`None` for an unknown user or a damaged
     /// record).
-    fn record(&self, user: &str) -> Result<Option<(u32, Vec<u32>)>> {
+    fn record(&self, user: &str) -> Result<Option<(u32, History)>> {
         Ok(self
             .tree
             .get(key(b'U', user.as_bytes()))?
@@ -781,21 +830,18 @@ impl Store {
         Some(self.catalogue().ids.get(item as usize)?.to_string())
     }
 
-    /// A user's external id and items, oldest first (`None` for an unknown index).
-    pub fn user(&self, user: u32) -> Result<Option<(String, Vec<u32>)>> {
+    /// A user's external id and history (`None` for an unknown index).
+    pub fn user(&self, user: u32) -> Result<Option<(String, History)>> {
         let Some(id) = self.user_id(user)? else {
             return Ok(None);
         };
-        let items = self
-            .record(&id)?
-            .map(|(_, items)| items)
-            .unwrap_or_default();
-        Ok(Some((id, items)))
+        let history = self.record(&id)?.map(|(_, h)| h).unwrap_or_default();
+        Ok(Some((id, history)))
     }
 
     /// A user's items, oldest first.
     pub fn history(&self, user: u32) -> Result<Vec<u32>> {
-        Ok(self.user(user)?.map(|(_, items)| items).unwrap_or_default())
+        Ok(self.user(user)?.map(|(_, h)| h.items).unwrap_or_default())
     }
 
     /// The most popular items (by users holding them), best first, excluding `seen` (sorted).
@@ -823,52 +869,57 @@ impl Store {
     /// Every user with a history, as a sample (row r = user `users[r]`).
     #[cfg(test)]
     fn snapshot(&self) -> Result<Sample> {
-        self.sample(usize::MAX, &HashSet::new(), |_, _, _| Pick::Maybe, 0)
+        self.sample(usize::MAX, &HashSet::new(), |_, _, _| Pick::Maybe, 0, false)
     }
 
     /// The histories of one training round's users, read while ingestion continues, in user
     /// order: every user `pick` (called in user order) says to take always, none it says to
     /// leave out, then up to `max_users` others — those in `preferred` first, the rest of the
     /// budget a uniform random sample (`seed`). `pick` gets each user's index, [`user_key`] and
-    /// items. Memory is bounded by the sample, not by the number of users stored.
+    /// items. The rows carry the items' weights when `weighted`. Memory is bounded by the
+    /// sample, not by the number of users stored.
     pub fn sample(
         &self,
         max_users: usize,
         preferred: &HashSet<u32>,
         mut pick: impl FnMut(u32, u64, &[u32]) -> Pick,
         seed: u64,
+        weighted: bool,
     ) -> Result<Sample> {
+        type Row = (u32, u64, Vec<u32>, Vec<f32>);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut kept: Vec<(u32, u64, Vec<u32>)> = Vec::new();
-        let mut chosen: Vec<(u32, u64, Vec<u32>)> = Vec::new();
-        let mut reservoir: Vec<(u32, u64, Vec<u32>)> = Vec::new();
+        let mut kept: Vec<Row> = Vec::new();
+        let mut chosen: Vec<Row> = Vec::new();
+        let mut reservoir: Vec<Row> = Vec::new();
         let mut others_seen = 0usize;
         let mut max_item = 0usize;
         for kv in self.tree.scan_prefix([b'U']) {
             let (k, v) = kv?;
-            let Some((u, items)) = decode_user(&v) else {
+            let Some((u, history)) = decode_user(&v) else {
                 continue;
             };
-            if items.is_empty() {
+            if history.items.is_empty() {
                 continue;
             }
+            let (items, weights) = (history.items, history.weights);
+            let weights = if weighted { weights } else { Vec::new() };
             max_item = max_item.max(items.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
             let key = user_key(&k[1..]);
             let how = pick(u, key, &items);
             if how == Pick::Always {
-                kept.push((u, key, items));
+                kept.push((u, key, items, weights));
             } else if how == Pick::Never {
                 continue;
             } else if preferred.contains(&u) && chosen.len() < max_users {
-                chosen.push((u, key, items));
+                chosen.push((u, key, items, weights));
             } else {
                 // reservoir sampling (algorithm R) over the other users
                 if reservoir.len() < max_users {
-                    reservoir.push((u, key, items));
+                    reservoir.push((u, key, items, weights));
                 } else {
                     let j = rng.gen_range(0..=others_seen);
                     if j < max_users {
-                        reservoir[j] = (u, key, items);
+                        reservoir[j] = (u, key, items, weights);
                     }
                 }
                 others_seen += 1;
@@ -881,12 +932,16 @@ impl Store {
         }
         kept.extend(chosen);
         kept.extend(reservoir);
-        kept.sort_unstable_by_key(|(u, _, _)| *u);
+        kept.sort_unstable_by_key(|(u, _, _, _)| *u);
         let n_items = (self.counts().items as usize).max(max_item);
-        let users = kept.iter().map(|(u, _, _)| *u).collect();
-        let keys = kept.iter().map(|(_, k, _)| *k).collect();
-        let rows = Interactions::from_rows(kept.into_iter().map(|(_, _, r)| r), n_items)
-            .map_err(anyhow::Error::msg)?;
+        let users = kept.iter().map(|(u, _, _, _)| *u).collect();
+        let keys = kept.iter().map(|(_, k, _, _)| *k).collect();
+        let rows = if weighted {
+            Interactions::from_weighted_rows(kept.into_iter().map(|(_, _, r, w)| (r, w)), n_items)
+        } else {
+            Interactions::from_rows(kept.into_iter().map(|(_, _, r, _)| r), n_items)
+        }
+        .map_err(anyhow::Error::msg)?;
         Ok(Sample { users, keys, rows })
     }
 }
@@ -931,6 +986,7 @@ mod tests {
             user: u.into(),
             item: i.into(),
             timestamp_ms: None,
+            weight: 1.0,
         }
     }
 
@@ -1079,6 +1135,67 @@ mod tests {
         assert_eq!(s.history_ids("alice").unwrap().unwrap(), vec!["i3"]);
         assert_eq!(s.counts().users, 2);
         assert_eq!(s.counts().interactions, 2);
+    }
+
+    fn weighted(u: &str, i: &str, w: f32) -> Change {
+        Change::Click(Click {
+            weight: w,
+            ..click(u, i)
+        })
+    }
+
+    #[test]
+    fn weights_keep_their_largest_and_a_negative_excludes_until_a_later_positive() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        let neg = |u: &str, i: &str| Change::Negative(click(u, i));
+        let a = s
+            .apply_changes(
+                &[
+                    weighted("ann", "x", 0.5),
+                    weighted("ann", "x", 3.0),
+                    weighted("ann", "x", 1.0),
+                    weighted("ann", "y", 2.0),
+                    weighted("bob", "y", 1.0),
+                    neg("ann", "y"),
+                    neg("ann", "y"),
+                    neg("ann", "z"),
+                ],
+                &[off(0, 8)],
+                8,
+            )
+            .unwrap();
+        assert_eq!((a.excluded, a.duplicates), (2, 2), "{a:?}");
+        let ann = s.user_index("ann").unwrap().unwrap();
+        let index: HashMap<&str, u32> = ["x", "y", "z"]
+            .into_iter()
+            .map(|i| (i, s.item_index(i).unwrap().unwrap()))
+            .collect();
+        let idx = |i: &str| index[i];
+        let h = s.user(ann).unwrap().unwrap().1;
+        assert_eq!(h.items, vec![idx("x")]);
+        assert_eq!(h.weights, vec![3.0]);
+        assert_eq!(h.excluded, vec![idx("y"), idx("z")]);
+        // y's count lost ann; x, y held once each
+        assert_eq!(s.counts().interactions, 2);
+        assert_eq!(s.popular(1, &[]), vec![(idx("x"), 1.0)]);
+        // a later positive event lifts the exclusion; all of it survives a reopen
+        s.apply_changes(&[weighted("ann", "z", 2.0)], &[off(0, 9)], 1)
+            .unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), 10).unwrap();
+        let h = s.user(ann).unwrap().unwrap().1;
+        assert_eq!(h.items, vec![idx("x"), idx("z")]);
+        assert_eq!(h.weights, vec![3.0, 2.0]);
+        assert_eq!(h.excluded, vec![idx("y")]);
+        // a user with only an exclusion is kept; forgetting deletes exclusions too
+        s.apply_changes(&[neg("cy", "x")], &[off(0, 10)], 1)
+            .unwrap();
+        let cy = s.user_index("cy").unwrap().unwrap();
+        assert_eq!(s.user(cy).unwrap().unwrap().1.excluded, vec![idx("x")]);
+        s.apply_changes(&[forget("cy")], &[off(0, 11)], 1).unwrap();
+        assert_eq!(s.user_index("cy").unwrap(), None);
     }
 
     #[test]
@@ -1246,6 +1363,7 @@ mod tests {
                     _ => Pick::Maybe,
                 },
                 seed,
+                false,
             )
             .unwrap()
         };

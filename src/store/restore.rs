@@ -66,7 +66,7 @@ impl Store {
     /// offset, in one atomic batch. Returns the users written and the (user, item) pairs added.
     pub(crate) fn restore_histories(
         &self,
-        users: &[(String, Vec<String>)],
+        users: &[(String, HistoryIds)],
         partition: i32,
         position: ChangelogPosition,
         clicks: Option<&PartitionOffset>,
@@ -84,7 +84,7 @@ impl Store {
         {
             let catalogue = self.catalogue();
             let first_new = catalogue.ids.len() as u32;
-            let mut new_index: HashMap<&str, u32> = HashMap::new();
+            let mut new_index: HashMap<String, u32> = HashMap::new();
             // the log before compaction holds several records of a user: the last is theirs
             let last: HashMap<&str, usize> = users
                 .iter()
@@ -96,14 +96,14 @@ impl Store {
                 .enumerate()
                 .filter(|(n, (u, _))| last.get(u.as_str()) == Some(n))
                 .map(|(_, r)| r);
-            for (user, items) in latest {
-                if items.is_empty() {
+            for (user, restored) in latest {
+                if restored.is_empty() {
                     // forgotten: every record that names them goes
-                    if let Some((idx, old_items)) = self.record(user)? {
-                        for &i in &old_items {
+                    if let Some((idx, old)) = self.record(user)? {
+                        for &i in &old.items {
                             *pop_delta.entry(i).or_default() -= 1;
                         }
-                        interactions -= old_items.len() as i64;
+                        interactions -= old.items.len() as i64;
                         batch.remove(&idx_key(b'u', idx));
                         written.forgotten += 1;
                     }
@@ -111,7 +111,7 @@ impl Store {
                     batch.remove(key(b'Q', user.as_bytes()));
                     continue;
                 }
-                let (idx, old_items) = match self.record(user)? {
+                let (idx, old) = match self.record(user)? {
                     Some(found) => found,
                     None => {
                         if next_user >= self.index_limit {
@@ -123,14 +123,13 @@ impl Store {
                         }
                         batch.insert(&idx_key(b'u', next_user), user.as_bytes());
                         next_user += 1;
-                        (next_user - 1, Vec::new())
+                        (next_user - 1, History::default())
                     }
                 };
-                let mut indices: Vec<u32> = Vec::with_capacity(items.len());
-                for item in items.iter().rev().take(self.max_history) {
-                    let i = match catalogue.index.get(item.as_str()) {
+                let mut intern = |item: &str| -> Result<u32> {
+                    Ok(match catalogue.index.get(item) {
                         Some(&i) => i,
-                        None => match new_index.get(item.as_str()) {
+                        None => match new_index.get(item) {
                             Some(&i) => i,
                             None => {
                                 let i = first_new + new_items.len() as u32;
@@ -142,26 +141,51 @@ impl Store {
                                     .into());
                                 }
                                 batch.insert(&idx_key(b'i', i), item.as_bytes());
-                                new_items.push(Arc::from(item.as_str()));
-                                new_index.insert(item.as_str(), i);
+                                new_items.push(Arc::from(item));
+                                new_index.insert(item.to_string(), i);
                                 i
                             }
                         },
-                    };
-                    if !indices.contains(&i) {
-                        indices.push(i);
+                    })
+                };
+                // the newest `max_history` of each list, oldest first, each item once
+                let mut history = History::default();
+                let weight = |j: usize| {
+                    restored
+                        .weights
+                        .get(j)
+                        .copied()
+                        .filter(|w| w.is_finite() && *w > 0.0)
+                };
+                for (j, item) in restored.items.iter().enumerate().rev() {
+                    let i = intern(item)?;
+                    if history.items.len() < self.max_history && !history.items.contains(&i) {
+                        history.items.push(i);
+                        history.weights.push(weight(j).unwrap_or(1.0));
                     }
                 }
-                indices.reverse();
-                for &i in &old_items {
+                for item in restored.excluded.iter().rev() {
+                    let i = intern(item)?;
+                    if history.excluded.len() < self.max_history && !history.excluded.contains(&i) {
+                        history.excluded.push(i);
+                    }
+                }
+                history.items.reverse();
+                history.weights.reverse();
+                history.excluded.reverse();
+                for &i in &old.items {
                     *pop_delta.entry(i).or_default() -= 1;
                 }
-                for &i in &indices {
+                for &i in &history.items {
                     *pop_delta.entry(i).or_default() += 1;
                 }
-                interactions += indices.len() as i64 - old_items.len() as i64;
-                written.added += indices.iter().filter(|i| !old_items.contains(i)).count() as u64;
-                batch.insert(key(b'U', user.as_bytes()), encode_user(idx, &indices));
+                interactions += history.items.len() as i64 - old.items.len() as i64;
+                written.added += history
+                    .items
+                    .iter()
+                    .filter(|i| !old.items.contains(i))
+                    .count() as u64;
+                batch.insert(key(b'U', user.as_bytes()), encode_user(idx, &history));
                 written.users.push(idx);
             }
         }
@@ -212,15 +236,15 @@ impl Store {
 
     /// Every user's id and history (external item ids, oldest first), in id order: what
     /// `multivaed export` writes. Stops at the first error `each` returns.
-    pub fn export(&self, mut each: impl FnMut(&str, Vec<String>) -> Result<()>) -> Result<u64> {
+    pub fn export(&self, mut each: impl FnMut(&str, HistoryIds) -> Result<()>) -> Result<u64> {
         let mut n = 0;
         for kv in self.tree.scan_prefix([b'U']) {
             let (k, v) = kv?;
-            let Some((_, items)) = decode_user(&v) else {
+            let Some((_, h)) = decode_user(&v) else {
                 continue;
             };
             let user = String::from_utf8_lossy(&k[1..]);
-            each(&user, self.item_ids(&items))?;
+            each(&user, self.history_by_id(&h))?;
             n += 1;
         }
         Ok(n)
@@ -228,7 +252,25 @@ impl Store {
 
     /// The external item ids of a user's history, oldest first (`None` for an unknown user).
     pub(crate) fn history_ids(&self, user: &str) -> Result<Option<Vec<String>>> {
-        Ok(self.record(user)?.map(|(_, items)| self.item_ids(&items)))
+        Ok(self.record(user)?.map(|(_, h)| self.item_ids(&h.items)))
+    }
+
+    /// A user's whole record by external ids: history, weights, excluded items (`None` for an
+    /// unknown user).
+    pub(crate) fn history_record(&self, user: &str) -> Result<Option<HistoryIds>> {
+        Ok(self.record(user)?.map(|(_, h)| self.history_by_id(&h)))
+    }
+
+    fn history_by_id(&self, h: &History) -> HistoryIds {
+        HistoryIds {
+            items: self.item_ids(&h.items),
+            weights: if h.weights.iter().all(|&w| w == 1.0) {
+                Vec::new()
+            } else {
+                h.weights.clone()
+            },
+            excluded: self.item_ids(&h.excluded),
+        }
     }
 
     /// The external ids of store items, in their order.
@@ -271,9 +313,12 @@ mod tests {
         };
         s.restore_histories(
             &[
-                ("a".into(), ids(&["i2", "i9"])),
-                ("c".into(), ids(&["i1", "i2", "i3", "i4"])),
-                ("b".into(), vec![]),
+                ("a".into(), HistoryIds::items(ids(&["i2", "i9"]))),
+                (
+                    "c".into(),
+                    HistoryIds::items(ids(&["i1", "i2", "i3", "i4"])),
+                ),
+                ("b".into(), HistoryIds::default()),
             ],
             2,
             pos,
@@ -312,7 +357,8 @@ mod tests {
         let mut lines = Vec::new();
         let n = s
             .export(|user, items| {
-                lines.push(serde_json::json!({ "user_id": user, "items": items }).to_string());
+                lines
+                    .push(serde_json::json!({ "user_id": user, "items": items.items }).to_string());
                 Ok(())
             })
             .unwrap();
@@ -345,10 +391,10 @@ mod tests {
         };
         s.restore_histories(
             &[
-                ("a".into(), ids(&["i1"])),
-                ("d".into(), ids(&["i3"])),
-                ("a".into(), ids(&["i1", "i2"])),
-                ("d".into(), vec![]),
+                ("a".into(), HistoryIds::items(ids(&["i1"]))),
+                ("d".into(), HistoryIds::items(ids(&["i3"]))),
+                ("a".into(), HistoryIds::items(ids(&["i1", "i2"]))),
+                ("d".into(), HistoryIds::default()),
             ],
             0,
             pos,

@@ -1,6 +1,6 @@
-//! Converting a store written by an earlier version (format 1) to the current format, in place
-//! and resumably; a store from a newer version is refused. Kept apart so it can be deleted once
-//! no format-1 store is left.
+//! Converting a store written by an earlier version (format 1 or 2) to the current format, in
+//! place and resumably; a store from a newer version is refused. Kept apart so it can be deleted
+//! once no older store is left.
 
 use std::collections::BTreeMap;
 
@@ -9,8 +9,8 @@ use anyhow::Result;
 use super::codec::*;
 
 /// Brings a store written by an earlier version to the current format, in place. Each chunk
-/// is one atomic batch and the format is written last, so a conversion interrupted at any
-/// moment resumes where it stopped at the next open.
+/// is one atomic batch and each format is written once its step is done, so a conversion
+/// interrupted at any moment resumes where it stopped at the next open.
 pub(super) fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
     let format = read_u64(tree.get(FORMAT)?);
     if format == CURRENT_FORMAT {
@@ -22,11 +22,73 @@ pub(super) fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
              format {CURRENT_FORMAT} and earlier)"
         );
     }
-    let users = drain_prefix(tree, b'h', |k, v, batch| {
+    if format < 2 {
+        to_format_2(tree)?;
+        tree.insert(FORMAT, &2u64.to_be_bytes())?;
+    }
+    let users = to_format_3(tree)?;
+    tree.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
+    db.flush()?;
+    if users > 0 {
+        tracing::info!(
+            users,
+            format = CURRENT_FORMAT,
+            "the store's user histories were converted to the current format"
+        );
+    }
+    Ok(())
+}
+
+/// Format 2 → 3: every user record gets a weight of 1 per item and no excluded items. Chunks
+/// follow a cursor written with each (records of both layouts can be the same length, so a
+/// record cannot say which it is).
+fn to_format_3(tree: &sled::Tree) -> Result<usize> {
+    const CHUNK: usize = 10_000;
+    let after = |k: &[u8]| {
+        let mut k = k.to_vec();
+        k.push(0);
+        k
+    };
+    let mut from = match tree.get(UPGRADE_CURSOR)? {
+        Some(last) => after(&last),
+        None => vec![b'U'],
+    };
+    let mut total = 0;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut last = None;
+        for kv in tree.range(from.clone()..).take(CHUNK) {
+            let (k, v) = kv?;
+            if k.first() != Some(&b'U') {
+                break;
+            }
+            if let Some((idx, items)) = decode_user_v2(&v) {
+                batch.insert(&k, encode_user(idx, &History::binary(items)));
+                total += 1;
+            }
+            last = Some(k);
+        }
+        let Some(last) = last else {
+            break;
+        };
+        batch.insert(UPGRADE_CURSOR, &last);
+        tree.apply_batch(batch)?;
+        crate::fault::crash_point("store.upgrade.chunk");
+        from = after(&last);
+    }
+    tree.remove(UPGRADE_CURSOR)?;
+    Ok(total)
+}
+
+/// Format 1 → 2: histories move into the user records; counts into blocks.
+fn to_format_2(tree: &sled::Tree) -> Result<()> {
+    drain_prefix(tree, b'h', |k, v, batch| {
         if let Ok(idx) = <[u8; 4]>::try_from(&k[1..]) {
             let idx = u32::from_be_bytes(idx);
             if let Some(id) = tree.get(idx_key(b'u', idx))? {
-                batch.insert(key(b'U', &id), encode_user(idx, &decode_items(v)));
+                let mut record = idx.to_be_bytes().to_vec();
+                record.extend_from_slice(v);
+                batch.insert(key(b'U', &id), record);
             }
         }
         Ok(())
@@ -58,15 +120,6 @@ pub(super) fn upgrade(db: &sled::Db, tree: &sled::Tree) -> Result<()> {
     tree.apply_batch(batch)?;
     // item id → index lives in memory now
     drain_prefix(tree, b'I', |_, _, _| Ok(()))?;
-    tree.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
-    db.flush()?;
-    if users > 0 {
-        tracing::info!(
-            users,
-            format = CURRENT_FORMAT,
-            "the store's user histories were converted to the current format"
-        );
-    }
     Ok(())
 }
 
@@ -102,7 +155,7 @@ mod tests {
 
     use super::*;
     use crate::store::tests::{click, off};
-    use crate::store::{Store, StoreCounts};
+    use crate::store::{History, Store, StoreCounts};
 
     /// A store as the format-1 code wrote it (per-item counts, 'h' histories, 'I' item index).
     fn write_format_1(dir: &Path) {
@@ -146,7 +199,7 @@ mod tests {
                 }
             );
             assert_eq!(s.user_index("alice").unwrap(), Some(0));
-            assert_eq!(s.user(0).unwrap().unwrap().1, vec![2, 0]);
+            assert_eq!(s.user(0).unwrap().unwrap().1, History::binary(vec![2, 0]));
             assert_eq!(s.history(1).unwrap(), vec![0]);
             assert_eq!(s.item_index("z").unwrap(), Some(2));
             assert_eq!(s.stored_offset("clicks", 0).unwrap(), Some(3));
@@ -166,9 +219,59 @@ mod tests {
             s.flush().unwrap();
         }
         let s = Store::open(dir.path(), 10).unwrap();
-        assert_eq!(s.user(2).unwrap(), Some(("carol".into(), vec![1])));
+        assert_eq!(
+            s.user(2).unwrap(),
+            Some(("carol".into(), History::binary(vec![1])))
+        );
         assert_eq!(s.popular(3, &[]), vec![(0, 2.0), (2, 2.0), (1, 1.0)]);
         assert_eq!(s.counts().interactions, 5);
+    }
+
+    /// A store as the format-2 code wrote it: `users` with the items of each.
+    fn write_format_2(dir: &Path, users: &[(&str, &[u32])]) -> sled::Db {
+        let db = sled::Config::new().path(dir.join("store")).open().unwrap();
+        let t = db.open_tree("interactions").unwrap();
+        for (idx, (id, items)) in users.iter().enumerate() {
+            let mut record = (idx as u32).to_be_bytes().to_vec();
+            record.extend(encode_items(items));
+            t.insert(key(b'U', id.as_bytes()), record).unwrap();
+            t.insert(idx_key(b'u', idx as u32), id.as_bytes()).unwrap();
+        }
+        for (idx, id) in ["x", "y", "z"].iter().enumerate() {
+            t.insert(idx_key(b'i', idx as u32), id.as_bytes()).unwrap();
+        }
+        t.insert(NEXT_USER, &(users.len() as u64).to_be_bytes())
+            .unwrap();
+        t.insert(NEXT_ITEM, &3u64.to_be_bytes()).unwrap();
+        t.insert(FORMAT, &2u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        db
+    }
+
+    #[test]
+    fn a_format_2_store_gets_weights_and_exclusions_even_when_interrupted() {
+        let users: &[(&str, &[u32])] = &[("ann", &[0, 1]), ("ben", &[2]), ("cy", &[1, 2, 0])];
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // a conversion that stopped after its first chunk (ann): ann is in format 3 with
+            // the cursor on her; ben and cy are still in format 2
+            let db = write_format_2(dir.path(), users);
+            let t = db.open_tree("interactions").unwrap();
+            t.insert(
+                key(b'U', b"ann"),
+                encode_user(0, &History::binary(vec![0, 1])),
+            )
+            .unwrap();
+            t.insert(UPGRADE_CURSOR, key(b'U', b"ann")).unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 10).unwrap();
+        for (idx, (_, items)) in users.iter().enumerate() {
+            let (_, h) = s.user(idx as u32).unwrap().unwrap();
+            assert_eq!(h, History::binary(items.to_vec()), "user {idx}");
+        }
+        assert_eq!(read_u64(s.tree.get(FORMAT).unwrap()), CURRENT_FORMAT);
+        assert!(s.tree.get(UPGRADE_CURSOR).unwrap().is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::model::{Interactions, ItemTable};
+use crate::model::ItemTable;
 use crate::store::{Sample, Store};
 
 pub(crate) enum Columns {
@@ -43,12 +43,10 @@ impl Columns {
             from_store.push(table.column_or_push(Arc::from(id)));
         }
         let n = table.len();
-        let rows = sample.rows.rows().map(|r| {
-            r.iter()
-                .filter_map(|&i| from_store.get(i as usize).copied())
-                .collect::<Vec<u32>>()
-        });
-        sample.rows = Interactions::from_rows(rows, n).map_err(anyhow::Error::msg)?;
+        sample.rows = sample
+            .rows
+            .map_items(n, |i| from_store.get(i as usize).copied())
+            .map_err(anyhow::Error::msg)?;
         Ok(n)
     }
 
@@ -85,6 +83,7 @@ mod tests {
             user: u.into(),
             item: i.into(),
             timestamp_ms: None,
+            weight: 1.0,
         };
         let offset = [PartitionOffset {
             topic: "t".into(),
@@ -104,6 +103,7 @@ mod tests {
                 &Default::default(),
                 |_, _, _| crate::store::Pick::Maybe,
                 1,
+                false,
             )
             .unwrap();
         assert_eq!(cols.map_sample(&store, &mut sample).unwrap(), 4);

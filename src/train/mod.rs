@@ -95,34 +95,30 @@ pub fn split_validation(
     seed: u64,
 ) -> Result<(Interactions, Validation)> {
     let n_items = sample.rows.n_items();
-    let mut train = Interactions::new(n_items);
+    let mut train = sample.rows.like(n_items);
     let mut val = Validation {
         users: Vec::new(),
-        fold_in: Interactions::new(n_items),
+        fold_in: sample.rows.like(n_items),
         heldout: Interactions::new(n_items),
     };
-    for ((&u, &key), row) in sample
-        .users
-        .iter()
-        .zip(&sample.keys)
-        .zip(sample.rows.rows())
-    {
+    for (r, (&u, &key)) in sample.users.iter().zip(&sample.keys).enumerate() {
+        let row = sample.rows.row(r);
         match pick_for_validation(key, row, val.users.len(), max_users, seed) {
             Pick::Always => {
-                let mut order: Vec<u32> = row.to_vec();
-                order.sort_by_key(|&i| mix(key.rotate_left(32) ^ i as u64 ^ seed));
+                let mut order: Vec<(u32, f32)> = sample.rows.pairs(r).collect();
+                order.sort_by_key(|&(i, _)| mix(key.rotate_left(32) ^ i as u64 ^ seed));
                 let n_te = row.len() / 5;
                 val.heldout
-                    .push_row(order[..n_te].iter().copied())
+                    .push_row(order[..n_te].iter().map(|p| p.0))
                     .map_err(anyhow::Error::msg)?;
                 val.fold_in
-                    .push_row(order[n_te..].iter().copied())
+                    .push_pairs(order[n_te..].iter().copied())
                     .map_err(anyhow::Error::msg)?;
                 val.users.push(u);
             }
             Pick::Never => {}
             Pick::Maybe => train
-                .push_row(row.iter().copied())
+                .push_pairs(sample.rows.pairs(r))
                 .map_err(anyhow::Error::msg)?,
         }
     }
@@ -136,13 +132,10 @@ pub fn validation_ndcg(model: &MultiVae, val: &Validation) -> Result<f64> {
         return Ok(0.0);
     }
     let n = model.n_items() as u32;
-    let known = Interactions::from_rows(
-        val.fold_in
-            .rows()
-            .map(|r| r.iter().copied().filter(|&i| i < n).collect::<Vec<_>>()),
-        model.n_items(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let known = val
+        .fold_in
+        .map_items(model.n_items(), |i| (i < n).then_some(i))
+        .map_err(anyhow::Error::msg)?;
     Ok(evaluate_model(model, &known, &val.heldout)?.ndcg100.mean)
 }
 
@@ -387,6 +380,7 @@ impl Worker {
                     p
                 },
                 seed ^ self.version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                self.ctx.model.input == crate::model::Input::Weighted,
             )
             .context("cannot read the store")?;
         drop(active);
@@ -910,6 +904,7 @@ mod tests {
                     user: format!("u{u}"),
                     item: format!("{item_prefix}{}", (u % 4) * 25 + (u * 7 + k * 3) % 25),
                     timestamp_ms: None,
+                    weight: 1.0,
                 })
             })
             .collect();

@@ -1,17 +1,60 @@
-//! Reading one message of the clicks topic: parsing and validation into a `Click` (or a request
-//! to forget a user: a tombstone, or an event of type `forget`). Never panics: every bad message
-//! becomes a `Rejection` with a stable reason (the metric label and dead-letter header).
+//! Reading one message of the clicks topic: parsing and validation into a weighted `Click`, a
+//! negative event (the user does not want the item), or a request to forget a user (a tombstone,
+//! or an event of type `forget`). Never panics: every bad message becomes a `Rejection` with a
+//! stable reason (the metric label and dead-letter header).
 //! Self-contained (serde_json and thiserror only), so the fuzzer compiles it alone.
 
 use serde_json::Value;
 
-/// One positive interaction, as read from the clicks topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One interaction, as read from the clicks topic (positive: a click, a view, a purchase…; or
+/// negative, by the event kind that carries it).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Click {
     pub user: String,
     pub item: String,
     /// Event time (ms since the epoch), when the producer gave one.
     pub timestamp_ms: Option<u64>,
+    /// The weight of its type (`events.types`; 1 for a click).
+    pub weight: f32,
+}
+
+impl Click {
+    /// A click of weight 1.
+    pub fn new(user: impl Into<String>, item: impl Into<String>) -> Self {
+        Self {
+            user: user.into(),
+            item: item.into(),
+            timestamp_ms: None,
+            weight: 1.0,
+        }
+    }
+}
+
+/// What each event type means: its weight (positive types), negative types, and what becomes of
+/// a type that is neither.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventTypes {
+    /// Positive types and their weights (> 0); an event without a type is a `click`.
+    pub weights: Vec<(String, f32)>,
+    /// Types that say the user does not want the item.
+    pub negative: Vec<String>,
+    /// A type in neither list: dead-lettered (`false`) or skipped and counted (`true`).
+    pub ignore_unknown: bool,
+}
+
+impl EventTypes {
+    /// Clicks only (weight 1), the paper's protocol; other types dead-lettered.
+    pub fn clicks() -> Self {
+        Self {
+            weights: vec![("click".into(), 1.0)],
+            negative: Vec::new(),
+            ignore_unknown: false,
+        }
+    }
+
+    fn weight(&self, t: &str) -> Option<f32> {
+        self.weights.iter().find(|(n, _)| n == t).map(|&(_, w)| w)
+    }
 }
 
 /// Longest accepted id, in bytes.
@@ -45,6 +88,8 @@ pub(crate) enum Rejection {
     ControlCharacter { field: &'static str },
     #[error("field {field} is a number outside 0..2^64")]
     OutOfRange { field: &'static str },
+    #[error("event_type {0:?} is not configured (events.types, events.negative)")]
+    UnknownType(String),
 }
 
 impl Rejection {
@@ -62,6 +107,7 @@ impl Rejection {
             Self::IdTooLong { .. } => "id_too_long",
             Self::ControlCharacter { .. } => "control_character",
             Self::OutOfRange { .. } => "out_of_range",
+            Self::UnknownType(_) => "unknown_type",
         }
     }
 }
@@ -69,11 +115,13 @@ impl Rejection {
 /// The event type that asks to forget a user (as a tombstone does).
 pub(crate) const FORGET_TYPE: &str = "forget";
 
-/// A valid message: a positive click, a request to forget a user (their whole history), or an
-/// event of a type that does not count.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A valid message: a positive interaction (weighted), a negative one (the item leaves the
+/// user's history and is never recommended to them until a later positive event), a request to
+/// forget a user (their whole history), or an event of a type that does not count.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Event {
     Click(Click),
+    Negative(Click),
     Forget { user: String },
     Ignored { event_type: String },
 }
@@ -127,7 +175,7 @@ pub(crate) fn parse_event(
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
     max_bytes: usize,
-    positive_types: &[String],
+    types: &EventTypes,
 ) -> Result<Event, Rejection> {
     let Some(bytes) = payload else {
         let key = key.filter(|k| !k.is_empty()).ok_or(Rejection::Empty)?;
@@ -174,27 +222,39 @@ pub(crate) fn parse_event(
             })
         }
     };
-    match obj.get("event_type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) => {
-            if !positive_types.iter().any(|p| p == t) {
-                return Ok(Event::Ignored {
-                    event_type: t.clone(),
-                });
-            }
-        }
+    let event_type = match obj.get("event_type") {
+        None | Some(Value::Null) => "click",
+        Some(Value::String(t)) => t.as_str(),
         Some(_) => {
             return Err(Rejection::WrongType {
                 field: "event_type",
                 expected: "a string",
             })
         }
-    }
-    Ok(Event::Click(Click {
+    };
+    let mut click = Click {
         user,
         item,
         timestamp_ms,
-    }))
+        weight: 1.0,
+    };
+    if let Some(w) = types.weight(event_type) {
+        click.weight = w;
+        return Ok(Event::Click(click));
+    }
+    if types.negative.iter().any(|n| n == event_type) {
+        return Ok(Event::Negative(click));
+    }
+    if event_type == "click" && obj.get("event_type").is_none_or(Value::is_null) {
+        // an event without a type is a click, even where clicks are not listed
+        return Ok(Event::Click(click));
+    }
+    if types.ignore_unknown {
+        return Ok(Event::Ignored {
+            event_type: event_type.to_string(),
+        });
+    }
+    Err(Rejection::UnknownType(event_type.to_string()))
 }
 
 #[cfg(test)]
@@ -203,13 +263,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn parse(s: &[u8]) -> Result<Event, Rejection> {
-        parse_event(Some(b"key"), Some(s), 1024, &["click".to_string()])
+        parse_event(Some(b"key"), Some(s), 1024, &EventTypes::clicks())
     }
 
     #[test]
     fn a_tombstone_or_a_forget_event_forgets_a_user() {
         let forget = |u: &str| Event::Forget { user: u.into() };
-        assert_eq!(parse_event(Some(b"u7"), None, 64, &[]), Ok(forget("u7")));
+        assert_eq!(
+            parse_event(Some(b"u7"), None, 64, &EventTypes::clicks()),
+            Ok(forget("u7"))
+        );
         assert_eq!(
             parse(br#"{"user_id": "u7", "event_type": "forget"}"#),
             Ok(forget("u7"))
@@ -226,13 +289,15 @@ mod tests {
             (Some(&b"a\x01"[..]), "control_character"),
         ] {
             assert_eq!(
-                parse_event(key, None, 64, &[]).unwrap_err().reason(),
+                parse_event(key, None, 64, &EventTypes::clicks())
+                    .unwrap_err()
+                    .reason(),
                 reason
             );
         }
         let long = vec![b'a'; MAX_ID_BYTES + 1];
         assert_eq!(
-            parse_event(Some(&long), None, 64, &[])
+            parse_event(Some(&long), None, 64, &EventTypes::clicks())
                 .unwrap_err()
                 .reason(),
             "id_too_long"
@@ -251,17 +316,47 @@ mod tests {
             Event::Click(Click {
                 user: "u1".into(),
                 item: "42".into(),
-                timestamp_ms: Some(1_700_000_000_000)
+                timestamp_ms: Some(1_700_000_000_000),
+                weight: 1.0,
             })
         );
         assert!(matches!(
             parse(br#"{"user_id": 1, "item_id": "x"}"#),
             Ok(Event::Click(_))
         ));
-        assert!(matches!(
-            parse(br#"{"user_id": 1, "item_id": "x", "event_type": "view"}"#),
-            Ok(Event::Ignored { .. })
-        ));
+        assert_eq!(
+            parse(br#"{"user_id": 1, "item_id": "x", "event_type": "view"}"#)
+                .unwrap_err()
+                .reason(),
+            "unknown_type"
+        );
+    }
+
+    #[test]
+    fn types_give_weights_negatives_and_unknowns_a_fate() {
+        let mut types = EventTypes {
+            weights: vec![("view".into(), 0.5), ("purchase".into(), 3.0)],
+            negative: vec!["dislike".into()],
+            ignore_unknown: false,
+        };
+        let ev = |t: &str, types: &EventTypes| {
+            let p = format!(r#"{{"user_id": "u", "item_id": "i", "event_type": "{t}"}}"#);
+            parse_event(None, Some(p.as_bytes()), 1024, types)
+        };
+        let weight = |e: Result<Event, Rejection>| match e {
+            Ok(Event::Click(c)) => c.weight,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(weight(ev("view", &types)), 0.5);
+        assert_eq!(weight(ev("purchase", &types)), 3.0);
+        let typeless = br#"{"user_id": "u", "item_id": "i"}"#;
+        assert_eq!(weight(parse_event(None, Some(typeless), 1024, &types)), 1.0);
+        assert!(matches!(ev("dislike", &types), Ok(Event::Negative(c)) if c.item == "i"));
+        assert_eq!(ev("click", &types).unwrap_err().reason(), "unknown_type");
+        types.ignore_unknown = true;
+        assert!(
+            matches!(ev("click", &types), Ok(Event::Ignored { event_type }) if event_type == "click")
+        );
     }
 
     #[test]
@@ -308,12 +403,14 @@ mod tests {
         let big = vec![b' '; 2000];
         assert_eq!(parse(&big).unwrap_err().reason(), "too_large");
         assert_eq!(
-            parse_event(None, None, 10, &[]).unwrap_err().reason(),
+            parse_event(None, None, 10, &EventTypes::clicks())
+                .unwrap_err()
+                .reason(),
             "empty"
         );
         let deep = "[".repeat(100_000);
         assert_eq!(
-            parse_event(None, Some(deep.as_bytes()), 1 << 20, &[])
+            parse_event(None, Some(deep.as_bytes()), 1 << 20, &EventTypes::clicks())
                 .unwrap_err()
                 .reason(),
             "invalid_json"
@@ -329,8 +426,9 @@ mod tests {
         #[test]
         fn accepted_ids_are_valid(user in any::<String>(), item in any::<u64>()) {
             let payload = serde_json::json!({"user_id": user, "item_id": item}).to_string();
-            match parse_event(None, Some(payload.as_bytes()), 1 << 20, &[]) {
+            match parse_event(None, Some(payload.as_bytes()), 1 << 20, &EventTypes::clicks()) {
                 Ok(Event::Click(c)) => {
+                    prop_assert_eq!(c.weight, 1.0);
                     prop_assert!(!c.user.is_empty() && c.user.len() <= MAX_ID_BYTES);
                     prop_assert!(!c.user.chars().any(char::is_control));
                     prop_assert_eq!(c.item, item.to_string());

@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use click::Click;
-pub(crate) use click::{checked_id, parse_event, Event, MAX_ID_BYTES};
+pub use click::EventTypes;
+pub(crate) use click::{checked_id, parse_event, Event, FORGET_TYPE, MAX_ID_BYTES};
 
 /// A click event as producers write it (`multivaed produce`, the demo, the benchmarks). Ids may
 /// also be non-negative JSON integers; `timestamp` (ms) and `event_type` may be left out; other
@@ -146,13 +147,14 @@ mod tests {
             String::from_utf8_lossy(&json),
             r#"{"user_id":"u-42","item_id":"1234","timestamp":1700000000000,"event_type":"click"}"#
         );
-        let parsed = parse_event(None, Some(&json), 65536, &["click".to_string()]).unwrap();
+        let parsed = parse_event(None, Some(&json), 65536, &EventTypes::clicks()).unwrap();
         assert_eq!(
             parsed,
             Event::Click(Click {
                 user: "u-42".into(),
                 item: "1234".into(),
                 timestamp_ms: Some(1_700_000_000_000),
+                weight: 1.0,
             })
         );
     }

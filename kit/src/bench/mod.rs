@@ -202,11 +202,10 @@ pub fn run_store_bench(
     let clicks: Vec<Click> = (0..events)
         .map(|_| {
             let r: f64 = rng.gen();
-            Click {
-                user: format!("u{}", rng.gen_range(0..users)),
-                item: format!("i{}", (r * r * 5000.0) as u32),
-                timestamp_ms: None,
-            }
+            Click::new(
+                format!("u{}", rng.gen_range(0..users)),
+                format!("i{}", (r * r * 5000.0) as u32),
+            )
         })
         .collect();
     let (mut apply_s, mut flush_s) = (0.0, 0.0);
