@@ -452,3 +452,113 @@ fn an_export_imported_twice_into_a_fresh_deployment_counts_each_click_once() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["items"], u5["items"]);
 }
+
+fn typed(user: &str, item: &str, event_type: &str) -> (String, Vec<u8>) {
+    (
+        user.to_string(),
+        format!(r#"{{"user_id": "{user}", "item_id": "{item}", "event_type": "{event_type}"}}"#)
+            .into_bytes(),
+    )
+}
+
+#[test]
+fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weights_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let mut env = setup.env();
+    env.push(("MULTIVAED_TRAIN__MIN_VALIDATION_USERS".into(), "5".into()));
+    env.push(("MULTIVAED_MODEL__INPUT".into(), "weighted".into()));
+    env.push((
+        "MULTIVAED_EVENTS__TYPES".into(),
+        "{click=1.0,view=0.5,purchase=3.0}".into(),
+    ));
+    let daemon = Daemon::start(&env, free_port());
+    // "d0" dislikes "hot" (the item every other user holds) before holding anything else, then
+    // clicks; "d1" clicks "hot", then dislikes it (out of the history, excluded)
+    let mut first = vec![typed("d0", "hot", "dislike"), click("d0", "i1")];
+    first.extend(taste_clicks(0, 250, 3));
+    first.extend([
+        click("d1", "hot"),
+        typed("d1", "i2", "purchase"),
+        typed("d1", "i3", "view"),
+        typed("d1", "hot", "not_interested"),
+        typed("d1", "i4", "wishlist"),
+    ]);
+    produce(&setup.clicks, &first);
+    daemon.wait_for(Duration::from_secs(120), "a model", |d| {
+        d.metric("multivaed_model_version", "") >= 1.0
+    });
+    assert_eq!(
+        daemon.metric("multivaed_events_rejected_total", "reason=\"unknown_type\""),
+        1.0,
+        "an unconfigured type is dead-lettered"
+    );
+    let hot_in = |body: &str| {
+        let r: Recommendation = serde_json::from_str(body).unwrap();
+        r.items.iter().any(|i| i.item_id == "hot")
+    };
+    let pull = |user: &str| -> String {
+        let (status, body) = daemon
+            .get(&format!("/v1/users/{user}/recommendations?k=50"))
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    // another user who holds "hot"'s neighbours gets it first; the two who declined never
+    let (_, body) = daemon.get("/v1/users/t0/history").unwrap();
+    assert!(body.contains("hot"), "{body}");
+    produce(&setup.clicks, &[click("c0", "i1")]);
+    daemon.wait_for(Duration::from_secs(30), "c0 answered", |d| {
+        status(d, "/v1/users/c0/recommendations") == 200
+    });
+    assert!(hot_in(&pull("c0")), "a new user gets the most popular item");
+    for user in ["d0", "d1"] {
+        assert!(!hot_in(&pull(user)), "{user} declined hot");
+    }
+    let (_, body) = daemon.get("/v1/users/d1/history").unwrap();
+    assert!(!body.contains("hot") && body.contains("i2"), "{body}");
+
+    // more clicks and a model swap: still never published for them
+    let v1 = daemon.metric("multivaed_model_version", "");
+    let mut more = taste_clicks(0, 250, 4);
+    more.extend([click("d0", "i5"), click("d1", "i6")]);
+    produce(&setup.clicks, &more);
+    daemon.wait_for(Duration::from_secs(180), "a new model swapped in", |d| {
+        d.metric("multivaed_model_version", "") > v1
+    });
+    daemon.wait_for(Duration::from_secs(60), "everyone scored", |d| {
+        d.metric("multivaed_dirty_users", "") == 0.0
+    });
+    for user in ["d0", "d1"] {
+        let published = messages_for(&setup.recs, user);
+        assert!(published.len() >= 2, "{user}: {}", published.len());
+        for m in &published {
+            assert!(
+                !hot_in(&String::from_utf8_lossy(&m.payload)),
+                "{user}: hot published"
+            );
+        }
+        assert!(!hot_in(&pull(user)), "{user} declined hot");
+    }
+
+    // a later positive event lifts the exclusion: "hot" is back in d0's history
+    produce(&setup.clicks, &[typed("d0", "hot", "view")]);
+    daemon.wait_for(Duration::from_secs(30), "d0 holds hot", |d| {
+        d.get("/v1/users/d0/history")
+            .is_some_and(|(_, b)| b.contains("hot"))
+    });
+    daemon.terminate();
+
+    // the weights and the exclusion are in the store (and its export)
+    let file = dir.path().join("histories.jsonl");
+    cli(&setup.env(), &["export", "--output", file.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let d1: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["user_id"] == "d1")
+        .unwrap();
+    assert_eq!(d1["items"], serde_json::json!(["i2", "i3", "i6"]), "{d1}");
+    assert_eq!(d1["weights"], serde_json::json!([3.0, 0.5, 1.0]), "{d1}");
+    assert_eq!(d1["excluded"], serde_json::json!(["hot"]), "{d1}");
+}
