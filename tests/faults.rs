@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use multivaed::store::HistoryIds;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -83,13 +84,14 @@ fn read_store(data_dir: &Path) -> StoreContents {
     let store = multivaed::store::Store::open(data_dir, 500).expect("open the store");
     let counts = store.counts();
     let mut pairs = HashSet::new();
-    for u in 0..counts.users as u32 {
-        let user = store.user_id(u).unwrap().expect("user id");
-        for i in store.history(u).unwrap() {
-            let item = store.item_id(i).expect("item id");
-            assert!(pairs.insert((user.clone(), item)), "pair stored twice");
-        }
-    }
+    store
+        .export(|user, h| {
+            for item in h.items {
+                assert!(pairs.insert((user.to_string(), item)), "pair stored twice");
+            }
+            Ok(())
+        })
+        .unwrap();
     let popularity: u64 = store
         .popular(usize::MAX, &[])
         .iter()
@@ -225,7 +227,7 @@ fn produce_paced_in(
     partitions: i32,
     done: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    produce_paced_with_bad(topic, range, rate, partitions, done, |_| false)
+    produce_paced_with_bad(topic, range, rate, partitions, done, |_, click| Some(click))
 }
 
 /// The bad messages of the kill and rebalance streams: one in 100.
@@ -238,13 +240,15 @@ fn bad_message(n: usize) -> Vec<u8> {
     format!("not a click #{n}").into_bytes()
 }
 
+/// Produces message `n` of `range` as `message(n, click n)` says (`None`: a tombstone under the
+/// click's user), at about `rate` per second, in the background.
 fn produce_paced_with_bad(
     topic: String,
     range: std::ops::Range<usize>,
     rate: f64,
     partitions: i32,
     done: Arc<AtomicBool>,
-    bad: fn(usize) -> bool,
+    message: fn(usize, Vec<u8>) -> Option<Vec<u8>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let p = producer();
@@ -252,22 +256,117 @@ fn produce_paced_with_bad(
         let first = range.start;
         for n in range {
             let (part, key, _, click) = click_in(n, partitions);
-            let payload = if bad(n) { bad_message(n) } else { click };
+            let payload = message(n, click);
             let due = Duration::from_secs_f64((n - first) as f64 / rate);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }
-            send(
-                &p,
-                BaseRecord::to(&topic)
-                    .partition(part)
-                    .key(key.as_bytes())
-                    .payload(&payload[..]),
-            );
+            let record = BaseRecord::to(&topic).partition(part).key(key.as_bytes());
+            match &payload {
+                Some(payload) => send(&p, record.payload(&payload[..])),
+                None => send(&p, record),
+            }
         }
         p.flush(Duration::from_secs(30)).expect("flush");
         done.store(true, Ordering::Release);
     })
+}
+
+/// What message `n` of the kill test's stream is besides a click.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Lifecycle {
+    Click,
+    /// Not JSON: dead-lettered.
+    Bad,
+    /// The click's pair as a "purchase" (weight 3).
+    Purchase,
+    /// A dislike of the user's previous item.
+    Dislike,
+    /// A tombstone: the user is forgotten.
+    Forget,
+}
+
+fn lifecycle(n: usize) -> Lifecycle {
+    match (n % 1000, n % 100) {
+        (_, 99) => Lifecycle::Bad,
+        (777, _) => Lifecycle::Forget,
+        (_, 37) => Lifecycle::Purchase,
+        (_, 53) if n >= 600 => Lifecycle::Dislike,
+        _ => Lifecycle::Click,
+    }
+}
+
+fn kill_message(n: usize, click: Vec<u8>) -> Option<Vec<u8>> {
+    let (_, user, item, _) = click_in(n, PARTITIONS);
+    let typed = |item: &str, t: &str| {
+        format!(r#"{{"user_id": "{user}", "item_id": "{item}", "event_type": "{t}"}}"#).into_bytes()
+    };
+    match lifecycle(n) {
+        Lifecycle::Click => Some(click),
+        Lifecycle::Bad => Some(bad_message(n)),
+        Lifecycle::Purchase => Some(typed(&item, "purchase")),
+        Lifecycle::Dislike => Some(typed(&click_in(n - 600, PARTITIONS).2, "dislike")),
+        Lifecycle::Forget => None,
+    }
+}
+
+/// Each user's history (items oldest first, with weights) and excluded items after messages
+/// `0..total` of the kill stream, by the documented rules.
+fn expected_histories(total: usize) -> BTreeMap<String, HistoryIds> {
+    let mut users: BTreeMap<String, HistoryIds> = BTreeMap::new();
+    for n in 0..total {
+        let (_, user, item, _) = click(n);
+        let kind = lifecycle(n);
+        if kind == Lifecycle::Bad {
+            continue;
+        }
+        if kind == Lifecycle::Forget {
+            users.remove(&user);
+            continue;
+        }
+        let h = users.entry(user).or_default();
+        if kind == Lifecycle::Dislike {
+            let disliked = click(n - 600).2;
+            if let Some(at) = h.items.iter().position(|i| *i == disliked) {
+                h.items.remove(at);
+                h.weights.remove(at);
+            }
+            if !h.excluded.contains(&disliked) {
+                h.excluded.push(disliked);
+            }
+            continue;
+        }
+        let w = if kind == Lifecycle::Purchase {
+            3.0
+        } else {
+            1.0
+        };
+        match h.items.iter().position(|i| *i == item) {
+            Some(at) => h.weights[at] = h.weights[at].max(w),
+            None => {
+                h.excluded.retain(|i| *i != item);
+                h.items.push(item);
+                h.weights.push(w);
+            }
+        }
+    }
+    users
+}
+
+/// Every user's history in the store (weights written out: 1 each where the store omits them).
+fn stored_histories(data_dir: &Path) -> BTreeMap<String, HistoryIds> {
+    let store = multivaed::store::Store::open(data_dir, 500).expect("open the store");
+    let mut users = BTreeMap::new();
+    store
+        .export(|user, mut h| {
+            if h.weights.is_empty() {
+                h.weights = vec![1.0; h.items.len()];
+            }
+            users.insert(user.to_string(), h);
+            Ok(())
+        })
+        .unwrap();
+    users
 }
 
 const CRASH_POINTS: [&str; 9] = [
@@ -283,17 +382,23 @@ const CRASH_POINTS: [&str; 9] = [
 ];
 
 /// ≥ 20 abrupt deaths (SIGKILL at random moments, aborts at each crash point) while a producer
-/// keeps sending a known set of clicks; afterwards the store holds exactly that set, each pair
-/// once, its offsets are past every message, and every checkpoint left on disk loads.
+/// keeps sending a known stream of clicks, weighted clicks, dislikes and forgets; afterwards the
+/// store holds exactly the histories, weights and exclusions the stream makes, each pair once,
+/// its offsets are past every message, and every checkpoint left on disk loads.
 #[test]
 fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let setup = Setup::new(&data, PARTITIONS);
-    let env = env(&setup, dir.path());
+    let mut env = env(&setup, dir.path());
+    env.push(("MULTIVAED_MODEL__INPUT".into(), "weighted".into()));
+    env.push((
+        "MULTIVAED_EVENTS__TYPES".into(),
+        "{click=1.0,purchase=3.0}".into(),
+    ));
     let total = 30_000;
     // one message in 100 is not a click: dead letters are checked across the crashes too
-    let bad = one_in_100;
+    let bad = |n| lifecycle(n) == Lifecycle::Bad;
     let done = Arc::new(AtomicBool::new(false));
     let producer = produce_paced_with_bad(
         setup.clicks.clone(),
@@ -301,7 +406,7 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
         350.0,
         PARTITIONS,
         done.clone(),
-        bad,
+        kill_message,
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (mut by_signal, mut at_points) = (0usize, HashMap::<&str, usize>::new());
@@ -357,11 +462,16 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
     producer.join().unwrap();
     assert!(done.load(Ordering::Acquire));
 
-    // the last life: runs until everything is stored, then SIGTERM
-    let clicks = (0..total).filter(|&n| !bad(n)).count();
+    // the last life: runs until everything is stored (and committed), then SIGTERM
+    let expected = expected_histories(total);
+    let clicks: usize = expected.values().map(|h| h.items.len()).sum();
+    let sent: HashMap<i32, i64> = (0..PARTITIONS)
+        .map(|p| (p, (0..total).filter(|&n| click(n).0 == p).count() as i64))
+        .collect();
     let daemon = Daemon::start(&env, free_port());
-    daemon.wait_for(Duration::from_secs(120), "every click stored", |d| {
-        d.metric("multivaed_store_interactions", "") >= clicks as f64
+    daemon.wait_for(Duration::from_secs(120), "every message stored", |d| {
+        d.metric("multivaed_store_interactions", "") == clicks as f64
+            && committed_offsets(&setup.clicks, &setup.group) == sent
     });
     let (code, _) = daemon.terminate();
     assert_eq!(code, Some(0));
@@ -376,19 +486,18 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
     // batch's store may repeat it (at-least-once, same source headers), nothing else
     check_dead_letters(&setup.dlq, total, PARTITIONS, bad);
 
-    let expected: HashSet<(String, String)> = (0..total)
-        .filter(|&n| !bad(n))
-        .map(|n| {
-            let (_, u, i, _) = click(n);
-            (u, i)
-        })
-        .collect();
+    let stored = stored_histories(&data);
+    assert_eq!(stored.len(), expected.len(), "users stored");
+    for (user, want) in &expected {
+        assert_eq!(stored.get(user), Some(want), "user {user}");
+    }
+    let forgotten = (0..total)
+        .filter(|&n| lifecycle(n) == Lifecycle::Forget)
+        .count();
+    let excluded: usize = stored.values().map(|h| h.excluded.len()).sum();
+    eprintln!("after the kills: {clicks} pairs, {excluded} excluded, {forgotten} forgets");
     let (pairs, interactions, popularity, offsets) = read_store(&data);
     assert_eq!(pairs.len(), clicks, "distinct pairs stored");
-    assert!(
-        pairs == expected,
-        "the store's pairs differ from those produced"
-    );
     assert_eq!(interactions, clicks as u64, "interactions counted");
     assert_eq!(popularity, clicks as u64, "item popularity counts");
     // offsets are contiguous from 0: the next offset of a partition is its message count
@@ -815,7 +924,7 @@ fn rebalances_leave_each_partition_stored_once_by_its_owner() {
         300.0,
         partitions,
         done.clone(),
-        bad,
+        |n, click| Some(if one_in_100(n) { bad_message(n) } else { click }),
     );
     let both = |a: &Daemon, b: &Daemon| {
         let (x, y) = (assigned(a), assigned(b));

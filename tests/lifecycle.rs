@@ -551,7 +551,10 @@ fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weigh
 
     // the weights and the exclusion are in the store (and its export)
     let file = dir.path().join("histories.jsonl");
-    cli(&setup.env(), &["export", "--output", file.to_str().unwrap()]);
+    cli(
+        &setup.env(),
+        &["export", "--output", file.to_str().unwrap()],
+    );
     let text = std::fs::read_to_string(&file).unwrap();
     let d1: serde_json::Value = text
         .lines()
