@@ -129,6 +129,9 @@ pub(crate) fn score_histories(
         .collect())
 }
 
+/// Store items with their scores, best first.
+type Ranked = Vec<(u32, f32)>;
+
 /// The live model's ranking (store items) of each user `j` of `histories` it can score (one of
 /// whose items it knows): deep enough that `depth` remain once their excluded items are
 /// dropped. A weighted model reads each item's weight.
@@ -137,7 +140,7 @@ fn rank_with_model(
     histories: &[History],
     hidden: &[u32],
     depth: usize,
-) -> Result<Vec<(usize, Vec<(u32, f32)>)>> {
+) -> Result<Vec<(usize, Ranked)>> {
     // the model's columns of each history, ascending (items it does not know are left out)
     let inputs: Vec<(Vec<u32>, Vec<f32>)> = histories
         .iter()
