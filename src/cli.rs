@@ -175,9 +175,14 @@ pub struct ProduceArgs {
     pub brokers: String,
     #[arg(long, default_value = "clicks")]
     pub topic: String,
-    /// The dataset file.
+    /// The dataset file (an export's `.jsonl` replays histories with their weights and
+    /// excluded items).
     #[arg(long)]
     pub data: PathBuf,
+    /// The configuration of the deployment an export is replayed into: its `[events]` give
+    /// each weight its event type (default: the built-in types).
+    #[arg(long, env = "MULTIVAED_CONFIG")]
+    pub config: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub format: Option<RawFormat>,
     /// Skip interactions rated below this (where the file has ratings).
@@ -560,8 +565,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }))
         }
         Command::Produce(args) => {
-            let mut msgs =
-                multivaed::demo::dataset_messages(&args.data, args.format, args.min_rating)?;
+            let format = args
+                .format
+                .unwrap_or_else(|| RawFormat::from_path(&args.data));
+            let mut msgs = if format == RawFormat::Jsonl {
+                let events = Config::load(args.config.as_deref())?.events;
+                multivaed::demo::export_messages(&args.data, &events)?
+            } else {
+                multivaed::demo::dataset_messages(&args.data, Some(format), args.min_rating)?
+            };
             if let Some(n) = args.limit {
                 msgs.truncate(n);
             }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -135,6 +135,70 @@ pub fn dataset_messages(
             ClickEvent::click(r.user, r.item, Some(if ts == 0 { now_ms() } else { ts }))
         })
         .collect())
+}
+
+/// The events that replay an export (`multivaed export`'s JSON lines) into a deployment whose
+/// event types are `events`: each user's items in order, as positive events of the type whose
+/// weight is the item's, then their excluded items as events of the first negative type. A
+/// replay is idempotent: a repeated (user, item, type) changes nothing.
+pub fn export_messages(
+    path: &std::path::Path,
+    events: &crate::config::EventsConfig,
+) -> Result<Vec<ClickEvent>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let type_of = |w: f32| -> Option<String> {
+        events
+            .types
+            .iter()
+            .find(|(_, &tw)| tw as f32 == w)
+            .map(|(t, _)| t.clone())
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        #[derive(serde::Deserialize)]
+        struct Exported {
+            user_id: String,
+            #[serde(flatten)]
+            history: crate::store::HistoryIds,
+        }
+        let at = || format!("{}:{}", path.display(), n + 1);
+        let e: Exported = serde_json::from_str(line)
+            .with_context(|| format!("{}: not an exported history", at()))?;
+        let h = e.history;
+        if !h.weights.is_empty() && h.weights.len() != h.items.len() {
+            bail!(
+                "{}: {} weights for {} items",
+                at(),
+                h.weights.len(),
+                h.items.len()
+            );
+        }
+        for (j, item) in h.items.into_iter().enumerate() {
+            let w = h.weights.get(j).copied().unwrap_or(1.0);
+            let t = type_of(w).with_context(|| {
+                format!("{}: no event type has weight {w} (events.types; give --config of the deployment)", at())
+            })?;
+            let mut event = ClickEvent::click(&e.user_id, item, Some(now_ms()));
+            event.event_type = Some(t);
+            out.push(event);
+        }
+        for item in h.excluded {
+            let t = events.negative.first().with_context(|| {
+                format!(
+                    "{}: excluded items, and no negative type (events.negative)",
+                    at()
+                )
+            })?;
+            let mut event = ClickEvent::click(&e.user_id, item, Some(now_ms()));
+            event.event_type = Some(t.clone());
+            out.push(event);
+        }
+    }
+    Ok(out)
 }
 
 /// Options of `multivaed demo`.

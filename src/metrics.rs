@@ -14,6 +14,7 @@ pub(crate) struct Metrics {
     pub events_dead_lettered: IntCounter,
     pub events_ignored: IntCounter,
     pub events_duplicate: IntCounter,
+    pub items_excluded: IntCounter,
     pub users_forgotten: IntCounter,
     pub forget_seconds: Histogram,
     pub recommendations_withdrawn: IntCounter,
@@ -107,7 +108,17 @@ impl Metrics {
             )?,
             events_duplicate: reg(
                 r,
-                IntCounter::new("multivaed_events_duplicate_total", "Clicks already stored (replays, repeats)")?,
+                IntCounter::new(
+                    "multivaed_events_duplicate_total",
+                    "Events already stored (replays, repeats, a weaker type)",
+                )?,
+            )?,
+            items_excluded: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_items_excluded_total",
+                    "Items newly excluded for a user by a negative event",
+                )?,
             )?,
             users_forgotten: reg(
                 r,

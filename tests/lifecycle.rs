@@ -468,10 +468,8 @@ fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weigh
     let mut env = setup.env();
     env.push(("MULTIVAED_TRAIN__MIN_VALIDATION_USERS".into(), "5".into()));
     env.push(("MULTIVAED_MODEL__INPUT".into(), "weighted".into()));
-    env.push((
-        "MULTIVAED_EVENTS__TYPES".into(),
-        "{click=1.0,view=0.5,purchase=3.0}".into(),
-    ));
+    let types = "{click=1.0,view=0.5,purchase=3.0}";
+    env.push(("MULTIVAED_EVENTS__TYPES".into(), types.into()));
     let daemon = Daemon::start(&env, free_port());
     // "d0" dislikes "hot" (the item every other user holds) before holding anything else, then
     // clicks; "d1" clicks "hot", then dislikes it (out of the history, excluded)
@@ -493,6 +491,7 @@ fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weigh
         1.0,
         "an unconfigured type is dead-lettered"
     );
+    assert_eq!(daemon.metric("multivaed_items_excluded_total", ""), 2.0);
     let hot_in = |body: &str| {
         let r: Recommendation = serde_json::from_str(body).unwrap();
         r.items.iter().any(|i| i.item_id == "hot")
@@ -564,4 +563,103 @@ fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weigh
     assert_eq!(d1["items"], serde_json::json!(["i2", "i3", "i6"]), "{d1}");
     assert_eq!(d1["weights"], serde_json::json!([3.0, 0.5, 1.0]), "{d1}");
     assert_eq!(d1["excluded"], serde_json::json!(["hot"]), "{d1}");
+
+    // replayed twice into a fresh deployment with the same event types: the same export
+    let types = ("MULTIVAED_EVENTS__TYPES".to_string(), types.to_string());
+    let new = Setup::new(&dir.path().join("new"), 1);
+    let mut new_env = new.env();
+    new_env.push(types.clone());
+    let daemon = Daemon::start(&new_env, free_port());
+    let events: usize = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let n = |k: &str| v[k].as_array().map_or(0, Vec::len);
+            n("items") + n("excluded")
+        })
+        .sum();
+    for _ in 0..2 {
+        let args = ["produce", "--brokers", &brokers(), "--topic", &new.clicks];
+        let data = ["--data", file.to_str().unwrap(), "--rate", "0"];
+        cli(
+            std::slice::from_ref(&types),
+            &[&args[..], &data[..]].concat(),
+        );
+    }
+    daemon.wait_for(Duration::from_secs(60), "both replays consumed", |d| {
+        d.metric("multivaed_events_consumed_total", "") >= 2.0 * events as f64
+    });
+    assert_eq!(daemon.metric("multivaed_events_rejected_total", ""), 0.0);
+    daemon.terminate();
+    let again = dir.path().join("again.jsonl");
+    cli(&new.env(), &["export", "--output", again.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
+}
+
+#[test]
+fn a_forgotten_user_is_in_no_later_training_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let mut env = setup.env();
+    env.extend(
+        [
+            // the rounds' users, by the pseudonymous key of their id (a debug log line)
+            (
+                "RUST_LOG",
+                "info,rdkafka=warn,multivaed::train::round_users=debug",
+            ),
+            ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "100"),
+            ("MULTIVAED_TRAIN__MIN_USERS", "50"),
+            ("MULTIVAED_TRAIN__INTERVAL", "1s"),
+            ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1"),
+            ("MULTIVAED_TRAIN__MIN_VALIDATION_USERS", "5"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let daemon = Daemon::start(&env, free_port());
+    let key = |u: &str| format!("{:016x}", multivaed::store::user_key(u.as_bytes()));
+    let rounds = |d: &Daemon| -> Vec<String> {
+        let log = d.log.lock().unwrap();
+        log.iter()
+            .filter(|l| l.contains("training round users"))
+            .cloned()
+            .collect()
+    };
+    produce(&setup.clicks, &taste_clicks(0, 250, 3));
+    daemon.wait_for(Duration::from_secs(120), "a round that read t7", |d| {
+        rounds(d).iter().any(|l| l.contains(&key("t7")))
+    });
+
+    // t7 is forgotten; the next rounds (each after new clicks) never read them again
+    let p = producer();
+    send(&p, BaseRecord::to(&setup.clicks).key(&b"t7"[..]));
+    p.flush(Duration::from_secs(30)).expect("flush");
+    daemon.wait_for(Duration::from_secs(30), "t7 forgotten", |d| {
+        d.metric("multivaed_users_forgotten_total", "") >= 1.0
+    });
+    let before = rounds(&daemon).len();
+    for (n, seed) in [4, 5].into_iter().enumerate() {
+        // (a click of t7's would start a new history: none)
+        let mut more = taste_clicks(0, 250, seed);
+        more.retain(|(user, _)| user != "t7");
+        produce(&setup.clicks, &more);
+        daemon.wait_for(Duration::from_secs(120), "another round", |d| {
+            rounds(d).len() > before + n
+        });
+    }
+    // (the first line after the forget may come from a round that read the store before it)
+    let all = rounds(&daemon);
+    let later = &all[before + 1..];
+    assert!(!later.is_empty());
+    for line in later {
+        assert!(line.contains(&key("t9")), "a round reads the other users");
+        assert!(
+            !line.contains(&key("t7")),
+            "t7 read by a round after the forget"
+        );
+    }
+    eprintln!(
+        "rounds: {before} up to the forget, {} after it without t7",
+        later.len()
+    );
 }

@@ -294,3 +294,44 @@ pub(super) fn restore(
         from_beginning,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(payload: Option<&[u8]>) -> Option<(String, HistoryIds)> {
+        let mut position = ChangelogPosition {
+            next_offset: 0,
+            epoch: 0,
+            clicks_next: 0,
+        };
+        read_record(&mut position, 0, 7, Some(b"u1"), payload)
+    }
+
+    #[test]
+    fn a_history_record_carries_weights_and_exclusions_and_older_records_still_read() {
+        let history = HistoryIds {
+            items: vec!["a".into(), "b".into()],
+            weights: vec![3.0, 0.5],
+            excluded: vec!["c".into()],
+        };
+        let bytes = serde_json::to_vec(&Record::History {
+            history: history.clone(),
+            epoch: 2,
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            r#"{"kind":"history","items":["a","b"],"weights":[3.0,0.5],"excluded":["c"],"epoch":2}"#
+        );
+        assert_eq!(read(Some(&bytes)), Some(("u1".into(), history)));
+        // a record written before weights: items of weight 1, no exclusions
+        let old = br#"{"kind":"history","items":["a"],"epoch":1}"#;
+        assert_eq!(
+            read(Some(old)),
+            Some(("u1".into(), HistoryIds::items(vec!["a".into()])))
+        );
+        // a tombstone: nothing (the user is forgotten)
+        assert_eq!(read(None), Some(("u1".into(), HistoryIds::default())));
+    }
+}

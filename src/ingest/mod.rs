@@ -757,6 +757,7 @@ impl Ingest {
         let m = &self.metrics;
         m.ingest_batches.inc();
         m.events_duplicate.inc_by(applied.duplicates);
+        m.items_excluded.inc_by(applied.excluded);
         m.dirty_users_dropped.inc_by(dropped);
         m.set_store_counts(self.store.counts());
         m.store_index_capacity.set(self.store.index_capacity_used());

@@ -125,6 +125,24 @@ pub fn split_validation(
     Ok((train, val))
 }
 
+/// The log target of [`log_round_users`].
+pub const ROUND_USERS_TARGET: &str = "multivaed::train::round_users";
+
+/// Names every user a training round read (training and validation), as the pseudonymous key of
+/// their id ([`crate::store::user_key`], hex), at debug level under [`ROUND_USERS_TARGET`]: off
+/// unless asked for (`RUST_LOG=info,multivaed::train::round_users=debug`), so an operator can
+/// check that a forgotten user is in no later round. No user id is logged.
+fn log_round_users(version: u64, keys: &[u64]) {
+    if tracing::enabled!(target: ROUND_USERS_TARGET, tracing::Level::DEBUG) {
+        let mut list = String::with_capacity(keys.len() * 17);
+        for k in keys {
+            use std::fmt::Write as _;
+            let _ = write!(list, "{k:016x} ");
+        }
+        debug!(target: ROUND_USERS_TARGET, version, users = keys.len(), keys = %list.trim_end(), "training round users");
+    }
+}
+
 /// NDCG@100 of `model` on the validation users (fold-in items the model does not know are
 /// dropped from its input; held-out items it does not know count as misses).
 pub fn validation_ndcg(model: &MultiVae, val: &Validation) -> Result<f64> {
@@ -384,6 +402,7 @@ impl Worker {
             )
             .context("cannot read the store")?;
         drop(active);
+        log_round_users(self.version, &sample.keys);
         let n_items = self.columns.map_sample(&self.ctx.store, &mut sample)?;
         let (train, val) = split_validation(&sample, max_val, seed)?;
         Ok((train, val, n_items, withheld))
