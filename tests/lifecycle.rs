@@ -190,8 +190,24 @@ fn a_replica_restoring_a_partition_never_sees_a_forgotten_user() {
         d.metric("multivaed_store_interactions", "") >= 120.0 && owns_everything(d)
     });
     forget_u3_and_u4(&f.setup.clicks, partition);
+    // a witness declines the first item they hold (of their four: i(u)..i(u+3))
+    let declines = &witnesses[0];
+    let first_item = format!("i{}", declines[1..].parse::<usize>().unwrap() % 12);
+    let p = producer();
+    let payload = format!(
+        r#"{{"user_id": "{declines}", "item_id": "{first_item}", "event_type": "dislike"}}"#
+    );
+    send(
+        &p,
+        BaseRecord::to(&f.setup.clicks)
+            .partition(partition(declines).unwrap())
+            .key(declines.as_bytes())
+            .payload(payload.as_bytes()),
+    );
+    p.flush(Duration::from_secs(30)).unwrap();
     a.wait_for(Duration::from_secs(60), "both withdrawn", |d| {
         d.metric("multivaed_recommendations_withdrawn_total", "") >= 2.0
+            && d.metric("multivaed_items_excluded_total", "") >= 1.0
     });
     assert_eq!(a.metric("multivaed_users_forgotten_total", ""), 2.0);
     assert_eq!(a.metric("multivaed_forget_seconds_count", ""), 2.0);
@@ -220,7 +236,16 @@ fn a_replica_restoring_a_partition_never_sees_a_forgotten_user() {
         );
     }
     assert_eq!(b.metric("multivaed_store_users", ""), 28.0);
-    assert_eq!(b.metric("multivaed_store_interactions", ""), 112.0);
+    assert_eq!(b.metric("multivaed_store_interactions", ""), 111.0);
+    // the declined item came with the changelog: out of the history, never offered
+    let (_, body) = b.get(&format!("/v1/users/{declines}/history")).unwrap();
+    assert!(!body.contains(&format!("\"{first_item}\"")), "{body}");
+    let (_, body) = b
+        .get(&format!("/v1/users/{declines}/recommendations?k=20"))
+        .unwrap();
+    let r: Recommendation = serde_json::from_str(&body).unwrap();
+    assert_eq!(r.items.len(), 8, "12 items, 3 held, 1 declined: {body}");
+    assert!(r.items.iter().all(|i| i.item_id != first_item), "{body}");
 }
 
 #[test]
