@@ -30,6 +30,7 @@ impl Bag {
     }
 
     /// The un-dropped scoring input of `rows`: weight 1/√n for each of a user's n items.
+    #[cfg(test)]
     pub(crate) fn normalised(rows: &[&[u32]]) -> Self {
         Self::build(rows, None, 1.0, || true)
     }

@@ -535,3 +535,36 @@ fn a_serving_copy_recommends_what_the_model_does() {
         }
     }
 }
+
+/// The weighted likelihood: weights of 1 are the binary one, doubling every weight doubles it,
+/// and a weighted model's input reads the weights (scores move with them).
+#[test]
+fn weighted_nll_scales_with_the_weights_and_the_input_reads_them() {
+    let rows = random_rows(20, 30, 5);
+    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let t = Trainer::new(&small_config(vec![16]), 30, 1, &Device::Cpu).unwrap();
+    let m = t.model();
+    let ones: Vec<Vec<f32>> = rows.iter().map(|r| vec![1.0; r.len()]).collect();
+    let twos: Vec<Vec<f32>> = rows.iter().map(|r| vec![2.0; r.len()]).collect();
+    let skewed: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| (0..r.len()).map(|j| 1.0 + j as f32).collect())
+        .collect();
+    fn w(v: &[Vec<f32>]) -> Vec<&[f32]> {
+        v.iter().map(|r| r.as_slice()).collect()
+    }
+    let binary = m.mean_nll(&refs, None).unwrap();
+    let one = m.mean_nll(&refs, Some(&w(&ones))).unwrap();
+    let two = m.mean_nll(&refs, Some(&w(&twos))).unwrap();
+    assert!((binary - one).abs() < 1e-6 * binary, "{binary} vs {one}");
+    // the input is normalised (w/‖w‖: the same for 1s and 2s), the target is not
+    assert!((two - 2.0 * one).abs() < 1e-5 * two, "{two} vs 2 × {one}");
+    let plain = m
+        .recommend_weighted(&refs, Some(&w(&ones)), &[], 5)
+        .unwrap();
+    assert_eq!(plain, m.recommend(&refs, 5).unwrap());
+    let moved = m
+        .recommend_weighted(&refs, Some(&w(&skewed)), &[], 5)
+        .unwrap();
+    assert_ne!(plain, moved, "weights change the encoder's input");
+}

@@ -268,29 +268,38 @@ impl MultiVae {
 
     /// Full scores (logits, bias included) for users given by their items, z = μ.
     pub fn scores(&self, rows: &[&[u32]]) -> Result<Tensor> {
-        let (mu, _) = self.encode(&Bag::normalised(rows))?;
+        self.scores_weighted(rows, None)
+    }
+
+    /// As [`MultiVae::scores`], with each item's weight (`None`: binary rows).
+    fn scores_weighted(&self, rows: &[&[u32]], weights: Option<&[&[f32]]>) -> Result<Tensor> {
+        let (mu, _) = self.encode(&Bag::normalised_weighted(rows, weights))?;
         self.decode_without_output_bias(&mu)?
             .broadcast_add(&self.decoder[self.decoder.len() - 1].bias)
     }
 
-    /// The multinomial negative log-likelihood of the users' own items, `−Σ_{i∈x} log softmax_i`
-    /// with z = μ and no dropout, averaged over the (non-empty) rows: how well the model explains
-    /// the clicks it was trained on, free of the training step's noise. Rows are scored in
-    /// chunks of about 8M logits to bound memory.
-    pub(crate) fn mean_nll(&self, rows: &[&[u32]]) -> Result<f64> {
-        let rows: Vec<&[u32]> = rows.iter().copied().filter(|r| !r.is_empty()).collect();
+    /// The multinomial negative log-likelihood of the users' own items, `−Σ_{i∈x} x_i·log
+    /// softmax_i` (x binary, or the rows' `weights`) with z = μ and no dropout, averaged over the
+    /// rows (each non-empty): how well the model explains the clicks it was trained on, free of
+    /// the training step's noise. Rows are scored in chunks of about 8M logits to bound memory.
+    pub(crate) fn mean_nll(&self, rows: &[&[u32]], weights: Option<&[&[f32]]>) -> Result<f64> {
         if rows.is_empty() {
             return Ok(0.0);
         }
         let chunk = (8_000_000 / self.n_items.max(1)).clamp(1, 1024);
         let mut total = 0f64;
-        for part in rows.chunks(chunk) {
-            let logits = self.scores(part)?.to_device(&Device::Cpu)?;
+        for (c, part) in rows.chunks(chunk).enumerate() {
+            let part_weights = weights.map(|w| &w[c * chunk..c * chunk + part.len()]);
+            let logits = self
+                .scores_weighted(part, part_weights)?
+                .to_device(&Device::Cpu)?;
             let n = self.n_items;
             total += with_slice(&logits, |l| {
                 Ok(l.par_chunks(n)
                     .zip(part.par_iter())
-                    .map(|(row, items)| {
+                    .enumerate()
+                    .map(|(u, (row, items))| {
+                        let w = |j: usize| part_weights.map_or(1.0, |w| f64::from(w[u][j]));
                         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
                         let lse = max
                             + row
@@ -300,7 +309,8 @@ impl MultiVae {
                                 .ln();
                         items
                             .iter()
-                            .map(|&i| lse - row[i as usize] as f64)
+                            .enumerate()
+                            .map(|(j, &i)| w(j) * (lse - row[i as usize] as f64))
                             .sum::<f64>()
                     })
                     .sum::<f64>())

@@ -136,7 +136,7 @@ struct Merge<'c> {
     interactions: i64,
 }
 
-impl Merge<'_> {
+impl<'c> Merge<'c> {
     /// Adds item `i` of `weight` to touched user `t` (a larger weight when they have it),
     /// evicting the oldest past `max_history`; a positive event lifts the item's exclusion.
     fn add(&mut self, t: usize, i: u32, weight: f32, max_history: usize) {
@@ -189,6 +189,27 @@ impl Merge<'_> {
         }
         self.applied.excluded += 1;
         self.changed(t);
+    }
+
+    /// Adds a user to the batch (read from the store, or `new`); returns their place.
+    fn touch(
+        &mut self,
+        by_user: &mut HashMap<&'c str, usize>,
+        id: &'c str,
+        idx: u32,
+        history: History,
+        new: bool,
+    ) -> usize {
+        self.touched.push(Touched {
+            id,
+            idx,
+            history,
+            new,
+            changed: false,
+            forgotten: false,
+        });
+        by_user.insert(id, self.touched.len() - 1);
+        self.touched.len() - 1
     }
 
     fn changed(&mut self, t: usize) {
@@ -593,56 +614,11 @@ impl Store {
             };
             let t = match by_user.get(c.user.as_str()) {
                 Some(&t) => t,
-                None => {
-                    let record = self.tree.get(key(b'U', c.user.as_bytes()))?;
-                    let (idx, history, new) = match record.as_ref().map(|v| decode_user(v)) {
-                        Some(Some((idx, history))) => (idx, history, false),
-                        found => {
-                            if let (Some(None), Some(raw)) = (found, record.clone()) {
-                                // a damaged record: kept aside, the user starts again
-                                m.damaged.push((&c.user, raw));
-                            }
-                            if m.next_user >= self.index_limit {
-                                return Err(StoreFull {
-                                    what: "users",
-                                    limit: self.index_limit,
-                                }
-                                .into());
-                            }
-                            m.next_user += 1;
-                            (m.next_user - 1, History::default(), true)
-                        }
-                    };
-                    m.touched.push(Touched {
-                        id: &c.user,
-                        idx,
-                        history,
-                        new,
-                        changed: false,
-                        forgotten: false,
-                    });
-                    by_user.insert(&c.user, m.touched.len() - 1);
-                    m.touched.len() - 1
-                }
+                None => self.load_or_create(&mut m, &mut by_user, &c.user)?,
             };
             let i = match catalogue.index.get(c.item.as_str()) {
                 Some(&i) => i,
-                None => match new_item_index.get(c.item.as_str()) {
-                    Some(&i) => i,
-                    None => {
-                        let i = m.next_item0 as u64 + m.new_items.len() as u64;
-                        if i >= u64::from(self.index_limit) {
-                            return Err(StoreFull {
-                                what: "items",
-                                limit: self.index_limit,
-                            }
-                            .into());
-                        }
-                        m.new_items.push(&c.item);
-                        new_item_index.insert(&c.item, i as u32);
-                        i as u32
-                    }
-                },
+                None => self.intern_new_item(&mut m, &mut new_item_index, &c.item)?,
             };
             if negative {
                 m.exclude(t, i, self.max_history);
@@ -651,6 +627,58 @@ impl Store {
             }
         }
         Ok(m)
+    }
+
+    /// Brings `user` into the batch from their stored record, or as a new user (a damaged
+    /// record is kept aside and the user starts again); returns their place in `m.touched`.
+    fn load_or_create<'c>(
+        &self,
+        m: &mut Merge<'c>,
+        by_user: &mut HashMap<&'c str, usize>,
+        user: &'c str,
+    ) -> Result<usize> {
+        let record = self.tree.get(key(b'U', user.as_bytes()))?;
+        let (idx, history, new) = match record.as_ref().map(|v| decode_user(v)) {
+            Some(Some((idx, history))) => (idx, history, false),
+            found => {
+                if let (Some(None), Some(raw)) = (found, record.clone()) {
+                    m.damaged.push((user, raw));
+                }
+                if m.next_user >= self.index_limit {
+                    return Err(StoreFull {
+                        what: "users",
+                        limit: self.index_limit,
+                    }
+                    .into());
+                }
+                m.next_user += 1;
+                (m.next_user - 1, History::default(), true)
+            }
+        };
+        Ok(m.touch(by_user, user, idx, history, new))
+    }
+
+    /// The index a batch gives an item the catalogue does not have yet (one per id).
+    fn intern_new_item<'c>(
+        &self,
+        m: &mut Merge<'c>,
+        new_item_index: &mut HashMap<&'c str, u32>,
+        item: &'c str,
+    ) -> Result<u32> {
+        if let Some(&i) = new_item_index.get(item) {
+            return Ok(i);
+        }
+        let i = m.next_item0 as u64 + m.new_items.len() as u64;
+        if i >= u64::from(self.index_limit) {
+            return Err(StoreFull {
+                what: "items",
+                limit: self.index_limit,
+            }
+            .into());
+        }
+        m.new_items.push(item);
+        new_item_index.insert(item, i as u32);
+        Ok(i as u32)
     }
 
     /// Merges a request to forget `user`: a user touched by the batch or stored is emptied
@@ -672,16 +700,8 @@ impl Store {
             }),
             Some(raw) => match decode_user(&raw) {
                 Some((idx, history)) => {
-                    m.touched.push(Touched {
-                        id: user,
-                        idx,
-                        history,
-                        new: false,
-                        changed: false,
-                        forgotten: false,
-                    });
-                    by_user.insert(user, m.touched.len() - 1);
-                    m.forget(m.touched.len() - 1);
+                    let t = m.touch(by_user, user, idx, history, false);
+                    m.forget(t);
                 }
                 None => {
                     m.erased.push(user);

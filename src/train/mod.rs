@@ -198,17 +198,29 @@ const FLOOR_USERS: usize = 2000;
 
 /// The loss floor: the trained model's multinomial NLL on (up to `FLOOR_USERS` of) its training
 /// users, z = μ and no dropout, against a uniform guess over the catalogue on the same users
-/// (`−Σ x·log(1/I)` = `|x|·ln I` per user). Returns (model, uniform), both per-user means.
+/// (`−Σ x·log(1/I)` = `|x|·ln I` per user; x weighted for a weighted model). Returns (model,
+/// uniform), both per-user means.
 pub fn loss_floor(model: &MultiVae, train: &Interactions) -> Result<(f64, f64)> {
-    let rows: Vec<&[u32]> = train.rows().filter(|r| !r.is_empty()).collect();
-    let step = rows.len().div_ceil(FLOOR_USERS).max(1);
-    let rows: Vec<&[u32]> = rows.into_iter().step_by(step).collect();
-    if rows.is_empty() {
+    let users: Vec<usize> = (0..train.n_users())
+        .filter(|&u| !train.row(u).is_empty())
+        .collect();
+    let step = users.len().div_ceil(FLOOR_USERS).max(1);
+    let users: Vec<usize> = users.into_iter().step_by(step).collect();
+    if users.is_empty() {
         return Ok((0.0, 0.0));
     }
+    let rows: Vec<&[u32]> = users.iter().map(|&u| train.row(u)).collect();
+    // a weighted model is judged on its weighted likelihood (a uniform guess's: Σw·ln I)
+    let weights: Option<Vec<&[f32]>> = (model.config().input == crate::model::Input::Weighted)
+        .then(|| users.iter().map(|&u| train.weights(u)).collect())
+        .flatten();
+    let mass = |r: usize| match &weights {
+        Some(w) => w[r].iter().map(|&x| f64::from(x)).sum::<f64>(),
+        None => rows[r].len() as f64,
+    };
     let ln_items = (model.n_items().max(1) as f64).ln();
-    let uniform = rows.iter().map(|r| r.len() as f64).sum::<f64>() * ln_items / rows.len() as f64;
-    Ok((model.mean_nll(&rows)?, uniform))
+    let uniform = (0..rows.len()).map(mass).sum::<f64>() * ln_items / rows.len() as f64;
+    Ok((model.mean_nll(&rows, weights.as_deref())?, uniform))
 }
 
 /// What a round's validation said about a trained model.
