@@ -322,22 +322,12 @@ impl MultiVae {
     /// Top-`k` items for each user (given by their current items), best first, never an item
     /// the user already has. Users are scored in chunks to bound memory.
     pub fn recommend(&self, rows: &[&[u32]], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        self.recommend_hiding(rows, &[], k)
+        self.recommend_weighted(rows, None, &[], k)
     }
 
-    /// As [`MultiVae::recommend`], never recommending the columns of `hidden` either (ascending;
+    /// As [`MultiVae::recommend`], with the weight of each item of `rows` (`None`: binary, as a
+    /// weighted model's input), never recommending the columns of `hidden` either (ascending;
     /// rows are ascending too).
-    pub fn recommend_hiding(
-        &self,
-        rows: &[&[u32]],
-        hidden: &[u32],
-        k: usize,
-    ) -> Result<Vec<Vec<(u32, f32)>>> {
-        self.recommend_weighted(rows, None, hidden, k)
-    }
-
-    /// As [`MultiVae::recommend_hiding`], with the weight of each item of `rows` (`None`:
-    /// binary), for a model whose input is weighted.
     pub fn recommend_weighted(
         &self,
         rows: &[&[u32]],

@@ -157,16 +157,22 @@ impl Store {
                         .copied()
                         .filter(|w| w.is_finite() && *w > 0.0)
                 };
-                for (j, item) in restored.items.iter().enumerate().rev() {
+                for (j, item) in restored
+                    .items
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .take(self.max_history)
+                {
                     let i = intern(item)?;
-                    if history.items.len() < self.max_history && !history.items.contains(&i) {
+                    if !history.items.contains(&i) {
                         history.items.push(i);
                         history.weights.push(weight(j).unwrap_or(1.0));
                     }
                 }
-                for item in restored.excluded.iter().rev() {
+                for item in restored.excluded.iter().rev().take(self.max_history) {
                     let i = intern(item)?;
-                    if history.excluded.len() < self.max_history && !history.excluded.contains(&i) {
+                    if !history.excluded.contains(&i) {
                         history.excluded.push(i);
                     }
                 }
@@ -346,6 +352,29 @@ mod tests {
         let s = Store::open(dir.path(), 3).unwrap();
         assert_eq!(s.history_ids("a").unwrap().unwrap(), ids(&["i2", "i9"]));
         assert_eq!(s.changelog_position(2).unwrap(), Some(pos));
+    }
+
+    #[test]
+    fn only_the_kept_part_of_a_restored_history_enters_the_catalogue() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 2).unwrap();
+        let pos = ChangelogPosition {
+            next_offset: 1,
+            epoch: 1,
+            clicks_next: 1,
+        };
+        let restored = HistoryIds {
+            items: ids(&["old", "x", "y"]),
+            weights: Vec::new(),
+            excluded: ids(&["gone", "p", "q"]),
+        };
+        s.restore_histories(&[("e".into(), restored)], 0, pos, None)
+            .unwrap();
+        assert_eq!(s.history_ids("e").unwrap().unwrap(), ids(&["x", "y"]));
+        for dropped in ["old", "gone"] {
+            assert_eq!(s.item_index(dropped).unwrap(), None, "{dropped}");
+        }
+        assert_eq!(s.counts().items, 4, "x, y, p, q");
     }
 
     #[test]

@@ -73,7 +73,6 @@ fn to_format_3(tree: &sled::Tree) -> Result<usize> {
         };
         batch.insert(UPGRADE_CURSOR, &last);
         tree.apply_batch(batch)?;
-        crate::fault::crash_point("store.upgrade.chunk");
         from = after(&last);
     }
     tree.remove(UPGRADE_CURSOR)?;
