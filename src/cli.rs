@@ -415,12 +415,6 @@ fn run_recommend(args: RecommendArgs) -> Result<()> {
 
 fn run_export(args: ExportArgs) -> Result<()> {
     use std::io::Write;
-    #[derive(serde::Serialize)]
-    struct Exported<'a> {
-        user_id: &'a str,
-        #[serde(flatten)]
-        history: multivaed::store::HistoryIds,
-    }
     let config = Config::load(args.config.as_deref())?;
     let store = Store::open(&config.data_dir, config.store.max_history)
         .context("cannot open the store (is a daemon still running on this data_dir?)")?;
@@ -431,7 +425,11 @@ fn run_export(args: ExportArgs) -> Result<()> {
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let users = store.export(|user_id, history| {
-        serde_json::to_writer(&mut out, &Exported { user_id, history })?;
+        let line = multivaed::store::ExportedHistory {
+            user_id: user_id.to_string(),
+            history,
+        };
+        serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         Ok(())
     })?;

@@ -159,14 +159,8 @@ pub fn export_messages(
         if line.trim().is_empty() {
             continue;
         }
-        #[derive(serde::Deserialize)]
-        struct Exported {
-            user_id: String,
-            #[serde(flatten)]
-            history: crate::store::HistoryIds,
-        }
         let at = || format!("{}:{}", path.display(), n + 1);
-        let e: Exported = serde_json::from_str(line)
+        let e: crate::store::ExportedHistory = serde_json::from_str(line)
             .with_context(|| format!("{}: not an exported history", at()))?;
         let h = e.history;
         if !h.weights.is_empty() && h.weights.len() != h.items.len() {

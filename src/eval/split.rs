@@ -78,20 +78,16 @@ pub fn read_raw(path: &Path, format: RawFormat) -> Result<Vec<RawInteraction>> {
     let mut out = Vec::new();
     match format {
         RawFormat::Jsonl => {
-            #[derive(serde::Deserialize)]
-            struct Exported {
-                user_id: String,
-                items: Vec<String>,
-            }
             for (n, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let e: Exported = serde_json::from_str(line).with_context(|| {
-                    format!("{}:{}: not an exported history", path.display(), n + 1)
-                })?;
+                let e: crate::store::ExportedHistory =
+                    serde_json::from_str(line).with_context(|| {
+                        format!("{}:{}: not an exported history", path.display(), n + 1)
+                    })?;
                 // one timestamp per line: a stable sort keeps each history's order
-                out.extend(e.items.into_iter().map(|item| RawInteraction {
+                out.extend(e.history.items.into_iter().map(|item| RawInteraction {
                     user: e.user_id.clone(),
                     item,
                     rating: None,

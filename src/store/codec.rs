@@ -154,6 +154,15 @@ pub struct HistoryIds {
     pub excluded: Vec<String>,
 }
 
+/// One line of `multivaed export` (JSON lines): a user's id and history. Written by the export,
+/// read back by `multivaed produce` and `multivaed eval`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportedHistory {
+    pub user_id: String,
+    #[serde(flatten)]
+    pub history: HistoryIds,
+}
+
 impl HistoryIds {
     /// Items of weight 1, no exclusions.
     pub fn items(items: Vec<String>) -> Self {

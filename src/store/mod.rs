@@ -20,7 +20,7 @@ mod restore;
 mod upgrade;
 
 use codec::*;
-pub use codec::{History, HistoryIds};
+pub use codec::{ExportedHistory, History, HistoryIds};
 pub(crate) use restore::ChangelogPosition;
 use upgrade::upgrade;
 
