@@ -443,6 +443,40 @@ pub fn write_split_dir(split: &Split, dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_export_reads_back_as_the_same_histories() {
+        use crate::store::{Click, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 10).unwrap();
+        let click = Click::new;
+        s.apply(&[click("b", "i2"), click("a", "i1"), click("b", "i1")], &[])
+            .unwrap();
+        let mut lines = Vec::new();
+        let n = s
+            .export(|user, items| {
+                lines
+                    .push(serde_json::json!({ "user_id": user, "items": items.items }).to_string());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            lines,
+            [
+                r#"{"items":["i1"],"user_id":"a"}"#,
+                r#"{"items":["i2","i1"],"user_id":"b"}"#
+            ]
+        );
+        let file = dir.path().join("export.jsonl");
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let raw = read_raw(&file, RawFormat::from_path(&file)).unwrap();
+        let pairs: Vec<(&str, &str)> = raw
+            .iter()
+            .map(|r| (r.user.as_str(), r.item.as_str()))
+            .collect();
+        assert_eq!(pairs, [("a", "i1"), ("b", "i2"), ("b", "i1")]);
+    }
+
     fn synthetic(n_users: usize) -> Vec<RawInteraction> {
         let mut out = Vec::new();
         for u in 0..n_users {

@@ -378,38 +378,6 @@ mod tests {
     }
 
     #[test]
-    fn an_export_reads_back_as_the_same_histories() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), 10).unwrap();
-        s.apply(&[click("b", "i2"), click("a", "i1"), click("b", "i1")], &[])
-            .unwrap();
-        let mut lines = Vec::new();
-        let n = s
-            .export(|user, items| {
-                lines
-                    .push(serde_json::json!({ "user_id": user, "items": items.items }).to_string());
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(n, 2);
-        assert_eq!(
-            lines,
-            [
-                r#"{"items":["i1"],"user_id":"a"}"#,
-                r#"{"items":["i2","i1"],"user_id":"b"}"#
-            ]
-        );
-        let file = dir.path().join("export.jsonl");
-        std::fs::write(&file, lines.join("\n")).unwrap();
-        let raw = crate::eval::read_raw(&file, crate::eval::RawFormat::from_path(&file)).unwrap();
-        let pairs: Vec<(&str, &str)> = raw
-            .iter()
-            .map(|r| (r.user.as_str(), r.item.as_str()))
-            .collect();
-        assert_eq!(pairs, [("a", "i1"), ("b", "i2"), ("b", "i1")]);
-    }
-
-    #[test]
     fn of_several_records_of_a_user_in_one_chunk_the_last_counts() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 10).unwrap();
