@@ -115,6 +115,19 @@ impl Activity {
         self.queue_clicks(g, &users)
     }
 
+    /// Users a serving replica restored with a partition, each with when they were last
+    /// active (their changelog record's time): the re-scoring after the next model swap takes
+    /// them as if they had clicked here (an earlier time never replaces a later one). Nobody is
+    /// scored now.
+    pub fn seen_at(&self, users: &[(u32, Instant)]) {
+        let mut g = self.lock();
+        for &(u, at) in users {
+            let t = g.last_seen.entry(u).or_insert(at);
+            *t = (*t).max(at);
+        }
+        self.forget_least_recently_seen(&mut g);
+    }
+
     /// Histories a fleet trainer read from the changelog: `changed` users, `new_interactions`
     /// new pairs — what makes a round due and who is trained on first (nobody is scored).
     pub fn learnable(&self, changed: &[u32], new_interactions: u64) {
@@ -426,6 +439,29 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(a.requeue_seen_within(window).0, 0, "350 ms after the click");
         assert!(a.take_waiting(10, usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn users_restored_as_recently_active_are_re_scored_after_a_swap_and_older_ones_not() {
+        let a = Activity::new(10, 10);
+        let now = Instant::now();
+        let window = Duration::from_secs(60);
+        a.seen_at(&[
+            (1, now - Duration::from_secs(5)),
+            (2, now - Duration::from_secs(3600)),
+        ]);
+        assert!(
+            a.take_waiting(10, usize::MAX).is_empty(),
+            "nobody is scored at a restore"
+        );
+        assert_eq!(a.requeue_seen_within(window).0, 1);
+        let got = a.take_waiting(10, usize::MAX);
+        assert_eq!((users(&got), got[0].why), (vec![1], Why::Rescore));
+        // a later click here is never replaced by an older restored time
+        a.batch_stored(&[3], 1, now);
+        a.seen_at(&[(3, now - Duration::from_secs(3600))]);
+        a.take_waiting(10, usize::MAX);
+        assert_eq!(a.requeue_seen_within(window).0, 2);
     }
 
     #[test]

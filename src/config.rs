@@ -141,12 +141,25 @@ pub struct TrainConfig {
     /// Start a fine-tuning round at least this often (when there is new data).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// … or as soon as this many new interactions arrived.
+    /// … or as soon as this many new interactions arrived …
     pub min_new_events: u64,
-    pub epochs_per_round: usize,
+    /// … or as soon as the new interactions reach this share of those the last round read (a
+    /// growing site is retrained while it grows).
+    #[serde(deserialize_with = "crate::model::number")]
+    pub min_new_fraction: f64,
+    /// A round trains until its validation NDCG@100 (or, with too few validation users, its
+    /// training loss) has not improved for `patience` epochs, keeping the best epoch, and for
+    /// at most this many epochs (`epochs_per_round` is its older name).
+    #[serde(alias = "epochs_per_round")]
+    pub max_epochs_per_round: usize,
+    pub patience: usize,
+    /// A round that stopped at `max_epochs_per_round` while still improving is followed at
+    /// once by another (at the training threads' low priority), new data or not.
+    pub catch_up: bool,
     /// Users needed before the first model is trained.
     pub min_users: usize,
-    /// Held-out users for validation (a fixed sample; they are not trained on).
+    /// Validation users evaluated, at most: a share of the users chosen by hash for life (sized
+    /// from the users stored), each with a fifth of their items held out of training for life.
     pub validation_users: usize,
     /// Validation users needed before NDCG decides anything (beating popularity, not falling
     /// below the live model); with fewer, only the loss floor (better than a uniform guess) is
@@ -385,7 +398,10 @@ impl Default for TrainConfig {
         Self {
             interval: Duration::from_secs(300),
             min_new_events: 50_000,
-            epochs_per_round: 2,
+            min_new_fraction: 0.1,
+            max_epochs_per_round: 200,
+            patience: 10,
+            catch_up: true,
             min_users: 50,
             validation_users: 500,
             min_validation_users: 50,
@@ -564,7 +580,7 @@ impl Config {
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
         self.events.validate()?;
-        let checks: [(bool, &str); 15] = [
+        let checks: [(bool, &str); 17] = [
             (
                 self.kafka.batch_size > 0,
                 "kafka.batch_size: must be at least 1",
@@ -580,10 +596,6 @@ impl Config {
             (
                 self.store.max_history > 0,
                 "store.max_history: must be at least 1",
-            ),
-            (
-                self.train.epochs_per_round > 0,
-                "train.epochs_per_round: must be at least 1",
             ),
             (
                 self.train.max_users_per_round > 0,
@@ -622,6 +634,15 @@ impl Config {
                 self.train.min_new_events > 0,
                 "train.min_new_events: must be at least 1",
             ),
+            (
+                self.train.min_new_fraction > 0.0 && self.train.min_new_fraction.is_finite(),
+                "train.min_new_fraction: must be a number above 0",
+            ),
+            (
+                self.train.max_epochs_per_round > 0,
+                "train.max_epochs_per_round: must be at least 1",
+            ),
+            (self.train.patience > 0, "train.patience: must be at least 1"),
         ];
         for (ok, msg) in checks {
             if !ok {

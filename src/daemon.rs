@@ -338,6 +338,7 @@ impl Daemon {
                 self.config.http.advertised(),
                 self.ownership.clone(),
                 producers.clone(),
+                self.config.serve.rescore_window,
             ))
         });
         if self.config.kafka.positive_event_types.is_some() {

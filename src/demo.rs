@@ -252,7 +252,7 @@ fn demo_config(opts: &DemoOptions, brokers: &str) -> Result<crate::config::Confi
     config.train.interval = Duration::from_secs(10);
     config.train.min_new_events = 5000;
     config.train.min_users = 200;
-    config.train.epochs_per_round = 5;
+    config.train.max_epochs_per_round = 30;
     config.train.validation_users = 100;
     config.serve.k = 10;
     Ok(config)

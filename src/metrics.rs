@@ -36,6 +36,9 @@ pub(crate) struct Metrics {
     pub validation_ndcg: Gauge,
     pub validation_popularity_ndcg: Gauge,
     pub training_next_round: Gauge,
+    pub training_epochs: IntCounter,
+    pub training_stops: IntCounterVec,
+    pub training_converged: IntGauge,
     pub model_round_interactions: IntGauge,
     pub model_version: IntGauge,
     pub model_validated: IntGauge,
@@ -186,7 +189,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "multivaed_training_rounds_total",
-                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_floor, rejected_ndcg, rejected_unvalidated, abandoned, failed)",
+                        "Fine-tuning rounds, by result (accepted, rejected_nonfinite, rejected_floor, rejected_ndcg, abandoned, superseded, failed)",
                     ),
                     &["result"],
                 )?,
@@ -220,6 +223,27 @@ impl Metrics {
                 Gauge::new(
                     "multivaed_training_next_round_timestamp_seconds",
                     "Earliest start of the next training round after one that was not accepted (0: no wait)",
+                )?,
+            )?,
+            training_epochs: reg(
+                r,
+                IntCounter::new("multivaed_training_epochs_total", "Training epochs run, over every round")?,
+            )?,
+            training_stops: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "multivaed_training_stops_total",
+                        "Rounds' training, by why it stopped (converged, max_epochs, max_duration, diverged)",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            training_converged: reg(
+                r,
+                IntGauge::new(
+                    "multivaed_training_converged",
+                    "1 when the last round's training stopped because it no longer improved (the next waits for new data), 0 otherwise",
                 )?,
             )?,
             model_round_interactions: reg(
@@ -404,12 +428,14 @@ impl Metrics {
             "rejected_nonfinite",
             "rejected_floor",
             "rejected_ndcg",
-            "rejected_unvalidated",
             "abandoned",
             "superseded",
             "failed",
         ] {
             m.training_rounds.with_label_values(&[result]);
+        }
+        for reason in ["converged", "max_epochs", "max_duration", "diverged"] {
+            m.training_stops.with_label_values(&[reason]);
         }
         for result in ["ok", "refused", "failed"] {
             m.model_loads.with_label_values(&[result]);

@@ -87,8 +87,8 @@ fn clicks_in_recommendations_out_restart_and_resume() {
     // the measured model's round alone trains 10 epochs on all of phase 1 (~40 steps): its
     // quality does not hinge on how many partial rounds came before it
     let mut env = setup.env();
-    env.retain(|(k, _)| k != "MULTIVAED_TRAIN__EPOCHS_PER_ROUND");
-    env.push(("MULTIVAED_TRAIN__EPOCHS_PER_ROUND".into(), "10".into()));
+    env.retain(|(k, _)| k != "MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND");
+    env.push(("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND".into(), "10".into()));
     let daemon = Daemon::start(&env, port);
 
     // phase 1: 20k clicks of 2k users with taste groups, plus poison

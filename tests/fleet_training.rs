@@ -295,7 +295,7 @@ fn every_replica_serves_each_announced_version_beats_popularity_and_follows_a_ro
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), 6);
     let mut env = f.trainer_env(dir.path(), "t0");
-    env.push(("MULTIVAED_TRAIN__EPOCHS_PER_ROUND".into(), "10".into()));
+    env.push(("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND".into(), "10".into()));
     let trainer = Daemon::start(&env, free_port());
     let replicas: Vec<Daemon> = ["r1", "r2", "r3"]
         .iter()
@@ -879,4 +879,129 @@ fn versions_travel_through_s3() {
     replica.terminate();
     let _ = moto.kill();
     let _ = moto.wait();
+}
+
+/// A user's latest recommendation by the documented rule (the highest (epoch, offset) stamp).
+struct LatestRec {
+    stamp: (u64, i64),
+    owner: String,
+    version: Option<u64>,
+}
+
+/// Each user's latest recommendation, and each partition's owner (the highest epoch seen on it).
+fn latest_by_rule(f: &Fleet) -> (HashMap<String, LatestRec>, HashMap<i32, String>) {
+    let mut latest: HashMap<String, LatestRec> = HashMap::new();
+    let mut owners: HashMap<i32, (u64, String)> = HashMap::new();
+    for m in read_all(&f.setup.recs, 1, Duration::from_secs(3)) {
+        let header = |k: &str| m.headers.get(k).cloned().unwrap_or_default();
+        let (Ok(p), Ok(e), Ok(o)) = (
+            header("multivaed-partition").parse::<i32>(),
+            header("multivaed-epoch").parse::<u64>(),
+            header("multivaed-offset").parse::<i64>(),
+        ) else {
+            continue;
+        };
+        let owner = header("multivaed-owner");
+        let user = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let rec: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        if latest.get(&user).is_none_or(|l| (e, o) >= l.stamp) {
+            let version = rec["model_version"].as_u64();
+            latest.insert(
+                user,
+                LatestRec {
+                    stamp: (e, o),
+                    owner: owner.clone(),
+                    version,
+                },
+            );
+        }
+        if owners.get(&p).is_none_or(|(high, _)| e > *high) {
+            owners.insert(p, (e, owner));
+        }
+    }
+    let owners = owners.into_iter().map(|(p, (_, o))| (p, o)).collect();
+    (latest, owners)
+}
+
+#[test]
+fn idle_users_of_a_moved_partition_get_the_new_owners_recommendation_from_the_next_version() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 2);
+    let _trainer = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
+    let a = Daemon::start(&f.replica_env(dir.path(), "ra"), free_port());
+    // 300 users click (taste structure) until a model serves them, then stay idle for good
+    let mut clicks = Clicks::start(&f, 300, 200, 400.0);
+    a.wait_for(Duration::from_secs(120), "a model version", |d| {
+        version(d) >= 1
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    clicks.stop();
+    a.wait_for(Duration::from_secs(30), "the last clicks answered", |d| {
+        d.metric("multivaed_dirty_users", "") == 0.0
+    });
+    // a second replica takes one partition over (restored from the changelog)
+    let b = Daemon::start(&f.replica_env(dir.path(), "rb"), free_port());
+    wait_owned(&f, &[&a, &b]);
+    let at_move = version(&a).max(version(&b));
+    // other users' clicks make the next version; the first 300 users stay idle
+    let p = producer();
+    let mut stream = SyntheticStream::new(300, 200, 8, 9);
+    for n in 0..3000 {
+        let (u, i) = stream.next_click();
+        let user = format!("new{u}");
+        let payload = format!(r#"{{"user_id": "{user}", "item_id": "i{i}"}}"#);
+        let part = Partitioner::ConsistentRandom.partition(user.as_bytes(), f.partitions);
+        send(
+            &p,
+            BaseRecord::to(&f.setup.clicks)
+                .partition(part)
+                .key(user.as_bytes())
+                .payload(payload.as_bytes()),
+        );
+        if n % 500 == 0 {
+            p.flush(Duration::from_secs(10)).unwrap();
+        }
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    b.wait_for(Duration::from_secs(120), "a version after the move", |d| {
+        version(d) > at_move
+    });
+    let next = version(&b);
+    // the re-scorings of the swap published (500 a second at most: well under 2 s here)
+    std::thread::sleep(Duration::from_secs(4));
+    let (latest, owners) = latest_by_rule(&f);
+    let moved: Vec<i32> = owners
+        .iter()
+        .filter(|(_, o)| o.as_str() == "rb")
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(moved.len(), 1, "rb owns one partition: {owners:?}");
+    let idle: Vec<String> = (0..300)
+        .map(|u| format!("u{u}"))
+        .filter(|u| {
+            moved.contains(&Partitioner::ConsistentRandom.partition(u.as_bytes(), f.partitions))
+        })
+        .collect();
+    assert!(idle.len() > 50, "{} idle users moved", idle.len());
+    let current = |u: &String| {
+        latest
+            .get(u)
+            .is_some_and(|l| l.owner == "rb" && l.version.is_some_and(|v| v >= next))
+    };
+    let stale: Vec<String> = idle
+        .iter()
+        .filter(|u| !current(u))
+        .map(|u| match latest.get(u) {
+            Some(l) => format!("{u}: {} v{:?}", l.owner, l.version),
+            None => format!("{u}: none"),
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} of {} idle users of the moved partition lack rb's recommendation from v{next} or later (moved at v{at_move}), e.g. {:?}",
+        stale.len(),
+        idle.len(),
+        &stale[..stale.len().min(3)]
+    );
 }

@@ -636,7 +636,9 @@ fn a_forgotten_user_is_in_no_later_training_round() {
             ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "100"),
             ("MULTIVAED_TRAIN__MIN_USERS", "50"),
             ("MULTIVAED_TRAIN__INTERVAL", "1s"),
-            ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "1"),
+            ("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND", "1"),
+            ("MULTIVAED_TRAIN__CATCH_UP", "false"),
+            ("MULTIVAED_TRAIN__MIN_NEW_FRACTION", "1000"),
             ("MULTIVAED_TRAIN__MIN_VALIDATION_USERS", "5"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),

@@ -1,4 +1,4 @@
-//! Broker outages against a Tansu broker of the test's own (the shared one keeps serving the
+//! Broker outages against an Apache Kafka broker of the test's own (the shared one keeps serving the
 //! other tests): frozen for 30 s mid-stream (SIGSTOP/SIGCONT), and absent when the daemon starts.
 //! The daemon stays up, /healthz stays OK, /readyz turns not-ready and back, nothing is lost,
 //! consumption resumes by itself, and recommendations whose delivery failed during the freeze
@@ -7,70 +7,64 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
+/// An Apache Kafka broker of the test's own (`scripts/kafka.sh` on another port), stopped when
+/// dropped.
 struct Broker {
-    child: Child,
+    port: u16,
+    pid: u32,
     addr: String,
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
+            .args(["-CONT", &self.pid.to_string()])
             .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = Self::script(self.port, "stop").status();
     }
 }
 
 impl Broker {
+    fn script(port: u16, what: &str) -> Command {
+        let mut cmd = Command::new("bash");
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh"))
+            .arg(what)
+            .env("KAFKA_PORT", port.to_string())
+            .stdout(Stdio::null());
+        cmd
+    }
+
     fn start(port: u16) -> Self {
-        let bin = std::env::var("MULTIVAED_TOOLS")
+        let ok = Self::script(port, "start")
+            .status()
+            .expect("run scripts/kafka.sh")
+            .success();
+        assert!(ok, "scripts/kafka.sh start on port {port} failed");
+        let home = std::env::var("MULTIVAED_TOOLS")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from("/var/tmp/multivaed-tools"))
-            .join("tansu");
-        assert!(
-            bin.exists(),
-            "{} missing: run scripts/kafka.sh start (scripts/test.sh does)",
-            bin.display()
-        );
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tansu did not open its port"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            .unwrap_or_else(|_| PathBuf::from("/var/tmp/multivaed-tools"));
+        let pid = std::fs::read_to_string(home.join(format!("kafka-{port}/broker.pid")))
+            .expect("the broker's pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
         Self {
-            child,
+            port,
+            pid,
             addr: format!("127.0.0.1:{port}"),
         }
     }
 
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
+            .args([sig, &self.pid.to_string()])
             .status()
             .unwrap()
             .success();

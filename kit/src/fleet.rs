@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::harness::{brokers, try_create_topics, unique, Setup};
+use crate::harness::{brokers, try_create_topics_with, unique, Setup, COMPACTED};
 
 pub struct Fleet {
     pub setup: Setup,
@@ -44,15 +44,15 @@ impl Fleet {
 
     /// Creates every topic of the fleet on the broker at `bootstrap`.
     pub fn create_on(&self, bootstrap: &str) -> Result<()> {
-        try_create_topics(
+        try_create_topics_with(
             bootstrap,
             &[
-                (&self.setup.clicks, self.partitions),
-                (&self.changelog, self.partitions),
-                (&self.members, 1),
-                (&self.models, 1),
-                (&self.setup.recs, 1),
-                (&self.setup.dlq, 1),
+                (&self.setup.clicks, self.partitions, &[]),
+                (&self.changelog, self.partitions, COMPACTED),
+                (&self.members, 1, COMPACTED),
+                (&self.models, 1, COMPACTED),
+                (&self.setup.recs, 1, &[]),
+                (&self.setup.dlq, 1, &[]),
             ],
         )
     }
@@ -115,7 +115,9 @@ impl Fleet {
                 ("MULTIVAED_TRAIN__INTERVAL", "3s"),
                 ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000"),
                 ("MULTIVAED_TRAIN__MIN_USERS", "100"),
-                ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "3"),
+                ("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND", "3"),
+                ("MULTIVAED_TRAIN__CATCH_UP", "false"),
+                ("MULTIVAED_TRAIN__MIN_NEW_FRACTION", "1000"),
                 ("MULTIVAED_TRAIN__VALIDATION_USERS", "100"),
                 ("MULTIVAED_TRAIN__MIN_VALIDATION_USERS", "10"),
                 ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),

@@ -39,13 +39,67 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates topics (name, partitions) on the broker at `bootstrap` (replication 1).
 pub fn try_create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> Result<()> {
+    let plain: Vec<(&str, i32, &[(&str, &str)])> =
+        topics.iter().map(|&(t, p)| (t, p, &[][..])).collect();
+    try_create_topics_with(bootstrap, &plain)
+}
+
+/// Topic settings of a compacted topic (changelog, members, models), as `topics create` makes
+/// them.
+pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
+
+/// Topic settings that make Apache Kafka's log cleaner compact within seconds (with the test
+/// broker's `log.cleaner.backoff.ms` = 500): segments roll after 200 ms (the active segment is
+/// never cleaned), any dirt is worth a pass, records may be compacted at once, and tombstones
+/// are removed one second after a pass first kept them. A segment only rolls when a record
+/// arrives after `segment.ms`: [`roll_segments`] sends one.
+pub const FAST_COMPACTION: &[(&str, &str)] = &[
+    ("cleanup.policy", "compact"),
+    ("segment.ms", "200"),
+    ("min.cleanable.dirty.ratio", "0.001"),
+    ("min.compaction.lag.ms", "0"),
+    ("delete.retention.ms", "1000"),
+    ("max.compaction.lag.ms", "1000"),
+];
+
+/// The key of the filler records [`roll_segments`] writes (user and item ids never hold
+/// control characters).
+pub const ROLL_KEY: &str = "\u{1}roll";
+
+/// Writes one filler record (key [`ROLL_KEY`]) to every partition of `topic`, so segments older
+/// than `segment.ms` roll and become cleanable.
+pub fn roll_segments(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
+    let p = producer_to(bootstrap, "0")?;
+    for partition in 0..partitions {
+        try_send(
+            &p,
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key(ROLL_KEY.as_bytes())
+                .payload(&b"roll"[..]),
+        )?;
+    }
+    p.flush(Duration::from_secs(10))
+        .context("cannot flush the filler records")
+}
+
+/// Creates topics (name, partitions, topic configs) on the broker at `bootstrap` (replication 1).
+pub fn try_create_topics_with(
+    bootstrap: &str,
+    topics: &[(&str, i32, &[(&str, &str)])],
+) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .context("cannot create an admin client")?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .map(|(t, p, configs)| {
+            configs.iter().fold(
+                NewTopic::new(t, *p, TopicReplication::Fixed(1)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -475,7 +529,9 @@ impl Setup {
                 ("MULTIVAED_TRAIN__INTERVAL", "3s"),
                 ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "4000"),
                 ("MULTIVAED_TRAIN__MIN_USERS", "200"),
-                ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "3"),
+                ("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND", "3"),
+                ("MULTIVAED_TRAIN__CATCH_UP", "false"),
+                ("MULTIVAED_TRAIN__MIN_NEW_FRACTION", "1000"),
                 ("MULTIVAED_TRAIN__VALIDATION_USERS", "100"),
                 ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),
                 ("MULTIVAED_MODEL__MLP_HIDDEN_SIZE", "[200]"),

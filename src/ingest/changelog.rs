@@ -203,11 +203,14 @@ pub(crate) fn read_record(
 }
 
 /// What a restore found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Restored {
     pub position: ChangelogPosition,
     pub records: u64,
     pub from_beginning: bool,
+    /// Users whose last record is at least `active_since` (ms since the epoch), with its time:
+    /// a record is written when its user's history changed, so its time is their last activity.
+    pub active: Vec<(String, i64)>,
 }
 
 /// Histories applied to the store at once during a restore.
@@ -221,6 +224,7 @@ pub(super) fn restore(
     topic: &str,
     partition: i32,
     store: &Store,
+    active_since: i64,
     progress: &dyn Fn(u64),
 ) -> Result<Restored> {
     let consumer: BaseConsumer<EofReader> = client_config(
@@ -255,6 +259,7 @@ pub(super) fn restore(
     tpl.add_partition_offset(topic, partition, start)?;
     consumer.assign(&tpl)?;
     let mut chunk: Vec<(String, HistoryIds)> = Vec::new();
+    let mut active: std::collections::HashMap<String, i64> = Default::default();
     let mut records = 0u64;
     let deadline_idle = Duration::from_secs(30);
     let mut idle_since = std::time::Instant::now();
@@ -277,6 +282,12 @@ pub(super) fn restore(
         records += 1;
         if let Some(user) = read_record(&mut position, partition, m.offset(), m.key(), m.payload())
         {
+            let at = m.timestamp().to_millis().unwrap_or(0);
+            if user.1.items.is_empty() || at < active_since {
+                active.remove(&user.0);
+            } else {
+                active.insert(user.0.clone(), at);
+            }
             chunk.push(user);
         }
         if chunk.len() >= RESTORE_CHUNK {
@@ -292,6 +303,7 @@ pub(super) fn restore(
         position,
         records,
         from_beginning,
+        active: active.into_iter().collect(),
     })
 }
 

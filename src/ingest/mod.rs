@@ -73,6 +73,9 @@ pub struct Fleet {
     replay_until: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
     /// A restore that failed (in the rebalance callback): ingestion stops with it.
     failed: std::sync::Mutex<Option<String>>,
+    /// Restored users active within it are re-scored after the next model swap
+    /// (`serve.rescore_window`).
+    rescore_window: Duration,
     /// Tells the other replicas which partitions this one owns now.
     announcer: crate::members::Announcer,
 }
@@ -84,6 +87,7 @@ impl Fleet {
         http: String,
         ownership: Arc<crate::ownership::Ownership>,
         producers: Arc<Producers>,
+        rescore_window: Duration,
     ) -> Self {
         let announcer = crate::members::Announcer {
             topic: kafka.members(),
@@ -104,6 +108,7 @@ impl Fleet {
             replay_until: std::sync::Mutex::new(Default::default()),
             failed: std::sync::Mutex::new(None),
             announcer,
+            rescore_window,
         }
     }
 
@@ -120,6 +125,7 @@ impl Fleet {
 /// partitions from the changelog first), track assignment, lag and broker health.
 pub struct IngestContext {
     store: Arc<Store>,
+    activity: Arc<Activity>,
     fleet: Option<Arc<Fleet>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -129,6 +135,21 @@ pub struct IngestContext {
 const CAUGHT_UP_LAG: i64 = 1000;
 
 impl IngestContext {
+    /// Users a restore found active within the re-score window are re-scored after the next
+    /// model swap by this replica, their new owner, as if they had clicked here.
+    fn note_restored_activity(&self, active: &[(String, i64)], now_ms: i64) -> Result<()> {
+        let now = Instant::now();
+        let mut seen = Vec::with_capacity(active.len());
+        for (user, at) in active {
+            let ago = Duration::from_millis(now_ms.saturating_sub(*at).max(0) as u64);
+            if let (Some(u), Some(at)) = (self.store.user_index(user)?, now.checked_sub(ago)) {
+                seen.push((u, at));
+            }
+        }
+        self.activity.seen_at(&seen);
+        Ok(())
+    }
+
     /// Once every assigned partition is fetched up to (near) its end, readiness says caught up.
     fn note_caught_up(&self, stats: &Statistics) {
         if !self.health.joined() || self.health.caught_up() {
@@ -340,13 +361,17 @@ impl IngestContext {
             restore_records.inc_by(n.saturating_sub(before));
         };
         let changelog_topic = fleet.kafka.changelog();
+        let now_ms = crate::wire::now_ms() as i64;
+        let window_ms = i64::try_from(fleet.rescore_window.as_millis()).unwrap_or(i64::MAX);
         let restored = changelog::restore(
             &fleet.kafka,
             &changelog_topic,
             partition,
             &self.store,
+            now_ms.saturating_sub(window_ms),
             &progress,
         )?;
+        self.note_restored_activity(&restored.active, now_ms)?;
         let resume = restored.position.clicks_next;
         // a crash after the store but before the changelog: re-consume from the marker
         let local = self.store.stored_offset(topic, partition)?.unwrap_or(0);
@@ -432,6 +457,7 @@ impl Ingest {
         let consumer: StreamConsumer<IngestContext> = config
             .create_with_context(IngestContext {
                 store: self.store.clone(),
+                activity: self.activity.clone(),
                 fleet: self.fleet.clone(),
                 metrics: self.metrics.clone(),
                 health: self.health.clone(),

@@ -140,6 +140,18 @@ impl Trainer {
         self.first_layer = first_layer;
     }
 
+    /// An independent copy: its weights and Adam moments are copied (the parameters change in
+    /// place as they train), so training one never moves the other.
+    pub(crate) fn snapshot(&self) -> Result<Self> {
+        let copy_all =
+            |ts: &[Tensor]| -> Result<Vec<Tensor>> { ts.iter().map(|t| t.copy()).collect() };
+        let mut t = self.clone();
+        t.model = self.model.deep_copy()?;
+        t.adam.m = copy_all(&self.adam.m)?;
+        t.adam.v = copy_all(&self.adam.v)?;
+        Ok(t)
+    }
+
     /// The model being trained (its weights change in place: `deep_copy` it to publish).
     pub fn model(&self) -> &MultiVae {
         &self.model

@@ -50,6 +50,19 @@ impl Columns {
         Ok(n)
     }
 
+    /// The hash of each of the first `n_items` columns' item id ([`crate::store::user_key`] of
+    /// its bytes): a validation user's held-out items are chosen by it, so they are the same
+    /// whatever index a store gave the item.
+    pub fn item_keys(&self, store: &Store, n_items: usize) -> Vec<u64> {
+        let key = |id: &str| crate::store::user_key(id.as_bytes());
+        match self {
+            Self::Store => (0..n_items as u32)
+                .map(|i| key(&store.item_id(i).unwrap_or_default()))
+                .collect(),
+            Self::Table { table, .. } => table.ids().take(n_items).map(key).collect(),
+        }
+    }
+
     /// The item table to ship with a model of `n_items` columns, each with how many users
     /// hold it in the store now; `None` for role `all` (the columns are the store's).
     pub fn shipped(&self, store: &Store, n_items: usize) -> Option<ItemTable> {

@@ -1,13 +1,16 @@
-//! The training worker: its own thread (candle training blocks). A fine-tuning round starts every
-//! `train.interval` (when there is new data) or after `train.min_new_events`. It reads (while
+//! The training worker: its own thread (candle training blocks). A round starts every
+//! `train.interval` (when there is new data), after `train.min_new_events` new interactions or
+//! once the new ones reach `train.min_new_fraction` of what the last round read, and at once
+//! after a round that stopped while still improving (`train.catch_up`). It reads (while
 //! ingestion continues) the histories of at most `train.max_users_per_round` users, those
-//! active since the last round first, then a uniform sample of the others; grows the model to new items, trains
-//! `train.epochs_per_round` epochs continuing the lifelong KL anneal, validates on a fixed
-//! sample of held-out users, and publishes the model only if it is finite and its NDCG@100 is
-//! not worse than the live model's by more than `train.max_ndcg_drop`. Accepted models are
-//! checkpointed before they are published. A fleet's trainer (role `train`, `fleet`) trains only
-//! while it is the active one, continues from the version the fleet announced, keeps the fleet's
-//! item table as its columns (`columns`) and ships what it accepts.
+//! active since the last round first, then a uniform sample of the others; grows the model to
+//! new items; trains until the validation NDCG@100 stops improving (`converge`), continuing the
+//! lifelong KL anneal; and publishes the model only if it passes the gates (`judge`). A model
+//! that fails a quality gate is kept and trained further next round unless the live one is
+//! better, so a weak live model never traps training. Accepted models are checkpointed before
+//! they are published. A fleet's trainer (role `train`, `fleet`) trains only while it is the
+//! active one, continues from the version the fleet announced, keeps the fleet's item table as
+//! its columns (`columns`) and ships what it accepts.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -17,24 +20,26 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
+use serde::Serialize;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::activity::Activity;
 use crate::config::TrainConfig;
-use crate::eval::{evaluate_model, evaluate_popularity};
 use crate::live::{LiveModel, LiveModelSlot};
 use crate::metrics::Metrics;
-use crate::model::{
-    splitmix as mix, Checkpoints, EpochStats, Interactions, ModelConfig, MultiVae, Trainer,
-};
+use crate::model::{Checkpoints, EpochStats, Interactions, ModelConfig, MultiVae, Trainer};
 use crate::shutdown::Shutdown;
-use crate::store::{Pick, Sample, Store};
+use crate::store::Store;
 
 mod columns;
+mod converge;
 mod fleet;
+mod validation;
 
 use columns::Columns;
+use converge::{train_until_converged, Interrupt, Limits, Signal, Stop, Trained};
 pub use fleet::{Announced, Fleet, Shipment, Standing};
+pub use validation::{popularity_ndcg, validation_ndcg, Validation};
 
 /// What training uses: its settings, where model versions live, the device, the store it
 /// reads histories from, the activity record that says what is new, and the live-model slot
@@ -51,78 +56,6 @@ pub struct Training {
     pub shutdown: Arc<Shutdown>,
     /// Role `train`: the fleet it trains for (`None`: role `all`, which serves what it trains).
     pub fleet: Option<Box<dyn Fleet>>,
-}
-
-/// Validation data: the fold-in and held-out items of a fixed sample of users.
-pub struct Validation {
-    pub users: Vec<u32>,
-    pub fold_in: Interactions,
-    pub heldout: Interactions,
-}
-
-/// Whether a user belongs to the fixed validation sample (about 1 in 20, chosen by a hash of the
-/// user's id — [`crate::store::user_key`] —, so the sample never changes as data grows and is the
-/// same in every store, whatever order its users arrived in).
-pub fn is_validation_user(user_key: u64, seed: u64) -> bool {
-    mix(user_key ^ seed.rotate_left(17)) % 20 == 0
-}
-
-/// How the user of `key` (with `items`) takes part in a round, `picked` validation users having
-/// been picked before it. A validation user (by hash, for life) is never trained on; it is
-/// evaluated once it has at least 5 items, the first `max_users` of them.
-fn pick_for_validation(
-    key: u64,
-    items: &[u32],
-    picked: usize,
-    max_users: usize,
-    seed: u64,
-) -> Pick {
-    if !is_validation_user(key, seed) {
-        Pick::Maybe
-    } else if picked < max_users && items.len() >= 5 {
-        Pick::Always
-    } else {
-        Pick::Never
-    }
-}
-
-/// Splits a sample (in user order) into training rows and validation data: the validation users
-/// (see `pick_for_validation`), 20% of their items (chosen by hash) held out, are not trained
-/// on, and neither is any other validation user.
-pub fn split_validation(
-    sample: &Sample,
-    max_users: usize,
-    seed: u64,
-) -> Result<(Interactions, Validation)> {
-    let n_items = sample.rows.n_items();
-    let mut train = sample.rows.like(n_items);
-    let mut val = Validation {
-        users: Vec::new(),
-        fold_in: sample.rows.like(n_items),
-        heldout: Interactions::new(n_items),
-    };
-    for (r, (&u, &key)) in sample.users.iter().zip(&sample.keys).enumerate() {
-        let row = sample.rows.row(r);
-        match pick_for_validation(key, row, val.users.len(), max_users, seed) {
-            Pick::Always => {
-                let mut order: Vec<(u32, f32)> = sample.rows.pairs(r).collect();
-                order.sort_by_key(|&(i, _)| mix(key.rotate_left(32) ^ i as u64 ^ seed));
-                let n_te = row.len() / 5;
-                val.heldout
-                    .push_row(order[..n_te].iter().map(|p| p.0))
-                    .map_err(anyhow::Error::msg)?;
-                val.fold_in
-                    .push_pairs(order[n_te..].iter().copied())
-                    .map_err(anyhow::Error::msg)?;
-                val.users.push(u);
-            }
-            Pick::Never => {}
-            Pick::Maybe => train
-                .push_pairs(sample.rows.pairs(r))
-                .map_err(anyhow::Error::msg)?,
-        }
-    }
-    Ok((train, val))
 }
 
 /// The log target of [`log_round_users`].
@@ -143,34 +76,17 @@ fn log_round_users(version: u64, keys: &[u64]) {
     }
 }
 
-/// NDCG@100 of `model` on the validation users (fold-in items the model does not know are
-/// dropped from its input; held-out items it does not know count as misses).
-pub fn validation_ndcg(model: &MultiVae, val: &Validation) -> Result<f64> {
-    if val.users.is_empty() {
-        return Ok(0.0);
-    }
-    let n = model.n_items() as u32;
-    let known = val
-        .fold_in
-        .map_items(model.n_items(), |i| (i < n).then_some(i))
-        .map_err(anyhow::Error::msg)?;
-    Ok(evaluate_model(model, &known, &val.heldout)?.ndcg100.mean)
-}
-
 /// How a round ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoundResult {
     Accepted,
     RejectedNonFinite,
-    /// Below a floor every model must clear: a uniform guess's loss or, with enough validation
-    /// users, popularity's NDCG@100.
+    /// Below a floor every model must clear: a uniform guess's loss or, with validation users,
+    /// popularity's NDCG@100.
     RejectedFloor,
     /// Below the live model, or the best model accepted since start, by more than
-    /// `train.max_ndcg_drop`.
+    /// `train.max_ndcg_drop` (judged with at least `train.min_validation_users`).
     RejectedNdcg,
-    /// Fewer than `train.min_validation_users` validation users: only a first model is
-    /// published so (unvalidated); later ones wait for enough validation users.
-    RejectedUnvalidated,
     Abandoned,
     /// A fleet trainer's version that was not announced: another trainer became the active
     /// one, or a rollback came, while it trained.
@@ -185,7 +101,6 @@ impl RoundResult {
             Self::RejectedNonFinite => "rejected_nonfinite",
             Self::RejectedFloor => "rejected_floor",
             Self::RejectedNdcg => "rejected_ndcg",
-            Self::RejectedUnvalidated => "rejected_unvalidated",
             Self::Abandoned => "abandoned",
             Self::Superseded => "superseded",
             Self::Failed => "failed",
@@ -247,6 +162,54 @@ impl Judgement {
     }
 }
 
+/// A round's data: training rows and validation users, and what it read.
+struct RoundData {
+    train: Interactions,
+    val: Validation,
+    n_items: usize,
+    /// Validation users' held-out interactions (never trained on).
+    held_out: usize,
+    /// The validation share the round used.
+    share: f64,
+}
+
+impl RoundData {
+    /// Every interaction the round read.
+    fn read(&self) -> u64 {
+        (self.train.nnz() + self.held_out) as u64
+    }
+}
+
+/// A round's figures, kept in the version's manifest (and shipped with it by a fleet's
+/// trainer).
+#[derive(Debug, Clone, Serialize)]
+struct RoundFigures {
+    loss: f64,
+    nll: f64,
+    kl: f64,
+    beta: f64,
+    validation_ndcg: f64,
+    live_validation_ndcg: Option<f64>,
+    best_validation_ndcg: Option<f64>,
+    validated: bool,
+    popularity_validation_ndcg: Option<f64>,
+    training_nll: f64,
+    uniform_nll: f64,
+    validation_users: usize,
+    validation_share: f64,
+    training_users: usize,
+    training_interactions: usize,
+    /// Validation users' held-out interactions (never trained on).
+    withheld_interactions: usize,
+    epochs: usize,
+    kept_epoch: usize,
+    /// Why training stopped: converged, max_epochs, max_duration or diverged.
+    stopped: &'static str,
+    /// Each epoch's judged figure (validation NDCG@100, or the training loss).
+    epoch_scores: Vec<f64>,
+    seconds: f64,
+}
+
 /// The worker's state between rounds.
 pub struct Worker {
     ctx: Training,
@@ -263,6 +226,13 @@ pub struct Worker {
     columns: Columns,
     /// Role `train`: the announced version the trainer's state is (`None` before the first).
     base: Option<Announced>,
+    /// The validation share: it only ever shrinks (see `validation`), also across restarts
+    /// (it is kept in each version's figures).
+    validation_share: f64,
+    /// Interactions the last round read (the growth that makes a round due is measured by it).
+    last_read: u64,
+    /// The last round stopped while still improving: the next one is due without new data.
+    unfinished: bool,
 }
 
 impl Worker {
@@ -278,6 +248,9 @@ impl Worker {
             best_version: None,
             columns: Columns::Store,
             base: None,
+            validation_share: validation::MAX_SHARE,
+            last_read: 0,
+            unfinished: false,
         };
         // never reuse a number, even one a rollback moved aside
         w.version = w.checkpoints.highest_version_ever()?;
@@ -317,15 +290,19 @@ impl Worker {
                     );
                 }
                 trainer.set_learning_rate(lr);
+                let figure = |k: &str| manifest.training.get(k).and_then(|v| v.as_f64());
+                if let Some(share) = figure("validation_share") {
+                    self.validation_share = self.validation_share.min(share);
+                }
+                let read = figure("training_interactions")
+                    .map(|t| {
+                        t + figure("validation_interactions").unwrap_or(0.0)
+                            + figure("withheld_interactions").unwrap_or(0.0)
+                    })
+                    .or_else(|| figure("interactions"))
+                    .unwrap_or(0.0);
+                self.last_read = self.last_read.max(read as u64);
                 if publish {
-                    let figure = |k: &str| manifest.training.get(k).and_then(|v| v.as_f64());
-                    let read = figure("training_interactions")
-                        .map(|t| {
-                            t + figure("validation_interactions").unwrap_or(0.0)
-                                + figure("withheld_interactions").unwrap_or(0.0)
-                        })
-                        .or_else(|| figure("interactions"))
-                        .unwrap_or(0.0);
                     let validated = manifest
                         .training
                         .get("validated")
@@ -379,22 +356,34 @@ impl Worker {
         let new = self.ctx.activity.new_interactions();
         if self.ctx.live.current().is_none() {
             let users = self.ctx.store.counts().users as usize;
-            return new > 0 && users >= c.min_users;
+            return (new > 0 || self.unfinished) && users >= c.min_users;
         }
-        new >= c.min_new_events || (new > 0 && last_round.elapsed() >= c.interval)
+        let grown = new as f64 >= c.min_new_fraction * self.last_read.max(1) as f64;
+        self.unfinished
+            || new >= c.min_new_events
+            || (new > 0 && (grown || last_round.elapsed() >= c.interval))
     }
 
-    /// Reads the round's users from the store (those in `active` first): training rows and the
-    /// validation users.
-    fn read_sample(
-        &mut self,
-        active: std::collections::HashSet<u32>,
-    ) -> Result<(Interactions, Validation, usize, usize)> {
+    /// The validation share for a round now: sized from the users stored, never larger than
+    /// before.
+    fn round_share(&mut self) -> f64 {
+        let users = self.ctx.store.counts().users;
+        let share = validation::share_for(users, self.ctx.train.validation_users);
+        self.validation_share = self.validation_share.min(share);
+        self.validation_share
+    }
+
+    /// Reads the round's users from the store (those in `active` first) and splits them into
+    /// training rows and validation users.
+    fn read_round(&mut self, active: std::collections::HashSet<u32>) -> Result<RoundData> {
+        let share = self.round_share();
         let cfg = &self.ctx.train;
+        let plan = validation::Plan {
+            share,
+            max_users: cfg.validation_users,
+            seed: cfg.seed,
+        };
         let mut picked = 0usize;
-        // interactions of validation users left out of this round (never trained on)
-        let mut withheld = 0usize;
-        let (max_val, seed) = (cfg.validation_users, cfg.seed);
         let mut sample = self
             .ctx
             .store
@@ -402,69 +391,82 @@ impl Worker {
                 cfg.max_users_per_round,
                 &active,
                 |_, key, items| {
-                    let p = pick_for_validation(key, items, picked, max_val, seed);
-                    picked += usize::from(p == Pick::Always);
-                    if p == Pick::Never {
-                        withheld += items.len();
-                    }
+                    let p = plan.pick(key, items, picked);
+                    picked += usize::from(p == crate::store::Pick::Always);
                     p
                 },
-                seed ^ self.version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                cfg.seed ^ self.version.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 self.ctx.model.input == crate::model::Input::Weighted,
             )
             .context("cannot read the store")?;
         drop(active);
         log_round_users(self.version, &sample.keys);
         let n_items = self.columns.map_sample(&self.ctx.store, &mut sample)?;
-        let (train, val) = split_validation(&sample, max_val, seed)?;
-        Ok((train, val, n_items, withheld))
+        let item_keys = self.columns.item_keys(&self.ctx.store, n_items);
+        let split = validation::split(&sample, &plan, &item_keys)?;
+        Ok(RoundData {
+            train: split.train,
+            val: split.validation,
+            n_items,
+            held_out: split.held_out,
+            share,
+        })
     }
 
-    /// Trains the round's epochs; `false` when it was abandoned (shutdown or
-    /// `train.max_duration`): the trainer is then mid-epoch and must be discarded.
-    fn train_epochs(
-        &mut self,
-        train: &Interactions,
-        started: Instant,
-    ) -> Result<Option<EpochStats>> {
+    /// Trains the round until it converges (see `converge`); `None` when it was abandoned
+    /// (shutdown, or `train.max_duration` before one epoch was done): the trainer is then
+    /// mid-epoch and must be discarded.
+    fn train_round(&mut self, data: &RoundData, started: Instant) -> Result<Option<Trained>> {
         let cfg = &self.ctx.train;
         let deadline = started + cfg.max_duration;
+        let signal = if data.val.users.len() >= cfg.min_validation_users {
+            Signal::Ndcg
+        } else {
+            Signal::Loss
+        };
+        let limits = Limits {
+            max_epochs: cfg.max_epochs_per_round,
+            patience: cfg.patience,
+            signal,
+        };
         let shutdown = &self.ctx.shutdown;
         let trainer = self.trainer.as_mut().context("no trainer")?;
-        let mut last = EpochStats::default();
-        for _ in 0..cfg.epochs_per_round {
-            match trainer
-                .train_epoch_while(train, |_| !shutdown.is_set() && Instant::now() < deadline)?
-            {
-                Some(s) => last = s,
-                None => {
-                    let why = if shutdown.is_set() {
-                        "shutdown"
-                    } else {
-                        "train.max_duration exceeded"
-                    };
-                    warn!(
-                        reason = why,
-                        "round abandoned; the live model keeps serving"
-                    );
-                    return Ok(None);
-                }
+        let trained = train_until_converged(trainer, &data.train, &data.val, limits, || {
+            if shutdown.is_set() {
+                Some(Interrupt::Shutdown)
+            } else {
+                (Instant::now() >= deadline).then_some(Interrupt::Deadline)
+            }
+        })?;
+        match &trained {
+            Some(t) => {
+                let m = &self.ctx.metrics;
+                m.training_epochs.inc_by(t.epochs as u64);
+                m.training_stops.with_label_values(&[t.stop.label()]).inc();
+                info!(epochs = t.epochs, kept_epoch = t.kept_epoch, stopped = t.stop.label(), signal = ?signal, "training stopped");
+            }
+            None => {
+                let why = if shutdown.is_set() {
+                    "shutdown"
+                } else {
+                    "train.max_duration exceeded before an epoch was done"
+                };
+                warn!(
+                    reason = why,
+                    "round abandoned; the live model keeps serving"
+                );
             }
         }
-        Ok(Some(last))
+        Ok(trained)
     }
 
-    /// Judges a trained model: finite; better than a uniform guess on its training users; then,
-    /// with at least `train.min_validation_users` validation users, better than popularity on
-    /// them and not more than `train.max_ndcg_drop` below the live model or the best accepted
-    /// one. With fewer, only a first model is accepted (unvalidated).
-    fn judge(
-        &self,
-        stats: &EpochStats,
-        train: &Interactions,
-        val: &Validation,
-    ) -> Result<Judgement> {
+    /// Judges a trained model: finite; better than a uniform guess on its training users; with
+    /// any validation users, better than popularity on them; with at least
+    /// `train.min_validation_users`, not more than `train.max_ndcg_drop` below the live model
+    /// or the best accepted one (fewer are too noisy to hold a model back from a live one).
+    fn judge(&self, stats: &EpochStats, data: &RoundData) -> Result<Judgement> {
         let cfg = &self.ctx.train;
+        let (train, val) = (&data.train, &data.val);
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let model = trainer.model();
         let mut j = Judgement {
@@ -492,32 +494,29 @@ impl Worker {
             );
             return Ok(j.rejected(RoundResult::RejectedFloor, why));
         }
-        j.ndcg = validation_ndcg(model, val)?;
-        let live = self.ctx.live.current();
-        if val.users.len() < cfg.min_validation_users {
-            if live.is_some() {
-                let why = format!(
-                    "{} validation users, fewer than train.min_validation_users ({}): only a first model is published unvalidated",
-                    val.users.len(),
-                    cfg.min_validation_users
-                );
-                return Ok(j.rejected(RoundResult::RejectedUnvalidated, why));
-            }
+        if val.users.is_empty() {
             return Ok(j);
         }
-        j.validated = true;
+        j.ndcg = validation_ndcg(model, val)?;
+        let live = self.ctx.live.current();
+        if let Some(live) = &live {
+            j.live_ndcg = Some(validation_ndcg(&live.model, val)?);
+        }
         let pop = popularity_ndcg(train, val);
         j.popularity_ndcg = Some(pop);
         if j.ndcg <= pop {
             let why = format!(
-                "validation NDCG@100 {:.4} does not beat popularity's {pop:.4}",
-                j.ndcg
+                "validation NDCG@100 {:.4} does not beat popularity's {pop:.4} ({} validation users)",
+                j.ndcg,
+                val.users.len()
             );
             return Ok(j.rejected(RoundResult::RejectedFloor, why));
         }
-        if let Some(live) = &live {
-            let live_ndcg = validation_ndcg(&live.model, val)?;
-            j.live_ndcg = Some(live_ndcg);
+        if val.users.len() < cfg.min_validation_users {
+            return Ok(j);
+        }
+        j.validated = true;
+        if let Some(live_ndcg) = j.live_ndcg {
             if j.ndcg < live_ndcg - cfg.max_ndcg_drop {
                 let why = format!(
                     "validation NDCG@100 {:.4} fell below the live model's {live_ndcg:.4} by more than {}",
@@ -556,51 +555,57 @@ impl Worker {
         }
     }
 
-    /// One fine-tuning round: read a sample, grow and train, judge, checkpoint and swap in.
+    /// One fine-tuning round: read a sample, grow and train to convergence, judge, checkpoint
+    /// and swap in.
     pub fn round(&mut self) -> Result<RoundResult> {
         let started = Instant::now();
         let round = self.ctx.activity.start_round();
         let consumed = round.new_interactions;
-        let (train, val, n_items, withheld) = self.read_sample(round.active)?;
+        let data = self.read_round(round.active)?;
         let trainer = match self.trainer.as_mut() {
             Some(t) => t,
             None => self.trainer.insert(Trainer::new(
                 &self.ctx.model,
-                n_items.max(1),
+                data.n_items.max(1),
                 self.ctx.train.seed,
                 &self.ctx.device,
             )?),
         };
-        trainer.grow(n_items)?;
+        trainer.grow(data.n_items)?;
         let announced = self.ctx.fleet.as_ref().map_or(0, |f| f.highest_version());
         let next_version = self.version.max(announced) + 1;
         let span = info_span!("training_round", model_version = next_version);
         let _enter = span.enter();
-        let validation_interactions = val.fold_in.nnz() + val.heldout.nnz();
         let stored = self.ctx.store.counts();
         info!(
-            users = train.n_users(),
-            items = n_items,
+            users = data.train.n_users(),
+            items = data.n_items,
             stored_users = stored.users,
             stored_interactions = stored.interactions,
-            training_interactions = train.nnz(),
-            validation_interactions,
-            withheld_interactions = withheld,
+            training_interactions = data.train.nnz(),
+            withheld_interactions = data.held_out,
             new_interactions = consumed,
-            validation_users = val.users.len(),
+            validation_users = data.val.users.len(),
+            validation_share = data.share,
             update_count = trainer.update_count(),
             beta = trainer.beta(),
             "round started"
         );
-        let Some(stats) = self.train_epochs(&train, started)? else {
+        self.last_read = data.read();
+        let Some(trained) = self.train_round(&data, started)? else {
+            self.unfinished = false;
             self.reload_latest(false)?;
             self.ctx.activity.round_not_learnt(consumed);
             return Ok(RoundResult::Abandoned);
         };
+        self.unfinished =
+            self.ctx.train.catch_up && matches!(trained.stop, Stop::MaxEpochs | Stop::Deadline);
         let m = &self.ctx.metrics;
-        m.train_loss.set(stats.loss);
+        m.train_loss.set(trained.stats.loss);
         m.training_duration.observe(started.elapsed().as_secs_f64());
-        let j = self.judge(&stats, &train, &val)?;
+        m.training_converged
+            .set(i64::from(trained.stop == Stop::Converged));
+        let j = self.judge(&trained.stats, &data)?;
         m.validation_ndcg.set(j.ndcg);
         if let Some(p) = j.popularity_ndcg {
             m.validation_popularity_ndcg.set(p);
@@ -610,25 +615,63 @@ impl Worker {
         }
         if !j.validated {
             warn!(
-                validation_users = val.users.len(),
+                validation_users = data.val.users.len(),
                 min_validation_users = self.ctx.train.min_validation_users,
                 nll = j.nll,
                 uniform_nll = j.uniform_nll,
-                "too few validation users to validate: the first model is published unvalidated (multivaed_model_validated 0); later ones wait for enough"
+                "too few validation users to compare with the live model: published unvalidated (multivaed_model_validated 0)"
             );
         }
+        let figures = self.figures(&trained, &j, &data, started);
+        self.accept(next_version, figures, &j, &data, consumed)
+    }
+
+    /// The figures of an accepted round.
+    fn figures(
+        &self,
+        trained: &Trained,
+        j: &Judgement,
+        data: &RoundData,
+        started: Instant,
+    ) -> RoundFigures {
+        let s = &trained.stats;
+        RoundFigures {
+            loss: s.loss,
+            nll: s.nll,
+            kl: s.kl,
+            beta: s.beta,
+            validation_ndcg: j.ndcg,
+            live_validation_ndcg: j.live_ndcg,
+            best_validation_ndcg: j.best_ndcg,
+            validated: j.validated,
+            popularity_validation_ndcg: j.popularity_ndcg,
+            training_nll: j.nll,
+            uniform_nll: j.uniform_nll,
+            validation_users: data.val.users.len(),
+            validation_share: data.share,
+            training_users: data.train.n_users(),
+            training_interactions: data.train.nnz(),
+            withheld_interactions: data.held_out,
+            epochs: trained.epochs,
+            kept_epoch: trained.kept_epoch,
+            stopped: trained.stop.label(),
+            epoch_scores: trained.curve.clone(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Ships (role `train`), checkpoints and publishes an accepted model.
+    fn accept(
+        &mut self,
+        next_version: u64,
+        figures: RoundFigures,
+        j: &Judgement,
+        data: &RoundData,
+        consumed: u64,
+    ) -> Result<RoundResult> {
+        let started_at = figures.seconds;
+        let mut figures = serde_json::to_value(&figures)?;
         let trainer = self.trainer.as_ref().context("no trainer")?;
-        let mut figures = serde_json::json!({
-            "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "beta": stats.beta,
-            "validation_ndcg": j.ndcg, "live_validation_ndcg": j.live_ndcg,
-            "best_validation_ndcg": j.best_ndcg, "validated": j.validated,
-            "popularity_validation_ndcg": j.popularity_ndcg,
-            "training_nll": j.nll, "uniform_nll": j.uniform_nll,
-            "validation_users": val.users.len(), "training_users": train.n_users(),
-            "training_interactions": train.nnz(), "validation_interactions": validation_interactions,
-            "withheld_interactions": withheld,
-            "seconds": started.elapsed().as_secs_f64(),
-        });
         let items = self
             .columns
             .shipped(&self.ctx.store, trainer.model().n_items());
@@ -654,9 +697,8 @@ impl Worker {
             fleet.prune(self.ctx.train.keep_versions);
         }
         self.version = next_version;
-        let read = (train.nnz() + validation_interactions + withheld) as u64;
         let previous_live = self.ctx.live.current().map(|l| l.version);
-        self.publish(trainer, next_version, read, j.validated)?;
+        self.publish(trainer, next_version, data.read(), j.validated)?;
         let beats = |other: Option<f64>| other.is_none_or(|o| j.ndcg >= o);
         self.best_version = match (j.live_ndcg, j.best_ndcg) {
             _ if beats(j.live_ndcg) && beats(j.best_ndcg) => Some(next_version),
@@ -664,7 +706,7 @@ impl Worker {
             (Some(_), None) => previous_live,
             _ => self.best_version,
         };
-        info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, loss = stats.loss, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started.elapsed().as_secs_f64(), "model accepted and swapped in");
+        info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started_at, "model accepted and swapped in");
         Ok(RoundResult::Accepted)
     }
 
@@ -703,11 +745,13 @@ impl Worker {
         Ok(RoundResult::Superseded)
     }
 
-    /// A model that was not accepted. With a live model, training goes back to the live state.
-    /// Before the first model, a finite model below a floor is kept (unpublished) and trained
-    /// further next round with the same data counted again, so a first model that needs more
-    /// than one round gets it; a non-finite one is dropped and training restarts from scratch.
+    /// A model that was not accepted. A finite one is kept and trained further next round (its
+    /// data counted again), unless the live model is better on the validation users: then
+    /// training goes back to the live state. A non-finite one is dropped: training goes back to
+    /// the live state, or restarts from scratch before the first model.
     fn reject(&mut self, j: Judgement, consumed: u64) -> Result<RoundResult> {
+        let live_is_better = j.live_ndcg.is_some_and(|live| live > j.ndcg);
+        let keep = j.result != RoundResult::RejectedNonFinite && !live_is_better;
         warn!(
             reason = %j.reason,
             validation_ndcg = j.ndcg,
@@ -715,10 +759,11 @@ impl Worker {
             live_ndcg = ?j.live_ndcg,
             nll = j.nll,
             uniform_nll = j.uniform_nll,
+            next = if keep { "training on from this model" } else { "training on from the live model" },
             "round rejected; the live model (or popularity) keeps serving"
         );
-        let first_model = self.ctx.live.current().is_none();
-        if first_model && j.result != RoundResult::RejectedNonFinite {
+        self.unfinished = false;
+        if keep {
             self.ctx.activity.round_not_learnt(consumed);
         } else {
             self.reload_latest(false)?;
@@ -837,14 +882,6 @@ enum Shipped {
     Superseded,
 }
 
-/// NDCG@100 of the popularity ranking (items by how many training users hold them) on the
-/// validation users (all three share the round's catalogue).
-pub fn popularity_ndcg(train: &Interactions, val: &Validation) -> f64 {
-    evaluate_popularity(train, &val.fold_in, &val.heldout)
-        .ndcg100
-        .mean
-}
-
 /// Training threads yield to the scorer: nice 10 (on Linux, setpriority with who = 0 applies
 /// to the calling thread only). Best effort: a refusal leaves the priority as it was.
 fn lower_this_threads_priority() {
@@ -952,7 +989,7 @@ mod tests {
             std::time::Instant::now(),
         );
         let mut train = TrainConfig {
-            epochs_per_round: 5,
+            max_epochs_per_round: 5,
             validation_users: 100,
             min_validation_users: 10,
             min_users: 1,
@@ -1003,7 +1040,7 @@ mod tests {
     #[test]
     fn a_round_on_a_store_checkpoints_and_publishes_a_model_that_beats_the_floors() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = worker_on(dir.path(), 400, |_, _| {});
+        let mut w = worker_on(dir.path(), 400, |t, _| t.catch_up = false);
         assert!(
             w.due(Instant::now()),
             "data and users: the first round is due"
@@ -1016,6 +1053,45 @@ mod tests {
         assert!(m.validation_ndcg.get() > m.validation_popularity_ndcg.get());
         assert_eq!(m.model_round_interactions.get(), 400 * 8 - dup_pairs(400));
         assert!(!w.due(Instant::now()), "nothing new since: no round due");
+    }
+
+    #[test]
+    fn a_round_still_improving_at_its_epoch_limit_is_followed_at_once_and_a_converged_one_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| t.max_epochs_per_round = 1);
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        assert!(w.unfinished);
+        assert!(w.due(Instant::now()), "no new data, but not converged");
+        assert_eq!(w.ctx.metrics.training_converged.get(), 0);
+        // long rounds with a short patience converge, and then wait for data
+        w.ctx.train.max_epochs_per_round = 500;
+        w.ctx.train.patience = 2;
+        let mut rounds = 0;
+        while w.due(Instant::now()) && rounds < 10 {
+            w.round().unwrap();
+            rounds += 1;
+        }
+        assert!(!w.unfinished, "converged within {rounds} rounds");
+        assert_eq!(w.ctx.metrics.training_converged.get(), 1);
+        assert!(
+            !w.due(Instant::now()),
+            "converged, nothing new: no round due"
+        );
+    }
+
+    #[test]
+    fn a_growing_store_makes_a_round_due_before_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| t.catch_up = false);
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        let read = w.last_read;
+        w.ctx.activity.learnable(&[], read / 20);
+        assert!(!w.due(Instant::now()), "5% more: not yet");
+        w.ctx.activity.learnable(&[], read / 10);
+        assert!(
+            w.due(Instant::now()),
+            "15% more: due (train.min_new_fraction 0.1)"
+        );
     }
 
     /// (user, item) pairs the test data repeats (histories are sets).
@@ -1101,21 +1177,20 @@ mod tests {
     }
 
     #[test]
-    fn with_too_few_validation_users_only_a_first_model_is_published_and_never_as_validated() {
-        // every user has 4 items: none can be a validation user (5 needed)
+    fn with_too_few_validation_users_every_model_is_published_unvalidated() {
+        // every user has 4 items: none can be evaluated (5 needed)
         let dir = tempfile::tempdir().unwrap();
         let mut w = worker_with_items(dir.path(), 400, 4, |_, _| {});
-        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
-        assert_eq!(
-            w.ctx.metrics.model_validated.get(),
-            0,
-            "published unvalidated"
-        );
-        for _ in 0..2 {
+        for version in 1..=3 {
+            assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+            assert_eq!(w.ctx.live.current().unwrap().version, version);
+            assert_eq!(
+                w.ctx.metrics.model_validated.get(),
+                0,
+                "published unvalidated"
+            );
             w.ctx.activity.round_not_learnt(1);
-            assert_eq!(w.round().unwrap(), RoundResult::RejectedUnvalidated);
         }
-        assert_eq!(w.ctx.live.current().unwrap().version, 1, "v1 keeps serving");
         // a learning rate that makes garbage: never published as validated either
         let dir = tempfile::tempdir().unwrap();
         let mut w = worker_with_items(dir.path(), 400, 4, |_, m| m.learning_rate = 3.0);
@@ -1124,7 +1199,74 @@ mod tests {
             assert_ne!(w.ctx.metrics.model_validated.get(), 1, "{r:?}");
             w.ctx.activity.round_not_learnt(1);
         }
-        assert!(w.ctx.live.current().is_none_or(|l| l.version == 1));
+    }
+
+    #[test]
+    fn a_small_site_validates_on_a_quarter_of_its_users_and_trains_on_all_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        // 200 users asking for 500 validation users: the largest share, a quarter
+        let mut w = worker_on(dir.path(), 200, |t, _| {
+            t.validation_users = 500;
+            t.min_validation_users = 30;
+        });
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        assert_eq!(w.ctx.metrics.model_validated.get(), 1, "validated");
+        assert_eq!(w.validation_share, validation::MAX_SHARE);
+        let figures = Checkpoints::read_manifest(&w.checkpoints.path_of(1))
+            .unwrap()
+            .training;
+        let n = |k: &str| figures[k].as_u64().unwrap();
+        assert!(n("validation_users") >= 30, "{figures}");
+        assert_eq!(n("training_users"), 200, "validation users train too");
+        assert_eq!(
+            n("training_interactions") + n("withheld_interactions"),
+            200 * 8 - dup_pairs(200) as u64
+        );
+        for key in ["epochs", "kept_epoch", "stopped", "seconds"] {
+            assert!(figures.get(key).is_some(), "{key} missing: {figures}");
+        }
+        // a later model replaces it
+        w.ctx.activity.round_not_learnt(1);
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        assert_eq!(w.ctx.live.current().unwrap().version, 2);
+    }
+
+    #[test]
+    fn a_weak_live_model_does_not_trap_training_below_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        // one small-step epoch a round: no single round from the weak model beats popularity
+        let mut w = worker_on(dir.path(), 400, |t, m| {
+            t.max_epochs_per_round = 1;
+            m.learning_rate = 1e-4;
+        });
+        let n_items = w.ctx.store.counts().items as usize;
+        let mut weak = Trainer::new(&w.ctx.model, n_items, 3, &Device::Cpu).unwrap();
+        let rows: Vec<Vec<u32>> = (0..50u32)
+            .map(|u| w.ctx.store.history(u).unwrap())
+            .collect();
+        let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        weak.train_step(&rows).unwrap();
+        w.checkpoints
+            .save(&weak, 1, serde_json::json!({}), None, None)
+            .unwrap();
+        w.version = 1;
+        w.publish(&weak, 1, 0, false).unwrap();
+        w.trainer = Some(weak);
+        let mut rounds = 0;
+        let accepted = loop {
+            rounds += 1;
+            let r = w.round().unwrap();
+            if r == RoundResult::Accepted || rounds == 60 {
+                break r == RoundResult::Accepted;
+            }
+            assert_eq!(r, RoundResult::RejectedFloor);
+        };
+        assert!(
+            accepted,
+            "no model beat popularity in {rounds} rounds: trapped"
+        );
+        assert_eq!(w.ctx.metrics.model_validated.get(), 1);
+        assert!(rounds > 1, "the test needs rounds that are rejected first");
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! tables and written as JSON; benchmarks report figures, they never assert timings.
 
 mod fleet;
+mod live;
 mod ship;
 mod stream;
 mod suite;
 
 pub use fleet::{run_fleet_bench, FleetBenchOptions, FleetFigures};
+pub use live::{live_table, run_live_bench, LiveBenchOptions, LiveFigures, LiveRole};
 pub use ship::{run_ship_bench, ship_table, ShipBenchOptions, ShipBenchRow};
 pub use stream::{run_stream_bench, StreamBenchOptions, StreamFigures};
 pub use suite::{run_suite, SuiteOptions, SuiteReport};

@@ -369,7 +369,9 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         ("MULTIVAED_TRAIN__MIN_USERS", users.to_string()),
         ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000000000".into()),
         ("MULTIVAED_TRAIN__INTERVAL", "1000h".into()),
-        ("MULTIVAED_TRAIN__EPOCHS_PER_ROUND", "3".into()),
+        ("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND", "3".into()),
+        ("MULTIVAED_TRAIN__CATCH_UP", "false".into()),
+        ("MULTIVAED_TRAIN__MIN_NEW_FRACTION", "1000".into()),
         ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", users.to_string()),
     ];
     let env = daemon_env(&topics, &opts.brokers, &dir, &paused);

@@ -38,6 +38,9 @@ enum BenchCommand {
     /// The store alone (no broker): the ingest benchmark's clicks written in ingest batches,
     /// then history reads as the scorer does them.
     Store(StoreBenchArgs),
+    /// Live quality on real clicks in real order: the deployment with its shipped defaults
+    /// pulled before each click, next to popularity, item-kNN and the offline Multi-VAE.
+    Live(LiveBenchArgs),
     /// Everything, each part in its own process, with the PyTorch reference beside it:
     /// writes report.json and report.md.
     Suite(SuiteArgs),
@@ -78,6 +81,43 @@ struct StreamBenchArgs {
     /// Catalogue size of the latency benchmark's model.
     #[arg(long, default_value_t = 20_000)]
     items: usize,
+    /// Working directory (daemon data and logs).
+    #[arg(long, default_value = "bench-out/work")]
+    work_dir: PathBuf,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LiveBenchArgs {
+    /// Bootstrap servers (without: the offline baselines only).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Rated interactions with timestamps (a RecBole .inter file).
+    #[arg(long, default_value = "../shared/data/ml-100k/ml-100k.inter")]
+    data: PathBuf,
+    /// Ratings that count as clicks.
+    #[arg(long, default_value_t = 4.0)]
+    min_rating: f64,
+    /// Share of the time-ordered clicks produced first.
+    #[arg(long, default_value_t = 0.8)]
+    prefix: f64,
+    /// Clicks measured after the prefix.
+    #[arg(long, default_value_t = 3000)]
+    clicks: usize,
+    /// Longest wait between the prefix and the measured clicks (seconds).
+    #[arg(long, default_value_t = 300)]
+    wait: u64,
+    /// Deployments: all (one process), fleet (a trainer and a serving replica).
+    #[arg(long, value_delimiter = ',', default_value = "all,fleet")]
+    roles: Vec<String>,
+    /// Runs of each deployment.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Epochs of the offline reference Multi-VAE, each reported.
+    #[arg(long, value_delimiter = ',', default_value = "20,50,100,200")]
+    reference_epochs: Vec<usize>,
     /// Working directory (daemon data and logs).
     #[arg(long, default_value = "bench-out/work")]
     work_dir: PathBuf,
@@ -206,6 +246,31 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 work_dir: args.work_dir,
             })?;
             print_or_write(&figures, args.json.as_deref())
+        }
+        BenchCommand::Live(args) => {
+            let roles = args
+                .roles
+                .iter()
+                .map(|r| bench::LiveRole::parse(r))
+                .collect::<Result<Vec<_>>>()?;
+            let figures = bench::run_live_bench(&bench::LiveBenchOptions {
+                brokers: args.brokers,
+                data: args.data,
+                min_rating: args.min_rating,
+                prefix: args.prefix,
+                clicks: args.clicks,
+                wait: std::time::Duration::from_secs(args.wait),
+                roles,
+                runs: args.runs,
+                reference_epochs: args.reference_epochs,
+                exe: multivaed_kit::harness::daemon_exe(),
+                work_dir: args.work_dir,
+            })?;
+            println!("{}", bench::live_table(&figures));
+            if let Some(path) = args.json {
+                print_or_write(&figures, Some(&path))?;
+            }
+            Ok(())
         }
         BenchCommand::Ship(args) => {
             let rows = bench::run_ship_bench(&bench::ShipBenchOptions {
