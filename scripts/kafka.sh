@@ -8,11 +8,17 @@
 #   scripts/kafka.sh start   -> starts it in the background, waits until it answers metadata
 #   scripts/kafka.sh stop    -> stops it
 #   scripts/kafka.sh topic NAME PARTITIONS [key=value ...]   (topic configs, e.g. cleanup.policy=compact)
+#   scripts/kafka.sh user NAME PASSWORD     -> a SCRAM-SHA-512 user of the SASL_SSL listener
+#   scripts/kafka.sh acl PRINCIPAL OPERATION TOPIC|GROUP|TRANSACTIONAL_ID|CLUSTER NAME [prefixed]
+#   scripts/kafka.sh ca | sasl-port         -> the CA certificate's path, the SASL_SSL port
+# The plaintext listener's clients may do anything; a SASL user only what ACLs allow it.
 #   scripts/kafka.sh libs    -> installs the broker's jars and prints their directory
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 port=${KAFKA_PORT:-9092}
 controller_port=$((port + 1000))
+# the SASL_SSL listener (SCRAM-SHA-512 over TLS; its CA certificate in $run/ca.pem)
+sasl_port=${KAFKA_SASL_PORT:-$((port + 2000))}
 home=${MULTIVAED_TOOLS:-/var/tmp/multivaed-tools}
 version=$(grep -A1 '<artifactId>kafka_2.13</artifactId>' "$here/kafka/pom.xml" | sed -n 's:.*<version>\(.*\)</version>.*:\1:p')
 libs=$home/kafka-$version/libs
@@ -47,6 +53,18 @@ install_broker() {
   touch "$libs/.complete"
 }
 
+storepass=test-broker-keystore
+
+# A self-signed certificate for 127.0.0.1 (the broker's TLS key), made with the JDK's keytool;
+# clients trust it through $run/ca.pem.
+make_certificate() {
+  keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 3650 \
+    -dname "CN=127.0.0.1" -ext "SAN=ip:127.0.0.1,dns:localhost" -storetype PKCS12 \
+    -keystore "$run/broker.p12" -storepass "$storepass" -keypass "$storepass" >/dev/null 2>&1
+  keytool -exportcert -rfc -alias broker -keystore "$run/broker.p12" -storepass "$storepass" \
+    -file "$run/ca.pem" >/dev/null 2>&1
+}
+
 admin() {
   java -cp "$libs/*" "$here/kafka/Admin.java" "$@"
 }
@@ -72,7 +90,9 @@ start() {
   fi
   rm -rf "$run"
   mkdir -p "$run/data"
+  make_certificate
   sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA@|$run/data|g" \
+    -e "s|@SASL_PORT@|$sasl_port|g" -e "s|@RUN@|$run|g" -e "s|@STOREPASS@|$storepass|g" \
     "$here/kafka/server.properties" >"$run/server.properties"
   local id
   id=$(java -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)
@@ -84,7 +104,7 @@ start() {
     -cp "$libs/*" kafka.Kafka "$run/server.properties" >"$run/stdout.log" 2>&1 &
   echo $! >"$pidfile"
   wait_ready
-  echo "Apache Kafka $version on 127.0.0.1:$port (pid $(cat "$pidfile"), log $log)"
+  echo "Apache Kafka $version on 127.0.0.1:$port, SASL_SSL (SCRAM-SHA-512) on 127.0.0.1:$sasl_port (CA $run/ca.pem) (pid $(cat "$pidfile"), log $log)"
 }
 
 stop() {
@@ -101,6 +121,10 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   topic) shift; need; install_broker; admin topic "127.0.0.1:$port" "$@" ;;
+  user) shift; need; install_broker; admin user "127.0.0.1:$port" "$@" ;;
+  acl) shift; need; install_broker; admin acl "127.0.0.1:$port" "$@" ;;
+  ca) echo "$run/ca.pem" ;;
+  sasl-port) echo "$sasl_port" ;;
   libs) need; install_broker; echo "$libs" ;;
-  *) echo "usage: $0 start|stop|topic NAME PARTITIONS [key=value ...]|libs" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|topic NAME PARTITIONS [key=value ...]|user NAME PASSWORD|acl PRINCIPAL OPERATION TYPE NAME [prefixed]|ca|sasl-port|libs" >&2; exit 2 ;;
 esac

@@ -142,7 +142,7 @@ impl Daemon {
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http().serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
-        self.check_topics(&producers).await?;
+        self.check_topics().await?;
         match self.config.role {
             Role::All => {
                 let worker = crate::train::Worker::start(self.training(device, None))?;
@@ -179,8 +179,8 @@ impl Daemon {
     }
 
     /// Checks that the role's topics exist (and, for a fleet role, are as it needs them).
-    async fn check_topics(&self, producers: &crate::kafka::Producers) -> Result<()> {
-        let p = producers.get();
+    async fn check_topics(&self) -> Result<()> {
+        let checker = crate::kafka::checker(&self.config.kafka)?;
         let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
             .into_iter()
             .filter(|t| !t.optional)
@@ -188,7 +188,9 @@ impl Daemon {
             .collect();
         let clicks = self.config.kafka.clicks_topic.clone();
         let partitions = tokio::task::spawn_blocking(move || {
-            crate::kafka::check_topics(rdkafka::producer::Producer::client(&*p), &wanted, &clicks)
+            use rdkafka::consumer::Consumer;
+            let watch = checker.client().context();
+            crate::kafka::check_topics(checker.client(), &wanted, &clicks, || watch.refused())
         })
         .await
         .context("cannot check the topics")??;

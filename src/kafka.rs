@@ -153,12 +153,16 @@ pub fn check_topics<C: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<C>,
     wanted: &[(&'static str, String)],
     clicks_topic: &str,
+    refused: impl Fn() -> bool,
 ) -> Result<Option<i32>> {
     use std::time::{Duration, Instant};
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let metadata = match client.fetch_metadata(None, Duration::from_secs(10)) {
             Ok(m) => m,
+            Err(_) if refused() => anyhow::bail!(
+                "Kafka authentication failed: the broker refused this client's credentials (kafka.properties: security.protocol, sasl.mechanisms, sasl.username, sasl.password)"
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check the topics now: the cluster does not answer");
                 return Ok(None);
@@ -181,6 +185,52 @@ pub fn check_topics<C: rdkafka::ClientContext>(
     }
 }
 
+/// Logs a client error librdkafka reported. A refused login is said plainly, at error level:
+/// it never heals by retrying, and librdkafka's own words bury the cause.
+pub fn log_client_error(error: &KafkaError, reason: &str) {
+    if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
+        tracing::error!(error = %error, reason, "Kafka authentication failed: the broker refused this client's credentials (kafka.properties: security.protocol, sasl.mechanisms, sasl.username, sasl.password); not ready until they are right");
+    } else {
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+/// The context of a client that checks the cluster at start: it remembers whether the broker
+/// refused its credentials, so a failed check can say so instead of "no answer".
+#[derive(Default)]
+pub struct LoginWatch {
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl LoginWatch {
+    pub fn refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl rdkafka::ClientContext for LoginWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
+            self.refused
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        log_client_error(&error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LoginWatch {}
+
+/// A client for checking the cluster at start (metadata only; it never joins a group).
+pub fn checker(k: &KafkaConfig) -> Result<rdkafka::consumer::BaseConsumer<LoginWatch>> {
+    client_config(
+        &k.brokers,
+        &[("group.id", &format!("{}.check", k.group_id))],
+        &k.properties,
+    )
+    .create_with_context(LoginWatch::default())
+    .map_err(|e| client_error("cannot create the Kafka client", e))
+}
+
 /// The context of a reader that asks to be told of partition ends (`enable.partition.eof`):
 /// reaching one is news it polls for, not an error to log.
 pub struct EofReader;
@@ -188,7 +238,7 @@ pub struct EofReader;
 impl rdkafka::ClientContext for EofReader {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
-            tracing::warn!(error = %error, reason, "kafka client error");
+            log_client_error(&error, reason);
         }
     }
 }

@@ -461,14 +461,19 @@ fn hand_over(strategy: &str, static_members: bool) -> Option<Vec<(usize, usize)>
 }
 
 /// The broker's rebalancing, probed with plain consumers: incremental (cooperative-sticky)
-/// hands partitions over without stopping the rest, and static members rebalance eagerly. (The
-/// third combination, cooperative-sticky with static members, never hands the revoked
-/// partitions over on the test broker: README "Scaling".)
+/// hands partitions over without stopping the rest, with static members (the replicas'
+/// production settings) and without; static members also rebalance eagerly.
 #[test]
 fn the_broker_hands_partitions_over_incrementally_and_to_static_members() {
-    let incremental = hand_over("cooperative-sticky", false).expect("cooperative hand-over");
-    // the first member kept some partitions throughout: never down to none
-    assert!(incremental.iter().all(|&(a, _)| a > 0), "{incremental:?}");
+    for static_members in [true, false] {
+        let incremental =
+            hand_over("cooperative-sticky", static_members).expect("cooperative hand-over");
+        // the first member kept some partitions throughout: never down to none
+        assert!(
+            incremental.iter().all(|&(a, _)| a > 0),
+            "static {static_members}: {incremental:?}"
+        );
+    }
     let eager = hand_over("range,roundrobin", true).expect("static members' hand-over");
     assert!(eager.last().is_some_and(|&(a, b)| a > 0 && b > 0));
 }
@@ -537,23 +542,41 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
     );
     // a changelog with another partition count than the clicks topic: refused at start, named
     let g = Fleet::named(dir.path(), 3);
-    create_topics(&[
-        (&g.setup.clicks, 3),
-        (&g.changelog, 2),
-        (&g.members, 1),
-        (&g.models, 1),
-        (&g.setup.recs, 1),
-        (&g.setup.dlq, 1),
-    ]);
+    try_create_topics_with(
+        &brokers(),
+        &[
+            (&g.setup.clicks, 3, &[]),
+            (&g.changelog, 2, COMPACTED),
+            (&g.members, 1, COMPACTED),
+            (&g.models, 1, COMPACTED),
+            (&g.setup.recs, 1, &[]),
+            (&g.setup.dlq, 1, &[]),
+        ],
+    )
+    .unwrap();
     let (ok, _, err) = run_cli(&g, &["run"], &[]);
     assert!(!ok, "{err}");
     assert!(
         err.contains("kafka.changelog_topic") && err.contains("2 partitions"),
         "{err}"
     );
-    // (a changelog that is not compacted is refused the same way where the broker describes
-    // topic configs; Tansu leaves cleanup.policy out for a topic created without one, so the
-    // daemon can only warn there: unit test in src/topics.rs)
+    // a changelog that is not compacted (the broker describes its cleanup.policy): refused
+    let h = Fleet::named(dir.path(), 3);
+    create_topics(&[
+        (&h.setup.clicks, 3),
+        (&h.changelog, 3),
+        (&h.members, 1),
+        (&h.models, 1),
+        (&h.setup.recs, 1),
+        (&h.setup.dlq, 1),
+    ]);
+    let (ok, _, err) = run_cli(&h, &["run"], &[]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("kafka.changelog_topic")
+            && err.contains("cleanup.policy=delete, needs compact"),
+        "{err}"
+    );
 }
 
 /// The churn stream: user u's k-th click is item `k`·1000 + u mod 1000 (distinct per user);
@@ -788,14 +811,11 @@ fn announced(f: &Fleet) -> HashMap<String, Vec<i32>> {
 fn a_static_member_restarted_within_the_session_gets_its_partitions_back_cheaply() {
     let dir = tempfile::tempdir().unwrap();
     let f = fleet(dir.path());
-    let eager_static = [
-        ("MULTIVAED_KAFKA__REBALANCE", "eager"),
-        ("MULTIVAED_KAFKA__STATIC_MEMBERSHIP", "true"),
-        // room for a restart on a busy machine: the member must be back within its session
-        ("MULTIVAED_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "20000"),
-    ];
-    let s1 = replica_with(&f, dir.path(), "s1", &eager_static);
-    let s2 = replica_with(&f, dir.path(), "s2", &eager_static);
+    // the production settings (cooperative, static members), with room for a restart on a
+    // busy machine: the member must be back within its session
+    let production = [("MULTIVAED_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "20000")];
+    let s1 = replica_with(&f, dir.path(), "s1", &production);
+    let s2 = replica_with(&f, dir.path(), "s2", &production);
     settled(&[&s1, &s2], PARTITIONS, "two static members");
     for round in 0..3 {
         produce_round(&f, round);
@@ -811,7 +831,7 @@ fn a_static_member_restarted_within_the_session_gets_its_partitions_back_cheaply
     let total_records = read_all_partitioned(&f.changelog, PARTITIONS).len() as f64;
     // restarted within its session: no rebalance hands its partitions to s2
     s1.terminate();
-    let s1 = replica_with(&f, dir.path(), "s1", &eager_static);
+    let s1 = replica_with(&f, dir.path(), "s1", &production);
     settled(&[&s1, &s2], PARTITIONS, "s1 restarted");
     std::thread::sleep(Duration::from_secs(2));
     let after = announced(&f);

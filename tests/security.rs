@@ -202,3 +202,239 @@ fn secrets_and_ids_stay_out_of_logs_and_metrics_and_bad_requests_get_4xx() {
         panic!("a secret in the log: {line}");
     }
 }
+
+/// The test broker's SASL_SSL listener and the CA certificate that signs it (scripts/test.sh
+/// exports both; a test against another broker must name them).
+fn sasl_listener() -> (String, String) {
+    let get = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run the tests with scripts/test.sh, whose broker has a SASL_SSL listener")
+        })
+    };
+    (get("KAFKA_SASL_BROKERS"), get("KAFKA_CA_FILE"))
+}
+
+/// Runs the test broker's admin program (scripts/kafka/Admin.java) against `KAFKA_BROKERS`:
+/// `user NAME PASSWORD`, `acl PRINCIPAL OPERATION TYPE NAME [prefixed]`.
+fn broker_admin(args: &[&str]) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let libs = std::process::Command::new("bash")
+        .arg(root.join("scripts/kafka.sh"))
+        .arg("libs")
+        .output()
+        .expect("scripts/kafka.sh libs");
+    let libs = String::from_utf8_lossy(&libs.stdout).trim().to_string();
+    let out = std::process::Command::new("java")
+        .arg("-cp")
+        .arg(format!("{libs}/*"))
+        .arg(root.join("scripts/kafka/Admin.java"))
+        .arg(args[0])
+        .arg(brokers())
+        .args(&args[1..])
+        .output()
+        .expect("run the broker's admin program");
+    assert!(
+        out.status.success(),
+        "Admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Grants `user` an operation on each of `topics`.
+fn allow_topics(user: &str, operation: &str, topics: &[&str]) {
+    for t in topics {
+        broker_admin(&["acl", &format!("User:{user}"), operation, "TOPIC", t]);
+    }
+}
+
+/// A config file giving a process SCRAM-SHA-512 credentials over TLS (the password from the
+/// environment, never from the file, as a Kubernetes Secret would give it).
+fn sasl_config(dir: &std::path::Path, name: &str, user: &str) -> std::path::PathBuf {
+    let (_, ca) = sasl_listener();
+    let path = dir.join(format!("{name}-sasl.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"{user}\"\n\"ssl.ca.location\" = \"{ca}\"\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The environment of a fleet process on the SASL_SSL listener as `user` with `password`.
+fn sasl_env(
+    env: Vec<(String, String)>,
+    dir: &std::path::Path,
+    name: &str,
+    user: &str,
+    password: &str,
+) -> Vec<(String, String)> {
+    let (sasl, _) = sasl_listener();
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k != "MULTIVAED_KAFKA__BROKERS" && k != "MULTIVAED_CONFIG")
+        .collect();
+    env.extend([
+        ("MULTIVAED_KAFKA__BROKERS".to_string(), sasl),
+        (
+            "MULTIVAED_CONFIG".to_string(),
+            sasl_config(dir, name, user).display().to_string(),
+        ),
+        (
+            "MULTIVAED_KAFKA__PROPERTIES__SASL_PASSWORD".to_string(),
+            password.to_string(),
+        ),
+    ]);
+    env
+}
+
+/// The ACLs of README "Security" for a fleet's two roles, each its own principal: a serving
+/// replica and a trainer work with exactly those; the replica's principal may not write to the
+/// models topic; a wrong password is refused with a clear error and readiness false.
+#[test]
+fn each_role_works_with_its_documented_acls_over_sasl_ssl_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 2);
+    let items = format!("{}.items", f.setup.clicks);
+    create_topics(&[(&items, 1)]);
+    let group = f.setup.group.clone();
+    let (serve_user, train_user) = (unique("serve"), unique("train"));
+    let password = format!("pw-{}", unique("x"));
+    broker_admin(&["user", &serve_user, &password]);
+    broker_admin(&["user", &train_user, &password]);
+    // role serve: reads clicks, items, models, members and its changelog (restores); writes
+    // recommendations, changelog, dead letters and members; its consumer groups
+    allow_topics(
+        &serve_user,
+        "READ",
+        &[&f.setup.clicks, &items, &f.models, &f.members, &f.changelog],
+    );
+    allow_topics(
+        &serve_user,
+        "WRITE",
+        &[&f.setup.recs, &f.changelog, &f.setup.dlq, &f.members],
+    );
+    allow_topics(
+        &serve_user,
+        "DESCRIBE_CONFIGS",
+        &[&f.changelog, &f.members, &f.models],
+    );
+    // role train: reads the changelog and the models topic, writes the models topic
+    allow_topics(&train_user, "READ", &[&f.changelog, &f.models]);
+    allow_topics(&train_user, "WRITE", &[&f.models]);
+    allow_topics(&train_user, "DESCRIBE_CONFIGS", &[&f.changelog, &f.models]);
+    allow_topics(&train_user, "DESCRIBE", &[&f.setup.clicks]);
+    for user in [&serve_user, &train_user] {
+        broker_admin(&[
+            "acl",
+            &format!("User:{user}"),
+            "READ",
+            "GROUP",
+            &group,
+            "prefixed",
+        ]);
+    }
+    let trainer = Daemon::start(
+        &sasl_env(
+            f.trainer_env(dir.path(), "t0"),
+            dir.path(),
+            "t0",
+            &train_user,
+            &password,
+        ),
+        free_port(),
+    );
+    let replica = Daemon::start(
+        &sasl_env(
+            f.replica_env(dir.path(), "r1"),
+            dir.path(),
+            "r1",
+            &serve_user,
+            &password,
+        ),
+        free_port(),
+    );
+    // clicks from a plaintext producer (the broker's anonymous super user)
+    let msgs: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|n| {
+            let (u, i) = (n % 300, (n % 300) % 4 * 10 + n / 300);
+            (
+                format!("u{u}"),
+                format!(r#"{{"user_id": "u{u}", "item_id": "i{i}"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    replica.wait_for(Duration::from_secs(90), "ready over SASL_SSL", |d| {
+        d.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    produce(&f.setup.clicks, &msgs);
+    replica.wait_for(Duration::from_secs(120), "every click stored", |d| {
+        d.metric("multivaed_events_consumed_total", "") >= msgs.len() as f64
+    });
+    replica.wait_for(
+        Duration::from_secs(120),
+        "the trainer's version, announced and loaded",
+        |d| d.metric("multivaed_model_version", "") >= 1.0,
+    );
+    assert!(trainer.metric("multivaed_trainer_active", "") >= 1.0);
+    for d in [&trainer, &replica] {
+        assert!(
+            !d.log_contains("uthoriz"),
+            "an authorization error with the documented ACLs"
+        );
+        assert!(!d.log_contains(&password), "the password was logged");
+    }
+    // the replica's principal may not write to the models topic (a forged announcement)
+    let (sasl, ca) = sasl_listener();
+    let forger: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &sasl)
+        .set("security.protocol", "SASL_SSL")
+        .set("sasl.mechanisms", "SCRAM-SHA-512")
+        .set("sasl.username", &serve_user)
+        .set("sasl.password", &password)
+        .set("ssl.ca.location", &ca)
+        .set("message.timeout.ms", "10000")
+        .create()
+        .unwrap();
+    let sent = futures::executor::block_on(
+        forger.send(
+            rdkafka::producer::FutureRecord::<str, str>::to(&f.models)
+                .key("forged")
+                .payload("{}"),
+            Duration::from_secs(10),
+        ),
+    );
+    let err = sent.expect_err("the serving principal wrote to the models topic");
+    assert!(
+        format!("{:?}", err.0).contains("TopicAuthorizationFailed"),
+        "{:?}",
+        err.0
+    );
+    // a wrong password: refused at start with a clear error (never ready), not a hang
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(daemon_exe())
+        .arg("run")
+        .envs(sasl_env(
+            f.replica_env(dir.path(), "r2"),
+            dir.path(),
+            "r2",
+            &serve_user,
+            "wrong-password",
+        ))
+        .env(
+            "MULTIVAED_HTTP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong password was not refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("Kafka authentication failed"), "{err}");
+    assert!(!err.contains("wrong-password"), "the password was logged");
+}

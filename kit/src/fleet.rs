@@ -87,8 +87,8 @@ impl Fleet {
         env
     }
 
-    /// Serving replica `name`: batches of 100, dynamic membership (Tansu hands nothing over with
-    /// cooperative rebalancing and static members together: README "Scaling").
+    /// Serving replica `name`: batches of 100, the production rebalancing (cooperative, a
+    /// static member named `name`).
     pub fn replica_env(&self, dir: &Path, name: &str) -> Vec<(String, String)> {
         self.replica_env_on(&brokers(), dir, name)
     }
@@ -96,13 +96,7 @@ impl Fleet {
     /// As [`Fleet::replica_env`], on the broker at `bootstrap`.
     pub fn replica_env_on(&self, bootstrap: &str, dir: &Path, name: &str) -> Vec<(String, String)> {
         let mut env = self.process_env(bootstrap, dir, name, "serve");
-        env.extend(
-            [
-                ("MULTIVAED_KAFKA__BATCH_SIZE", "100"),
-                ("MULTIVAED_KAFKA__STATIC_MEMBERSHIP", "false"),
-            ]
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-        );
+        env.push(("MULTIVAED_KAFKA__BATCH_SIZE".into(), "100".into()));
         env
     }
 

@@ -209,7 +209,7 @@ impl ClientContext for IngestContext {
         ) {
             self.health.set_broker_up(false);
         }
-        warn!(error = %error, reason, "kafka client error");
+        crate::kafka::log_client_error(&error, reason);
     }
 }
 
