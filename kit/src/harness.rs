@@ -39,10 +39,12 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates topics (name, partitions) on the broker at `bootstrap` (replication 1).
 pub fn try_create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> Result<()> {
-    let plain: Vec<(&str, i32, &[(&str, &str)])> =
-        topics.iter().map(|&(t, p)| (t, p, &[][..])).collect();
+    let plain: Vec<NewTopicSpec> = topics.iter().map(|&(t, p)| (t, p, &[][..])).collect();
     try_create_topics_with(bootstrap, &plain)
 }
+
+/// A topic to create: its name, partitions and topic configs.
+pub type NewTopicSpec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
 
 /// Topic settings of a compacted topic (changelog, members, models), as `topics create` makes
 /// them.
@@ -84,10 +86,7 @@ pub fn roll_segments(bootstrap: &str, topic: &str, partitions: i32) -> Result<()
 }
 
 /// Creates topics (name, partitions, topic configs) on the broker at `bootstrap` (replication 1).
-pub fn try_create_topics_with(
-    bootstrap: &str,
-    topics: &[(&str, i32, &[(&str, &str)])],
-) -> Result<()> {
+pub fn try_create_topics_with(bootstrap: &str, topics: &[NewTopicSpec<'_>]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
