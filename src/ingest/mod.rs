@@ -440,9 +440,9 @@ impl Ingest {
                 ("statistics.interval.ms", "5000"),
                 ("session.timeout.ms", "10000"),
                 ("heartbeat.interval.ms", "1000"),
-                // how long a click may wait in the broker before a fetch returns it: 100 ms
-                // keeps latency low without the empty-fetch storm shorter waits caused on a
-                // broker busy with a training CPU (README "The data path")
+                // the longest an empty fetch waits in the broker (a fetch returns as soon as a
+                // click arrives): measured on Apache Kafka at 1k clicks/s, 100 ms answered no
+                // worse than librdkafka's 500 (README "Speed")
                 ("fetch.wait.max.ms", "100"),
                 // reaching a partition's end is reported (readiness: caught up)
                 ("enable.partition.eof", "true"),

@@ -461,7 +461,8 @@ impl Worker {
     }
 
     /// Judges a trained model: finite; better than a uniform guess on its training users; with
-    /// any validation users, better than popularity on them; with at least
+    /// any validation users, not worse than popularity on them (better, with at least
+    /// `train.min_validation_users`); with at least
     /// `train.min_validation_users`, not more than `train.max_ndcg_drop` below the live model
     /// or the best accepted one (fewer are too noisy to hold a model back from a live one).
     fn judge(&self, stats: &EpochStats, data: &RoundData) -> Result<Judgement> {
@@ -504,7 +505,10 @@ impl Worker {
         }
         let pop = popularity_ndcg(train, val);
         j.popularity_ndcg = Some(pop);
-        if j.ndcg <= pop {
+        // with enough validation users a model must beat popularity; with fewer (too few to
+        // tell a tie from a win) it must not lose to it
+        let enough = val.users.len() >= cfg.min_validation_users;
+        if j.ndcg < pop || (enough && j.ndcg == pop) {
             let why = format!(
                 "validation NDCG@100 {:.4} does not beat popularity's {pop:.4} ({} validation users)",
                 j.ndcg,
@@ -512,7 +516,7 @@ impl Worker {
             );
             return Ok(j.rejected(RoundResult::RejectedFloor, why));
         }
-        if val.users.len() < cfg.min_validation_users {
+        if !enough {
             return Ok(j);
         }
         j.validated = true;

@@ -19,13 +19,13 @@ use multivaed::model::{Interactions, ModelConfig, Trainer};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rdkafka::producer::Producer;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fleet::Fleet;
 use crate::harness::{free_port, metric_value, producer_to, Daemon, Setup};
 
 /// Which deployment the live protocol runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LiveRole {
     /// One `multivaed run` (role all).
@@ -67,7 +67,7 @@ pub struct LiveBenchOptions {
 }
 
 /// One run of a deployment.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonRun {
     pub role: LiveRole,
     pub run: usize,
@@ -87,14 +87,14 @@ pub struct DaemonRun {
 }
 
 /// Hit@10 of an offline reference.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReferenceHit {
     pub epochs: usize,
     pub hit_at_10: f64,
 }
 
 /// The whole benchmark's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveFigures {
     pub data: String,
     pub prefix_clicks: usize,

@@ -49,6 +49,8 @@ pub struct SuiteReport {
     pub started: String,
     pub seconds: f64,
     pub stream: Option<StreamFigures>,
+    /// Live quality on time-ordered MovieLens-100K (`bench live`).
+    pub live: Option<super::live::LiveFigures>,
     pub model: Vec<Value>,
     pub training: Vec<TrainingRow>,
     pub skipped: Vec<String>,
@@ -232,6 +234,43 @@ fn training_row(
     })
 }
 
+/// Live quality (`bench live` in a process of its own): one run of role `all` and one of a
+/// fleet (`--quick`: role `all`, 1,000 measured clicks), beside the baselines.
+fn live_quality(
+    opts: &SuiteOptions,
+    skipped: &mut Vec<String>,
+) -> Result<Option<super::live::LiveFigures>> {
+    let data = opts
+        .reference
+        .as_ref()
+        .map(|r| r.join("../data/ml-100k/ml-100k.inter"))
+        .filter(|p| p.exists());
+    let (Some(brokers), Some(data)) = (opts.brokers.as_ref().filter(|b| !b.is_empty()), data)
+    else {
+        skipped.push("live quality: needs --brokers and ../shared/data/ml-100k".into());
+        return Ok(None);
+    };
+    let json = opts.out.join("live.json");
+    let mut cmd = Command::new(exe()?);
+    cmd.args(["live", "--brokers", brokers, "--runs", "1"])
+        .arg("--data")
+        .arg(&data)
+        .args(["--reference-epochs", "20,100"])
+        .args(if opts.quick {
+            ["--roles", "all", "--clicks", "1000"]
+        } else {
+            ["--roles", "all,fleet", "--clicks", "3000"]
+        })
+        .arg("--work-dir")
+        .arg(opts.out.join("work"))
+        .arg("--json")
+        .arg(&json);
+    output(&mut cmd, "multivaed bench live")?;
+    Ok(Some(serde_json::from_str(&std::fs::read_to_string(
+        &json,
+    )?)?))
+}
+
 /// Runs the suite; writes report.json and report.md under `opts.out` and returns the markdown.
 pub fn run_suite(opts: &SuiteOptions) -> Result<String> {
     std::fs::create_dir_all(&opts.out)
@@ -258,6 +297,8 @@ pub fn run_suite(opts: &SuiteOptions) -> Result<String> {
             None
         }
     };
+
+    let live = live_quality(opts, &mut skipped)?;
 
     let mut model = Vec::new();
     for items in [20_000usize, 100_000] {
@@ -327,6 +368,7 @@ pub fn run_suite(opts: &SuiteOptions) -> Result<String> {
         started,
         seconds: t0.elapsed().as_secs_f64(),
         stream,
+        live,
         model,
         training,
         skipped,
@@ -398,6 +440,10 @@ pub fn markdown(r: &SuiteReport) -> String {
                 mib(l.daemon_peak_rss_bytes)
             );
         }
+        s += "\n";
+    }
+    if let Some(live) = &r.live {
+        s += &super::live::live_table(live);
         s += "\n";
     }
     if !r.model.is_empty() {
