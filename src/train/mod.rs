@@ -1271,6 +1271,7 @@ mod tests {
         );
         assert_eq!(w.ctx.metrics.model_validated.get(), 1);
         assert!(rounds > 1, "the test needs rounds that are rejected first");
+        eprintln!("a validated model after {rounds} rounds");
     }
 
     #[test]
