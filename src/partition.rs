@@ -82,12 +82,30 @@ mod tests {
     }
 
     #[test]
-    fn every_key_lands_in_range() {
+    fn crc32_matches_librdkafka_and_keys_spread_over_every_partition() {
+        // librdkafka's consistent_random is CRC-32 (zlib's) of the key modulo the count
+        for (key, crc) in [
+            ("user-0", 153_187_970u32),
+            ("user-1", 2_116_437_524),
+            ("alice", 663_665_735),
+        ] {
+            let want = (crc % 6) as i32;
+            assert_eq!(
+                Partitioner::ConsistentRandom.partition(key.as_bytes(), 6),
+                want,
+                "{key}"
+            );
+        }
         for p in [Partitioner::ConsistentRandom, Partitioner::Murmur2Random] {
-            for i in 0..1000 {
-                let k = format!("user-{i}");
-                assert!((0..6).contains(&p.partition(k.as_bytes(), 6)));
+            let mut counts = [0usize; 6];
+            for i in 0..6000 {
+                counts[p.partition(format!("user-{i}").as_bytes(), 6) as usize] += 1;
             }
+            // each partition gets its share (1,000), give or take a quarter
+            assert!(
+                counts.iter().all(|&c| (750..1250).contains(&c)),
+                "{p:?}: {counts:?}"
+            );
         }
     }
 }

@@ -1010,6 +1010,20 @@ mod tests {
         }
     }
 
+    /// `user_key` chooses validation users (and their held-out items) for life, in every
+    /// store: changing it moves users between training and validation, so it is pinned.
+    #[test]
+    fn user_key_is_pinned() {
+        for (id, key) in [
+            ("alice", 0x1a04_6f57_3e1e_5475_u64),
+            ("u1", 0xb85a_5b3a_387e_549f),
+            ("user-42", 0xe28b_a372_823d_e243),
+            ("", 0xc381_7c01_6ba4_ff30),
+        ] {
+            assert_eq!(user_key(id.as_bytes()), key, "{id:?}");
+        }
+    }
+
     #[test]
     fn a_damaged_user_record_is_moved_aside_and_its_user_starts_again() {
         let dir = tempfile::tempdir().unwrap();
