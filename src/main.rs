@@ -3,7 +3,7 @@ use clap::Parser;
 /// mimalloc: the training and scoring loops free and allocate [batch × items] buffers every step;
 /// glibc hands such blocks back to the OS and page-faults them in again (4.8M faults in one
 /// Gowalla epoch, ~25% of its CPU time), mimalloc reuses them (0.1M faults). The price: peak RSS
-/// ~150–200 MiB higher at 1M users (tests/memory.rs), within the documented bound.
+/// ~150–200 MiB higher at 1M users (tests/it/memory.rs), within the documented bound.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -182,6 +182,83 @@ pub fn produce(topic: &str, msgs: &[(String, Vec<u8>)]) {
     p.flush(Duration::from_secs(30)).expect("flush");
 }
 
+/// A click event as the daemon reads it (JSON, string ids).
+pub fn click_event(user: &str, item: &str) -> Vec<u8> {
+    format!(r#"{{"user_id": "{user}", "item_id": "{item}"}}"#).into_bytes()
+}
+
+/// Click `n` of `users` users in 4 taste groups of 25 items each (quickly learnt, far better
+/// than popularity): (user, event).
+pub fn grouped_click(n: usize, users: usize) -> (String, Vec<u8>) {
+    let u = n % users;
+    let item = (u % 4) * 25 + (n / users * 7 + u * 3) % 25;
+    let user = format!("u{u}");
+    let payload = click_event(&user, &format!("i{item}"));
+    (user, payload)
+}
+
+/// Produces grouped clicks of 200 users to `topic` at `per_second` until `stop`; the thread
+/// returns how many it sent.
+pub fn keep_clicking(
+    topic: String,
+    per_second: f64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let p = producer();
+        let start = Instant::now();
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = Duration::from_secs_f64(n as f64 / per_second);
+            if let Some(w) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(w);
+            }
+            let (k, v) = grouped_click(n, 200);
+            send(&p, BaseRecord::to(&topic).key(k.as_bytes()).payload(&v[..]));
+            n += 1;
+        }
+        let _ = p.flush(Duration::from_secs(30));
+        n
+    })
+}
+
+/// Runs `multivaed` with `args` in the environment `env` (this process's own switches such as
+/// MULTIVAED_TEST_ECHO left out; HTTP on a free loopback port) until it ends, killed after 60
+/// s: (success, standard output, standard error). A command still running then fails.
+pub fn run_multivaed(env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
+    let out_file = tempfile::NamedTempFile::new().expect("a temporary file");
+    let err_file = tempfile::NamedTempFile::new().expect("a temporary file");
+    let mut child = Command::new(daemon_exe())
+        .args(args)
+        .env(
+            "MULTIVAED_HTTP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .envs(env.iter().cloned())
+        .env_remove("MULTIVAED_TEST_ECHO")
+        .stdout(out_file.reopen().expect("reopen"))
+        .stderr(err_file.reopen().expect("reopen"))
+        .spawn()
+        .expect("run multivaed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let success = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s.success();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        success,
+        std::fs::read_to_string(out_file.path()).unwrap_or_default(),
+        std::fs::read_to_string(err_file.path()).unwrap_or_default(),
+    )
+}
+
 /// A consumed message.
 #[derive(Debug, Clone)]
 pub struct Consumed {

@@ -3,8 +3,6 @@
 //! arriving; SIGTERM under full load; a truncated or corrupted newest checkpoint at start.
 //! Each test is bounded in kills and time and stops by itself.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::store::HistoryIds;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 2;
@@ -389,6 +387,7 @@ const CRASH_POINTS: [&str; 9] = [
 /// its offsets are past every message, and every checkpoint left on disk loads.
 #[test]
 fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let setup = Setup::new(&data, PARTITIONS);
@@ -540,6 +539,7 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
 /// the offsets committed to Kafka equal to those stored with the data.
 #[test]
 fn sigterm_under_full_load_exits_cleanly_with_offsets_committed() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let setup = Setup::new(&data, PARTITIONS);
@@ -587,6 +587,7 @@ fn sigterm_under_full_load_exits_cleanly_with_offsets_committed() {
 /// and says which it skipped.
 #[test]
 fn a_damaged_newest_checkpoint_is_skipped_at_start() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let setup = Setup::new(&data, PARTITIONS);
@@ -701,6 +702,7 @@ fn a_damaged_newest_checkpoint_is_skipped_at_start() {
 /// `multivaed_training_rounds_total`, and the live model keeps serving.
 #[test]
 fn runaway_training_is_rejected_and_the_live_model_keeps_serving() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let setup = Setup::new(&data, PARTITIONS);
@@ -790,6 +792,7 @@ fn runaway_training_is_rejected_and_the_live_model_keeps_serving() {
 /// paced by `train.interval` instead of starting again after every ingest batch.
 #[test]
 fn the_first_model_must_beat_a_uniform_guess_and_failed_rounds_are_paced() {
+    let _machine = share_the_machine();
     const INTERVAL_S: f64 = 2.0;
     for (lr, sane) in [("10", false), ("1", false), ("0.001", true)] {
         let dir = tempfile::tempdir().unwrap();
@@ -857,6 +860,7 @@ fn the_first_model_must_beat_a_uniform_guess_and_failed_rounds_are_paced() {
 /// running (and "ready") with a stale model or no recommendations.
 #[test]
 fn a_stage_that_dies_stops_the_daemon_with_an_error_naming_it() {
+    let _machine = share_the_machine();
     for (point, stage) in [("train.round", "train"), ("serve.batch", "serve")] {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
@@ -900,6 +904,7 @@ fn a_stage_that_dies_stops_the_daemon_with_an_error_naming_it() {
 /// end of each partition (no partition stalls after a rebalance).
 #[test]
 fn rebalances_leave_each_partition_stored_once_by_its_owner() {
+    let _machine = share_the_machine();
     let partitions = 4;
     let dir = tempfile::tempdir().unwrap();
     let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
@@ -1021,4 +1026,72 @@ fn rebalances_leave_each_partition_stored_once_by_its_owner() {
     // messages dead-lettered again (counted below; one owner's state is the next issue's)
     check_dead_letters(&setup.dlq, total, partitions, bad);
     eprintln!("rebalance steps: {steps:?}");
+}
+
+#[test]
+fn an_oversized_bad_message_is_dead_lettered_truncated_and_ingestion_goes_on() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let daemon = Daemon::start(&setup.env(), free_port());
+    // ~1,000,000 bytes of non-JSON: more than the daemon's producer may send whole
+    let big = vec![b'x'; 1_000_000];
+    let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.max.bytes", "1048576")
+        .create()
+        .unwrap();
+    send(
+        &p,
+        BaseRecord::to(&setup.clicks)
+            .key(&b"big"[..])
+            .payload(&big[..]),
+    );
+    for n in 0..100 {
+        let v = click_event(&format!("u{n}"), &format!("i{}", n % 7));
+        send(
+            &p,
+            BaseRecord::to(&setup.clicks).key(&b"k"[..]).payload(&v[..]),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    daemon.wait_for(
+        Duration::from_secs(60),
+        "the 100 clicks after it stored",
+        |d| d.metric("multivaed_store_interactions", "") >= 100.0,
+    );
+    assert_eq!(
+        daemon.metric("multivaed_dead_letters_truncated_total", ""),
+        1.0
+    );
+    let letters = read_all(&setup.dlq, 1, Duration::from_secs(3));
+    assert_eq!(letters.len(), 1, "one dead letter");
+    let l = &letters[0];
+    assert_eq!(l.headers["multivaed.error"], "too_large");
+    assert_eq!(l.headers["multivaed.truncated"], "true");
+    assert_eq!(l.headers["multivaed.original.bytes"], "1000000");
+    assert_eq!(l.headers["multivaed.source.topic"], setup.clicks);
+    assert_eq!(l.headers["multivaed.source.offset"], "0");
+    assert_eq!(l.payload.len(), 64 * 1024, "cut to kafka.max_message_bytes");
+    daemon.wait_for(Duration::from_secs(30), "ready", |d| {
+        d.get("/readyz").map(|r| r.0) == Some(200)
+    });
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_missing_topic_is_a_named_error_at_start() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::named(dir.path());
+    create_topics(&[(&setup.clicks, 1), (&setup.recs, 1)]);
+    let (ok, _, stderr) = run_multivaed(&setup.env(), &["run"]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("kafka.dead_letter_topic")
+            && stderr.contains(&setup.dlq)
+            && stderr.contains("does not exist"),
+        "{stderr}"
+    );
 }

@@ -4,11 +4,9 @@
 //! of users per round and scores the users whose history changed, then through several more
 //! training rounds and swaps while clicks keep coming (memory that grows per round shows).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::metrics::proc_status_bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -64,6 +62,7 @@ fn send_click(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, 
 
 #[test]
 fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
+    let _machine = the_machine_alone();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&dir.path().join("data"), 4);
     let mut env = setup.env();

@@ -3,8 +3,11 @@
 
 use std::process::Command;
 
+use crate::common::*;
+
 #[test]
 fn demo_runs_end_to_end_and_stops_by_itself() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_multivaed"))
         .args([

@@ -1,16 +1,15 @@
 //! Security basics: loopback by default, Kafka client secrets never logged or exported, no user
 //! or item id as a metric label, malformed and oversized HTTP requests answered with 4xx.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn http_listens_on_loopback_by_default() {
+    let _machine = share_the_machine();
     let c = multivaed::config::Config::default();
     assert!(c.http.listen.ip().is_loopback(), "{}", c.http.listen);
     let shipped = std::fs::read_to_string(concat!(
@@ -56,6 +55,7 @@ fn raw_status(port: u16, request: &[u8]) -> u16 {
 
 #[test]
 fn secrets_and_ids_stay_out_of_logs_and_metrics_and_bad_requests_get_4xx() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&dir.path().join("data"), 1);
     let secret = "s3cr3t-Hunter2-do-not-log";
@@ -294,6 +294,7 @@ fn sasl_env(
 /// models topic; a wrong password is refused with a clear error and readiness false.
 #[test]
 fn each_role_works_with_its_documented_acls_over_sasl_ssl_and_no_more() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), 2);
     let items = format!("{}.items", f.setup.clicks);
@@ -413,23 +414,17 @@ fn each_role_works_with_its_documented_acls_over_sasl_ssl_and_no_more() {
     );
     // a wrong password: refused at start with a clear error (never ready), not a hang
     let started = std::time::Instant::now();
-    let out = std::process::Command::new(daemon_exe())
-        .arg("run")
-        .envs(sasl_env(
+    let (ok, _, err) = run_multivaed(
+        &sasl_env(
             f.replica_env(dir.path(), "r2"),
             dir.path(),
             "r2",
             &serve_user,
             "wrong-password",
-        ))
-        .env(
-            "MULTIVAED_HTTP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a wrong password was not refused");
+        ),
+        &["run"],
+    );
+    assert!(!ok, "a wrong password was not refused");
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "refused after {:?}",

@@ -4,13 +4,11 @@
 //! consumption resumes by itself, and recommendations whose delivery failed during the freeze
 //! are delivered after it.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
@@ -91,11 +89,7 @@ fn click(n: usize) -> (String, Vec<u8>) {
     let u = n % 700;
     (
         format!("u{u}"),
-        format!(
-            r#"{{"user_id": "u{u}", "item_id": "i{}"}}"#,
-            (n / 700) * 3 + u % 40
-        )
-        .into_bytes(),
+        click_event(&format!("u{u}"), &format!("i{}", (n / 700) * 3 + u % 40)),
     )
 }
 
@@ -131,6 +125,7 @@ fn status(d: &Daemon, path: &str) -> u16 {
 
 #[test]
 fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing() {
+    let _machine = share_the_machine();
     let broker = Broker::start(free_port());
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::named(dir.path());
@@ -267,6 +262,7 @@ fn a_frozen_broker_makes_the_daemon_not_ready_then_it_resumes_and_loses_nothing(
 
 #[test]
 fn a_daemon_started_without_a_broker_waits_for_it() {
+    let _machine = share_the_machine();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();

@@ -2,15 +2,14 @@
 //! up, the group joined; an empty clicks topic and no model are fine), WATCHDOG=1 at under half
 //! of WatchdogSec, STATUS= lines, STOPPING=1 at SIGTERM, in that order.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn notify_protocol_messages_and_order() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();

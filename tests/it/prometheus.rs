@@ -2,13 +2,11 @@
 //! running daemon fed by a real broker; its HTTP API must return what the test produced, and
 //! every metric the Grafana dashboard and the alert rules read.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::demo::SyntheticStream;
 
 struct Prometheus {
@@ -122,6 +120,7 @@ fn metric_names(path: &Path) -> Vec<String> {
 
 #[test]
 fn a_real_prometheus_scrapes_what_the_daemon_did() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&dir.path().join("data"), 2);
     let port = free_port();

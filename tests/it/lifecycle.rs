@@ -5,20 +5,15 @@
 //! answers 404 to pulls, and a later click starts a new history; a serving replica writes a
 //! tombstone to the changelog, so a replica that restores the partition never sees the user.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::partition::Partitioner;
 use multivaed::wire::{Recommendation, Source};
 use rdkafka::producer::{BaseRecord, Producer};
 
 fn click(user: &str, item: &str) -> (String, Vec<u8>) {
-    (
-        user.to_string(),
-        format!(r#"{{"user_id": "{user}", "item_id": "{item}"}}"#).into_bytes(),
-    )
+    (user.to_string(), click_event(user, item))
 }
 
 /// 30 users of 4 clicks each (items i0..i11).
@@ -60,6 +55,7 @@ fn status(d: &Daemon, path: &str) -> u16 {
 
 #[test]
 fn a_forgotten_user_is_deleted_withdrawn_kept_forgotten_across_a_crash_and_starts_fresh() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 2);
     let env = setup.env();
@@ -151,6 +147,7 @@ fn a_forgotten_user_is_deleted_withdrawn_kept_forgotten_across_a_crash_and_start
 
 #[test]
 fn a_replica_restoring_a_partition_never_sees_a_forgotten_user() {
+    let _machine = share_the_machine();
     const PARTITIONS: i32 = 2;
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), PARTITIONS);
@@ -250,6 +247,7 @@ fn a_replica_restoring_a_partition_never_sees_a_forgotten_user() {
 
 #[test]
 fn a_pull_leaves_out_excluded_items_and_is_never_padded() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 1);
     let daemon = Daemon::start(&setup.env(), free_port());
@@ -317,6 +315,7 @@ fn taste_clicks(first: usize, users: usize, seed: u64) -> Vec<(String, Vec<u8>)>
 
 #[test]
 fn an_unavailable_item_is_never_recommended_after_its_message_even_across_swaps_and_restarts() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 1);
     let items = format!("{}.items", setup.clicks);
@@ -423,21 +422,14 @@ fn an_unavailable_item_is_never_recommended_after_its_message_even_across_swaps_
 
 /// Runs the multivaed binary with `env` and `args`; its standard output, or the failure.
 fn cli(env: &[(String, String)], args: &[&str]) -> String {
-    let out = std::process::Command::new(daemon_exe())
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("multivaed runs");
-    assert!(
-        out.status.success(),
-        "multivaed {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = run_multivaed(env, args);
+    assert!(ok, "multivaed {args:?}: {err}");
+    out
 }
 
 #[test]
 fn an_export_imported_twice_into_a_fresh_deployment_counts_each_click_once() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let old = Setup::new(&dir.path().join("old"), 1);
     let daemon = Daemon::start(&old.env(), free_port());
@@ -488,6 +480,7 @@ fn typed(user: &str, item: &str, event_type: &str) -> (String, Vec<u8>) {
 
 #[test]
 fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weights_are_kept() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 1);
     let mut env = setup.env();
@@ -623,6 +616,7 @@ fn a_disliked_item_never_comes_back_to_its_user_even_when_most_popular_and_weigh
 
 #[test]
 fn a_forgotten_user_is_in_no_later_training_round() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 1);
     let mut env = setup.env();

@@ -2,12 +2,10 @@
 //! compacts (a superseded value is gone, a tombstone is gone after `delete.retention.ms`) with
 //! the kit's fast-compaction topic settings.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rdkafka::producer::{BaseRecord, Producer};
 
 /// Every (key, value) of partition 0 of `topic` from the beginning, filler records left out
@@ -27,6 +25,7 @@ fn read_back(topic: &str) -> Vec<(String, Option<String>)> {
 
 #[test]
 fn the_log_cleaner_removes_a_superseded_value_and_then_a_tombstone() {
+    let _machine = share_the_machine();
     let topic = unique("compacted");
     try_create_topics_with(&brokers(), &[(&topic, 1, FAST_COMPACTION)]).unwrap();
     let p = producer();

@@ -4,12 +4,10 @@
 //! (stamped with partition, epoch and owner) and answers pulls; each bad message is
 //! dead-lettered once; the partitioner matches librdkafka's.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::partition::Partitioner;
 use rdkafka::producer::{BaseRecord, Producer};
 
@@ -216,6 +214,7 @@ fn owned(d: &Daemon) -> f64 {
 
 #[test]
 fn a_moved_partition_is_restored_and_only_its_owner_publishes() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let f = fleet(dir.path());
     let a = replica(&f, dir.path(), "a");
@@ -340,6 +339,7 @@ fn a_moved_partition_is_restored_and_only_its_owner_publishes() {
 
 #[test]
 fn the_partitioner_matches_librdkafkas() {
+    let _machine = share_the_machine();
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
@@ -465,6 +465,7 @@ fn hand_over(strategy: &str, static_members: bool) -> Option<Vec<(usize, usize)>
 /// production settings) and without; static members also rebalance eagerly.
 #[test]
 fn the_broker_hands_partitions_over_incrementally_and_to_static_members() {
+    let _machine = share_the_machine();
     for static_members in [true, false] {
         let incremental =
             hand_over("cooperative-sticky", static_members).expect("cooperative hand-over");
@@ -480,49 +481,24 @@ fn the_broker_hands_partitions_over_incrementally_and_to_static_members() {
 
 /// Runs `multivaed` with `args` and the fleet's settings; its exit status and standard error.
 fn run_cli(f: &Fleet, args: &[&str], extra: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = std::process::Command::new(daemon_exe());
-    cmd.args(args)
-        .envs(f.setup.base_env(&brokers()))
-        .env_remove("MULTIVAED_TEST_ECHO")
-        .env("MULTIVAED_ROLE", "serve")
-        .env("MULTIVAED_KAFKA__INSTANCE_ID", "probe")
-        .env("MULTIVAED_MODELS__TOPIC", &f.models)
-        .env("MULTIVAED_MODELS__STORE", &f.store)
-        .env(
-            "MULTIVAED_HTTP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        );
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let out_file = tempfile::NamedTempFile::new().unwrap();
-    let err_file = tempfile::NamedTempFile::new().unwrap();
-    let mut child = cmd
-        .stdout(out_file.reopen().unwrap())
-        .stderr(err_file.reopen().unwrap())
-        .spawn()
-        .expect("run multivaed");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.success();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (
-        status,
-        std::fs::read_to_string(out_file.path()).unwrap(),
-        std::fs::read_to_string(err_file.path()).unwrap(),
-    )
+    let mut env = f.setup.base_env(&brokers());
+    env.extend(
+        [
+            ("MULTIVAED_ROLE", "serve"),
+            ("MULTIVAED_KAFKA__INSTANCE_ID", "probe"),
+            ("MULTIVAED_MODELS__TOPIC", f.models.as_str()),
+            ("MULTIVAED_MODELS__STORE", f.store.as_str()),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    run_multivaed(&env, args)
 }
 
 #[test]
 fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::named(dir.path(), 3);
     // nothing there: check fails and names every topic
@@ -644,6 +620,7 @@ fn settled(replicas: &[&Daemon], partitions: i32, what: &str) {
 
 #[test]
 fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
+    let _machine = share_the_machine();
     const PARTS: i32 = 6;
     const USERS: usize = 300;
     let dir = tempfile::tempdir().unwrap();
@@ -663,28 +640,10 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
     settled(&[&r1, &r2], PARTS, "r3 stopped");
     std::thread::sleep(Duration::from_secs(3));
     // r3 again, killed in the middle of restoring its partitions, then again for good
-    let mut crashing = std::process::Command::new(daemon_exe());
-    crashing
-        .arg("run")
-        .envs(replica_env(&f, dir.path(), "r3"))
-        .env_remove("MULTIVAED_TEST_ECHO")
-        .env("MULTIVAED_CRASH_AT", "restore.applied")
-        .env(
-            "MULTIVAED_HTTP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = crashing.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "r3 never reached a restore");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(!status.success(), "r3 died in its restore");
+    let mut env = replica_env(&f, dir.path(), "r3");
+    env.push(("MULTIVAED_CRASH_AT".into(), "restore.applied".into()));
+    let (ok, _, _) = run_multivaed(&env, &["run"]);
+    assert!(!ok, "r3 died in its restore (or never reached one in 60 s)");
     let r3 = replica(&f, dir.path(), "r3");
     settled(&[&r1, &r2, &r3], PARTS, "r3 back");
     // the stream goes on past the last move, so every user clicks after it
@@ -809,6 +768,7 @@ fn announced(f: &Fleet) -> HashMap<String, Vec<i32>> {
 
 #[test]
 fn a_static_member_restarted_within_the_session_gets_its_partitions_back_cheaply() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let f = fleet(dir.path());
     // the production settings (cooperative, static members), with room for a restart on a
@@ -865,6 +825,7 @@ fn signal(d: &Daemon, sig: &str) {
 
 #[test]
 fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
+    let _machine = share_the_machine();
     const USERS: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let f = fleet(dir.path());
@@ -961,4 +922,31 @@ fn owner_is(d: &Daemon, path: &str) -> bool {
     let url = format!("http://127.0.0.1:{}{path}", d.port);
     let agent = ureq::AgentBuilder::new().redirects(0).build();
     matches!(agent.get(&url).call(), Ok(r) if r.status() == 200)
+}
+
+#[test]
+fn a_replica_that_owns_no_partition_is_ready() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&dir.path().join("a"), 1);
+    let mut second = Setup::named(&dir.path().join("b"));
+    second.clicks = setup.clicks.clone();
+    second.recs = setup.recs.clone();
+    second.dlq = setup.dlq.clone();
+    second.group = setup.group.clone();
+    let a = Daemon::start(&setup.env(), free_port());
+    let b = Daemon::start(&second.env(), free_port());
+    // no data at all: both join the group, one owns the partition, the other none
+    for d in [&a, &b] {
+        d.wait_for(Duration::from_secs(90), "ready", |d| {
+            d.get("/readyz").map(|r| r.0) == Some(200)
+        });
+    }
+    let owned = a.metric("multivaed_partitions_assigned", "")
+        + b.metric("multivaed_partitions_assigned", "");
+    assert_eq!(owned, 1.0);
+    for d in [a, b] {
+        let (code, _) = d.terminate();
+        assert_eq!(code, Some(0));
+    }
 }

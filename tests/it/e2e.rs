@@ -1,13 +1,14 @@
-//! End to end against a real Kafka-protocol broker, the daemon as a child process: clicks in,
-//! recommendations and dead letters out, metrics, restart without double counting, and the KL
-//! anneal continuing from the checkpoint.
-
-mod common;
+//! End to end against the real broker, the daemon as a child process: clicks in,
+//! recommendations and dead letters out, metrics, restart without double counting, the KL
+//! anneal continuing from the checkpoint, re-scoring after swaps bounded by its window, and a
+//! burst of pulls past the limit answered 429 while push scoring goes on.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::demo::SyntheticStream;
 use multivaed::wire::{Recommendation, Source};
 
@@ -81,6 +82,7 @@ fn latency_quantile(text: &str, q: f64) -> f64 {
 
 #[test]
 fn clicks_in_recommendations_out_restart_and_resume() {
+    let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path(), 3);
     let port = free_port();
@@ -410,6 +412,159 @@ fn clicks_in_recommendations_out_restart_and_resume() {
         beta2 >= beta && beta2 > 0.0,
         "β restarted: {beta} -> {beta2}"
     );
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn after_model_swaps_a_user_is_rescored_only_within_the_window_after_their_click() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let mut env = setup.env();
+    env.retain(|(k, _)| !k.starts_with("MULTIVAED_TRAIN__") && !k.starts_with("MULTIVAED_MODEL__"));
+    env.extend(
+        [
+            ("MULTIVAED_SERVE__RESCORE_WINDOW", "5s"),
+            ("MULTIVAED_TRAIN__INTERVAL", "2s"),
+            ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000000"),
+            ("MULTIVAED_TRAIN__MIN_USERS", "50"),
+            ("MULTIVAED_TRAIN__MAX_EPOCHS_PER_ROUND", "3"),
+            ("MULTIVAED_TRAIN__CATCH_UP", "false"),
+            ("MULTIVAED_TRAIN__MIN_NEW_FRACTION", "1000"),
+            ("MULTIVAED_TRAIN__VALIDATION_USERS", "20"),
+            ("MULTIVAED_TRAIN__MIN_VALIDATION_USERS", "3"),
+            ("MULTIVAED_TRAIN__MAX_NDCG_DROP", "1.0"),
+            ("MULTIVAED_MODEL__MLP_HIDDEN_SIZE", "[32]"),
+            ("MULTIVAED_MODEL__LATENT_DIMENSION", "8"),
+            ("MULTIVAED_MODEL__BATCH_SIZE", "50"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let daemon = Daemon::start(&env, free_port());
+    let stop = Arc::new(AtomicBool::new(false));
+    let others = keep_clicking(setup.clicks.clone(), 200.0, stop.clone());
+    daemon.wait_for(Duration::from_secs(120), "a second model", |d| {
+        d.metric("multivaed_model_version", "") >= 2.0
+    });
+    produce(&setup.clicks, &[("solo".into(), click_event("solo", "i3"))]);
+    let at_click = daemon.metric("multivaed_model_version", "");
+    std::thread::sleep(Duration::from_secs(30));
+    let swaps = daemon.metric("multivaed_model_version", "") - at_click;
+    stop.store(true, Ordering::Relaxed);
+    others.join().unwrap();
+    let solo: Vec<serde_json::Value> = read_all(&setup.recs, 1, Duration::from_secs(3))
+        .into_iter()
+        .filter(|m| m.key.as_deref() == Some(&b"solo"[..]))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    eprintln!(
+        "{swaps} swaps in the 30 s after the click; solo got {} recommendations",
+        solo.len()
+    );
+    assert!(
+        swaps >= 8.0,
+        "only {swaps} swaps: too few to tell re-scoring apart"
+    );
+    assert!(
+        (1..=4).contains(&solo.len()),
+        "{} recommendations for one click with a 5 s window and swaps every ~2 s: {solo:?}",
+        solo.len()
+    );
+    assert!(daemon.metric("multivaed_rescore_to_recommendation_seconds_count", "") >= 1.0);
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_burst_of_pulls_past_the_limit_gets_429_and_push_scoring_keeps_going() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let mut env = setup.env();
+    env.push(("MULTIVAED_HTTP__MAX_CONCURRENT_PULLS".into(), "1".into()));
+    let daemon = Daemon::start(&env, free_port());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clicker = keep_clicking(setup.clicks.clone(), 200.0, stop.clone());
+    daemon.wait_for(Duration::from_secs(60), "users scored", |d| {
+        d.metric("multivaed_recommendations_published_total", "") >= 100.0
+    });
+    let pushed_before = daemon.metric("multivaed_recommendations_published_total", "");
+    let latency_before = daemon
+        .buckets("multivaed_click_to_recommendation_seconds")
+        .unwrap();
+    // 16 threads pull k = 1000 as fast as they can for 10 s
+    let port = daemon.port;
+    let statuses: Vec<HashMap<u16, usize>> = (0..16)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut seen = HashMap::new();
+                let end = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < end {
+                    let url =
+                        format!("http://127.0.0.1:{port}/v1/users/u{t}/recommendations?k=1000");
+                    let status = match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+                        Ok(r) => r.status(),
+                        Err(ureq::Error::Status(s, r)) => {
+                            if s == 429 {
+                                assert_eq!(r.header("retry-after"), Some("1"));
+                            }
+                            s
+                        }
+                        Err(e) => panic!("pull failed: {e}"),
+                    };
+                    *seen.entry(status).or_insert(0) += 1;
+                }
+                seen
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let mut total: HashMap<u16, usize> = HashMap::new();
+    for s in statuses {
+        for (k, v) in s {
+            *total.entry(k).or_insert(0) += v;
+        }
+    }
+    eprintln!("pull answers by status: {total:?}");
+    assert!(
+        total.get(&429).copied().unwrap_or(0) > 0,
+        "no pull was refused: {total:?}"
+    );
+    assert!(
+        total.get(&200).copied().unwrap_or(0) > 0,
+        "no pull was answered: {total:?}"
+    );
+    assert_eq!(
+        total.keys().filter(|s| ![200, 429].contains(s)).count(),
+        0,
+        "{total:?}"
+    );
+    assert!(daemon.metric("multivaed_pull_requests_refused_total", "") > 0.0);
+    // push scoring went on through the burst (200 clicks/s over 200 users)
+    let pushed = daemon.metric("multivaed_recommendations_published_total", "") - pushed_before;
+    assert!(
+        pushed >= 200.0,
+        "only {pushed} recommendations pushed during the burst"
+    );
+    // and stayed prompt: (almost) every click answered within ~2 s (typically ~0.1 s)
+    let latency = daemon
+        .buckets("multivaed_click_to_recommendation_seconds")
+        .unwrap();
+    let delta = |le: f64| -> f64 {
+        let at = |b: &[(f64, f64)]| b.iter().find(|x| x.0 >= le).map_or(0.0, |x| x.1);
+        at(&latency) - at(&latency_before)
+    };
+    let (within, all) = (delta(2.0), delta(f64::INFINITY));
+    eprintln!("clicks answered during the burst: {all}, within 2.05 s: {within}");
+    assert!(
+        within >= 0.99 * all,
+        "{within} of {all} clicks answered within 2.05 s"
+    );
+    stop.store(true, Ordering::Relaxed);
+    clicker.join().unwrap();
     let (code, _) = daemon.terminate();
     assert_eq!(code, Some(0));
 }

@@ -4,27 +4,18 @@
 //! they download; a standby takes over from a killed trainer and continues the anneal; a
 //! deposed trainer's late announcement is ignored; a rollback while clicks flow is served by
 //! every replica and training continues from it. The tests of this file run one at a time
-//! (each starts up to five processes on a small machine).
-
-mod common;
+//! (each starts up to five processes on a small machine), alone on the machine.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use multivaed::demo::SyntheticStream;
 use multivaed::partition::Partitioner;
 use multivaed::shipping::log::{model_key, Announcement, ModelLog, Record};
 use rdkafka::producer::{BaseRecord, Producer};
-
-/// One test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -274,24 +265,9 @@ fn quantile(mut xs: Vec<f64>, q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Runs `multivaed` with `args` in the environment `env`; (success, stdout, stderr).
-fn cli(env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(daemon_exe())
-        .args(args)
-        .envs(env.iter().cloned())
-        .env_remove("MULTIVAED_TEST_ECHO")
-        .output()
-        .expect("run multivaed");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn every_replica_serves_each_announced_version_beats_popularity_and_follows_a_rollback() {
-    let _one = serial();
+    let _machine = the_machine_alone();
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), 6);
     let mut env = f.trainer_env(dir.path(), "t0");
@@ -382,7 +358,7 @@ fn every_replica_serves_each_announced_version_beats_popularity_and_follows_a_ro
     ));
     let asked = Instant::now();
     let asked_ms = now_ms();
-    let (ok, out, err) = cli(&env, &["models", "rollback", &target.version.to_string()]);
+    let (ok, out, err) = run_multivaed(&env, &["models", "rollback", &target.version.to_string()]);
     let command = asked.elapsed().as_secs_f64();
     assert!(ok, "rollback failed: {out}{err}");
     // every replica swaps the old version in after the command (a newer one may follow soon)
@@ -476,7 +452,7 @@ fn every_replica_serves_each_announced_version_beats_popularity_and_follows_a_ro
         .collect();
     let distinct: HashSet<&u64> = numbers.iter().collect();
     assert_eq!(distinct.len(), numbers.len(), "{numbers:?}");
-    let (list_ok, listing, err) = cli(&env, &["models", "list"]);
+    let (list_ok, listing, err) = run_multivaed(&env, &["models", "list"]);
     assert!(list_ok, "{listing}{err}");
     assert!(listing.contains("current"), "{listing}");
     for d in replicas {
@@ -524,7 +500,7 @@ fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn a_standby_takes_over_from_a_killed_trainer_and_a_thawed_deposed_one_is_ignored() {
-    let _one = serial();
+    let _machine = the_machine_alone();
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), 4);
     let mut t0 = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
@@ -679,7 +655,7 @@ fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
 
 #[test]
 fn a_truncated_or_altered_version_is_refused_and_the_previous_keeps_serving() {
-    let _one = serial();
+    let _machine = the_machine_alone();
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), 2);
     let trainer = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
@@ -771,7 +747,7 @@ fn a_truncated_or_altered_version_is_refused_and_the_previous_keeps_serving() {
 
 #[test]
 fn versions_travel_through_s3() {
-    let _one = serial();
+    let _machine = the_machine_alone();
     let port = free_port();
     let mut moto = std::process::Command::new("moto_server")
         .args(["-p", &port.to_string()])
@@ -869,7 +845,7 @@ fn versions_travel_through_s3() {
         "MULTIVAED_HTTP__LISTEN".into(),
         format!("127.0.0.1:{}", free_port()),
     ));
-    let (ok, listing, err) = cli(&env, &["models", "list"]);
+    let (ok, listing, err) = run_multivaed(&env, &["models", "list"]);
     assert!(ok, "{listing}{err}");
     assert_eq!(
         listing.lines().filter(|l| l.ends_with("| ok |")).count(),
@@ -925,7 +901,7 @@ fn latest_by_rule(f: &Fleet) -> (HashMap<String, LatestRec>, HashMap<i32, String
 
 #[test]
 fn idle_users_of_a_moved_partition_get_the_new_owners_recommendation_from_the_next_version() {
-    let _one = serial();
+    let _machine = the_machine_alone();
     let dir = tempfile::tempdir().unwrap();
     let f = Fleet::new(dir.path(), 2);
     let _trainer = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
