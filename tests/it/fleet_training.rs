@@ -716,13 +716,25 @@ fn a_truncated_or_altered_version_is_refused_and_the_previous_keeps_serving() {
         "the refusal names the digest"
     );
 
-    // the previous version keeps serving: new clicks (on items it does not know) get its
-    // recommendations
+    // the previous version keeps serving: new clicks (on items it does not know) of users it
+    // has scored (their history holds an item it knows) get its recommendations
     assert_eq!(version(&replica), good.version);
+    let scored: Vec<String> = {
+        let mut by_model = std::collections::BTreeSet::new();
+        for m in read_all(&f.setup.recs, 1, Duration::from_secs(2)) {
+            let rec: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if rec["source"] == "model" {
+                by_model.insert(
+                    String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        by_model.into_iter().take(20).collect()
+    };
+    assert_eq!(scored.len(), 20, "users the served model scored");
     let before = published(&replica);
     let p = producer();
-    for u in 0..20 {
-        let user = format!("u{u}");
+    for (u, user) in scored.iter().enumerate() {
         send(
             &p,
             BaseRecord::to(&f.setup.clicks)
