@@ -259,3 +259,56 @@ fn every_registered_metric_is_documented() {
         "metrics missing from docs/metrics.md: {missing:?}"
     );
 }
+
+/// The `multivaed` commands the README and docs/running.md show (`target/release/multivaed …`
+/// or `cargo run --release -- …` in their code blocks): each subcommand exists and takes every
+/// flag shown, by its own `--help`.
+#[test]
+fn the_commands_the_docs_show_exist_with_their_flags() {
+    let mut checked = 0;
+    for doc in ["README.md", "docs/running.md"] {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+        let mut fenced = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                fenced = !fenced;
+                continue;
+            }
+            let command = line.split('#').next().unwrap_or("").trim();
+            let rest = match (
+                command.strip_prefix("target/release/multivaed "),
+                command.strip_prefix("cargo run --release -- "),
+            ) {
+                (Some(r), _) | (_, Some(r)) if fenced => r,
+                _ => continue,
+            };
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let subcommand: Vec<&str> = words
+                .iter()
+                .take_while(|w| !w.starts_with('-') && !w.contains(['/', '.', '[', '<']))
+                .copied()
+                .collect();
+            let out = std::process::Command::new(multivaed_kit::harness::daemon_exe())
+                .args(&subcommand)
+                .arg("--help")
+                .output()
+                .unwrap();
+            let help = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{doc}: `multivaed {}` is not a command",
+                subcommand.join(" ")
+            );
+            for flag in words.iter().filter(|w| w.starts_with("--")) {
+                let flag = flag.split('=').next().unwrap_or(flag);
+                assert!(
+                    help.contains(flag),
+                    "{doc}: `multivaed {}` has no {flag}",
+                    subcommand.join(" ")
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} commands found in the docs");
+}
