@@ -488,6 +488,14 @@ impl Worker {
             ));
         }
         (j.nll, j.uniform_nll) = loss_floor(model, train)?;
+        let live = self.ctx.live.current();
+        if !val.users.is_empty() {
+            // measured before any gate: a rejection keeps the better of this and the live model
+            j.ndcg = validation_ndcg(model, val)?;
+            if let Some(live) = &live {
+                j.live_ndcg = Some(validation_ndcg(&live.model, val)?);
+            }
+        }
         if !(j.nll.is_finite() && j.nll < j.uniform_nll) {
             let why = format!(
                 "its loss on the training users ({:.4}) is not below a uniform guess's ({:.4})",
@@ -497,11 +505,6 @@ impl Worker {
         }
         if val.users.is_empty() {
             return Ok(j);
-        }
-        j.ndcg = validation_ndcg(model, val)?;
-        let live = self.ctx.live.current();
-        if let Some(live) = &live {
-            j.live_ndcg = Some(validation_ndcg(&live.model, val)?);
         }
         let pop = popularity_ndcg(train, val);
         j.popularity_ndcg = Some(pop);
@@ -750,11 +753,16 @@ impl Worker {
     }
 
     /// A model that was not accepted. A finite one is kept and trained further next round (its
-    /// data counted again), unless the live model is better on the validation users: then
-    /// training goes back to the live state. A non-finite one is dropped: training goes back to
-    /// the live state, or restarts from scratch before the first model.
+    /// data counted again), unless the live model is better on the validation users (or, with
+    /// none, it does not even beat a uniform guess while a live model exists): then training
+    /// goes back to the live state. A non-finite one is dropped: training goes back to the live
+    /// state, or restarts from scratch before the first model.
     fn reject(&mut self, j: Judgement, consumed: u64) -> Result<RoundResult> {
-        let live_is_better = j.live_ndcg.is_some_and(|live| live > j.ndcg);
+        let below_uniform = !(j.nll.is_finite() && j.nll < j.uniform_nll);
+        let live_is_better = match j.live_ndcg {
+            Some(live) => live > j.ndcg,
+            None => below_uniform && self.ctx.live.current().is_some(),
+        };
         let keep = j.result != RoundResult::RejectedNonFinite && !live_is_better;
         warn!(
             reason = %j.reason,
@@ -1178,6 +1186,9 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(w.ctx.live.current().unwrap().version, 1, "v1 keeps serving");
+        // far worse than the live model: training goes back to it, not on from the garbage
+        let v1 = Checkpoints::read_manifest(&w.checkpoints.path_of(1)).unwrap();
+        assert_eq!(w.trainer.as_ref().unwrap().update_count(), v1.update_count);
     }
 
     #[test]
