@@ -213,6 +213,27 @@ pub struct HttpConfig {
     /// Pull requests scored at once, at most; past it a pull gets 429 with `Retry-After`, so
     /// pulls never take more than this many cores from push scoring.
     pub max_concurrent_pulls: usize,
+    /// Who may use the `/v1/` API: `token` (a bearer token of `token_file`) or `none` (anyone
+    /// who reaches `listen`; a warning at start). `/metrics`, `/healthz`, `/readyz` stay open.
+    pub auth: HttpAuth,
+    /// The API's bearer tokens, one per line (at least 16 characters each; `#` comments), read
+    /// again when the file changes; empty: `<data_dir>/api-token`, generated at first start.
+    pub token_file: PathBuf,
+    /// Role `serve`: the addresses other replicas may advertise (`*` stands for any run of
+    /// characters but `/`, `@`, `?`, `#`); a members record advertising another is ignored and
+    /// counted. Empty: this replica's own advertised address with its host's first label
+    /// (a DNS name: `http://*.multivaed-serve.ns.svc.cluster.local:9464`) or its port (an IP
+    /// address: `http://127.0.0.1:*`) as the wildcard.
+    pub advertise_pattern: String,
+}
+
+/// `http.auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpAuth {
+    #[default]
+    Token,
+    None,
 }
 
 /// What each `event_type` of the clicks topic means.
@@ -316,6 +337,11 @@ pub struct ModelsConfig {
     /// `train.keep_versions` newest and the current one).
     #[serde(with = "humantime_serde")]
     pub keep_announced_for: Duration,
+    /// The fleet's control-plane key (a file of at least 32 bytes): every models- and
+    /// members-topic record is signed with it, and one without a valid signature is ignored.
+    pub signing_key_file: PathBuf,
+    /// A version whose announced file is larger is refused before any byte is read.
+    pub max_file_bytes: u64,
 }
 
 impl Default for ModelsConfig {
@@ -327,6 +353,8 @@ impl Default for ModelsConfig {
             trainer_group: String::new(),
             retry_interval: Duration::from_secs(30),
             keep_announced_for: Duration::from_secs(3600),
+            signing_key_file: PathBuf::new(),
+            max_file_bytes: 8 << 30,
         }
     }
 }
@@ -434,6 +462,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             advertise: String::new(),
             max_concurrent_pulls: 2,
+            auth: HttpAuth::Token,
+            token_file: PathBuf::new(),
+            advertise_pattern: String::new(),
         }
     }
 }
@@ -658,6 +689,12 @@ impl Config {
         }
         if self.role != Role::All && self.kafka.group_instance_id(self.role).is_none() {
             bail!("invalid configuration: role {} needs kafka.instance_id (or HOSTNAME): a stable name per replica", self.role.name());
+        }
+        if self.role != Role::All && self.models.signing_key_file.as_os_str().is_empty() {
+            bail!(
+                "invalid configuration: models.signing_key_file: role {} needs the fleet's control-plane key (a file of at least 32 random bytes every process of the fleet reads, e.g. a Kubernetes Secret)",
+                self.role.name()
+            );
         }
         if self.role != Role::All && (self.models.topic.is_empty() || self.models.store.is_empty())
         {

@@ -46,6 +46,8 @@ pub struct Daemon {
     pub(crate) health: Arc<Health>,
     pub(crate) shutdown: Arc<Shutdown>,
     pub(crate) latencies: Arc<LatencySamples>,
+    /// Roles `serve` and `train`: the fleet's control-plane key (`models.signing_key_file`).
+    pub(crate) control: Option<Arc<crate::control::ControlKey>>,
 }
 
 /// Opens the training device a `device` setting names, and its resolved name.
@@ -107,7 +109,14 @@ impl Daemon {
         );
         // forgotten users whose recommendation a crash left unwithdrawn
         activity.forgotten(&store.withdrawals_pending()?);
+        let control = match config.role {
+            Role::All => None,
+            Role::Serve | Role::Train => Some(Arc::new(crate::control::ControlKey::read(
+                &config.models.signing_key_file,
+            )?)),
+        };
         Ok(Self {
+            control,
             store: Arc::new(store),
             ownership: Arc::new(ownership),
             directory: Arc::new(crate::members::Directory::default()),
@@ -139,8 +148,9 @@ impl Daemon {
             .with_context(|| format!("http.listen: cannot bind {}", self.config.http.listen))?;
         info!(addr = %listener.local_addr()?, "HTTP listening");
         let producers = Arc::new(crate::kafka::Producers::new(&self.config.kafka)?);
+        let auth = crate::http::Auth::prepare(&self.config.http, &self.config.data_dir)?;
         let mut stages = JoinSet::new();
-        stage(&mut stages, "http", self.http().serve(listener));
+        stage(&mut stages, "http", self.http(auth).serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
         self.check_topics().await?;
         match self.config.role {
@@ -234,12 +244,19 @@ impl Daemon {
                 self.config.kafka.clone(),
                 self.config.kafka.members(),
                 self.directory.clone(),
+                crate::members::MemberCheck {
+                    key: self.control_key()?,
+                    pattern: self.advertise_pattern(),
+                    refused: self.metrics.control_records_refused.clone(),
+                },
                 self.shutdown.clone(),
             ),
         );
-        let follower = self.follow_models(stages);
+        let follower = self.follow_models(stages)?;
         let loader = crate::shipping::Loader {
             objects: crate::shipping::Objects::open(&self.config.models)?,
+            downloads: self.downloads(),
+            max_file_bytes: self.config.models.max_file_bytes,
             follower,
             store: self.store.clone(),
             live: self.live.clone(),
@@ -255,8 +272,11 @@ impl Daemon {
     fn follow_models(
         &self,
         stages: &mut JoinSet<(&'static str, Result<()>)>,
-    ) -> Arc<crate::shipping::Follower> {
-        let follower = Arc::new(crate::shipping::Follower::default());
+    ) -> Result<Arc<crate::shipping::Follower>> {
+        let follower = Arc::new(crate::shipping::Follower::new(
+            self.control_key()?,
+            self.metrics.control_records_refused.clone(),
+        ));
         stage(
             stages,
             "models topic",
@@ -267,7 +287,29 @@ impl Daemon {
                 self.shutdown.clone(),
             ),
         );
-        follower
+        Ok(follower)
+    }
+
+    /// The fleet's control-plane key (roles `serve` and `train`).
+    fn control_key(&self) -> Result<Arc<crate::control::ControlKey>> {
+        self.control
+            .clone()
+            .context("models.signing_key_file: no control-plane key was read")
+    }
+
+    /// `http.advertise_pattern`, or the one derived from this replica's own address.
+    fn advertise_pattern(&self) -> String {
+        let http = &self.config.http;
+        if http.advertise_pattern.is_empty() {
+            crate::members::default_pattern(&http.advertised())
+        } else {
+            http.advertise_pattern.clone()
+        }
+    }
+
+    /// Where model versions are downloaded to (and verified) before they are loaded.
+    fn downloads(&self) -> std::path::PathBuf {
+        self.config.data_dir.join("downloads")
     }
 
     /// Role `train`: the changelog read into the store, the election, and the training worker
@@ -287,7 +329,7 @@ impl Daemon {
             shutdown: self.shutdown.clone(),
         };
         stage(stages, "changelog", reader.run());
-        let follower = self.follow_models(stages);
+        let follower = self.follow_models(stages)?;
         let election = Arc::new(crate::shipping::Election::default());
         let elector = crate::shipping::Elector {
             kafka: self.config.kafka.clone(),
@@ -306,6 +348,8 @@ impl Daemon {
             id: self.instance_id(),
             topic: self.config.models.topic.clone(),
             objects: crate::shipping::Objects::open(&self.config.models)?,
+            downloads: self.downloads(),
+            max_file_bytes: self.config.models.max_file_bytes,
             follower,
             election,
             producers: producers.clone(),
@@ -333,11 +377,13 @@ impl Daemon {
     }
 
     fn ingest(&self, producers: &Arc<crate::kafka::Producers>) -> crate::ingest::Ingest {
-        let fleet = (self.config.role == Role::Serve).then(|| {
+        let key = self.control.clone().filter(|_| self.config.role == Role::Serve);
+        let fleet = key.map(|key| {
             Arc::new(crate::ingest::Fleet::new(
                 self.config.kafka.clone(),
                 self.instance_id(),
                 self.config.http.advertised(),
+                key,
                 self.ownership.clone(),
                 producers.clone(),
                 self.config.serve.rescore_window,
@@ -416,8 +462,9 @@ impl Daemon {
         }
     }
 
-    fn http(&self) -> crate::http::Http {
+    fn http(&self, auth: crate::http::Auth) -> crate::http::Http {
         crate::http::Http {
+            auth: Arc::new(auth),
             default_k: self.config.serve.k,
             pulls: Arc::new(tokio::sync::Semaphore::new(
                 self.config.http.max_concurrent_pulls,

@@ -225,6 +225,11 @@ pub async fn run_demo(opts: DemoOptions) -> Result<()> {
         "multivaed demo: embedded Kafka broker at {brokers}, data in {}",
         config.data_dir.display()
     );
+    println!(
+        "HTTP on {0}: curl -H \"Authorization: Bearer $(cat {1})\" http://{0}/v1/users/u1/recommendations",
+        config.http.listen,
+        config.data_dir.join("api-token").display()
+    );
     let shared = crate::daemon::Daemon::open(config.clone())?;
     let daemon = tokio::spawn(shared.clone().run());
     let feeder = spawn_feeder(&brokers, &config.kafka.clicks_topic, &opts)?;

@@ -246,14 +246,15 @@ impl rdkafka::ClientContext for EofReader {
 impl rdkafka::consumer::ConsumerContext for EofReader {}
 
 /// Follows partition 0 of a (compacted, one-partition) topic from its beginning until shutdown,
-/// handing each record's offset, key and value (`None`: a tombstone) to `apply`, in log order.
+/// handing each record's offset, key, value (`None`: a tombstone) and signature (the
+/// [`crate::control::SIGNATURE_HEADER`]) to `apply`, in log order.
 /// `reader` names the reader in its group id (`<group_id>.<reader>`) and in logs.
 pub async fn follow_topic(
     k: &KafkaConfig,
     reader: &str,
     topic: &str,
     shutdown: &crate::shutdown::Shutdown,
-    mut apply: impl FnMut(i64, &[u8], Option<&[u8]>),
+    mut apply: impl FnMut(i64, &[u8], Option<&[u8]>, Option<&[u8]>),
 ) -> Result<()> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
@@ -280,13 +281,27 @@ pub async fn follow_topic(
             _ = stop.changed() => return Ok(()),
         };
         match m {
-            Ok(m) => apply(m.offset(), m.key().unwrap_or_default(), m.payload()),
+            Ok(m) => apply(
+                m.offset(),
+                m.key().unwrap_or_default(),
+                m.payload(),
+                signature(&m),
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, topic, "{reader}: read error");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }
     }
+}
+
+/// A record's signature header, if it has one.
+pub fn signature(m: &impl rdkafka::message::Message) -> Option<&[u8]> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == crate::control::SIGNATURE_HEADER)
+        .and_then(|h| h.value)
 }
 
 /// A client-creation error that never shows a property's value (it may be a password).

@@ -33,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod eval;
+mod control;
 mod fault;
 mod health;
 mod http;

@@ -54,6 +54,8 @@ pub(crate) struct Metrics {
     pub dead_letters_blocked: IntGaugeVec,
     pub publish_retries: IntCounter,
     pub pulls_refused: IntCounter,
+    pub http_unauthorized: IntCounter,
+    pub control_records_refused: IntCounterVec,
     pub store_quarantined: IntCounter,
     pub store_index_capacity: Gauge,
     pub dirty_users: IntGauge,
@@ -343,6 +345,20 @@ impl Metrics {
                     "Pull requests answered 429 because http.max_concurrent_pulls were being scored",
                 )?,
             )?,
+            http_unauthorized: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_http_unauthorized_total",
+                    "Requests to the /v1/ API answered 401: no bearer token, or none of http.token_file's",
+                )?,
+            )?,
+            control_records_refused: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("multivaed_control_records_refused_total", "Roles serve and train: models- and members-topic records ignored, by topic and reason (signature: not signed with the fleet's key; bound: an epoch or version out of bounds; address: an advertised address outside http.advertise_pattern; unreadable)"),
+                    &["topic", "reason"],
+                )?,
+            )?,
             publish_retries: reg(
                 r,
                 IntCounter::new(
@@ -439,6 +455,17 @@ impl Metrics {
         }
         for result in ["ok", "refused", "failed"] {
             m.model_loads.with_label_values(&[result]);
+        }
+        for (topic, reason) in [
+            ("models", "signature"),
+            ("models", "bound"),
+            ("members", "signature"),
+            ("members", "bound"),
+            ("members", "address"),
+            ("members", "unreadable"),
+        ] {
+            m.control_records_refused
+                .with_label_values(&[topic, reason]);
         }
         for source in ["model", "popular"] {
             m.recommendations_published.with_label_values(&[source]);
@@ -592,7 +619,8 @@ mod tests {
                             "device",
                             "k",
                             "model_version",
-                            "cause"
+                            "cause",
+                            "topic"
                         ]
                         .contains(&l.name()),
                         "{name} has label {}",

@@ -28,6 +28,38 @@ pub fn brokers() -> String {
     })
 }
 
+/// The `/v1/` API token every daemon under test accepts (see [`token_file`]).
+pub const API_TOKEN: &str = "multivaed-test-token-0123456789abcdef";
+
+/// The fleet's control-plane key the processes under test share (see [`signing_key_file`]).
+pub const SIGNING_KEY: &str = "multivaed-test-fleet-key-0123456789abcdef0123456789";
+
+/// A file holding `text`, written once per process in the temporary directory.
+fn process_file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write a test credential");
+        std::fs::rename(&tmp, &path).expect("write a test credential");
+    }
+    path
+}
+
+/// The token file of the daemons under test (holding [`API_TOKEN`]).
+pub fn token_file() -> PathBuf {
+    process_file("multivaed-kit-api-token", &format!("{API_TOKEN}\n"))
+}
+
+/// The key file of the fleets under test (holding [`SIGNING_KEY`]).
+pub fn signing_key_file() -> PathBuf {
+    process_file("multivaed-kit-fleet-key", &format!("{SIGNING_KEY}\n"))
+}
+
+/// `request` with the tests' bearer token.
+pub fn authorized(request: ureq::Request) -> ureq::Request {
+    request.set("Authorization", &format!("Bearer {API_TOKEN}"))
+}
+
 /// A name unique to this process and moment.
 pub fn unique(prefix: &str) -> String {
     let t = std::time::SystemTime::now()
@@ -368,6 +400,13 @@ impl Daemon {
         // the harness's own switch, not the daemon's configuration (MULTIVAED_* is)
         cmd.env_remove("MULTIVAED_TEST_ECHO");
         cmd.env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
+        // the tests' token, unless the test chooses how the API is protected
+        if !env
+            .iter()
+            .any(|(k, _)| k == "MULTIVAED_HTTP__TOKEN_FILE" || k == "MULTIVAED_HTTP__AUTH")
+        {
+            cmd.env("MULTIVAED_HTTP__TOKEN_FILE", token_file());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -403,7 +442,10 @@ impl Daemon {
 
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
-        match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+        match authorized(ureq::get(&url))
+            .timeout(Duration::from_secs(10))
+            .call()
+        {
             Ok(r) => {
                 let s = r.status();
                 Some((s, r.into_string().unwrap_or_default()))
@@ -591,6 +633,10 @@ impl Setup {
             ("MULTIVAED_KAFKA__GROUP_ID", self.group.clone()),
             ("MULTIVAED_DATA_DIR", self.data_dir.display().to_string()),
             ("MULTIVAED_DEVICE", "cpu".into()),
+            (
+                "MULTIVAED_MODELS__SIGNING_KEY_FILE",
+                signing_key_file().display().to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -85,6 +85,7 @@ impl Fleet {
         kafka: KafkaConfig,
         instance_id: String,
         http: String,
+        key: Arc<crate::control::ControlKey>,
         ownership: Arc<crate::ownership::Ownership>,
         producers: Arc<Producers>,
         rescore_window: Duration,
@@ -94,6 +95,7 @@ impl Fleet {
             id: instance_id.clone(),
             http,
             producers: producers.clone(),
+            key,
         };
         let changelog = Changelog {
             topic: kafka.changelog(),

@@ -37,15 +37,17 @@ impl FileDigest {
 
     /// Whether `bytes` are this file: the size first (a truncated download), then the digest.
     pub fn verify(&self, bytes: &[u8]) -> Result<(), String> {
-        if bytes.len() as u64 != self.bytes {
+        self.matches(bytes.len() as u64, &sha256_hex(bytes))
+    }
+
+    /// Whether a file of `len` bytes and SHA-256 `got` (hex) is this one.
+    pub fn matches(&self, len: u64, got: &str) -> Result<(), String> {
+        if len != self.bytes {
             return Err(format!(
-                "{}: {} bytes, the announcement says {} (truncated?)",
-                self.name,
-                bytes.len(),
-                self.bytes
+                "{}: {len} bytes, the announcement says {} (truncated?)",
+                self.name, self.bytes
             ));
         }
-        let got = sha256_hex(bytes);
         if got != self.sha256 {
             return Err(format!(
                 "{}: sha256 {got}, the announcement says {}",

@@ -154,7 +154,9 @@ impl Elector {
         if claimed.is_some_and(|(a, _, _)| a == assignment) {
             return;
         }
-        let epoch = self.follower.with(|l| l.epoch().0) + 1;
+        let Some(epoch) = self.follower.with(|l| l.epoch().0).checked_add(1) else {
+            return;
+        };
         let record = Record::Claim {
             epoch,
             trainer: self.id.clone(),
@@ -166,6 +168,7 @@ impl Elector {
             &self.topic,
             &claim_key(epoch, &self.id),
             Some(&record),
+            self.follower.signer(),
         )
         .await
         {

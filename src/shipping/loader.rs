@@ -24,6 +24,10 @@ use crate::store::Store;
 /// What the loader uses.
 pub struct Loader {
     pub objects: Objects,
+    /// Where files are downloaded to and verified.
+    pub downloads: std::path::PathBuf,
+    /// `models.max_file_bytes`.
+    pub max_file_bytes: u64,
     pub follower: Arc<Follower>,
     pub store: Arc<Store>,
     pub live: Arc<LiveModelSlot>,
@@ -89,7 +93,14 @@ impl Loader {
     /// Downloads, verifies, loads and swaps in one announced version.
     async fn load(&self, a: &Announcement) -> Result<(), LoadError> {
         let started = Instant::now();
-        let live = load_for_serving(&self.objects, a, &self.store).await?;
+        let live = load_for_serving(
+            &self.objects,
+            a,
+            &self.store,
+            self.max_file_bytes,
+            &self.downloads,
+        )
+        .await?;
         self.live.publish(live);
         let seconds = started.elapsed().as_secs_f64();
         let m = &self.metrics;
@@ -106,24 +117,23 @@ impl Loader {
     }
 }
 
-/// An announced version ready to serve on this store: its weights and item table downloaded,
-/// each checked against the announcement's size and SHA-256, decoded, and its columns mapped
-/// onto the store's items (interned where the store has not met them).
+/// An announced version ready to serve on this store: its weights and item table downloaded
+/// into `downloads` (refused unread when announced larger than `max_file_bytes`), each checked
+/// against the announcement's size and SHA-256 on the way, decoded, and its columns mapped onto
+/// the store's items (interned where the store has not met them).
 pub async fn load_for_serving(
     objects: &Objects,
     a: &Announcement,
     store: &Arc<Store>,
+    max_file_bytes: u64,
+    downloads: &std::path::Path,
 ) -> Result<LiveModel, LoadError> {
-    let fetch =
-        |name: String| async move { objects.get(&a.path, &name).await.map_err(LoadError::Failed) };
-    let model = fetch(a.model.name.clone()).await?;
-    a.model
-        .verify(&model)
-        .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
-    let items = fetch(a.items.name.clone()).await?;
-    a.items
-        .verify(&items)
-        .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
+    let model = objects
+        .download(&a.path, &a.model, max_file_bytes, downloads)
+        .await?;
+    let items = objects
+        .download(&a.path, &a.items, max_file_bytes, downloads)
+        .await?;
     let (config, n_items, version) = (a.config.clone(), a.n_items, a.version);
     let store = store.clone();
     tokio::task::spawn_blocking(move || -> Result<LiveModel> {

@@ -81,6 +81,21 @@ pub fn model_key(a: &Announcement) -> String {
     }
 }
 
+/// Why a record's epoch or version is out of bounds, if it is.
+fn out_of_bounds(record: &Record) -> Option<String> {
+    let (what, n) = match record {
+        Record::Claim { epoch, .. } => ("epoch", *epoch),
+        Record::Model(a) if !crate::control::in_bounds(a.epoch) => ("epoch", a.epoch),
+        Record::Model(a) => ("version", a.version),
+    };
+    (!crate::control::in_bounds(n)).then(|| {
+        format!(
+            "{what} {n} is beyond {}",
+            crate::control::MAX_SEQUENCE
+        )
+    })
+}
+
 /// What reading one record did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Read {
@@ -95,6 +110,8 @@ pub enum Read {
     Ignored(String),
     Removed,
     Unreadable(String),
+    /// An epoch or version out of bounds ([`crate::control::MAX_SEQUENCE`]).
+    OutOfBounds(String),
 }
 
 /// One announcement record still in the log, and whether the rule accepted it.
@@ -129,6 +146,9 @@ impl ModelLog {
             Ok(r) => r,
             Err(e) => return Read::Unreadable(e.to_string()),
         };
+        if let Some(why) = out_of_bounds(&record) {
+            return Read::OutOfBounds(why);
+        }
         match record {
             Record::Claim { epoch, trainer, .. } => {
                 if epoch <= self.epoch {
@@ -157,6 +177,11 @@ impl ModelLog {
                 verdict.map_or(Read::Accepted, Read::Ignored)
             }
         }
+    }
+
+    /// Passes over a record not applied (its signature is not the fleet's).
+    pub fn skip(&mut self, offset: i64) {
+        self.next_offset = self.next_offset.max(offset + 1);
     }
 
     /// Why an announcement is not accepted, if it is not.
@@ -250,7 +275,7 @@ pub(crate) mod tests {
             n_items: 3,
             config: ModelConfig::default(),
             state: TrainingState {
-                update_count: version * 10,
+                update_count: version.wrapping_mul(10),
                 adam_step: 0,
                 epochs_done: 0,
                 seed: 1,
@@ -326,6 +351,31 @@ pub(crate) mod tests {
         assert_eq!(log.accepted(&model_key(&late)), Some(false));
         assert_eq!(log.accepted(&model_key(&a2)), None, "pruned");
         assert_eq!(log.accepted_version(3).unwrap().trainer, "t1");
+        assert_eq!(log.next_offset(), records.len() as i64);
+    }
+
+    #[test]
+    fn an_epoch_or_version_out_of_bounds_changes_nothing() {
+        let a1 = announcement(1, 1, "t0");
+        let mut huge_version = announcement(u64::MAX, 1, "t0");
+        huge_version.path = "v-huge".into();
+        let records = vec![
+            (claim_key(1, "t0"), Some(claim(1, "t0"))),
+            (model_key(&a1), Some(model(&a1))),
+            (claim_key(u64::MAX, "x"), Some(claim(u64::MAX, "x"))),
+            (model_key(&huge_version), Some(model(&huge_version))),
+            (
+                model_key(&announcement(2, u64::MAX, "x")),
+                Some(model(&announcement(2, u64::MAX, "x"))),
+            ),
+        ];
+        let (log, reads) = read(&records);
+        for r in &reads[2..] {
+            assert!(matches!(r, Read::OutOfBounds(_)), "{r:?}");
+        }
+        assert_eq!(log.epoch(), (1, Some("t0")));
+        assert_eq!(log.current().unwrap().version, 1);
+        assert_eq!(log.highest_version(), 1);
         assert_eq!(log.next_offset(), records.len() as i64);
     }
 

@@ -57,9 +57,18 @@ pub async fn list(config: &Config) -> Result<Vec<Listed>> {
 
 async fn read(config: &Config) -> Result<ModelLog> {
     let (kafka, topic) = (config.kafka.clone(), config.models.topic.clone());
-    tokio::task::spawn_blocking(move || topic::read_to_end(&kafka, &topic))
+    let key = control_key(config)?;
+    tokio::task::spawn_blocking(move || topic::read_to_end(&kafka, &topic, &key))
         .await
         .context("cannot read the models topic")?
+}
+
+/// The fleet's control-plane key (`models.signing_key_file`).
+pub fn control_key(config: &Config) -> Result<crate::control::ControlKey> {
+    if config.models.signing_key_file.as_os_str().is_empty() {
+        bail!("models.signing_key_file: the fleet's control-plane key is needed to read and write the models topic");
+    }
+    crate::control::ControlKey::read(&config.models.signing_key_file)
 }
 
 async fn check_files(objects: &Objects, a: &Announcement) -> Result<(), String> {
@@ -99,6 +108,7 @@ pub async fn rollback(config: &Config, version: u64) -> Result<Announcement> {
         &config.models.topic,
         &key,
         Some(&Record::Model(Box::new(a.clone()))),
+        &control_key(config)?,
     )
     .await?;
     let after = read(config).await?;

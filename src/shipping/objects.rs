@@ -11,7 +11,12 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreScheme, PutPayload};
 
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::loader::LoadError;
 use crate::config::ModelsConfig;
+use crate::model::bundle::FileDigest;
 
 /// The file holding a copy of a version's announcement (the last one uploaded).
 pub const ANNOUNCEMENT_FILE: &str = "announcement.json";
@@ -19,6 +24,18 @@ pub const ANNOUNCEMENT_FILE: &str = "announcement.json";
 /// A version's folder in the store.
 pub fn folder(version: u64, epoch: u64) -> String {
     format!("v{version:010}-e{epoch}")
+}
+
+/// The version and epoch a folder name is for, if it is exactly a name [`folder`] makes: the
+/// only names pruning ever touches, whatever else shares the store.
+pub fn parse_folder(name: &str) -> Option<(u64, u64)> {
+    let (v, e) = name.strip_prefix('v')?.split_once("-e")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(v) || !digits(e) {
+        return None;
+    }
+    let (version, epoch) = (v.parse().ok()?, e.parse().ok()?);
+    (folder(version, epoch) == name).then_some((version, epoch))
 }
 
 /// The object store and the root under which versions live.
@@ -139,6 +156,74 @@ impl Objects {
             .to_vec())
     }
 
+    /// Downloads an announced file into an unnamed file in `dir`, hashing it on the way, and
+    /// maps it: refused before any byte is read when the announcement says it is larger than
+    /// `max_bytes`, cut off as soon as more than announced arrives, refused when its size or
+    /// SHA-256 differs from the announcement's. Nothing of it is held whole on the heap.
+    pub async fn download(
+        &self,
+        folder: &str,
+        d: &FileDigest,
+        max_bytes: u64,
+        dir: &std::path::Path,
+    ) -> Result<memmap2::Mmap, LoadError> {
+        if d.bytes > max_bytes {
+            return Err(LoadError::Refused(anyhow::anyhow!(
+                "{}: announced as {} bytes, more than models.max_file_bytes ({max_bytes})",
+                d.name,
+                d.bytes
+            )));
+        }
+        let failed = |e: anyhow::Error| LoadError::Failed(e);
+        let uri = format!("{}{}", self.uri(folder), d.name);
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))
+            .map_err(failed)?;
+        let file = tempfile::tempfile_in(dir)
+            .with_context(|| format!("cannot create a download file in {}", dir.display()))
+            .map_err(failed)?;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut stream = self
+            .store
+            .get(&self.path(folder, &d.name))
+            .await
+            .with_context(|| format!("cannot read {uri}"))
+            .map_err(failed)?
+            .into_stream();
+        let mut hasher = Sha256::new();
+        let mut got: u64 = 0;
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .with_context(|| format!("cannot read {uri}"))
+            .map_err(failed)?
+        {
+            got = got.saturating_add(chunk.len() as u64);
+            if got > d.bytes {
+                return Err(LoadError::Refused(anyhow::anyhow!(
+                    "{}: longer than the {} bytes announced",
+                    d.name,
+                    d.bytes
+                )));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .with_context(|| format!("cannot write the download of {uri}"))
+                .map_err(failed)?;
+        }
+        file.flush().await.map_err(|e| failed(e.into()))?;
+        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        d.matches(got, &digest)
+            .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
+        let file = file.into_std().await;
+        // SAFETY: the file is this process's own unnamed file (gone from the file system), so
+        // nothing else can change it while it is mapped.
+        unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map the download of {uri}"))
+            .map_err(failed)
+    }
+
     /// A file's size, if it is there.
     pub async fn size(&self, folder: &str, name: &str) -> Result<Option<u64>> {
         match self.store.head(&self.path(folder, name)).await {
@@ -151,7 +236,8 @@ impl Objects {
         }
     }
 
-    /// Every version folder in the store, with when it was last written.
+    /// Every version folder in the store (named as [`folder`] names them, directly under the
+    /// root), with when it was last written.
     pub async fn folders(&self) -> Result<Vec<Folder>> {
         let prefix = (!self.root.as_ref().is_empty()).then_some(&self.root);
         let files: Vec<object_store::ObjectMeta> = self
@@ -165,7 +251,7 @@ impl Objects {
             let mut parts = f.location.prefix_match(&self.root).into_iter().flatten();
             let Some(first) = parts.next() else { continue };
             let name = first.as_ref().to_string();
-            if name.starts_with('v') && parts.next().is_some() {
+            if parse_folder(&name).is_some() && parts.next().is_some() {
                 let t = f.last_modified.timestamp_millis();
                 let e = out.entry(name).or_insert(t);
                 *e = (*e).max(t);
@@ -236,6 +322,13 @@ mod tests {
             .map(|f| f.name)
             .collect();
         assert_eq!(names, ["v0000000001-e1", "v0000000002-e1"]);
+        // only the names the trainer writes are version folders: nothing else is pruned
+        for other in ["v-notes", "vault", "v0000000003-e1x", "v1-e1", "v0000000004-e01"] {
+            o.put(other, "keep.txt", vec![1]).await.unwrap();
+        }
+        let names: Vec<String> = o.folders().await.unwrap().into_iter().map(|f| f.name).collect();
+        assert_eq!(names, ["v0000000001-e1", "v0000000002-e1"]);
+        assert_eq!(parse_folder("v0000000042-e3"), Some((42, 3)));
         o.delete_folder("v0000000001-e1").await.unwrap();
         assert!(o.get("v0000000001-e1", "a.bin").await.is_err());
         assert!(o.uri("x").starts_with("file://"));

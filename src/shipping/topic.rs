@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::log::{ModelLog, Read, Record};
 use crate::config::KafkaConfig;
+use crate::control::{ControlKey, Topic, SIGNATURE_HEADER};
 use crate::kafka::{client_config, client_error, EofReader};
 use crate::shutdown::Shutdown;
 
@@ -23,18 +24,27 @@ use crate::shutdown::Shutdown;
 pub struct Follower {
     log: RwLock<ModelLog>,
     read: watch::Sender<i64>,
-}
-
-impl Default for Follower {
-    fn default() -> Self {
-        Self {
-            log: RwLock::new(ModelLog::default()),
-            read: watch::channel(0).0,
-        }
-    }
+    key: Arc<ControlKey>,
+    /// `multivaed_control_records_refused_total`.
+    refused: prometheus::IntCounterVec,
 }
 
 impl Follower {
+    /// Reads records signed with `key`; counts the others in `refused` (labels: topic, reason).
+    pub fn new(key: Arc<ControlKey>, refused: prometheus::IntCounterVec) -> Self {
+        Self {
+            log: RwLock::new(ModelLog::default()),
+            read: watch::channel(0).0,
+            key,
+            refused,
+        }
+    }
+
+    /// The fleet's key, which signs what this process writes to the topic.
+    pub fn signer(&self) -> &ControlKey {
+        &self.key
+    }
+
     /// The log read so far (a snapshot).
     pub fn log(&self) -> ModelLog {
         self.log.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -50,26 +60,26 @@ impl Follower {
         self.read.subscribe()
     }
 
-    fn apply(&self, offset: i64, key: &str, value: Option<&[u8]>) {
-        let read = self
-            .log
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(offset, key, value);
+    fn apply(&self, offset: i64, key: &str, value: Option<&[u8]>, signature: Option<&[u8]>) {
+        let read = apply_signed(
+            &mut self.log.write().unwrap_or_else(|e| e.into_inner()),
+            &self.key,
+            (offset, key, value, signature),
+        );
         match &read {
-            Read::Ignored(why) => {
-                warn!(key, reason = %why, "a model announcement is ignored (fenced)")
+            None => {
+                self.refused.with_label_values(&["models", "signature"]).inc();
+                warn!(key, offset, "a models-topic record without the fleet's signature is ignored");
             }
-            Read::Unreadable(why) => {
-                warn!(key, offset, error = %why, "an unreadable models-topic record is skipped")
+            Some(Read::OutOfBounds(why)) => {
+                self.refused.with_label_values(&["models", "bound"]).inc();
+                warn!(key, offset, reason = %why, "a models-topic record is ignored");
             }
-            Read::Claimed { epoch, trainer } => {
-                info!(epoch, trainer = %trainer, "a trainer claimed the models topic")
-            }
-            _ => debug!(key, offset, ?read, "models topic"),
+            Some(read) => log_read(key, offset, read),
         }
         self.read.send_replace(offset + 1);
     }
+
 
     /// Waits until the record at `offset` has been read (at most `limit`).
     pub async fn wait_past(&self, offset: i64, limit: Duration) -> Result<()> {
@@ -87,6 +97,35 @@ impl Follower {
     }
 }
 
+/// Applies one record (offset, key, value, signature) if the fleet's key signed it; `None`
+/// when it did not (the record is passed over).
+fn apply_signed(
+    log: &mut ModelLog,
+    signer: &ControlKey,
+    (offset, key, value, signature): (i64, &str, Option<&[u8]>, Option<&[u8]>),
+) -> Option<Read> {
+    if !signer.verify(Topic::Models, key.as_bytes(), value, signature) {
+        log.skip(offset);
+        return None;
+    }
+    Some(log.apply(offset, key, value))
+}
+
+fn log_read(key: &str, offset: i64, read: &Read) {
+    match read {
+        Read::Ignored(why) => {
+            warn!(key, reason = %why, "a model announcement is ignored (fenced)")
+        }
+        Read::Unreadable(why) => {
+            warn!(key, offset, error = %why, "an unreadable models-topic record is skipped")
+        }
+        Read::Claimed { epoch, trainer } => {
+            info!(epoch, trainer = %trainer, "a trainer claimed the models topic")
+        }
+        _ => debug!(key, offset, ?read, "models topic"),
+    }
+}
+
 /// Follows the models topic from its beginning into `follower` until shutdown.
 pub async fn follow(
     kafka: KafkaConfig,
@@ -99,13 +138,16 @@ pub async fn follow(
         "models-reader",
         &topic,
         &shutdown,
-        |offset, key, value| follower.apply(offset, &String::from_utf8_lossy(key), value),
+        |offset, key, value, signature| {
+            follower.apply(offset, &String::from_utf8_lossy(key), value, signature)
+        },
     )
     .await
 }
 
-/// Reads the models topic from its beginning to its end (the `models` command).
-pub fn read_to_end(kafka: &KafkaConfig, topic: &str) -> Result<ModelLog> {
+/// Reads the models topic from its beginning to its end (the `models` command): records not
+/// signed with `signer` are passed over.
+pub fn read_to_end(kafka: &KafkaConfig, topic: &str, signer: &ControlKey) -> Result<ModelLog> {
     let consumer: BaseConsumer<EofReader> = client_config(
         &kafka.brokers,
         &[
@@ -130,7 +172,12 @@ pub fn read_to_end(kafka: &KafkaConfig, topic: &str) -> Result<ModelLog> {
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                log.apply(m.offset(), &key, m.payload());
+                let signature = crate::kafka::signature(&m);
+                if apply_signed(&mut log, signer, (m.offset(), &key, m.payload(), signature))
+                    .is_none()
+                {
+                    warn!(key, offset = m.offset(), "a models-topic record without the fleet's signature is passed over");
+                }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => return Ok(log),
             Some(Err(e)) => bail!("models topic {topic:?}: {e}"),
@@ -139,16 +186,25 @@ pub fn read_to_end(kafka: &KafkaConfig, topic: &str) -> Result<ModelLog> {
     }
 }
 
-/// Writes a record (or a tombstone) under `key` and waits for the broker to have it; returns
-/// its offset.
+/// Writes a record (or a tombstone) under `key`, signed with `signer`, and waits for the broker
+/// to have it; returns its offset.
 pub async fn write(
     producer: &FutureProducer,
     topic: &str,
     key: &str,
     record: Option<&Record>,
+    signer: &ControlKey,
 ) -> Result<i64> {
     let value = record.map(serde_json::to_vec).transpose()?;
-    let mut r: FutureRecord<'_, str, Vec<u8>> = FutureRecord::to(topic).partition(0).key(key);
+    let signature = signer.sign(Topic::Models, key.as_bytes(), value.as_deref());
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: SIGNATURE_HEADER,
+        value: Some(signature.as_str()),
+    });
+    let mut r: FutureRecord<'_, str, Vec<u8>> = FutureRecord::to(topic)
+        .partition(0)
+        .key(key)
+        .headers(headers);
     if let Some(v) = &value {
         r = r.payload(v);
     }

@@ -28,6 +28,10 @@ pub struct FleetTrainer {
     pub id: String,
     pub topic: String,
     pub objects: Objects,
+    /// Where fetched files are downloaded to and verified.
+    pub downloads: std::path::PathBuf,
+    /// `models.max_file_bytes`.
+    pub max_file_bytes: u64,
     pub follower: Arc<Follower>,
     pub election: Arc<Election>,
     pub producers: Arc<Producers>,
@@ -99,7 +103,14 @@ impl FleetTrainer {
         }
         crate::fault::crash_point("ship.before_announce");
         let key = model_key(&a);
-        let offset = write(&self.producers.get(), &self.topic, &key, Some(&record)).await?;
+        let offset = write(
+            &self.producers.get(),
+            &self.topic,
+            &key,
+            Some(&record),
+            self.follower.signer(),
+        )
+        .await?;
         self.follower
             .wait_past(offset, Duration::from_secs(30))
             .await?;
@@ -109,10 +120,13 @@ impl FleetTrainer {
     }
 
     /// Fetches and verifies one file of a version.
-    async fn file(&self, a: &Announcement, d: &FileDigest) -> Result<Vec<u8>> {
-        let bytes = self.objects.get(&a.path, &d.name).await?;
-        d.verify(&bytes).map_err(anyhow::Error::msg)?;
-        Ok(bytes)
+    async fn file(&self, a: &Announcement, d: &FileDigest) -> Result<memmap2::Mmap> {
+        self.objects
+            .download(&a.path, d, self.max_file_bytes, &self.downloads)
+            .await
+            .map_err(|e| match e {
+                super::LoadError::Refused(e) | super::LoadError::Failed(e) => e,
+            })
     }
 
     async fn prune_async(&self, keep: usize) -> Result<()> {
@@ -145,7 +159,7 @@ impl FleetTrainer {
         let producer = self.producers.get();
         for e in log.entries() {
             if !keep_folders.contains(&e.announcement.path) {
-                write(&producer, &self.topic, &e.key, None).await?;
+                write(&producer, &self.topic, &e.key, None, self.follower.signer()).await?;
             }
         }
         for f in self.objects.folders().await? {

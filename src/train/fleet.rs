@@ -88,7 +88,8 @@ impl Worker {
             self.checkpoints
                 .save(&trainer, a.version, figures, None, Some(&items))?;
         } else {
-            self.checkpoints.set_aside_from(a.version + 1)?;
+            self.checkpoints
+                .set_aside_from(a.version.saturating_add(1))?;
         }
         self.reload_latest(true)?;
         self.best_version = Some(a.version);

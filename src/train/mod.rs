@@ -580,7 +580,11 @@ impl Worker {
         };
         trainer.grow(data.n_items)?;
         let announced = self.ctx.fleet.as_ref().map_or(0, |f| f.highest_version());
-        let next_version = self.version.max(announced) + 1;
+        let next_version = self
+            .version
+            .max(announced)
+            .checked_add(1)
+            .context("model versions are exhausted (u64)")?;
         let span = info_span!("training_round", model_version = next_version);
         let _enter = span.enter();
         let stored = self.ctx.store.counts();

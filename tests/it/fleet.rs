@@ -278,7 +278,7 @@ fn a_moved_partition_is_restored_and_only_its_owner_publishes() {
     let no_follow = ureq::AgentBuilder::new().redirects(0).build();
     let ask = |d: &Daemon, path: &str| -> (u16, Option<String>) {
         let url = format!("http://127.0.0.1:{}{path}", d.port);
-        match no_follow.get(&url).call() {
+        match authorized(no_follow.get(&url)).call() {
             // ureq hands an unfollowed redirect back as a response
             Ok(r) => (r.status(), r.header("location").map(str::to_string)),
             Err(ureq::Error::Status(s, r)) => (s, r.header("location").map(str::to_string)),
@@ -666,7 +666,7 @@ fn ownership_holds_under_churn_a_kill_during_restore_and_a_restart() {
             .iter()
             .map(|(name, d)| {
                 let url = format!("http://127.0.0.1:{}{path}", d.port);
-                let status = match no_follow.get(&url).call() {
+                let status = match authorized(no_follow.get(&url)).call() {
                     Ok(r) => r.status(),
                     Err(ureq::Error::Status(s, _)) => s,
                     Err(e) => panic!("{url}: {e}"),
@@ -921,7 +921,7 @@ fn late_records(f: &Fleet) -> usize {
 fn owner_is(d: &Daemon, path: &str) -> bool {
     let url = format!("http://127.0.0.1:{}{path}", d.port);
     let agent = ureq::AgentBuilder::new().redirects(0).build();
-    matches!(agent.get(&url).call(), Ok(r) if r.status() == 200)
+    matches!(authorized(agent.get(&url)).call(), Ok(r) if r.status() == 200)
 }
 
 #[test]

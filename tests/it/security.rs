@@ -33,11 +33,22 @@ fn http_listens_on_loopback_by_default() {
     }
 }
 
-/// The raw status code of a hand-written HTTP/1.1 request.
+/// The raw status code of a hand-written HTTP/1.1 request, sent with the tests' bearer token
+/// (after its `Host: x` line).
 fn raw_status(port: u16, request: &[u8]) -> u16 {
+    let host = b"Host: x\r\n";
+    let request = match request.windows(host.len()).position(|w| w == host) {
+        Some(at) => [
+            &request[..at + host.len()],
+            format!("Authorization: Bearer {}\r\n", multivaed_kit::harness::API_TOKEN).as_bytes(),
+            &request[at + host.len()..],
+        ]
+        .concat(),
+        None => request.to_vec(),
+    };
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(request);
+    let _ = s.write_all(&request);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(2).any(|w| w == b"\r\n") {

@@ -99,7 +99,13 @@ pub fn run_ship_bench(opts: &ShipBenchOptions) -> Result<Vec<ShipBenchRow>> {
         let store = Arc::new(Store::open(&dir, 500)?);
         let started = Instant::now();
         let live = rt
-            .block_on(load_for_serving(&objects, &a, &store))
+            .block_on(load_for_serving(
+                &objects,
+                &a,
+                &store,
+                u64::MAX,
+                &opts.work_dir,
+            ))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let load_seconds = started.elapsed().as_secs_f64();
         drop(live);

@@ -1,6 +1,9 @@
 //! The outside surface over HTTP (axum): `/metrics`, `/healthz` (alive), `/readyz` (the rules
-//! of `health::Readiness::serving`) and `GET /v1/users/{user_id}/recommendations?k=&exclude=`
-//! (the pull path, ranked by the same code as the push path).
+//! of `health::Readiness::serving`), open to all; and behind a bearer token (`auth`)
+//! `GET /v1/users/{user_id}/recommendations?k=&exclude=` (the pull path, ranked by the same
+//! code as the push path) and `GET /v1/users/{user_id}/history`.
+
+mod auth;
 
 use std::sync::Arc;
 
@@ -21,6 +24,8 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::wire::{Recommendation, MAX_ID_BYTES};
 
+pub use auth::Auth;
+
 /// Largest `k` the API serves.
 pub const MAX_K: usize = 1000;
 
@@ -30,6 +35,8 @@ pub const MAX_EXCLUDE: usize = 1000;
 /// What the HTTP surface uses: the store and live model (pull scoring), the activity record
 /// (queue size), metrics, and health (readiness).
 pub struct Http {
+    /// Who may use `/v1/`.
+    pub auth: Arc<Auth>,
     pub default_k: usize,
     /// Permits for pull scorings running at once (`http.max_concurrent_pulls`).
     pub pulls: Arc<tokio::sync::Semaphore>,
@@ -65,12 +72,22 @@ impl Http {
 
 /// The routes.
 pub fn router(http: Arc<Http>) -> Router {
+    let gate = auth::Gate {
+        auth: http.auth.clone(),
+        metrics: http.metrics.clone(),
+    };
+    let api = Router::new()
+        .route("/v1/users/{user_id}/recommendations", get(recommendations))
+        .route("/v1/users/{user_id}/history", get(history))
+        .route_layer(axum::middleware::from_fn_with_state(
+            gate,
+            auth::require_token,
+        ));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/v1/users/{user_id}/recommendations", get(recommendations))
-        .route("/v1/users/{user_id}/history", get(history))
+        .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
         .with_state(http)
 }
