@@ -52,9 +52,8 @@ impl ControlKey {
     /// Reads the key file (`models.signing_key_file`): its bytes, trailing whitespace trimmed,
     /// at least [`MIN_KEY_BYTES`] of them.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| {
-            format!("models.signing_key_file: cannot read {}", path.display())
-        })?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("models.signing_key_file: cannot read {}", path.display()))?;
         let end = bytes
             .iter()
             .rposition(|b| !b.is_ascii_whitespace())
@@ -142,14 +141,27 @@ mod tests {
         let k = ControlKey::new(&[7u8; 32]);
         let other = ControlKey::new(&[8u8; 32]);
         let s = k.sign(Topic::Models, b"claim-1", Some(b"{}"));
-        let ok = |t, key: &[u8], v: Option<&[u8]>, sig: &str| k.verify(t, key, v, Some(sig.as_bytes()));
+        let ok =
+            |t, key: &[u8], v: Option<&[u8]>, sig: &str| k.verify(t, key, v, Some(sig.as_bytes()));
         assert!(ok(Topic::Models, b"claim-1", Some(b"{}"), &s));
         assert!(!other.verify(Topic::Models, b"claim-1", Some(b"{}"), Some(s.as_bytes())));
-        assert!(!ok(Topic::Members, b"claim-1", Some(b"{}"), &s), "another topic");
-        assert!(!ok(Topic::Models, b"claim-2", Some(b"{}"), &s), "another key");
-        assert!(!ok(Topic::Models, b"claim-1", Some(b"{ }"), &s), "another value");
+        assert!(
+            !ok(Topic::Members, b"claim-1", Some(b"{}"), &s),
+            "another topic"
+        );
+        assert!(
+            !ok(Topic::Models, b"claim-2", Some(b"{}"), &s),
+            "another key"
+        );
+        assert!(
+            !ok(Topic::Models, b"claim-1", Some(b"{ }"), &s),
+            "another value"
+        );
         assert!(!ok(Topic::Models, b"claim-1", None, &s), "a tombstone");
-        assert!(!k.verify(Topic::Models, b"claim-1", Some(b"{}"), None), "unsigned");
+        assert!(
+            !k.verify(Topic::Models, b"claim-1", Some(b"{}"), None),
+            "unsigned"
+        );
         assert!(!ok(Topic::Models, b"claim-1", Some(b"{}"), "zz"), "not hex");
         let t = k.sign(Topic::Models, b"model-1", None);
         assert!(ok(Topic::Models, b"model-1", None, &t));

@@ -377,7 +377,10 @@ impl Daemon {
     }
 
     fn ingest(&self, producers: &Arc<crate::kafka::Producers>) -> crate::ingest::Ingest {
-        let key = self.control.clone().filter(|_| self.config.role == Role::Serve);
+        let key = self
+            .control
+            .clone()
+            .filter(|_| self.config.role == Role::Serve);
         let fleet = key.map(|key| {
             Arc::new(crate::ingest::Fleet::new(
                 self.config.kafka.clone(),

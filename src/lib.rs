@@ -30,10 +30,10 @@
 
 mod activity;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod eval;
-mod control;
 mod fault;
 mod health;
 mod http;

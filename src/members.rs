@@ -192,7 +192,9 @@ pub fn default_pattern(own: &str) -> String {
     let scheme = url.scheme();
     match url.host() {
         Some(url::Host::Domain(d)) => {
-            let rest = d.split_once('.').map_or(String::new(), |(_, r)| format!(".{r}"));
+            let rest = d
+                .split_once('.')
+                .map_or(String::new(), |(_, r)| format!(".{r}"));
             let port = url.port().map_or(String::new(), |p| format!(":{p}"));
             format!("{scheme}://*{rest}{port}")
         }
@@ -281,7 +283,10 @@ mod tests {
         assert!(check
             .read(b"r1", Some(&good), Some(signed(&good).as_bytes()))
             .is_ok_and(|m| m.is_some()));
-        assert_eq!(check.read(b"r1", Some(&good), None).unwrap_err().0, "signature");
+        assert_eq!(
+            check.read(b"r1", Some(&good), None).unwrap_err().0,
+            "signature"
+        );
         let elsewhere = record("http://evil.example:80", 3);
         assert_eq!(
             check

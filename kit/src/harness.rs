@@ -55,6 +55,40 @@ pub fn signing_key_file() -> PathBuf {
     process_file("multivaed-kit-fleet-key", &format!("{SIGNING_KEY}\n"))
 }
 
+/// Writes a record to partition 0 of a control topic (models or members) of the test broker:
+/// signed with `key` (the fleet's: [`SIGNING_KEY`]) when one is given, unsigned otherwise —
+/// a stranger's record.
+pub fn write_control_record(
+    topic: &str,
+    kind: multivaed::control::Topic,
+    record_key: &str,
+    value: Option<&[u8]>,
+    key: Option<&str>,
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let p = producer();
+    let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+        .partition(0)
+        .key(record_key.as_bytes());
+    if let Some(v) = value {
+        rec = rec.payload(v);
+    }
+    if let Some(k) = key {
+        let signature = multivaed::control::ControlKey::new(k.as_bytes()).sign(
+            kind,
+            record_key.as_bytes(),
+            value,
+        );
+        rec = rec.headers(OwnedHeaders::new().insert(Header {
+            key: multivaed::control::SIGNATURE_HEADER,
+            value: Some(signature.as_str()),
+        }));
+    }
+    send(&p, rec);
+    p.flush(Duration::from_secs(30))
+        .expect("flush a control record");
+}
+
 /// `request` with the tests' bearer token.
 pub fn authorized(request: ureq::Request) -> ureq::Request {
     request.set("Authorization", &format!("Bearer {API_TOKEN}"))
@@ -440,19 +474,26 @@ impl Daemon {
         Ok(d)
     }
 
+    /// GETs `path` with the tests' token, following up to 3 redirects (to the replica owning a
+    /// user) and sending the token again to each, as a client of the API must.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        match authorized(ureq::get(&url))
+        let agent = ureq::AgentBuilder::new()
+            .redirects(0)
             .timeout(Duration::from_secs(10))
-            .call()
-        {
-            Ok(r) => {
-                let s = r.status();
-                Some((s, r.into_string().unwrap_or_default()))
+            .build();
+        let mut url = format!("http://127.0.0.1:{}{path}", self.port);
+        for _ in 0..4 {
+            let r = match authorized(agent.get(&url)).call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(_) => return None,
+            };
+            match (r.status(), r.header("location")) {
+                (301 | 302 | 303 | 307 | 308, Some(to)) => url = to.to_string(),
+                (s, _) => return Some((s, r.into_string().unwrap_or_default())),
             }
-            Err(ureq::Error::Status(s, r)) => Some((s, r.into_string().unwrap_or_default())),
-            Err(_) => None,
         }
+        None
     }
 
     /// The `/metrics` text.

@@ -124,7 +124,9 @@ impl TokenFile {
         // every token is compared, so the time taken says nothing of which one matched
         digests
             .iter()
-            .fold(subtle::Choice::from(0), |found, d| found | d.ct_eq(&presented))
+            .fold(subtle::Choice::from(0), |found, d| {
+                found | d.ct_eq(&presented)
+            })
             .into()
     }
 
@@ -213,8 +215,10 @@ pub async fn require_token(State(gate): State<Gate>, request: Request, next: Nex
         })),
     )
         .into_response();
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
     r
 }
 
@@ -232,11 +236,7 @@ mod tests {
         assert!(!file.admits(b"first-token-012345678"));
         assert!(!file.admits(b""));
         // rotated: both during the overlap, then only the new one
-        std::fs::write(
-            &path,
-            "second-token-0123456789xx\nfirst-token-0123456789\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "second-token-0123456789xx\nfirst-token-0123456789\n").unwrap();
         file.state.lock().unwrap().checked -= RECHECK;
         assert!(file.admits(b"second-token-0123456789xx"));
         std::fs::write(&path, "second-token-0123456789xx\n").unwrap();
@@ -246,7 +246,12 @@ mod tests {
         std::fs::write(&path, "short\n").unwrap();
         file.state.lock().unwrap().checked -= RECHECK;
         assert!(file.admits(b"second-token-0123456789xx"));
-        for bad in ["", "# only a comment\n", "short\n", "has space in the token\n"] {
+        for bad in [
+            "",
+            "# only a comment\n",
+            "short\n",
+            "has space in the token\n",
+        ] {
             std::fs::write(&path, bad).unwrap();
             assert!(TokenFile::open(path.clone()).is_err(), "{bad:?}");
         }

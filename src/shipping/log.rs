@@ -88,12 +88,8 @@ fn out_of_bounds(record: &Record) -> Option<String> {
         Record::Model(a) if !crate::control::in_bounds(a.epoch) => ("epoch", a.epoch),
         Record::Model(a) => ("version", a.version),
     };
-    (!crate::control::in_bounds(n)).then(|| {
-        format!(
-            "{what} {n} is beyond {}",
-            crate::control::MAX_SEQUENCE
-        )
-    })
+    (!crate::control::in_bounds(n))
+        .then(|| format!("{what} {n} is beyond {}", crate::control::MAX_SEQUENCE))
 }
 
 /// What reading one record did.

@@ -213,7 +213,11 @@ impl Objects {
                 .map_err(failed)?;
         }
         file.flush().await.map_err(|e| failed(e.into()))?;
-        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let digest: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         d.matches(got, &digest)
             .map_err(|e| LoadError::Refused(anyhow::anyhow!(e)))?;
         let file = file.into_std().await;
@@ -323,10 +327,22 @@ mod tests {
             .collect();
         assert_eq!(names, ["v0000000001-e1", "v0000000002-e1"]);
         // only the names the trainer writes are version folders: nothing else is pruned
-        for other in ["v-notes", "vault", "v0000000003-e1x", "v1-e1", "v0000000004-e01"] {
+        for other in [
+            "v-notes",
+            "vault",
+            "v0000000003-e1x",
+            "v1-e1",
+            "v0000000004-e01",
+        ] {
             o.put(other, "keep.txt", vec![1]).await.unwrap();
         }
-        let names: Vec<String> = o.folders().await.unwrap().into_iter().map(|f| f.name).collect();
+        let names: Vec<String> = o
+            .folders()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
         assert_eq!(names, ["v0000000001-e1", "v0000000002-e1"]);
         assert_eq!(parse_folder("v0000000042-e3"), Some((42, 3)));
         o.delete_folder("v0000000001-e1").await.unwrap();

@@ -68,8 +68,13 @@ impl Follower {
         );
         match &read {
             None => {
-                self.refused.with_label_values(&["models", "signature"]).inc();
-                warn!(key, offset, "a models-topic record without the fleet's signature is ignored");
+                self.refused
+                    .with_label_values(&["models", "signature"])
+                    .inc();
+                warn!(
+                    key,
+                    offset, "a models-topic record without the fleet's signature is ignored"
+                );
             }
             Some(Read::OutOfBounds(why)) => {
                 self.refused.with_label_values(&["models", "bound"]).inc();
@@ -79,7 +84,6 @@ impl Follower {
         }
         self.read.send_replace(offset + 1);
     }
-
 
     /// Waits until the record at `offset` has been read (at most `limit`).
     pub async fn wait_past(&self, offset: i64, limit: Duration) -> Result<()> {
@@ -176,7 +180,11 @@ pub fn read_to_end(kafka: &KafkaConfig, topic: &str, signer: &ControlKey) -> Res
                 if apply_signed(&mut log, signer, (m.offset(), &key, m.payload(), signature))
                     .is_none()
                 {
-                    warn!(key, offset = m.offset(), "a models-topic record without the fleet's signature is passed over");
+                    warn!(
+                        key,
+                        offset = m.offset(),
+                        "a models-topic record without the fleet's signature is passed over"
+                    );
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => return Ok(log),

@@ -503,7 +503,10 @@ fn a_burst_of_pulls_past_the_limit_gets_429_and_push_scoring_keeps_going() {
                 while Instant::now() < end {
                     let url =
                         format!("http://127.0.0.1:{port}/v1/users/u{t}/recommendations?k=1000");
-                    let status = match authorized(ureq::get(&url)).timeout(Duration::from_secs(10)).call() {
+                    let status = match authorized(ureq::get(&url))
+                        .timeout(Duration::from_secs(10))
+                        .call()
+                    {
                         Ok(r) => r.status(),
                         Err(ureq::Error::Status(s, r)) => {
                             if s == 429 {

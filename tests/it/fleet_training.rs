@@ -24,8 +24,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The models topic as every reader reads it.
+/// The models topic as every reader reads it (records the fleet's key did not sign passed
+/// over).
 fn models_log(f: &Fleet) -> ModelLog {
+    use multivaed::control::{ControlKey, Topic, SIGNATURE_HEADER};
+    let signer = ControlKey::new(SIGNING_KEY.as_bytes());
     let mut log = ModelLog::default();
     for (offset, m) in read_all(&f.models, 1, Duration::from_millis(700))
         .into_iter()
@@ -33,7 +36,12 @@ fn models_log(f: &Fleet) -> ModelLog {
     {
         let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
         let value = (!m.payload.is_empty()).then_some(m.payload.as_slice());
-        log.apply(offset as i64, &key, value);
+        let signature = m.headers.get(SIGNATURE_HEADER).map(String::as_bytes);
+        if signer.verify(Topic::Models, key.as_bytes(), value, signature) {
+            log.apply(offset as i64, &key, value);
+        } else {
+            log.skip(offset as i64);
+        }
     }
     log
 }
@@ -633,16 +641,15 @@ fn announce_at(f: &Fleet, a: &Announcement, epoch: u64, path: &str) {
     produce_keyed(&f.models, &model_key(&r), &value);
 }
 
+/// Writes a models-topic record as an operator holding the fleet's key.
 fn produce_keyed(topic: &str, key: &str, value: &[u8]) {
-    let p = producer();
-    send(
-        &p,
-        BaseRecord::to(topic)
-            .partition(0)
-            .key(key.as_bytes())
-            .payload(value),
+    write_control_record(
+        topic,
+        multivaed::control::Topic::Models,
+        key,
+        Some(value),
+        Some(SIGNING_KEY),
     );
-    p.flush(Duration::from_secs(30)).unwrap();
 }
 
 fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
@@ -992,4 +999,203 @@ fn idle_users_of_a_moved_partition_get_the_new_owners_recommendation_from_the_ne
         idle.len(),
         &stale[..stale.len().min(3)]
     );
+}
+
+/// Records any writer to the control topics can produce, without the fleet's key or out of
+/// bounds, steer nothing: a forged rollback and a forged trainer claim are ignored by both
+/// replicas and the trainer (which keeps training and shipping), a `u64::MAX` epoch wraps
+/// nothing, forged member records change no redirect, and an announcement of a 10 GB file is
+/// refused before any byte is read.
+#[test]
+fn forged_control_records_steer_nothing() {
+    use multivaed::control::Topic;
+    let _machine = the_machine_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 2);
+    let trainer = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
+    let r1 = Daemon::start(&f.replica_env(dir.path(), "r1"), free_port());
+    let r2 = Daemon::start(&f.replica_env(dir.path(), "r2"), free_port());
+    let mut clicks = Clicks::start(&f, 400, 120, 250.0);
+    r1.wait_for(Duration::from_secs(180), "a second version served", |d| {
+        version(d) >= 2
+    });
+    clicks.stop();
+    let settled = |what: &str| {
+        wait_until(Duration::from_secs(30), what, || {
+            let log = models_log(&f);
+            let current = log.current().map_or(0, |a| a.version);
+            version(&r1) == current && version(&r2) == current
+        })
+    };
+    settled("both replicas serve the current version");
+    let log = models_log(&f);
+    let (served, (epoch, _)) = (log.current().unwrap().as_ref().clone(), log.epoch());
+    let first = accepted(&log)[0].clone();
+    assert!(first.version < served.version);
+    let everyone = [&trainer, &r1, &r2];
+    let refused = |d: &Daemon, topic: &str, reason: &str| {
+        d.metric(
+            "multivaed_control_records_refused_total",
+            &format!("reason=\"{reason}\",topic=\"{topic}\""),
+        )
+    };
+
+    // a stranger's rollback to the first version and claim of the next epoch: unsigned
+    let mut rollback = first.clone();
+    rollback.epoch = epoch;
+    rollback.rollback = true;
+    rollback.trainer = "rollback".into();
+    rollback.announced_unix_ms = now_ms();
+    let value = serde_json::to_vec(&Record::Model(Box::new(rollback.clone()))).unwrap();
+    write_control_record(
+        &f.models,
+        Topic::Models,
+        &model_key(&rollback),
+        Some(&value),
+        None,
+    );
+    let claim = |e: u64| {
+        serde_json::to_vec(&Record::Claim {
+            epoch: e,
+            trainer: "forger".into(),
+            at_unix_ms: now_ms(),
+        })
+        .unwrap()
+    };
+    let next = claim(epoch + 1);
+    write_control_record(
+        &f.models,
+        Topic::Models,
+        &format!("claim-{:020}-forger", epoch + 1),
+        Some(&next),
+        None,
+    );
+    // a claim of u64::MAX, even signed with the fleet's key (a bug, a leaked key): out of bounds
+    let max = claim(u64::MAX);
+    write_control_record(
+        &f.models,
+        Topic::Models,
+        "claim-max-forger",
+        Some(&max),
+        Some(SIGNING_KEY),
+    );
+    for d in everyone {
+        d.wait_for(Duration::from_secs(30), "the forged records read", |d| {
+            refused(d, "models", "signature") >= 2.0 && refused(d, "models", "bound") >= 1.0
+        });
+    }
+    // (the trainer may ship one more version from the clicks still in flight: never the first)
+    for d in [&r1, &r2] {
+        assert!(
+            version(d) >= served.version,
+            "a replica followed the forged rollback"
+        );
+        let swaps_of_first = d
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("swapped in") && l.contains(&format!("path={} ", first.path)))
+            .count();
+        assert!(swaps_of_first <= 1, "a replica loaded the forged rollback");
+    }
+    assert!(active(&trainer), "the trainer stays active");
+    assert_eq!(trainer.metric("multivaed_trainer_epoch", "") as u64, epoch);
+
+    // the trainer keeps training and shipping under its epoch; the replicas serve what it ships
+    let mut clicks = Clicks::start(&f, 400, 120, 250.0);
+    r1.wait_for(Duration::from_secs(120), "a newer version served", |d| {
+        version(d) > served.version
+    });
+    clicks.stop();
+    settled("both replicas serve the newest version");
+    let log = models_log(&f);
+    let newest = log.current().unwrap().as_ref().clone();
+    assert_eq!((newest.trainer.as_str(), newest.epoch), ("t0", epoch));
+
+    // forged member records: unsigned; signed but elsewhere; signed, local, epoch u64::MAX
+    let owner_of = |d: &Daemon, user: &str| -> (u16, Option<String>) {
+        let agent = ureq::AgentBuilder::new().redirects(0).build();
+        let url = format!("http://127.0.0.1:{}/v1/users/{user}/history", d.port);
+        match authorized(agent.get(&url)).call() {
+            Ok(r) => (r.status(), r.header("location").map(str::to_string)),
+            Err(ureq::Error::Status(s, r)) => (s, r.header("location").map(str::to_string)),
+            Err(e) => panic!("{url}: {e}"),
+        }
+    };
+    let users: Vec<String> = (0..400).map(|u| format!("u{u}")).collect();
+    let redirected = |d: &Daemon| -> Vec<(String, Option<String>)> {
+        users
+            .iter()
+            .step_by(13)
+            .map(|u| (u.clone(), owner_of(d, u)))
+            .filter(|(_, (s, _))| *s == 307)
+            .map(|(u, (_, l))| (u, l))
+            .collect()
+    };
+    let before = (redirected(&r1), redirected(&r2));
+    assert!(!before.0.is_empty() && !before.1.is_empty(), "{before:?}");
+    let member = |http: &str, epoch: u64| {
+        serde_json::to_vec(&serde_json::json!({
+            "http": http,
+            "partitions": [[0, epoch], [1, epoch]],
+        }))
+        .unwrap()
+    };
+    let evil = member("http://evil.example:80", 1 << 40);
+    write_control_record(&f.members, Topic::Members, "r2", Some(&evil), None);
+    write_control_record(
+        &f.members,
+        Topic::Members,
+        "forger",
+        Some(&evil),
+        Some(SIGNING_KEY),
+    );
+    let local = member("http://127.0.0.1:1", u64::MAX);
+    write_control_record(
+        &f.members,
+        Topic::Members,
+        "forger2",
+        Some(&local),
+        Some(SIGNING_KEY),
+    );
+    for d in [&r1, &r2] {
+        d.wait_for(Duration::from_secs(30), "the forged members read", |d| {
+            refused(d, "members", "signature") >= 1.0
+                && refused(d, "members", "address") >= 1.0
+                && refused(d, "members", "bound") >= 1.0
+        });
+    }
+    assert_eq!(
+        (redirected(&r1), redirected(&r2)),
+        before,
+        "no redirect changed"
+    );
+
+    // an operator's (signed) announcement of a 10 GB file: refused before any byte is read (the
+    // file does not even exist), and the served version stays
+    let mut huge = newest.clone();
+    huge.path = "v9999999999-e1-huge".into();
+    huge.model.bytes = 10_000_000_000;
+    huge.rollback = true;
+    huge.trainer = "test".into();
+    huge.announced_unix_ms = now_ms();
+    let value = serde_json::to_vec(&Record::Model(Box::new(huge.clone()))).unwrap();
+    write_control_record(
+        &f.models,
+        Topic::Models,
+        &model_key(&huge),
+        Some(&value),
+        Some(SIGNING_KEY),
+    );
+    for d in [&r1, &r2] {
+        d.wait_for(Duration::from_secs(30), "the huge version refused", |d| {
+            d.metric("multivaed_model_loads_total", "result=\"refused\"") >= 1.0
+        });
+        assert!(d.log_contains("more than models.max_file_bytes"));
+        assert_eq!(version(d), newest.version);
+    }
+    for d in [r1, r2, trainer] {
+        d.terminate();
+    }
 }

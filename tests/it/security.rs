@@ -1,5 +1,6 @@
-//! Security basics: loopback by default, Kafka client secrets never logged or exported, no user
-//! or item id as a metric label, malformed and oversized HTTP requests answered with 4xx.
+//! Security: loopback by default, the `/v1/` API behind bearer tokens (rotated without a
+//! restart), Kafka client secrets never logged or exported, no user or item id as a metric
+//! label, malformed and oversized HTTP requests answered with 4xx, each role's ACLs.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -33,22 +34,133 @@ fn http_listens_on_loopback_by_default() {
     }
 }
 
-/// The raw status code of a hand-written HTTP/1.1 request, sent with the tests' bearer token
-/// (after its `Host: x` line).
-fn raw_status(port: u16, request: &[u8]) -> u16 {
-    let host = b"Host: x\r\n";
-    let request = match request.windows(host.len()).position(|w| w == host) {
-        Some(at) => [
-            &request[..at + host.len()],
-            format!("Authorization: Bearer {}\r\n", multivaed_kit::harness::API_TOKEN).as_bytes(),
-            &request[at + host.len()..],
-        ]
-        .concat(),
-        None => request.to_vec(),
+/// A GET of the daemon at `port` with `token` (none: no `Authorization` header): status, the
+/// `WWW-Authenticate` header, body.
+fn get_with(port: u16, path: &str, token: Option<&str>) -> (u16, Option<String>, String) {
+    let mut req =
+        ureq::get(&format!("http://127.0.0.1:{port}{path}")).timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let r = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{path}: {e}"),
     };
+    let status = r.status();
+    let challenge = r.header("www-authenticate").map(str::to_string);
+    (status, challenge, r.into_string().unwrap_or_default())
+}
+
+#[test]
+fn the_api_needs_a_bearer_token_and_a_rotated_token_works_without_a_restart() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    let tokens = dir.path().join("secret").join("tokens");
+    std::fs::create_dir_all(tokens.parent().unwrap()).unwrap();
+    let (first, second) = (
+        "first-token-aaaaaaaaaaaaaaaa",
+        "second-token-bbbbbbbbbbbbbbbb",
+    );
+    std::fs::write(&tokens, format!("{first}\n")).unwrap();
+    let mut env = setup.env();
+    env.push((
+        "MULTIVAED_HTTP__TOKEN_FILE".into(),
+        tokens.display().to_string(),
+    ));
+    let port = free_port();
+    let daemon = Daemon::start(&env, port);
+    let msgs: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|n| {
+            (
+                "alice".to_string(),
+                click_event("alice", &format!("secret-item-{n}")),
+            )
+        })
+        .collect();
+    produce(&setup.clicks, &msgs);
+    let history = "/v1/users/alice/history";
+    let recs = "/v1/users/alice/recommendations?k=5";
+    daemon.wait_for(Duration::from_secs(60), "alice's history stored", |_| {
+        get_with(port, history, Some(first)).0 == 200
+    });
+
+    // no token, a wrong one, a token without its scheme: 401 with a challenge and no history
+    for path in [history, recs] {
+        for token in [None, Some("not-the-token-cccccccccccccc"), Some("")] {
+            let (status, challenge, body) = get_with(port, path, token);
+            assert_eq!(status, 401, "{path} with {token:?}");
+            assert!(
+                challenge
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("Bearer")),
+                "{path}: {challenge:?}"
+            );
+            assert!(!body.contains("secret-item"), "{path}: {body}");
+        }
+        assert_eq!(get_with(port, path, Some(first)).0, 200, "{path}");
+    }
+    let raw = raw_status_plain(port, b"GET /v1/users/alice/history HTTP/1.1\r\nHost: x\r\nAuthorization: first-token-aaaaaaaaaaaaaaaa\r\n\r\n");
+    assert_eq!(raw, 401, "a token without the Bearer scheme");
+    // the operational routes stay open
+    assert_eq!(get_with(port, "/healthz", None).0, 200);
+    assert_eq!(get_with(port, "/metrics", None).0, 200);
+    assert_ne!(get_with(port, "/readyz", None).0, 401);
+    assert!(daemon.metric("multivaed_http_unauthorized_total", "") >= 7.0);
+
+    // rotation as a Kubernetes Secret does it (a new file renamed into place): both tokens
+    // during the overlap, then only the new one, with no restart
+    let swap = |text: String| {
+        let tmp = tokens.with_extension("new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &tokens).unwrap();
+    };
+    swap(format!("{second}\n{first}\n"));
+    daemon.wait_for(Duration::from_secs(10), "the second token accepted", |_| {
+        get_with(port, history, Some(second)).0 == 200
+    });
+    assert_eq!(get_with(port, history, Some(first)).0, 200, "overlap");
+    swap(format!("{second}\n"));
+    daemon.wait_for(Duration::from_secs(10), "the first token retired", |_| {
+        get_with(port, history, Some(first)).0 == 401
+    });
+    assert_eq!(get_with(port, recs, Some(second)).0, 200);
+    let (code, _) = daemon.terminate();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn without_a_token_file_one_is_generated_and_auth_none_is_explicit() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(dir.path(), 1);
+    // no token file named: a private one is generated in the data directory
+    let mut env = setup.env();
+    env.push(("MULTIVAED_HTTP__TOKEN_FILE".into(), String::new()));
+    let port = free_port();
+    let daemon = Daemon::start(&env, port);
+    let token = std::fs::read_to_string(setup.data_dir.join("api-token")).unwrap();
+    assert_eq!(get_with(port, "/v1/users/nobody/history", None).0, 401);
+    assert_eq!(
+        get_with(port, "/v1/users/nobody/history", Some(token.trim())).0,
+        404
+    );
+    daemon.terminate();
+    // off only when asked, with a warning
+    let mut env = setup.env();
+    env.push(("MULTIVAED_HTTP__AUTH".into(), "none".into()));
+    let daemon = Daemon::start(&env, port);
+    assert_eq!(get_with(port, "/v1/users/nobody/history", None).0, 404);
+    assert!(daemon.log_contains("http.auth = \"none\""));
+    daemon.terminate();
+}
+
+/// The raw status code of a hand-written HTTP/1.1 request, sent as it is.
+fn raw_status_plain(port: u16, request: &[u8]) -> u16 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(&request);
+    let _ = s.write_all(request);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(2).any(|w| w == b"\r\n") {
@@ -62,6 +174,26 @@ fn raw_status(port: u16, request: &[u8]) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {line:?}"))
+}
+
+/// The raw status code of a hand-written HTTP/1.1 request, sent with the tests' bearer token
+/// (after its `Host: x` line).
+fn raw_status(port: u16, request: &[u8]) -> u16 {
+    let host = b"Host: x\r\n";
+    let request = match request.windows(host.len()).position(|w| w == host) {
+        Some(at) => [
+            &request[..at + host.len()],
+            format!(
+                "Authorization: Bearer {}\r\n",
+                multivaed_kit::harness::API_TOKEN
+            )
+            .as_bytes(),
+            &request[at + host.len()..],
+        ]
+        .concat(),
+        None => request.to_vec(),
+    };
+    raw_status_plain(port, &request)
 }
 
 #[test]
