@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde::Deserialize;
 use serde_yaml::Value;
 
 fn root() -> PathBuf {
@@ -168,6 +169,13 @@ fn kubernetes_manifests_validate_against_the_openapi_schemas() {
         k8s.join("train/pdb.yaml"),
         k8s.join("fleet/models-pvc.yaml"),
         k8s.join("fleet/object-store-secret.yaml"),
+        k8s.join("fleet/object-store-read-secret.yaml"),
+        k8s.join("networkpolicy.yaml"),
+        k8s.join("serve/networkpolicy.yaml"),
+        k8s.join("train/networkpolicy.yaml"),
+        k8s.join("secrets/api-tokens.yaml"),
+        k8s.join("secrets/fleet-key.yaml"),
+        k8s.join("secrets/kafka.yaml"),
         gpu,
         train_gpu,
     ];
@@ -422,7 +430,15 @@ fn the_fleet_manifests_share_the_object_store_and_the_gpu_overlay_targets_the_tr
     );
     let mut train: Vec<String> = listed("train/kustomization.yaml");
     train.sort();
-    assert_eq!(train, ["pdb.yaml", "service.yaml", "statefulset.yaml"]);
+    assert_eq!(
+        train,
+        [
+            "networkpolicy.yaml",
+            "pdb.yaml",
+            "service.yaml",
+            "statefulset.yaml"
+        ]
+    );
     let gpu = yaml(&k8s.join("fleet/gpu/kustomization.yaml"));
     assert_eq!(str_at(&gpu, "resources.0"), "../");
     assert_eq!(
@@ -489,12 +505,168 @@ fn the_fleet_manifests_share_the_object_store_and_the_gpu_overlay_targets_the_tr
                 .any(|a| a.as_str() == Some(role)),
             "{file} runs --role {role}"
         );
+        // the trainers write versions; the serving replicas only read them
+        let store_secret = match role {
+            "train" => "fleet/object-store-secret.yaml",
+            _ => "fleet/object-store-read-secret.yaml",
+        };
         assert_eq!(
             str_at(c, "envFrom.0.secretRef.name"),
-            str_at(
-                &yaml(&k8s.join("fleet/object-store-secret.yaml")),
-                "metadata.name"
-            )
+            str_at(&yaml(&k8s.join(store_secret)), "metadata.name"),
+            "{file}"
+        );
+    }
+}
+
+/// The Secret of `name` in the manifest `file` (a multi-document file allowed).
+fn secret_named(file: &Path, name: &str) -> Value {
+    let text = std::fs::read_to_string(file).unwrap();
+    let found = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "Secret" && v["metadata"]["name"] == name);
+    found.unwrap_or_else(|| panic!("{}: no Secret {name}", file.display()))
+}
+
+/// Every role: its API tokens and (in the fleet) the control-plane key come from Secrets
+/// mounted where the environment points the configuration, its Kafka credentials from a Secret
+/// of its own, the configuration it ends with is valid, and a NetworkPolicy in its
+/// kustomization admits only the clients, the other replicas (serve) and Prometheus to its port.
+#[test]
+fn every_role_reads_its_credentials_from_secrets_and_a_network_policy_guards_its_port() {
+    let k8s = root().join("deploy/k8s");
+    let secrets = k8s.join("secrets");
+    let cm = yaml(&k8s.join("configmap.yaml"));
+    use multivaed::config::Role;
+    for (dir, kind) in [
+        ("", Role::All),
+        ("serve/", Role::Serve),
+        ("train/", Role::Train),
+    ] {
+        let (role, fleet) = (kind.name(), kind != Role::All);
+        let sts = yaml(&k8s.join(format!("{dir}statefulset.yaml")));
+        let pod = get(&sts, "spec.template.spec");
+        let c = get(pod, "containers.0");
+        let env: std::collections::HashMap<String, String> = get(c, "env")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_string(),
+                    e["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let mounted = |volume: &str, file: &str| -> String {
+            let mount = get(c, "volumeMounts")
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == volume)
+                .unwrap_or_else(|| panic!("{role}: {volume} not mounted"));
+            assert_eq!(mount["readOnly"].as_bool(), Some(true), "{role}: {volume}");
+            format!("{}/{file}", mount["mountPath"].as_str().unwrap())
+        };
+        let secret_of = |volume: &str| -> String {
+            get(pod, "volumes")
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == volume)
+                .and_then(|v| v["secret"]["secretName"].as_str())
+                .unwrap_or_else(|| panic!("{role}: volume {volume} is not a Secret"))
+                .to_string()
+        };
+        // the API's tokens
+        let tokens = secret_named(&secrets.join("api-tokens.yaml"), &secret_of("api-tokens"));
+        assert!(tokens["stringData"]["tokens"].is_string());
+        assert_eq!(
+            env.get("MULTIVAED_HTTP__TOKEN_FILE"),
+            Some(&mounted("api-tokens", "tokens")),
+            "{role}"
+        );
+        // the fleet's key
+        if fleet {
+            let key = secret_named(&secrets.join("fleet-key.yaml"), &secret_of("fleet-key"));
+            assert!(key["stringData"]["signing-key"].is_string());
+            assert_eq!(
+                env.get("MULTIVAED_MODELS__SIGNING_KEY_FILE"),
+                Some(&mounted("fleet-key", "signing-key")),
+                "{role}"
+            );
+        }
+        // Kafka credentials: a Secret of the role's own, its keys librdkafka properties
+        let kafka_ref = get(c, "envFrom")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["secretRef"]["name"].as_str())
+            .find(|n| n.starts_with("multivaed-kafka"))
+            .unwrap_or_else(|| panic!("{role}: no Kafka credentials Secret"))
+            .to_string();
+        let kafka = secret_named(&secrets.join("kafka.yaml"), &kafka_ref);
+        for key in [
+            "MULTIVAED_KAFKA__PROPERTIES__SASL_USERNAME",
+            "MULTIVAED_KAFKA__PROPERTIES__SASL_PASSWORD",
+        ] {
+            assert!(kafka["stringData"][key].is_string(), "{kafka_ref}: {key}");
+        }
+        // the ConfigMap with the pod's environment is a valid configuration of the role
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("multivaed.toml");
+        std::fs::write(&cfg, cm["data"]["multivaed.toml"].as_str().unwrap()).unwrap();
+        let mut config = multivaed::config::Config::load(Some(&cfg)).unwrap();
+        config.role = kind;
+        config.kafka.instance_id = "multivaed-serve-0".into();
+        config.http.token_file = env["MULTIVAED_HTTP__TOKEN_FILE"].clone().into();
+        if let Some(k) = env.get("MULTIVAED_MODELS__SIGNING_KEY_FILE") {
+            config.models.signing_key_file = k.into();
+        }
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("{role}: {e:#}"));
+        assert_eq!(config.http.auth, multivaed::config::HttpAuth::Token);
+
+        // the network policy: the role's pods, its http port, only the expected peers
+        let policy = yaml(&k8s.join(format!("{dir}networkpolicy.yaml")));
+        let kust = yaml(&k8s.join(format!("{dir}kustomization.yaml")));
+        assert!(
+            get(&kust, "resources")
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|r| r == "networkpolicy.yaml"),
+            "{role}: the kustomization applies the policy"
+        );
+        assert_eq!(
+            get(&policy, "spec.podSelector.matchLabels"),
+            get(&sts, "spec.selector.matchLabels"),
+            "{role}: the policy selects the role's pods"
+        );
+        assert_eq!(str_at(&policy, "spec.policyTypes.0"), "Ingress");
+        let rules = get(&policy, "spec.ingress").as_sequence().unwrap();
+        assert_eq!(rules.len(), 1, "{role}");
+        assert_eq!(str_at(&rules[0], "ports.0.port"), "http");
+        let peers: Vec<String> = get(&rules[0], "from")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| serde_yaml::to_string(p).unwrap())
+            .collect();
+        let client = peers.iter().any(|p| p.contains("multivaed.io/client"));
+        let prometheus = peers
+            .iter()
+            .any(|p| p.contains("prometheus") && p.contains("namespaceSelector"));
+        let replicas = peers
+            .iter()
+            .any(|p| p.contains("multivaed-serve") && !p.contains("namespaceSelector"));
+        assert!(prometheus, "{role}: Prometheus reaches /metrics");
+        assert_eq!(client, role != "train", "{role}: the API's clients");
+        assert_eq!(replicas, role == "serve", "{role}: the other replicas");
+        assert_eq!(
+            peers.len(),
+            1 + usize::from(client) + usize::from(replicas),
+            "{role}: {peers:?}"
         );
     }
 }
