@@ -362,4 +362,93 @@ mod tests {
         };
         assert!(format!("{:#}", Objects::open(&bad).err().unwrap()).contains("no_such_option"));
     }
+
+    #[tokio::test]
+    async fn pruning_sees_only_its_own_prefix_and_names() {
+        let shared: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let o = Objects {
+            store: shared.clone(),
+            root: Path::from("fleet-a"),
+            url: "memory:///fleet-a".into(),
+        };
+        for path in [
+            "fleet-a/v0000000001-e1/model.safetensors",
+            "fleet-a/v-notes/readme.txt",
+            "fleet-a-old/v0000000001-e1/model.safetensors",
+            "fleet-b/v0000000002-e1/model.safetensors",
+            "v0000000003-e1/model.safetensors",
+        ] {
+            shared
+                .put(&Path::from(path), PutPayload::from(vec![1u8]))
+                .await
+                .unwrap();
+        }
+        let names: Vec<String> = o
+            .folders()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(names, ["v0000000001-e1"]);
+        o.delete_folder("v0000000001-e1").await.unwrap();
+        let left: Vec<String> = shared
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        let mut left = left;
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "fleet-a-old/v0000000001-e1/model.safetensors",
+                "fleet-a/v-notes/readme.txt",
+                "fleet-b/v0000000002-e1/model.safetensors",
+                "v0000000003-e1/model.safetensors",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_announced_too_large_is_refused_unread_and_a_longer_one_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Objects::open(&ModelsConfig {
+            store: dir.path().join("m").display().to_string(),
+            ..ModelsConfig::default()
+        })
+        .unwrap();
+        let downloads = dir.path().join("downloads");
+        let bytes = vec![7u8; 1000];
+        o.put("v0000000001-e1", "w", bytes.clone()).await.unwrap();
+        let mut d = FileDigest::of("w", &bytes);
+        let got = o
+            .download("v0000000001-e1", &d, 1000, &downloads)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &bytes[..]);
+        // announced as 10 GB: refused before anything is read (the file is not even there)
+        let huge = FileDigest {
+            name: "absent".into(),
+            bytes: 10_000_000_000,
+            sha256: String::new(),
+        };
+        let Err(LoadError::Refused(e)) = o
+            .download("v0000000001-e1", &huge, 8 << 30, &downloads)
+            .await
+        else {
+            panic!("not refused")
+        };
+        assert!(format!("{e:#}").contains("max_file_bytes"), "{e:#}");
+        // more bytes than announced: cut off
+        d.bytes = 10;
+        let Err(LoadError::Refused(e)) = o.download("v0000000001-e1", &d, 1000, &downloads).await
+        else {
+            panic!("not refused")
+        };
+        assert!(format!("{e:#}").contains("longer than"), "{e:#}");
+        // nothing of the downloads is left on disk
+        assert_eq!(std::fs::read_dir(&downloads).unwrap().count(), 0);
+    }
 }
