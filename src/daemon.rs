@@ -163,7 +163,7 @@ impl Daemon {
                 self.start_serving(&mut stages, &producers)?;
                 self.start_fleet_serving(&mut stages)?;
             }
-            Role::Train => self.start_fleet_training(&mut stages, &producers, device)?,
+            Role::Train => self.start_fleet_training(&mut stages, device)?,
         }
         stage(
             &mut stages,
@@ -317,7 +317,6 @@ impl Daemon {
     fn start_fleet_training(
         &self,
         stages: &mut JoinSet<(&'static str, Result<()>)>,
-        producers: &Arc<crate::kafka::Producers>,
         device: Device,
     ) -> Result<()> {
         let reader = crate::ingest::ChangelogReader {
@@ -331,14 +330,19 @@ impl Daemon {
         stage(stages, "changelog", reader.run());
         let follower = self.follow_models(stages)?;
         let election = Arc::new(crate::shipping::Election::default());
+        let trainer_group = self.config.models.trainer_group(&self.config.kafka);
+        let publisher = Arc::new(crate::shipping::Publisher::new(
+            &self.config.kafka,
+            &trainer_group,
+        ));
         let elector = crate::shipping::Elector {
             kafka: self.config.kafka.clone(),
-            group: self.config.models.trainer_group(&self.config.kafka),
+            group: trainer_group,
             topic: self.config.models.topic.clone(),
             id: self.instance_id(),
             election: election.clone(),
             follower: follower.clone(),
-            producers: producers.clone(),
+            publisher: publisher.clone(),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
@@ -352,7 +356,7 @@ impl Daemon {
             max_file_bytes: self.config.models.max_file_bytes,
             follower,
             election,
-            producers: producers.clone(),
+            publisher,
             keep_announced_for: self.config.models.keep_announced_for,
             runtime: tokio::runtime::Handle::current(),
         };
@@ -382,14 +386,19 @@ impl Daemon {
             .clone()
             .filter(|_| self.config.role == Role::Serve);
         let fleet = key.map(|key| {
+            let announcer = crate::members::Announcer {
+                topic: self.config.kafka.members(),
+                id: self.instance_id(),
+                http: self.config.http.advertised(),
+                producers: producers.clone(),
+                key,
+            };
             Arc::new(crate::ingest::Fleet::new(
                 self.config.kafka.clone(),
-                self.instance_id(),
-                self.config.http.advertised(),
-                key,
+                announcer,
                 self.ownership.clone(),
-                producers.clone(),
                 self.config.serve.rescore_window,
+                self.metrics.changelog_transactions.clone(),
             ))
         });
         if self.config.kafka.positive_event_types.is_some() {

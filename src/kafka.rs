@@ -266,6 +266,8 @@ pub async fn follow_topic(
             ("enable.auto.commit", "false"),
             ("auto.offset.reset", "earliest"),
             ("fetch.wait.max.ms", "100"),
+            // records of an aborted transaction (a fenced writer's) are never read
+            ("isolation.level", "read_committed"),
         ],
         &k.properties,
     )

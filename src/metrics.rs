@@ -55,6 +55,7 @@ pub(crate) struct Metrics {
     pub publish_retries: IntCounter,
     pub pulls_refused: IntCounter,
     pub http_unauthorized: IntCounter,
+    pub changelog_transactions: IntCounterVec,
     pub control_records_refused: IntCounterVec,
     pub store_quarantined: IntCounter,
     pub store_index_capacity: Gauge,
@@ -345,6 +346,13 @@ impl Metrics {
                     "Pull requests answered 429 because http.max_concurrent_pulls were being scored",
                 )?,
             )?,
+            changelog_transactions: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("multivaed_changelog_transactions_total", "Role serve: changelog transactions of stored batches, by result (committed; fenced: the consumer group had moved on since the batch was consumed, so the broker refused it and it was aborted)"),
+                    &["result"],
+                )?,
+            )?,
             http_unauthorized: reg(
                 r,
                 IntCounter::new(
@@ -455,6 +463,9 @@ impl Metrics {
         }
         for result in ["ok", "refused", "failed"] {
             m.model_loads.with_label_values(&[result]);
+        }
+        for result in ["committed", "fenced"] {
+            m.changelog_transactions.with_label_values(&[result]);
         }
         for (topic, reason) in [
             ("models", "signature"),

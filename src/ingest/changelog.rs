@@ -4,7 +4,14 @@
 //! number) and then a marker with the next clicks offset the partition's records reflect and the
 //! owner's epoch. A new owner restores the partition from it (from its local position when it
 //! has one) and resumes the clicks at the last marker; records of an epoch older than one
-//! already seen (a late writer, frozen past its revocation) are skipped.
+//! already seen are skipped.
+//!
+//! Each batch's records, markers and clicks offsets go in one Kafka transaction (exactly-once
+//! v2, KIP-447): the offsets are sent with the consumer's group metadata as it was when the
+//! batch was consumed, so the broker refuses to commit the transaction of a replica the group
+//! has since moved on from (frozen past its session, cut off while the write retried), and
+//! aborts it: readers see committed records only, and the log cleaner removes aborted ones, so
+//! a late writer never wins, compacted or not.
 
 use std::time::Duration;
 
@@ -18,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, client_error, EofReader, Producers};
+use crate::kafka::{client_config, client_error, EofReader};
 use crate::store::{ChangelogPosition, HistoryIds, Store};
 
 /// The key of a partition's marker: user ids never hold control characters.
@@ -64,36 +71,160 @@ pub(super) struct Marker {
 pub(super) struct Changelog {
     pub topic: String,
     pub owner: String,
+    kafka: KafkaConfig,
+    /// The transactional producer, initialised on first use and replaced after a fatal error.
+    producer: std::sync::Mutex<Option<FutureProducer>>,
 }
 
+/// The clicks offsets a batch's records reflect and the consumer's group metadata when the
+/// batch was consumed: committed in the batch's transaction.
+pub(super) struct Consumed {
+    pub offsets: TopicPartitionList,
+    pub group: rdkafka::consumer::ConsumerGroupMetadata,
+}
+
+/// Why a write did not happen.
+#[derive(Debug)]
+pub(super) enum WriteError {
+    /// The group has moved on from the generation the batch was consumed in: the broker
+    /// refused its offsets and the transaction was aborted (nothing of it is visible).
+    Fenced(KafkaError),
+    /// Anything else, after retrying while allowed.
+    Failed(anyhow::Error),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Fenced(e) => write!(f, "fenced by the consumer group: {e}"),
+            WriteError::Failed(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+/// Whether an error says the group no longer knows the generation or member the offsets were
+/// sent for (retrying with the same metadata cannot pass).
+fn is_fenced(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::IllegalGeneration
+                | C::UnknownMemberId
+                | C::FencedInstanceId
+                | C::RebalanceInProgress
+                | C::ProducerFenced
+                | C::InvalidProducerEpoch
+        )
+    )
+}
+
+/// How long a transaction step may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Changelog {
-    /// Writes the users' records, then each partition's marker, and waits until the broker has
-    /// them all (retrying what failed, with backoff, while `keep_trying` says so). Returns the
-    /// changelog position after each marker.
+    /// The writer of `topic` for the replica `owner`: its transactional id is
+    /// `<group_id>.changelog.<owner>`, so a restarted replica fences its previous incarnation.
+    pub fn new(kafka: &KafkaConfig, owner: String) -> Self {
+        Self {
+            topic: kafka.changelog(),
+            owner,
+            kafka: kafka.clone(),
+            producer: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Writes the users' records, then each partition's marker, with `consumed`'s offsets, in
+    /// one transaction, retrying with backoff what failed for another reason than fencing while
+    /// `keep_trying` says so. Returns the changelog position after each marker.
     pub fn write(
         &self,
-        producers: &Producers,
         users: &[UserRecord],
         markers: &[Marker],
+        consumed: Option<&Consumed>,
         keep_trying: impl Fn() -> bool,
-    ) -> Result<Vec<(i32, ChangelogPosition)>> {
+    ) -> Result<Vec<(i32, ChangelogPosition)>, WriteError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.write_once(&producers.get(), users, markers) {
-                Ok(done) => return Ok(done),
-                Err(e) => {
-                    if let Some(k) = e.downcast_ref::<KafkaError>() {
-                        producers.recover(&producers.get(), k);
-                    }
-                    if !keep_trying() {
-                        return Err(e.context("shutdown while the changelog was being written"));
-                    }
-                    warn!(error = %format!("{e:#}"), "cannot write the changelog; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+            let e = match self.producer() {
+                Ok(p) => match self.transaction(&p, users, markers, consumed) {
+                    Ok(done) => return Ok(done),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if let Some(k) = e.downcast_ref::<KafkaError>() {
+                if is_fenced(k) {
+                    return Err(WriteError::Fenced(k.clone()));
                 }
             }
+            if !keep_trying() {
+                return Err(WriteError::Failed(
+                    e.context("shutdown while the changelog was being written"),
+                ));
+            }
+            warn!(error = %format!("{e:#}"), "cannot write the changelog; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// The transactional producer, created and initialised (fencing an earlier incarnation of
+    /// this replica) when there is none.
+    fn producer(&self) -> Result<FutureProducer> {
+        use rdkafka::producer::Producer;
+        let mut slot = self.producer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let id = format!("{}.changelog.{}", self.kafka.group_id, self.owner);
+        let p: FutureProducer = client_config(
+            &self.kafka.brokers,
+            &[
+                ("transactional.id", &id),
+                ("transaction.timeout.ms", "60000"),
+                ("message.timeout.ms", "30000"),
+                ("linger.ms", "1"),
+            ],
+            &self.kafka.properties,
+        )
+        .create()
+        .map_err(|e| client_error("cannot create the changelog's transactional producer", e))?;
+        p.init_transactions(TXN_TIMEOUT)
+            .context("cannot initialise the changelog's transactions")?;
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    /// One transaction: begin, the records, the offsets, commit; aborted on any error (a fatal
+    /// one drops the producer, so the next attempt starts a new one).
+    fn transaction(
+        &self,
+        producer: &FutureProducer,
+        users: &[UserRecord],
+        markers: &[Marker],
+        consumed: Option<&Consumed>,
+    ) -> Result<Vec<(i32, ChangelogPosition)>> {
+        use rdkafka::producer::Producer;
+        producer.begin_transaction()?;
+        let result = self.write_once(producer, users, markers).and_then(|done| {
+            if let Some(c) = consumed {
+                producer.send_offsets_to_transaction(&c.offsets, &c.group, TXN_TIMEOUT)?;
+            }
+            crate::fault::crash_point("changelog.before_commit");
+            producer.commit_transaction(TXN_TIMEOUT)?;
+            Ok(done)
+        });
+        if let Err(e) = &result {
+            let fatal = matches!(
+                e.downcast_ref::<KafkaError>(),
+                Some(KafkaError::Transaction(r)) if r.is_fatal()
+            );
+            if fatal || producer.abort_transaction(TXN_TIMEOUT).is_err() {
+                *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        result
     }
 
     fn write_once(
@@ -114,7 +245,7 @@ impl Changelog {
             };
             pending.push(self.send(producer, u.partition, &u.user, value.as_deref())?);
         }
-        // the markers go after their partition's users (one producer, idempotent: in order)
+        // the markers go after their partition's users (one producer: in order)
         let mut marks = Vec::with_capacity(markers.len());
         for m in markers {
             let value = serde_json::to_vec(&Record::Marker {
@@ -140,6 +271,7 @@ impl Changelog {
             done.push((
                 m.partition,
                 ChangelogPosition {
+                    // the transaction's commit marker follows the last record
                     next_offset: delivered.offset + 1,
                     epoch: m.epoch,
                     clicks_next: m.next_offset,
@@ -232,6 +364,8 @@ pub(super) fn restore(
         &[
             ("group.id", &format!("{}.restore", k.group_id)),
             ("enable.auto.commit", "false"),
+            // an aborted transaction's records (a fenced writer's) are never read
+            ("isolation.level", "read_committed"),
             ("enable.partition.eof", "true"),
             ("auto.offset.reset", "earliest"),
         ],

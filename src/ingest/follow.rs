@@ -69,6 +69,8 @@ impl ChangelogReader {
                 ("enable.partition.eof", "true"),
                 ("auto.offset.reset", "earliest"),
                 ("fetch.wait.max.ms", "100"),
+                // an aborted transaction's records (a fenced writer's) are never read
+                ("isolation.level", "read_committed"),
             ],
             &self.kafka.properties,
         )

@@ -26,7 +26,7 @@ mod dead_letter;
 mod follow;
 mod items;
 
-use changelog::{Changelog, Marker, UserRecord};
+use changelog::{Changelog, Consumed, Marker, UserRecord, WriteError};
 use dead_letter::{DeadLetter, DeadLetterWriter};
 pub use follow::ChangelogReader;
 pub use items::ItemsReader;
@@ -62,7 +62,6 @@ pub struct Ingest {
 pub struct Fleet {
     pub kafka: KafkaConfig,
     pub ownership: Arc<crate::ownership::Ownership>,
-    pub producers: Arc<Producers>,
     changelog: Changelog,
     /// Held while a batch is stored and its changelog written: a revocation waits for it, so
     /// nothing is written for a partition after its revocation completes.
@@ -73,6 +72,11 @@ pub struct Fleet {
     replay_until: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
     /// A restore that failed (in the rebalance callback): ingestion stops with it.
     failed: std::sync::Mutex<Option<String>>,
+    /// Users whose records a fenced transaction left out (the group moved on while their batch
+    /// was written): written with the next batch of a partition this replica still owns.
+    unwritten: std::sync::Mutex<Vec<String>>,
+    /// `multivaed_changelog_transactions_total` (label: result).
+    transactions: prometheus::IntCounterVec,
     /// Restored users active within it are re-scored after the next model swap
     /// (`serve.rescore_window`).
     rescore_window: Duration,
@@ -81,34 +85,24 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// A replica's part, announcing itself through `announcer` (whose id names the replica).
     pub fn new(
         kafka: KafkaConfig,
-        instance_id: String,
-        http: String,
-        key: Arc<crate::control::ControlKey>,
+        announcer: crate::members::Announcer,
         ownership: Arc<crate::ownership::Ownership>,
-        producers: Arc<Producers>,
         rescore_window: Duration,
+        transactions: prometheus::IntCounterVec,
     ) -> Self {
-        let announcer = crate::members::Announcer {
-            topic: kafka.members(),
-            id: instance_id.clone(),
-            http,
-            producers: producers.clone(),
-            key,
-        };
-        let changelog = Changelog {
-            topic: kafka.changelog(),
-            owner: instance_id,
-        };
+        let changelog = Changelog::new(&kafka, announcer.id.clone());
         Self {
             kafka,
             ownership,
-            producers,
             changelog,
             batch: std::sync::Mutex::new(()),
             replay_until: std::sync::Mutex::new(Default::default()),
             failed: std::sync::Mutex::new(None),
+            unwritten: std::sync::Mutex::new(Vec::new()),
+            transactions,
             announcer,
             rescore_window,
         }
@@ -386,16 +380,19 @@ impl IngestContext {
             }
         }
         let epoch = restored.position.epoch + 1;
-        let claimed = fleet.changelog.write(
-            &fleet.producers,
-            &[],
-            &[Marker {
-                partition,
-                next_offset: resume,
-                epoch,
-            }],
-            || true,
-        )?;
+        let claimed = fleet
+            .changelog
+            .write(
+                &[],
+                &[Marker {
+                    partition,
+                    next_offset: resume,
+                    epoch,
+                }],
+                None,
+                || true,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot claim partition {partition}: {e}"))?;
         let position = claimed
             .first()
             .map(|(_, p)| *p)
@@ -552,9 +549,12 @@ impl Ingest {
                 warn!("shutdown while dead letters were undelivered: the batch is not stored and will be consumed again");
                 break;
             }
+            // the group's generation this batch was consumed in: its changelog transaction
+            // commits only if the group has not moved on since
+            let group = self.fleet.as_ref().and_then(|_| consumer.group_metadata());
             // one batch in the store at a time, in consumption order
             self.finish_stored(&consumer, &mut storing).await?;
-            storing = Some(self.store_batch(parsed));
+            storing = Some(self.store_batch(parsed, group));
         }
         self.finish_stored(&consumer, &mut storing).await?;
         self.commit_what_is_stored(&consumer);
@@ -720,7 +720,11 @@ impl Ingest {
 
     /// Starts writing a parsed batch (clicks and offsets in one atomic store batch, then
     /// fsync; then, for a serving replica, the changelog) on a blocking thread.
-    fn store_batch(&self, parsed: Parsed) -> StoreTask {
+    fn store_batch(
+        &self,
+        parsed: Parsed,
+        group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> StoreTask {
         let store = self.store.clone();
         let fleet = self.fleet.clone();
         let shutdown = self.shutdown.clone();
@@ -735,7 +739,7 @@ impl Ingest {
             store.flush()?;
             crate::fault::crash_point("ingest.flushed");
             if let Some(f) = &fleet {
-                write_changelog(f, &store, &a, &replayed, &offsets, &shutdown)?;
+                write_changelog(f, &store, &a, &replayed, &offsets, group, &shutdown)?;
                 crate::fault::crash_point("ingest.changelog");
             }
             anyhow::Ok(a)
@@ -870,15 +874,20 @@ impl Ingest {
 }
 
 /// After a serving replica stored a batch: every changed user's history (and every user of a
-/// re-consumed event; a tombstone for each user forgotten) to the changelog, then each owned
-/// partition's marker. Partitions revoked
-/// meanwhile are left out (the revocation waited for this batch only if it came later).
+/// re-consumed event, or left out by a fenced transaction before; a tombstone for each user
+/// forgotten) to the changelog, then each owned partition's marker, with the batch's clicks
+/// offsets, in one transaction. Partitions revoked meanwhile are left out (the revocation
+/// waited for this batch only if it came later). A transaction the broker fences (the group
+/// moved on since the batch was consumed) is aborted: the store keeps the batch, its users are
+/// written with the next batch if their partitions are still owned, and otherwise the next
+/// owner re-consumes the clicks from the last committed marker.
 fn write_changelog(
     fleet: &Fleet,
     store: &Store,
     applied: &Applied,
     replayed: &[String],
     offsets: &[PartitionOffset],
+    group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
     shutdown: &Shutdown,
 ) -> Result<()> {
     let owned = |p: i32| fleet.ownership.epoch(p);
@@ -890,17 +899,18 @@ fn write_changelog(
     }
     ids.extend(replayed.iter().cloned());
     ids.extend(applied.forgotten.iter().map(|f| f.user.clone()));
+    ids.append(&mut fleet.unwritten.lock().unwrap_or_else(|e| e.into_inner()));
     ids.sort_unstable();
     ids.dedup();
     let mut users = Vec::with_capacity(ids.len());
-    for user in ids {
-        let partition = fleet.ownership.partition_of(&user);
+    for user in &ids {
+        let partition = fleet.ownership.partition_of(user);
         if owned(partition).is_some() {
             // a user the store no longer holds was forgotten: a tombstone
-            let history = store.history_record(&user)?;
+            let history = store.history_record(user)?;
             users.push(UserRecord {
                 partition,
-                user,
+                user: user.clone(),
                 history,
             });
         }
@@ -915,18 +925,35 @@ fn write_changelog(
             })
         })
         .collect();
+    let consumed = group.map(|group| {
+        let mut tpl = TopicPartitionList::new();
+        for o in offsets.iter().filter(|o| owned(o.partition).is_some()) {
+            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
+        }
+        Consumed {
+            offsets: tpl,
+            group,
+        }
+    });
     let written = fleet
         .changelog
-        .write(&fleet.producers, &users, &markers, || !shutdown.is_set());
+        .write(&users, &markers, consumed.as_ref(), || !shutdown.is_set());
     let positions = match written {
         Ok(p) => p,
-        Err(e) if shutdown.is_set() => {
-            // stored but not in the changelog: the next owner re-consumes from the last marker
-            warn!(error = %format!("{e:#}"), "shutdown before the changelog had the last batch");
+        Err(WriteError::Fenced(e)) => {
+            fleet.transactions.with_label_values(&["fenced"]).inc();
+            warn!(error = %e, users = ids.len(), "the changelog transaction was fenced (the consumer group moved on): aborted; its users are written again with the next batch of a partition still owned");
+            *fleet.unwritten.lock().unwrap_or_else(|e| e.into_inner()) = ids;
             return Ok(());
         }
-        Err(e) => return Err(e),
+        Err(e) if shutdown.is_set() => {
+            // stored but not in the changelog: the next owner re-consumes from the last marker
+            warn!(error = %e, "shutdown before the changelog had the last batch");
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::anyhow!("cannot write the changelog: {e}")),
     };
+    fleet.transactions.with_label_values(&["committed"]).inc();
     let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
     for (p, position) in positions {
         store.set_changelog_position(p, position)?;

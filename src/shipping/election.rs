@@ -16,10 +16,10 @@ use rdkafka::ClientContext;
 use tracing::{info, warn};
 
 use super::log::{claim_key, Record};
-use super::topic::{write, Follower};
+use super::topic::{Follower, Publisher};
 use crate::config::KafkaConfig;
 use crate::health::Health;
-use crate::kafka::{client_config, client_error, Producers};
+use crate::kafka::{client_config, client_error};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -93,7 +93,8 @@ pub struct Elector {
     pub id: String,
     pub election: Arc<Election>,
     pub follower: Arc<Follower>,
-    pub producers: Arc<Producers>,
+    /// Writes the claims; taken over at each election (fencing the previous trainer's).
+    pub publisher: Arc<Publisher>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
@@ -162,15 +163,28 @@ impl Elector {
             trainer: self.id.clone(),
             at_unix_ms: crate::wire::now_ms(),
         };
-        let producer = self.producers.get();
-        match write(
-            &producer,
-            &self.topic,
-            &claim_key(epoch, &self.id),
-            Some(&record),
-            self.follower.signer(),
-        )
-        .await
+        // the transactional id first: from here on the trainer elected before cannot write
+        let publisher = self.publisher.clone();
+        match tokio::task::spawn_blocking(move || publisher.take_over()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %format!("{e:#}"), "cannot take over the models topic's transactional id; retrying");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "the take-over task failed; retrying");
+                return;
+            }
+        }
+        match self
+            .publisher
+            .write(
+                &self.topic,
+                &claim_key(epoch, &self.id),
+                Some(&record),
+                self.follower.signer(),
+            )
+            .await
         {
             Ok(offset) => {
                 *self

@@ -19,7 +19,7 @@ pub(crate) use election::{Election, Elector};
 pub(crate) use loader::Loader;
 pub use loader::{load_for_serving, LoadError};
 pub use objects::Objects;
-pub(crate) use topic::{follow, Follower};
+pub(crate) use topic::{follow, Follower, Publisher};
 pub(crate) use trainer::FleetTrainer;
 
 use crate::config::Config;

@@ -159,6 +159,8 @@ pub fn read_to_end(kafka: &KafkaConfig, topic: &str, signer: &ControlKey) -> Res
             ("enable.auto.commit", "false"),
             ("enable.partition.eof", "true"),
             ("auto.offset.reset", "earliest"),
+            // a fenced trainer's aborted writes are never read
+            ("isolation.level", "read_committed"),
         ],
         &kafka.properties,
     )
@@ -191,6 +193,104 @@ pub fn read_to_end(kafka: &KafkaConfig, topic: &str, signer: &ControlKey) -> Res
             Some(Err(e)) => bail!("models topic {topic:?}: {e}"),
             None => {}
         }
+    }
+}
+
+/// The active trainer's writer of the models topic: a transactional producer under the fleet's
+/// one transactional id (`<trainer_group>.announcer`), initialised when this trainer is
+/// elected. Initialising it fences the producer of whichever trainer held the id before: a
+/// deposed trainer (frozen past its session, then thawed) can no longer write anything, and
+/// readers (at `read_committed`) never see a record of a transaction it could not commit.
+pub struct Publisher {
+    kafka: KafkaConfig,
+    id: String,
+    producer: std::sync::Mutex<Option<FutureProducer>>,
+}
+
+/// How long a transaction step may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Publisher {
+    pub fn new(kafka: &KafkaConfig, trainer_group: &str) -> Self {
+        Self {
+            kafka: kafka.clone(),
+            id: format!("{trainer_group}.announcer"),
+            producer: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Takes the transactional id over (blocking): a new producer, initialised, fencing the
+    /// previous holder's.
+    pub fn take_over(&self) -> Result<()> {
+        use rdkafka::producer::Producer;
+        let p: FutureProducer = client_config(
+            &self.kafka.brokers,
+            &[
+                ("transactional.id", &self.id),
+                ("transaction.timeout.ms", "60000"),
+                ("message.timeout.ms", "30000"),
+            ],
+            &self.kafka.properties,
+        )
+        .create()
+        .map_err(|e| client_error("cannot create the models topic's transactional producer", e))?;
+        p.init_transactions(TXN_TIMEOUT)
+            .context("cannot take over the models topic's transactional id")?;
+        *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        Ok(())
+    }
+
+    /// Whether this process holds the transactional id now.
+    pub fn holds(&self) -> bool {
+        self.producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Writes a record (or a tombstone) under `key`, signed with `signer`, in a transaction of
+    /// its own; returns its offset. Fails when this trainer never took the id over or was
+    /// fenced since (then it must take it over again, after being elected again).
+    pub async fn write(
+        &self,
+        topic: &str,
+        key: &str,
+        record: Option<&Record>,
+        signer: &ControlKey,
+    ) -> Result<i64> {
+        use rdkafka::producer::Producer;
+        let producer = self
+            .producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .context("this trainer does not hold the models topic's transactional id")?;
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.begin_transaction())
+            .await
+            .context("the transaction task failed")??;
+        let sent = write(&producer, topic, key, record, signer).await;
+        let p = producer.clone();
+        let outcome = tokio::task::spawn_blocking(move || match sent {
+            Ok(offset) => p
+                .commit_transaction(TXN_TIMEOUT)
+                .map(|()| offset)
+                .map_err(|e| {
+                    let _ = p.abort_transaction(TXN_TIMEOUT);
+                    anyhow::Error::new(e)
+                }),
+            Err(e) => {
+                let _ = p.abort_transaction(TXN_TIMEOUT);
+                Err(e)
+            }
+        })
+        .await
+        .context("the transaction task failed")?;
+        if outcome.is_err() {
+            // fenced or broken: nothing more is written until the id is taken over again
+            *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        outcome.with_context(|| format!("cannot write {key} to the models topic {topic:?}"))
     }
 }
 

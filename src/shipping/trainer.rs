@@ -17,8 +17,7 @@ use tracing::{info, warn};
 use super::election::Election;
 use super::log::{model_key, Announcement, Record};
 use super::objects::{folder, Objects, ANNOUNCEMENT_FILE};
-use super::topic::{write, Follower};
-use crate::kafka::Producers;
+use super::topic::{Follower, Publisher};
 use crate::model::bundle::{self, FileDigest, TrainingState};
 use crate::model::{ItemTable, Trainer};
 use crate::train::{Announced, Fleet, Shipment, Standing};
@@ -34,7 +33,8 @@ pub struct FleetTrainer {
     pub max_file_bytes: u64,
     pub follower: Arc<Follower>,
     pub election: Arc<Election>,
-    pub producers: Arc<Producers>,
+    /// The models topic's transactional writer (taken over when this trainer was elected).
+    pub publisher: Arc<Publisher>,
     pub keep_announced_for: Duration,
     pub runtime: Handle,
 }
@@ -103,20 +103,34 @@ impl FleetTrainer {
         }
         crate::fault::crash_point("ship.before_announce");
         let key = model_key(&a);
-        let offset = write(
-            &self.producers.get(),
-            &self.topic,
-            &key,
-            Some(&record),
-            self.follower.signer(),
-        )
-        .await?;
+        let offset = match self.announce(&key, &record).await {
+            Ok(offset) => offset,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), model_version = a.version, "the announcement was refused by the broker (fenced: another trainer holds the models topic's transactional id, or the transaction failed)");
+                return Ok(None);
+            }
+        };
         self.follower
             .wait_past(offset, Duration::from_secs(30))
             .await?;
         let accepted = self.follower.with(|l| l.accepted(&key)) == Some(true);
         info!(model_version = a.version, epoch, path = %path, offset, accepted, "model version announced");
         Ok(accepted.then(|| announced(&a)))
+    }
+
+    /// Writes an announcement through the transactional publisher, taking the transactional id
+    /// over again first if a failed transaction dropped it (this trainer is still the active
+    /// one: the caller checked its epoch).
+    async fn announce(&self, key: &str, record: &Record) -> Result<i64> {
+        if !self.publisher.holds() {
+            let publisher = self.publisher.clone();
+            tokio::task::spawn_blocking(move || publisher.take_over())
+                .await
+                .context("the take-over task failed")??;
+        }
+        self.publisher
+            .write(&self.topic, key, Some(record), self.follower.signer())
+            .await
     }
 
     /// Fetches and verifies one file of a version.
@@ -156,10 +170,11 @@ impl FleetTrainer {
                 keep_folders.insert(e.announcement.path.clone());
             }
         }
-        let producer = self.producers.get();
         for e in log.entries() {
             if !keep_folders.contains(&e.announcement.path) {
-                write(&producer, &self.topic, &e.key, None, self.follower.signer()).await?;
+                self.publisher
+                    .write(&self.topic, &e.key, None, self.follower.signer())
+                    .await?;
             }
         }
         for f in self.objects.folders().await? {

@@ -103,8 +103,13 @@ struct Record {
     payload: Vec<u8>,
 }
 
-/// Every message of `topic`, partition by partition in log order.
+/// Every committed message of `topic`, partition by partition in log order (as restores read).
 fn read_all_partitioned(topic: &str, partitions: i32) -> Vec<Record> {
+    read_partitioned(topic, partitions, "read_committed")
+}
+
+/// Every message of `topic` at `isolation` (`read_uncommitted` shows aborted transactions').
+fn read_partitioned(topic: &str, partitions: i32, isolation: &str) -> Vec<Record> {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
@@ -115,6 +120,7 @@ fn read_all_partitioned(topic: &str, partitions: i32) -> Vec<Record> {
             .set("bootstrap.servers", brokers())
             .set("group.id", unique("reader"))
             .set("enable.partition.eof", "true")
+            .set("isolation.level", isolation)
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
@@ -864,9 +870,21 @@ fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
 
     // read as a restore reads it, the changelog holds every click: nothing late overwrote newer
     let histories = complete_histories(&f, &sent);
-    let late = late_records(&f);
+    // a wrote its held batch late, in a transaction the broker fenced: no reader sees it
+    let late = late_records(&f, "read_uncommitted");
     eprintln!("late records (an epoch below one before them): {late}");
     assert!(late > 0, "the thawed replica wrote its held batch late");
+    assert_eq!(
+        late_records(&f, "read_committed"),
+        0,
+        "a late write was committed"
+    );
+    assert!(
+        a.metric(
+            "multivaed_changelog_transactions_total",
+            "result=\"fenced\""
+        ) >= 1.0
+    );
     std::thread::sleep(Duration::from_secs(2));
     // the latest recommendation by (epoch, offset) of every user is the current owner's
     let latest = latest_recommendations(&f);
@@ -901,11 +919,171 @@ fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
     b.terminate();
 }
 
-/// Changelog records written under an epoch lower than one earlier in their partition.
-fn late_records(f: &Fleet) -> usize {
+/// Waits until the log cleaner has compacted the changelog: no user key appears twice in it
+/// (the filler records that roll segments, and the partitions' markers, aside).
+fn wait_compacted(f: &Fleet) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        roll_segments(&brokers(), &f.changelog, f.partitions).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let mut seen: HashSet<(i32, Vec<u8>)> = HashSet::new();
+        let mut repeated = 0;
+        for m in read_partitioned(&f.changelog, f.partitions, "read_uncommitted") {
+            let key = m.key.unwrap_or_default();
+            if key.first() == Some(&1u8) {
+                continue;
+            }
+            if !seen.insert((m.partition, key)) {
+                repeated += 1;
+            }
+        }
+        if repeated == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changelog was not compacted in 120 s: {repeated} superseded records left"
+        );
+    }
+}
+
+/// A zombie after compaction: replica a freezes holding a stored batch past its session, b
+/// takes its partitions, writes newer histories of the same users and forgets some of them; a,
+/// thawed, finishes its write — in a transaction the broker fences (the group moved on since a
+/// consumed the batch), so it is aborted. After the log cleaner compacted the changelog (keeping
+/// one record per key: without the fencing, a's late records would be those), a fresh replica
+/// restoring everything from the beginning and a trainer rebuilding its store from the
+/// changelog hold every click of every user, and no forgotten user.
+#[test]
+fn a_zombies_late_write_never_wins_even_after_compaction() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::named(dir.path(), PARTITIONS);
+    try_create_topics_with(
+        &brokers(),
+        &[
+            (&f.setup.clicks, PARTITIONS, &[]),
+            (&f.changelog, PARTITIONS, FAST_COMPACTION),
+            (&f.members, 1, COMPACTED),
+            (&f.models, 1, COMPACTED),
+            (&f.setup.recs, 1, &[]),
+            (&f.setup.dlq, 1, &[]),
+        ],
+    )
+    .unwrap();
+    let a = replica_with(
+        &f,
+        dir.path(),
+        "a",
+        &[("MULTIVAED_STOP_AT", "ingest.flushed:30")],
+    );
+    let b = replica(&f, dir.path(), "b");
+    settled(&[&a, &b], PARTITIONS, "two replicas");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clicking = stream(
+        f.setup.clicks.clone(),
+        PARTITIONS,
+        USERS,
+        150.0,
+        stop.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned(&b) < PARTITIONS as f64 {
+        assert!(Instant::now() < deadline, "b never took a's partitions");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (mut sent, _) = clicking.join().unwrap();
+    // b forgets every tenth user (a tombstone on the user's partition)
+    let forgotten: Vec<String> = (0..USERS).step_by(10).map(|u| format!("u{u}")).collect();
+    let p = producer();
+    for user in &forgotten {
+        let partition = Partitioner::ConsistentRandom.partition(user.as_bytes(), PARTITIONS);
+        send(
+            &p,
+            BaseRecord::to(&f.setup.clicks)
+                .partition(partition)
+                .key(user.as_bytes()),
+        );
+        sent.remove(user);
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    b.wait_for(Duration::from_secs(30), "the forgets applied", |d| {
+        d.metric("multivaed_users_forgotten_total", "") >= forgotten.len() as f64
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // thawed, a finishes the write it held: fenced
+    signal(&a, "-CONT");
+    a.wait_for(Duration::from_secs(60), "a's late write fenced", |d| {
+        d.metric(
+            "multivaed_changelog_transactions_total",
+            "result=\"fenced\"",
+        ) >= 1.0
+    });
+    settled(&[&a, &b], PARTITIONS, "a rejoined");
+    assert!(late_records(&f, "read_uncommitted") > 0, "a wrote late");
+    a.terminate();
+    b.terminate();
+    wait_compacted(&f);
+
+    // a fresh replica restores every partition from the beginning
+    let c = replica(&f, dir.path(), "c");
+    settled(&[&c], PARTITIONS, "the fresh replica owns everything");
+    for u in 0..USERS {
+        let user = format!("u{u}");
+        let (status, body) = c.get(&format!("/v1/users/{user}/history")).unwrap();
+        match sent.get(&user) {
+            None => assert_eq!(status, 404, "{user} was forgotten: {body}"),
+            Some(items) => {
+                assert_eq!(status, 200, "{user}: {body}");
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let got: HashSet<String> = v["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i.as_str().unwrap().to_string())
+                    .collect();
+                assert_eq!(&got, items, "{user}'s history on the fresh replica");
+            }
+        }
+    }
+    c.terminate();
+
+    // a trainer rebuilds its store from the changelog: the same users, the same clicks
+    let t = Daemon::start(&f.trainer_env(dir.path(), "t"), free_port());
+    t.wait_for(Duration::from_secs(60), "the changelog read", |d| {
+        d.metric("multivaed_store_users", "") >= sent.len() as f64
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let env = f.trainer_env(dir.path(), "t");
+    t.terminate();
+    let file = dir.path().join("trainer.jsonl");
+    let (ok, _, err) = run_multivaed(&env, &["export", "--output", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let exported: HashMap<String, HashSet<String>> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let items = v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_str().unwrap().to_string())
+                .collect();
+            (v["user_id"].as_str().unwrap().to_string(), items)
+        })
+        .collect();
+    assert_eq!(exported, sent, "the trainer's store");
+}
+
+/// Changelog records written under an epoch lower than one earlier in their partition, read at
+/// `isolation`.
+fn late_records(f: &Fleet, isolation: &str) -> usize {
     let mut epoch: HashMap<i32, u64> = HashMap::new();
     let mut late = 0;
-    for m in read_all_partitioned(&f.changelog, f.partitions) {
+    for m in read_partitioned(&f.changelog, f.partitions, isolation) {
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
         let e = v["epoch"].as_u64().unwrap_or(0);
         let seen = epoch.entry(m.partition).or_insert(0);

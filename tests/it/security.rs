@@ -479,6 +479,23 @@ fn each_role_works_with_its_documented_acls_over_sasl_ssl_and_no_more() {
             "prefixed",
         ]);
     }
+    // transactions: a replica's changelog writer (`<group_id>.changelog.<instance>`), the
+    // trainer's models-topic writer (`<trainer_group>.announcer`)
+    for (user, id) in [
+        (&serve_user, format!("{group}.changelog.")),
+        (&train_user, format!("{group}.trainer.announcer")),
+    ] {
+        for operation in ["WRITE", "DESCRIBE"] {
+            broker_admin(&[
+                "acl",
+                &format!("User:{user}"),
+                operation,
+                "TRANSACTIONAL_ID",
+                &id,
+                "prefixed",
+            ]);
+        }
+    }
     let trainer = Daemon::start(
         &sasl_env(
             f.trainer_env(dir.path(), "t0"),
