@@ -122,6 +122,11 @@ pub struct KafkaConfig {
     /// Longest wait to fill a batch.
     #[serde(with = "humantime_serde")]
     pub batch_timeout: Duration,
+    /// Roles `serve` and `train`: the longest a replica or trainer is expected to be stopped. A
+    /// compacted topic's `delete.retention.ms` below it is warned about at start (a process away
+    /// longer may never read a forgotten user's tombstone); `topics create` sets it to this.
+    #[serde(with = "humantime_serde")]
+    pub expected_absence: Duration,
     /// Extra librdkafka properties for every client (SASL/SSL, timeouts, …).
     pub properties: BTreeMap<String, String>,
 }
@@ -201,6 +206,11 @@ pub struct ServeConfig {
     /// Users whose last recommendation is kept for the online hit rate, at most (the least
     /// recently recommended are forgotten): ~0.5 KB each.
     pub online_eval_users: usize,
+    /// Role `serve`: a partition revoked this long ago and not assigned back has its local copy
+    /// deleted (Kafka Streams' `state.cleanup.delay.ms`): a quick bounce keeps a warm copy,
+    /// nothing stale lives on.
+    #[serde(with = "humantime_serde")]
+    pub state_cleanup_delay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -407,6 +417,7 @@ impl Default for KafkaConfig {
             max_message_bytes: 64 * 1024,
             batch_size: 2000,
             batch_timeout: Duration::from_millis(5),
+            expected_absence: Duration::from_secs(7 * 24 * 3600),
             properties: BTreeMap::new(),
         }
     }
@@ -452,6 +463,7 @@ impl Default for ServeConfig {
             max_rescores_per_second: 500,
             max_dirty_users: 1_000_000,
             online_eval_users: 100_000,
+            state_cleanup_delay: Duration::from_secs(600),
         }
     }
 }

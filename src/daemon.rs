@@ -152,18 +152,18 @@ impl Daemon {
         let mut stages = JoinSet::new();
         stage(&mut stages, "http", self.http(auth).serve(listener));
         // HTTP answers while the topics are checked (up to 10 s with the brokers away)
-        self.check_topics().await?;
+        let horizon = self.check_topics().await?;
         match self.config.role {
             Role::All => {
                 let worker = crate::train::Worker::start(self.training(device, None))?;
-                self.start_serving(&mut stages, &producers)?;
+                self.start_serving(&mut stages, &producers, horizon)?;
                 stage(&mut stages, "train", worker.run_on_thread());
             }
             Role::Serve => {
-                self.start_serving(&mut stages, &producers)?;
+                self.start_serving(&mut stages, &producers, horizon)?;
                 self.start_fleet_serving(&mut stages)?;
             }
-            Role::Train => self.start_fleet_training(&mut stages, device)?,
+            Role::Train => self.start_fleet_training(&mut stages, device, horizon)?,
         }
         stage(
             &mut stages,
@@ -188,8 +188,9 @@ impl Daemon {
         outcome
     }
 
-    /// Checks that the role's topics exist (and, for a fleet role, are as it needs them).
-    async fn check_topics(&self) -> Result<()> {
+    /// Checks that the role's topics exist (and, for a fleet role, are as it needs them);
+    /// returns how long a local copy of a changelog partition may be away (a fleet role).
+    async fn check_topics(&self) -> Result<crate::ingest::Horizon> {
         let checker = crate::kafka::checker(&self.config.kafka)?;
         let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
             .into_iter()
@@ -208,9 +209,10 @@ impl Daemon {
         if self.config.role != Role::All {
             let n = partitions.with_context(|| format!("role {}: the cluster did not say how many partitions the clicks topic has; retry when it answers", self.config.role.name()))?;
             self.ownership.set_partitions(n);
-            check_fleet_topics(&self.config).await?;
+            let retention = check_fleet_topics(&self.config).await?;
+            return Ok(crate::ingest::Horizon::of(retention));
         }
-        Ok(())
+        Ok(crate::ingest::Horizon::default())
     }
 
     /// Ingest, scoring and publishing (roles `all` and `serve`).
@@ -218,8 +220,9 @@ impl Daemon {
         &self,
         stages: &mut JoinSet<(&'static str, Result<()>)>,
         producers: &Arc<crate::kafka::Producers>,
+        horizon: crate::ingest::Horizon,
     ) -> Result<()> {
-        let ingest = self.ingest(producers);
+        let ingest = self.ingest(producers, horizon);
         let consumer = ingest.consumer()?;
         stage(stages, "ingest", ingest.run(consumer, producers.clone()));
         let items = crate::ingest::ItemsReader {
@@ -318,9 +321,11 @@ impl Daemon {
         &self,
         stages: &mut JoinSet<(&'static str, Result<()>)>,
         device: Device,
+        horizon: crate::ingest::Horizon,
     ) -> Result<()> {
         let reader = crate::ingest::ChangelogReader {
             kafka: self.config.kafka.clone(),
+            horizon,
             store: self.store.clone(),
             activity: self.activity.clone(),
             metrics: self.metrics.clone(),
@@ -380,7 +385,11 @@ impl Daemon {
         );
     }
 
-    fn ingest(&self, producers: &Arc<crate::kafka::Producers>) -> crate::ingest::Ingest {
+    fn ingest(
+        &self,
+        producers: &Arc<crate::kafka::Producers>,
+        horizon: crate::ingest::Horizon,
+    ) -> crate::ingest::Ingest {
         let key = self
             .control
             .clone()
@@ -398,6 +407,8 @@ impl Daemon {
                 announcer,
                 self.ownership.clone(),
                 self.config.serve.rescore_window,
+                self.config.serve.state_cleanup_delay,
+                horizon,
                 self.metrics.changelog_transactions.clone(),
             ))
         });
@@ -508,7 +519,7 @@ impl Daemon {
 /// Roles `serve` and `train`: the changelog, members and models topics are compacted (a broker
 /// that does not describe topic configs is not refused), the changelog has the clicks topic's
 /// partitions and the others one.
-async fn check_fleet_topics(config: &Config) -> Result<()> {
+async fn check_fleet_topics(config: &Config) -> Result<Option<Duration>> {
     let found = crate::topics::check(config).await?;
     if let Some(f) = found.iter().find(|f| f.problem.is_some()) {
         bail!(
@@ -524,7 +535,21 @@ async fn check_fleet_topics(config: &Config) -> Result<()> {
     {
         warn!(topic = %f.topic.name, "the broker did not say the topic's cleanup.policy: it must be compact");
     }
-    Ok(())
+    let absence = config.kafka.expected_absence;
+    for f in found.iter().filter(|f| f.topic.compact) {
+        if let Some(retention) = f.delete_retention.filter(|r| *r < absence) {
+            warn!(
+                topic = %f.topic.name,
+                delete_retention = %humantime::format_duration(retention),
+                expected_absence = %humantime::format_duration(absence),
+                "the topic keeps a tombstone for less than kafka.expected_absence: a replica or trainer stopped longer restores such a partition from the beginning (raise delete.retention.ms)"
+            );
+        }
+    }
+    Ok(found
+        .iter()
+        .find(|f| f.topic.key == "kafka.changelog_topic")
+        .and_then(|f| f.delete_retention))
 }
 
 /// Starts a stage as a task that reports its name with its end (a panic becomes an error).

@@ -74,6 +74,8 @@ pub struct Found {
     pub partitions: Option<i32>,
     /// `cleanup.policy`, when the broker says.
     pub policy: Option<String>,
+    /// `delete.retention.ms` (how long a tombstone stays readable), when the broker says.
+    pub delete_retention: Option<Duration>,
     /// What is wrong with it, if anything.
     pub problem: Option<String>,
 }
@@ -103,9 +105,9 @@ pub async fn check(config: &Config) -> Result<Vec<Found>> {
     let mut found = Vec::new();
     for topic in topics(config) {
         let partitions = count(&topic.name);
-        let policy = match (partitions, topic.compact) {
-            (Some(_), true) => cleanup_policy(&admin, &topic.name).await,
-            _ => None,
+        let (policy, delete_retention) = match (partitions, topic.compact) {
+            (Some(_), true) => compaction_configs(&admin, &topic.name).await,
+            _ => (None, None),
         };
         let wanted = match topic.partitions {
             Some(0) => clicks,
@@ -119,6 +121,7 @@ pub async fn check(config: &Config) -> Result<Vec<Found>> {
             topic,
             partitions,
             policy,
+            delete_retention,
             problem,
         });
     }
@@ -126,7 +129,9 @@ pub async fn check(config: &Config) -> Result<Vec<Found>> {
 }
 
 /// What is wrong with a topic of `partitions` (`None`: missing) that needs `wanted` partitions
-/// (`None`: any) and, when `compact`, a compacting cleanup policy (`None`: not described).
+/// (`None`: any) and, when `compact`, a compacting cleanup policy that deletes nothing by age
+/// (`None`: not described): `compact,delete` would drop inactive users' histories and the
+/// current model's announcement once they are older than the retention.
 fn problem(
     partitions: Option<i32>,
     wanted: Option<i32>,
@@ -140,17 +145,32 @@ fn problem(
             Some(p) if compact && !p.split(',').any(|x| x.trim() == "compact") => {
                 Some(format!("cleanup.policy={p}, needs compact"))
             }
+            Some(p) if compact && p.split(',').any(|x| x.trim() == "delete") => Some(format!(
+                "cleanup.policy={p}: retention would delete old records of users still present; needs compact alone"
+            )),
             _ => None,
         },
     }
 }
 
-async fn cleanup_policy(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Option<String> {
+/// A compacted topic's `cleanup.policy` and `delete.retention.ms`, when the broker says.
+async fn compaction_configs(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> (Option<String>, Option<Duration>) {
     let spec = ResourceSpecifier::Topic(topic);
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let results = admin.describe_configs([&spec], &opts).await.ok()?;
-    let resource = results.into_iter().next()?.ok()?;
-    resource.get("cleanup.policy")?.value.clone()
+    let Ok(results) = admin.describe_configs([&spec], &opts).await else {
+        return (None, None);
+    };
+    let Some(Ok(resource)) = results.into_iter().next() else {
+        return (None, None);
+    };
+    let value = |key: &str| resource.get(key).and_then(|e| e.value.clone());
+    let retention = value("delete.retention.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    (value("cleanup.policy"), retention)
 }
 
 /// Creates the topics that are missing: the clicks topic with `partitions`, the changelog with
@@ -174,12 +194,15 @@ pub async fn create(config: &Config, partitions: i32, replication: i32) -> Resul
             (&f.topic, n)
         })
         .collect();
+    let retention_ms = config.kafka.expected_absence.as_millis().to_string();
     let new: Vec<NewTopic> = missing
         .iter()
         .map(|(t, n)| {
             let nt = NewTopic::new(&t.name, *n, TopicReplication::Fixed(replication));
             if t.compact {
+                // a tombstone stays readable as long as a replica may be away
                 nt.set("cleanup.policy", "compact")
+                    .set("delete.retention.ms", &retention_ms)
             } else {
                 nt
             }
@@ -221,10 +244,9 @@ mod tests {
             problem(Some(3), Some(3), Some("delete"), true).as_deref(),
             Some("cleanup.policy=delete, needs compact")
         );
-        assert_eq!(
-            problem(Some(3), Some(3), Some("compact,delete"), true),
-            None
-        );
+        assert!(problem(Some(3), Some(3), Some("compact,delete"), true)
+            .is_some_and(|p| p.contains("compact alone")));
+        assert_eq!(problem(Some(3), Some(3), Some("compact"), true), None);
         // a broker that does not describe the policy: not refused (the daemon warns)
         assert_eq!(problem(Some(3), Some(3), None, true), None);
         assert_eq!(problem(Some(5), None, Some("delete"), false), None);

@@ -334,6 +334,56 @@ pub(crate) fn read_record(
     }
 }
 
+/// How long a local copy may have been out of sync with the changelog and still resume from its
+/// position: the changelog's `delete.retention.ms` (how long a tombstone stays readable once the
+/// cleaner has reached it) less a margin (a tenth, at most an hour) for clocks and the cleaner's
+/// timing. A copy away longer may have missed a forgotten user's tombstone: it is dropped and the
+/// partition read from the beginning. Unknown (the broker did not say): no limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Horizon(Option<Duration>);
+
+impl Horizon {
+    /// The horizon of a changelog whose `delete.retention.ms` is `retention`.
+    pub fn of(retention: Option<Duration>) -> Self {
+        Self(retention.map(|r| r.saturating_sub((r / 10).min(Duration::from_secs(3600)))))
+    }
+
+    /// Whether a copy last in sync at `synced_at` (Unix ms; `None`: never recorded) is past it.
+    pub fn passed(&self, synced_at: Option<u64>, now_ms: u64) -> bool {
+        let Some(h) = self.0 else { return false };
+        synced_at.is_none_or(|t| now_ms.saturating_sub(t) > h.as_millis() as u64)
+    }
+}
+
+/// A partition's local copy, and where a restore or a read of the changelog starts from: its
+/// position, unless it cannot resume — the log no longer reaches back to it (`low`, the first
+/// offset), or it is past the `horizon` — and then it is dropped (`belongs` says which users are
+/// the partition's) and the partition is read from the beginning. Returns the position to start
+/// at (`None`: the beginning).
+pub(crate) fn resumable_copy(
+    store: &Store,
+    partition: i32,
+    low: i64,
+    horizon: Horizon,
+    clicks_topic: &str,
+    belongs: &dyn Fn(&str) -> bool,
+) -> Result<Option<ChangelogPosition>> {
+    let local = store.changelog_position(partition)?;
+    let now = crate::wire::now_ms();
+    let stale = local.is_some() && horizon.passed(store.synced_at(partition)?, now);
+    let resumable = local.filter(|p| p.next_offset >= low && !stale);
+    if resumable.is_none() && store.has_copy_of(partition, clicks_topic)? {
+        let users = store.drop_partition(partition, clicks_topic, belongs)?;
+        tracing::info!(
+            partition,
+            users,
+            past_horizon = stale,
+            "the local copy cannot resume (away longer than the changelog keeps tombstones, or the log no longer reaches its position): dropped; reading the partition from the beginning"
+        );
+    }
+    Ok(resumable)
+}
+
 /// What a restore found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Restored {
@@ -353,9 +403,10 @@ const RESTORE_CHUNK: usize = 2000;
 /// every user record to the store; `progress` is told of each chunk of records applied.
 pub(super) fn restore(
     k: &KafkaConfig,
-    topic: &str,
     partition: i32,
     store: &Store,
+    horizon: Horizon,
+    belongs: &dyn Fn(&str) -> bool,
     active_since: i64,
     progress: &dyn Fn(u64),
 ) -> Result<Restored> {
@@ -373,13 +424,14 @@ pub(super) fn restore(
     )
     .create_with_context(EofReader)
     .map_err(|e| client_error("cannot create the changelog reader", e))?;
-    let local = store.changelog_position(partition)?;
+    let topic = &k.changelog();
     let (low, _high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read the bounds of changelog partition {partition}"))?;
+    let local = resumable_copy(store, partition, low, horizon, &k.clicks_topic, belongs)?;
     let (start, mut position, from_beginning) = match local {
-        Some(p) if p.next_offset >= low => (Offset::Offset(p.next_offset), p, false),
-        _ => (
+        Some(p) => (Offset::Offset(p.next_offset), p, false),
+        None => (
             Offset::Beginning,
             ChangelogPosition {
                 next_offset: 0,
@@ -431,6 +483,7 @@ pub(super) fn restore(
         }
     }
     store.restore_histories(&chunk, partition, position, None)?;
+    store.set_synced(partition, crate::wire::now_ms())?;
     progress(records);
     crate::fault::crash_point("restore.applied");
     Ok(Restored {

@@ -17,7 +17,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::changelog::read_record;
+use super::changelog::{read_record, resumable_copy};
 use crate::activity::Activity;
 use crate::config::KafkaConfig;
 use crate::health::Health;
@@ -34,6 +34,8 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// What the trainer's changelog reader uses.
 pub struct ChangelogReader {
     pub kafka: KafkaConfig,
+    /// Past it, a partition's local copy is dropped and read from the beginning.
+    pub horizon: super::Horizon,
     pub store: Arc<Store>,
     pub activity: Arc<Activity>,
     pub metrics: Arc<Metrics>,
@@ -102,6 +104,7 @@ impl ChangelogReader {
                     if let Some(p) = parts.get_mut(&partition) {
                         p.at_end = true;
                         self.apply(partition, p)?;
+                        self.store.set_synced(partition, crate::wire::now_ms())?;
                     }
                 }
                 Some(Err(e)) => warn!(error = %e, "changelog read error; retrying"),
@@ -156,7 +159,21 @@ impl ChangelogReader {
         let mut tpl = TopicPartitionList::new();
         let mut parts = HashMap::new();
         for partition in 0..n {
-            let local = self.store.changelog_position(partition)?;
+            let (low, _) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .with_context(|| {
+                    format!("cannot read the bounds of changelog partition {partition}")
+                })?;
+            let belongs =
+                |user: &str| self.kafka.partitioner.partition(user.as_bytes(), n) == partition;
+            let local = resumable_copy(
+                &self.store,
+                partition,
+                low,
+                self.horizon,
+                &self.kafka.clicks_topic,
+                &belongs,
+            )?;
             let start = local.map_or(Offset::Beginning, |p| Offset::Offset(p.next_offset));
             tpl.add_partition_offset(topic, partition, start)?;
             parts.insert(

@@ -26,6 +26,7 @@ mod dead_letter;
 mod follow;
 mod items;
 
+pub use changelog::Horizon;
 use changelog::{Changelog, Consumed, Marker, UserRecord, WriteError};
 use dead_letter::{DeadLetter, DeadLetterWriter};
 pub use follow::ChangelogReader;
@@ -77,6 +78,12 @@ pub struct Fleet {
     unwritten: std::sync::Mutex<Vec<String>>,
     /// `multivaed_changelog_transactions_total` (label: result).
     transactions: prometheus::IntCounterVec,
+    /// Partitions this replica does not own whose local copy is still on disk, since when:
+    /// dropped after `serve.state_cleanup_delay` unless assigned back.
+    unowned_since: std::sync::Mutex<std::collections::HashMap<i32, Instant>>,
+    cleanup_delay: Duration,
+    /// Past it, a local copy is restored from the changelog's beginning (see [`Horizon`]).
+    horizon: Horizon,
     /// Restored users active within it are re-scored after the next model swap
     /// (`serve.rescore_window`).
     rescore_window: Duration,
@@ -91,6 +98,8 @@ impl Fleet {
         announcer: crate::members::Announcer,
         ownership: Arc<crate::ownership::Ownership>,
         rescore_window: Duration,
+        cleanup_delay: Duration,
+        horizon: Horizon,
         transactions: prometheus::IntCounterVec,
     ) -> Self {
         let changelog = Changelog::new(&kafka, announcer.id.clone());
@@ -103,9 +112,55 @@ impl Fleet {
             failed: std::sync::Mutex::new(None),
             unwritten: std::sync::Mutex::new(Vec::new()),
             transactions,
+            unowned_since: std::sync::Mutex::new(Default::default()),
+            cleanup_delay,
+            horizon,
             announcer,
             rescore_window,
         }
+    }
+
+    /// Partitions whose local copy stays on disk unowned from now (revoked, or found on disk
+    /// at start), to be dropped after the cleanup delay.
+    fn note_unowned(&self, partitions: &[i32]) {
+        let now = Instant::now();
+        let mut unowned = self.unowned_since.lock().unwrap_or_else(|e| e.into_inner());
+        for &p in partitions {
+            unowned.entry(p).or_insert(now);
+        }
+    }
+
+    /// Drops the local copy of every partition unowned for longer than the cleanup delay
+    /// (under the batch lock: no batch, restore or revocation runs meanwhile).
+    fn drop_unowned(&self, store: &Store, clicks_topic: &str) -> Result<()> {
+        let due: Vec<i32> = self
+            .unowned_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= self.cleanup_delay)
+            .map(|(p, _)| *p)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let _b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        for p in due {
+            if !self.ownership.owns(p) {
+                let users = store
+                    .drop_partition(p, clicks_topic, |u| self.ownership.partition_of(u) == p)?;
+                info!(
+                    partition = p,
+                    users,
+                    "the local copy of a partition owned elsewhere was deleted (serve.state_cleanup_delay)"
+                );
+            }
+            self.unowned_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p);
+        }
+        Ok(())
     }
 
     fn replay_until(&self, partition: i32) -> Option<i64> {
@@ -227,6 +282,11 @@ impl ConsumerContext for IngestContext {
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
+                // a local copy being dropped meanwhile is dropped first
+                let _b = self
+                    .fleet
+                    .as_ref()
+                    .map(|f| f.batch.lock().unwrap_or_else(|e| e.into_inner()));
                 for (topic, partition) in &elems {
                     let start = match &self.fleet {
                         Some(fleet) => self.restore(fleet, topic, *partition),
@@ -256,6 +316,7 @@ impl ConsumerContext for IngestContext {
                     for &p in &revoked {
                         fleet.ownership.lose(p);
                     }
+                    fleet.note_unowned(&revoked);
                 }
                 let unassigned = if incremental {
                     consumer.incremental_unassign(tpl)
@@ -273,9 +334,16 @@ impl ConsumerContext for IngestContext {
                 error!(error = ?other, "rebalance error");
                 if let Some(fleet) = &self.fleet {
                     let _b = fleet.batch.lock().unwrap_or_else(|e| e.into_inner());
-                    for o in fleet.ownership.owned() {
-                        fleet.ownership.lose(o.partition);
+                    let owned: Vec<i32> = fleet
+                        .ownership
+                        .owned()
+                        .iter()
+                        .map(|o| o.partition)
+                        .collect();
+                    for &p in &owned {
+                        fleet.ownership.lose(p);
                     }
+                    fleet.note_unowned(&owned);
                 }
                 let _ = consumer.unassign();
                 self.health.revoked();
@@ -356,14 +424,15 @@ impl IngestContext {
             let before = counted.swap(n, std::sync::atomic::Ordering::AcqRel);
             restore_records.inc_by(n.saturating_sub(before));
         };
-        let changelog_topic = fleet.kafka.changelog();
         let now_ms = crate::wire::now_ms() as i64;
         let window_ms = i64::try_from(fleet.rescore_window.as_millis()).unwrap_or(i64::MAX);
+        let belongs = |user: &str| fleet.ownership.partition_of(user) == partition;
         let restored = changelog::restore(
             &fleet.kafka,
-            &changelog_topic,
             partition,
             &self.store,
+            fleet.horizon,
+            &belongs,
             now_ms.saturating_sub(window_ms),
             &progress,
         )?;
@@ -408,6 +477,11 @@ impl IngestContext {
             }),
         )?;
         fleet.ownership.gain(partition, epoch);
+        fleet
+            .unowned_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&partition);
         Ok((resume, restored.records, restored.from_beginning, epoch))
     }
 }
@@ -503,8 +577,15 @@ impl Ingest {
         consumer: StreamConsumer<IngestContext>,
         producers: Arc<Producers>,
     ) -> Result<()> {
+        // shared with the changelog writer, which may ask for the group's metadata again
+        let consumer = Arc::new(consumer);
         let mut shutdown = self.shutdown.subscribe();
         let mut storing: Option<StoreTask> = None;
+        if let Some(f) = &self.fleet {
+            // copies a previous run left on disk are unowned until assigned again
+            f.note_unowned(&self.store.changelog_partitions()?);
+        }
+        let mut cleanup = tokio::time::interval(Duration::from_secs(5));
         loop {
             // wait for the first message of a batch (finishing the batch being stored meanwhile)
             let first = tokio::select! {
@@ -515,6 +596,10 @@ impl Ingest {
                     if let Some(task) = storing.take() {
                         self.finish_batch(&consumer, &task, done)?;
                     }
+                    continue;
+                }
+                _ = cleanup.tick(), if self.fleet.is_some() => {
+                    self.drop_unowned().await?;
                     continue;
                 }
                 _ = shutdown.changed() => break,
@@ -551,7 +636,12 @@ impl Ingest {
             }
             // the group's generation this batch was consumed in: its changelog transaction
             // commits only if the group has not moved on since
-            let group = self.fleet.as_ref().and_then(|_| consumer.group_metadata());
+            let group = self.fleet.as_ref().and_then(|_| {
+                consumer.group_metadata().map(|metadata| Group {
+                    metadata,
+                    consumer: consumer.clone(),
+                })
+            });
             // one batch in the store at a time, in consumption order
             self.finish_stored(&consumer, &mut storing).await?;
             storing = Some(self.store_batch(parsed, group));
@@ -563,6 +653,18 @@ impl Ingest {
         }
         info!("ingest stopped");
         Ok(())
+    }
+
+    /// Role `serve`: drops the local copies of partitions owned elsewhere for longer than
+    /// `serve.state_cleanup_delay`, on a blocking thread.
+    async fn drop_unowned(&self) -> Result<()> {
+        let Some(fleet) = self.fleet.clone() else {
+            return Ok(());
+        };
+        let (store, topic) = (self.store.clone(), self.kafka.clicks_topic.clone());
+        tokio::task::spawn_blocking(move || fleet.drop_unowned(&store, &topic))
+            .await
+            .context("the cleanup task failed")?
     }
 
     /// The rest of a batch after its first message: up to `kafka.batch_size` messages, waiting
@@ -720,11 +822,7 @@ impl Ingest {
 
     /// Starts writing a parsed batch (clicks and offsets in one atomic store batch, then
     /// fsync; then, for a serving replica, the changelog) on a blocking thread.
-    fn store_batch(
-        &self,
-        parsed: Parsed,
-        group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
-    ) -> StoreTask {
+    fn store_batch(&self, parsed: Parsed, group: Option<Group>) -> StoreTask {
         let store = self.store.clone();
         let fleet = self.fleet.clone();
         let shutdown = self.shutdown.clone();
@@ -873,6 +971,15 @@ impl Ingest {
     }
 }
 
+/// How long a fenced changelog transaction is tried again with the consumer's metadata of now.
+const REFRESH_FOR: Duration = Duration::from_secs(5);
+
+/// The consumer group's metadata when a batch was consumed, and the consumer to ask again.
+struct Group {
+    metadata: rdkafka::consumer::ConsumerGroupMetadata,
+    consumer: Arc<StreamConsumer<IngestContext>>,
+}
+
 /// After a serving replica stored a batch: every changed user's history (and every user of a
 /// re-consumed event, or left out by a fenced transaction before; a tombstone for each user
 /// forgotten) to the changelog, then each owned partition's marker, with the batch's clicks
@@ -887,7 +994,7 @@ fn write_changelog(
     applied: &Applied,
     replayed: &[String],
     offsets: &[PartitionOffset],
-    group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    group: Option<Group>,
     shutdown: &Shutdown,
 ) -> Result<()> {
     let owned = |p: i32| fleet.ownership.epoch(p);
@@ -925,19 +1032,50 @@ fn write_changelog(
             })
         })
         .collect();
-    let consumed = group.map(|group| {
+    let offsets_of = || {
         let mut tpl = TopicPartitionList::new();
         for o in offsets.iter().filter(|o| owned(o.partition).is_some()) {
             let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
         }
-        Consumed {
-            offsets: tpl,
-            group,
+        tpl
+    };
+    let (mut consumed, consumer) = match group {
+        Some(g) => (
+            Some(Consumed {
+                offsets: offsets_of(),
+                group: g.metadata,
+            }),
+            Some(g.consumer),
+        ),
+        None => (None, None),
+    };
+    let deadline = Instant::now() + REFRESH_FOR;
+    let written = loop {
+        let attempt = fleet
+            .changelog
+            .write(&users, &markers, consumed.as_ref(), || !shutdown.is_set());
+        // the group may only have moved on to a generation this replica is still a member of
+        // (any rebalance does that): again with the consumer's metadata of now. A member the
+        // group dropped cannot rejoin while this batch holds the revocation back, so its
+        // metadata stays refused.
+        let fresh = match (&attempt, &consumer) {
+            (Err(WriteError::Fenced(_)), Some(c)) if Instant::now() < deadline => {
+                c.group_metadata()
+            }
+            _ => None,
+        };
+        match fresh {
+            Some(metadata) => {
+                info!("the changelog transaction met a newer group generation: trying again with the consumer's metadata of now");
+                consumed = Some(Consumed {
+                    offsets: offsets_of(),
+                    group: metadata,
+                });
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            None => break attempt,
         }
-    });
-    let written = fleet
-        .changelog
-        .write(&users, &markers, consumed.as_ref(), || !shutdown.is_set());
+    };
     let positions = match written {
         Ok(p) => p,
         Err(WriteError::Fenced(e)) => {
@@ -955,8 +1093,11 @@ fn write_changelog(
     };
     fleet.transactions.with_label_values(&["committed"]).inc();
     let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
+    let now = crate::wire::now_ms();
     for (p, position) in positions {
         store.set_changelog_position(p, position)?;
+        // its only writer: the copy is in sync
+        store.set_synced(p, now)?;
         if replay
             .get(&p)
             .is_some_and(|&until| position.clicks_next >= until)

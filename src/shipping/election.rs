@@ -1,10 +1,12 @@
 //! Which trainer is the active one, decided by Kafka alone: every trainer joins one consumer
 //! group (`models.trainer_group`) on the one-partition models topic, and the member the group
-//! assigns partition 0 to may train. On each such assignment it claims the next fencing epoch on
-//! the models topic and is active once it has read its own claim back as the epoch's first; a
-//! newer claim read later (another trainer assigned after this one's session expired) makes it
-//! stand by at once, before librdkafka even notices the lost assignment. One claim per
-//! assignment: a trainer never out-claims the one the group chose after it.
+//! assigns partition 0 to may train. On each such assignment it takes over the fleet's
+//! transactional id (fencing the previous trainer's writes at the broker), reads the models
+//! topic to its end and claims the epoch after the highest there; it is active once it has read
+//! its own claim back as the epoch's first. A newer claim read later (another trainer assigned
+//! after this one's session expired) makes it stand by at once, before librdkafka even notices
+//! the lost assignment. One claim per assignment, unless another trainer claimed the same epoch
+//! first: a trainer never out-claims the one the group chose after it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,7 +141,43 @@ impl Elector {
         Ok(())
     }
 
-    /// After an assignment without a claim: claims the epoch after the highest read.
+    /// Whether this trainer's claim of `epoch` (at `offset`) was read back and another trainer
+    /// had claimed the same epoch first: the group still assigns partition 0 here, so it claims
+    /// again (a claim of a higher epoch by another is a newer election's: never out-claimed).
+    fn lost(&self, epoch: u64, offset: i64) -> bool {
+        self.follower.with(|l| {
+            let (e, owner) = l.epoch();
+            l.next_offset() > offset && e == epoch && owner != Some(self.id.as_str())
+        })
+    }
+
+    /// The highest epoch claimed on the models topic, read to its end; `None` (logged) when it
+    /// cannot be read now.
+    async fn highest_epoch(&self) -> Option<u64> {
+        let (kafka, topic, follower) = (
+            self.kafka.clone(),
+            self.topic.clone(),
+            self.follower.clone(),
+        );
+        let read = tokio::task::spawn_blocking(move || {
+            super::topic::read_to_end(&kafka, &topic, follower.signer())
+        })
+        .await;
+        match read {
+            Ok(Ok(log)) => Some(log.epoch().0),
+            Ok(Err(e)) => {
+                warn!(error = %format!("{e:#}"), "cannot read the models topic to its end before claiming; retrying");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "the models-topic reading task failed; retrying");
+                None
+            }
+        }
+    }
+
+    /// After an assignment without a claim (or whose claim another trainer beat to the same
+    /// epoch): claims the epoch after the highest on the topic.
     async fn claim_if_elected(&self) {
         let active = self.election.active_epoch(&self.id, &self.follower);
         self.metrics.trainer_active.set(i64::from(active.is_some()));
@@ -152,10 +190,12 @@ impl Elector {
             .claim
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if claimed.is_some_and(|(a, _, _)| a == assignment) {
+        if claimed.is_some_and(|(a, e, offset)| a == assignment && !self.lost(e, offset)) {
             return;
         }
-        let Some(epoch) = self.follower.with(|l| l.epoch().0).checked_add(1) else {
+        // the epoch after the highest anyone claimed, from the whole topic read to its end
+        // (the follower may lag behind it)
+        let Some(epoch) = self.highest_epoch().await.and_then(|e| e.checked_add(1)) else {
             return;
         };
         let record = Record::Claim {

@@ -46,6 +46,12 @@ fn position_key(partition: i32) -> [u8; 5] {
     [b'c', b[0], b[1], b[2], b[3]]
 }
 
+/// The key of when a partition's local copy was last in sync with the changelog.
+fn synced_key(partition: i32) -> [u8; 5] {
+    let b = partition.to_be_bytes();
+    [b'y', b[0], b[1], b[2], b[3]]
+}
+
 impl Store {
     /// The changelog position of a partition's local copy, if it was ever restored or written.
     pub(crate) fn changelog_position(&self, partition: i32) -> Result<Option<ChangelogPosition>> {
@@ -238,6 +244,86 @@ impl Store {
         self.tree
             .insert(position_key(partition), encode_position(position))?;
         Ok(())
+    }
+
+    /// Notes that the local copy of `partition` was in sync with the changelog at `unix_ms` (read
+    /// to its end, or written by its owner). Not flushed: a time lost in a crash is an earlier
+    /// one, which errs on the side of restoring from the beginning.
+    pub(crate) fn set_synced(&self, partition: i32, unix_ms: u64) -> Result<()> {
+        self.tree
+            .insert(synced_key(partition), &unix_ms.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// When the local copy of `partition` was last in sync with the changelog (Unix ms).
+    pub(crate) fn synced_at(&self, partition: i32) -> Result<Option<u64>> {
+        Ok(self
+            .tree
+            .get(synced_key(partition))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Whether this store holds anything of `partition`: a changelog position or a clicks
+    /// offset on `topic`.
+    pub(crate) fn has_copy_of(&self, partition: i32, topic: &str) -> Result<bool> {
+        Ok(self.tree.contains_key(position_key(partition))?
+            || self.tree.contains_key(offset_key(topic, partition))?)
+    }
+
+    /// The partitions with a local copy (a changelog position).
+    pub(crate) fn changelog_partitions(&self) -> Result<Vec<i32>> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([b'c']) {
+            let (k, _) = kv?;
+            if let Ok(p) = <[u8; 4]>::try_from(&k[1..]) {
+                out.push(i32::from_be_bytes(p));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every user `belongs` places in `partition` (their records, counts and popularity,
+    /// as a forget does) and the partition's changelog position and clicks offset on `topic`:
+    /// nothing of a partition this replica gave up stays on its disk, and a later assignment
+    /// restores it from the changelog's beginning. Returns the users deleted.
+    pub(crate) fn drop_partition(
+        &self,
+        partition: i32,
+        topic: &str,
+        belongs: impl Fn(&str) -> bool,
+    ) -> Result<u64> {
+        let mut users = Vec::new();
+        for kv in self.tree.scan_prefix([b'U']) {
+            let (k, _) = kv?;
+            let user = String::from_utf8_lossy(&k[1..]).into_owned();
+            if belongs(&user) {
+                users.push(user);
+            }
+        }
+        let position = self
+            .changelog_position(partition)?
+            .unwrap_or(ChangelogPosition {
+                next_offset: 0,
+                epoch: 0,
+                clicks_next: 0,
+            });
+        let mut dropped = 0;
+        for chunk in users.chunks(2000) {
+            let gone: Vec<(String, HistoryIds)> = chunk
+                .iter()
+                .map(|u| (u.clone(), HistoryIds::default()))
+                .collect();
+            dropped += self
+                .restore_histories(&gone, partition, position, None)?
+                .forgotten;
+        }
+        let mut batch = sled::Batch::default();
+        batch.remove(&position_key(partition));
+        batch.remove(&synced_key(partition));
+        batch.remove(offset_key(topic, partition));
+        self.tree.apply_batch(batch)?;
+        Ok(dropped)
     }
 
     /// Every user's id and history (external item ids, oldest first), in id order: what

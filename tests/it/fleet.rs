@@ -559,6 +559,44 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
             && err.contains("cleanup.policy=delete, needs compact"),
         "{err}"
     );
+    // compacted but also deleted by age (`compact,delete`): refused, the members topic too
+    for which in ["changelog", "members"] {
+        let k = Fleet::named(dir.path(), 3);
+        let both: &[(&str, &str)] = &[("cleanup.policy", "compact,delete")];
+        let policy = |name: &str| if name == which { both } else { COMPACTED };
+        try_create_topics_with(
+            &brokers(),
+            &[
+                (&k.setup.clicks, 3, &[]),
+                (&k.changelog, 3, policy("changelog")),
+                (&k.members, 1, policy("members")),
+                (&k.models, 1, COMPACTED),
+                (&k.setup.recs, 1, &[]),
+                (&k.setup.dlq, 1, &[]),
+            ],
+        )
+        .unwrap();
+        let (ok, _, err) = run_cli(&k, &["run"], &[]);
+        assert!(!ok, "{which}: {err}");
+        assert!(
+            err.contains(&format!("kafka.{which}_topic")) && err.contains("compact alone"),
+            "{which}: {err}"
+        );
+    }
+    // tombstones kept for less than kafka.expected_absence (the broker's default day): a
+    // warning at start; the topics `topics create` made keep them that long: none
+    let short = Fleet::new(&dir.path().join("short"), 3);
+    let warned = replica(&short, dir.path(), "w");
+    warned.wait_for(Duration::from_secs(30), "the retention warning", |d| {
+        d.log_contains("less than kafka.expected_absence")
+    });
+    let created = replica(&f, dir.path(), "c");
+    created.wait_for(Duration::from_secs(60), "ready", |d| {
+        d.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    assert!(!created.log_contains("less than kafka.expected_absence"));
+    warned.terminate();
+    created.terminate();
 }
 
 /// The churn stream: user u's k-th click is item `k`·1000 + u mod 1000 (distinct per user);
@@ -917,6 +955,184 @@ fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
     }
     a.terminate();
     b.terminate();
+}
+
+/// Revoked state: replica a owns every partition and stores every user; b joins and takes some
+/// partitions, and forgets a user of one of them. After `serve.state_cleanup_delay` (3 s here) a's
+/// store — its metrics and its export — holds exactly the users of the partitions it still owns,
+/// so the forgotten user of a partition it once owned is not there either.
+#[test]
+fn a_revoked_partitions_local_copy_is_deleted_after_the_cleanup_delay() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    let delay = [("MULTIVAED_SERVE__STATE_CLEANUP_DELAY", "3s")];
+    let a = replica_with(&f, dir.path(), "a", &delay);
+    settled(&[&a], PARTITIONS, "a owns everything");
+    produce_round(&f, 0);
+    a.wait_for(Duration::from_secs(60), "every user stored", |d| {
+        d.metric("multivaed_store_users", "") >= USERS as f64
+    });
+    let b = replica(&f, dir.path(), "b");
+    settled(&[&a, &b], PARTITIONS, "b took some partitions");
+    let owners = announced(&f);
+    let of_a: HashSet<i32> = owners["a"].iter().copied().collect();
+    let partition = |u: &str| Partitioner::ConsistentRandom.partition(u.as_bytes(), PARTITIONS);
+    let forgotten = (0..USERS)
+        .map(|u| format!("u{u}"))
+        .find(|u| !of_a.contains(&partition(u)))
+        .unwrap();
+    let p = producer();
+    send(
+        &p,
+        BaseRecord::to(&f.setup.clicks)
+            .partition(partition(&forgotten))
+            .key(forgotten.as_bytes()),
+    );
+    p.flush(Duration::from_secs(30)).unwrap();
+    b.wait_for(Duration::from_secs(30), "the forget applied", |d| {
+        d.metric("multivaed_users_forgotten_total", "") >= 1.0
+    });
+    let mine: HashSet<String> = (0..USERS)
+        .map(|u| format!("u{u}"))
+        .filter(|u| of_a.contains(&partition(u)))
+        .collect();
+    assert!(!mine.is_empty() && mine.len() < USERS, "{of_a:?}");
+    a.wait_for(Duration::from_secs(60), "a's revoked copies deleted", |d| {
+        d.metric("multivaed_store_users", "") == mine.len() as f64
+    });
+    assert!(a.log_contains("the local copy of a partition owned elsewhere was deleted"));
+    let env = replica_env(&f, dir.path(), "a");
+    a.terminate();
+    b.terminate();
+    let file = dir.path().join("a.jsonl");
+    let (ok, _, err) = run_multivaed(&env, &["export", "--output", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let exported: HashSet<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["user_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(exported, mine, "a's export holds its own partitions' users");
+    assert!(!exported.contains(&forgotten));
+}
+
+/// Creates the fleet's topics with a changelog the log cleaner compacts within seconds (and
+/// whose tombstones live one second).
+fn fast_compacting_fleet(dir: &std::path::Path) -> Fleet {
+    let f = Fleet::named(dir, PARTITIONS);
+    try_create_topics_with(
+        &brokers(),
+        &[
+            (&f.setup.clicks, PARTITIONS, &[]),
+            (&f.changelog, PARTITIONS, FAST_COMPACTION),
+            (&f.members, 1, COMPACTED),
+            (&f.models, 1, COMPACTED),
+            (&f.setup.recs, 1, &[]),
+            (&f.setup.dlq, 1, &[]),
+        ],
+    )
+    .unwrap();
+    f
+}
+
+/// The users `multivaed export` writes from the data directory of `env`'s process.
+fn exported_users(env: &[(String, String)], file: &std::path::Path) -> HashSet<String> {
+    let (ok, _, err) = run_multivaed(env, &["export", "--output", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["user_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Away past the horizon: replica a and a trainer store every user and stop; replica b takes
+/// over and a user is forgotten; the log cleaner removes the tombstone (`delete.retention.ms` of
+/// one second); a and the trainer start again on their old volumes: their copies are older than
+/// the changelog keeps tombstones, so each is dropped and read from the beginning — the user is
+/// gone from a's pulls and export and from the trainer's store (so from its rounds).
+#[test]
+fn a_replica_and_a_trainer_away_past_the_tombstone_horizon_forget_what_was_forgotten() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fast_compacting_fleet(dir.path());
+    let a = replica(&f, dir.path(), "a");
+    settled(&[&a], PARTITIONS, "a owns everything");
+    let t = Daemon::start(&f.trainer_env(dir.path(), "t"), free_port());
+    produce_round(&f, 0);
+    for d in [&a, &t] {
+        d.wait_for(Duration::from_secs(60), "every user stored", |d| {
+            d.metric("multivaed_store_users", "") >= USERS as f64
+        });
+    }
+    a.terminate();
+    t.terminate();
+    // b takes over with an empty disk; u7 is forgotten, the others click again
+    let b = replica(&f, dir.path(), "b");
+    settled(&[&b], PARTITIONS, "b owns everything");
+    let forgotten = "u7";
+    let p = producer();
+    let partition = Partitioner::ConsistentRandom.partition(forgotten.as_bytes(), PARTITIONS);
+    send(
+        &p,
+        BaseRecord::to(&f.setup.clicks)
+            .partition(partition)
+            .key(forgotten.as_bytes()),
+    );
+    p.flush(Duration::from_secs(30)).unwrap();
+    b.wait_for(Duration::from_secs(30), "the forget applied", |d| {
+        d.metric("multivaed_users_forgotten_total", "") >= 1.0
+    });
+    b.terminate();
+    // the cleaner removes the tombstone (a second after a pass first kept it)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        roll_segments(&brokers(), &f.changelog, PARTITIONS).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let left = read_partitioned(&f.changelog, PARTITIONS, "read_uncommitted")
+            .into_iter()
+            .filter(|m| m.key.as_deref() == Some(forgotten.as_bytes()))
+            .count();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{forgotten}'s records were not compacted away in 120 s ({left} left)"
+        );
+    }
+    // a, back on its old volume, owns everything again
+    let a = replica(&f, dir.path(), "a");
+    settled(&[&a], PARTITIONS, "a back");
+    assert_eq!(
+        a.get(&format!("/v1/users/{forgotten}/history")).unwrap().0,
+        404,
+        "a brought {forgotten} back"
+    );
+    assert_eq!(a.get("/v1/users/u8/history").unwrap().0, 200);
+    assert!(a.log_contains("the local copy cannot resume"));
+    let env = replica_env(&f, dir.path(), "a");
+    a.terminate();
+    let users = exported_users(&env, &dir.path().join("a.jsonl"));
+    assert_eq!(users.len(), USERS - 1, "a's export");
+    assert!(!users.contains(forgotten));
+    // the trainer, back on its old volume, reads the changelog again from the beginning
+    let t = Daemon::start(&f.trainer_env(dir.path(), "t"), free_port());
+    t.wait_for(Duration::from_secs(60), "the changelog read", |d| {
+        d.log_contains("the changelog is read to its end")
+    });
+    let env = f.trainer_env(dir.path(), "t");
+    t.terminate();
+    let users = exported_users(&env, &dir.path().join("t.jsonl"));
+    assert_eq!(users.len(), USERS - 1, "the trainer's store");
+    assert!(!users.contains(forgotten));
 }
 
 /// Waits until the log cleaner has compacted the changelog: no user key appears twice in it
