@@ -867,39 +867,42 @@ fn signal(d: &Daemon, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
-#[test]
-fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
-    let _machine = share_the_machine();
-    const USERS: usize = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let f = fleet(dir.path());
-    // a freezes itself holding its 30th batch, stored but not yet in the changelog
-    let a = replica_with(
-        &f,
-        dir.path(),
-        "a",
-        &[("MULTIVAED_STOP_AT", "ingest.flushed:30")],
-    );
-    let b = replica(&f, dir.path(), "b");
+/// Replica a freezes itself holding its 30th batch (stored, not yet in the changelog) while b
+/// runs beside it and clicks stream in; frozen past its 6 s session, a's partitions go to b;
+/// the stream stops before the thaw (so whatever a writes late is the last word on its users).
+/// Returns a (still frozen), b and the clicks sent per user.
+fn a_frozen_while_b_takes_over(
+    f: &Fleet,
+    dir: &std::path::Path,
+) -> (Daemon, Daemon, HashMap<String, HashSet<String>>) {
+    let a = replica_with(f, dir, "a", &[("MULTIVAED_STOP_AT", "ingest.flushed:30")]);
+    let b = replica(f, dir, "b");
     settled(&[&a, &b], PARTITIONS, "two replicas");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producer = stream(
+    let clicking = stream(
         f.setup.clicks.clone(),
         PARTITIONS,
         USERS,
         150.0,
         stop.clone(),
     );
-    // frozen past the 6 s session: b takes its partitions
     let deadline = Instant::now() + Duration::from_secs(60);
     while owned(&b) < PARTITIONS as f64 {
         assert!(Instant::now() < deadline, "b never took a's partitions");
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_secs(3));
-    // the stream stops before the thaw, so whatever a writes late is the last word on its users
     stop.store(true, std::sync::atomic::Ordering::Release);
-    let (sent, _) = producer.join().unwrap();
+    let (sent, _) = clicking.join().unwrap();
+    (a, b, sent)
+}
+
+#[test]
+fn a_replica_frozen_past_its_session_writes_nothing_that_wins() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    let (a, b, sent) = a_frozen_while_b_takes_over(&f, dir.path());
     std::thread::sleep(Duration::from_secs(3));
     // thawed, a finishes what it held, then finds itself out of the group and rejoins
     signal(&a, "-CONT");
@@ -1174,43 +1177,8 @@ fn wait_compacted(f: &Fleet) {
 fn a_zombies_late_write_never_wins_even_after_compaction() {
     let _machine = share_the_machine();
     let dir = tempfile::tempdir().unwrap();
-    let f = Fleet::named(dir.path(), PARTITIONS);
-    try_create_topics_with(
-        &brokers(),
-        &[
-            (&f.setup.clicks, PARTITIONS, &[]),
-            (&f.changelog, PARTITIONS, FAST_COMPACTION),
-            (&f.members, 1, COMPACTED),
-            (&f.models, 1, COMPACTED),
-            (&f.setup.recs, 1, &[]),
-            (&f.setup.dlq, 1, &[]),
-        ],
-    )
-    .unwrap();
-    let a = replica_with(
-        &f,
-        dir.path(),
-        "a",
-        &[("MULTIVAED_STOP_AT", "ingest.flushed:30")],
-    );
-    let b = replica(&f, dir.path(), "b");
-    settled(&[&a, &b], PARTITIONS, "two replicas");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clicking = stream(
-        f.setup.clicks.clone(),
-        PARTITIONS,
-        USERS,
-        150.0,
-        stop.clone(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while owned(&b) < PARTITIONS as f64 {
-        assert!(Instant::now() < deadline, "b never took a's partitions");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let (mut sent, _) = clicking.join().unwrap();
+    let f = fast_compacting_fleet(dir.path());
+    let (a, b, mut sent) = a_frozen_while_b_takes_over(&f, dir.path());
     // b forgets every tenth user (a tombstone on the user's partition)
     let forgotten: Vec<String> = (0..USERS).step_by(10).map(|u| format!("u{u}")).collect();
     let p = producer();
