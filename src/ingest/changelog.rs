@@ -384,6 +384,13 @@ pub(crate) fn resumable_copy(
     Ok(resumable)
 }
 
+/// What bounds a restore: the tombstone horizon of its local copy, and when it must be done.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bounds {
+    pub horizon: Horizon,
+    pub deadline: std::time::Instant,
+}
+
 /// What a restore found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Restored {
@@ -405,7 +412,7 @@ pub(super) fn restore(
     k: &KafkaConfig,
     partition: i32,
     store: &Store,
-    horizon: Horizon,
+    bounds: Bounds,
     belongs: &dyn Fn(&str) -> bool,
     active_since: i64,
     progress: &dyn Fn(u64),
@@ -428,7 +435,14 @@ pub(super) fn restore(
     let (low, _high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read the bounds of changelog partition {partition}"))?;
-    let local = resumable_copy(store, partition, low, horizon, &k.clicks_topic, belongs)?;
+    let local = resumable_copy(
+        store,
+        partition,
+        low,
+        bounds.horizon,
+        &k.clicks_topic,
+        belongs,
+    )?;
     let (start, mut position, from_beginning) = match local {
         Some(p) => (Offset::Offset(p.next_offset), p, false),
         None => (
@@ -447,24 +461,26 @@ pub(super) fn restore(
     let mut chunk: Vec<(String, HistoryIds)> = Vec::new();
     let mut active: std::collections::HashMap<String, i64> = Default::default();
     let mut records = 0u64;
+    // only a record read counts as progress: errors (a broker down) do not hold the restore open
     let deadline_idle = Duration::from_secs(30);
-    let mut idle_since = std::time::Instant::now();
+    let mut progress_at = std::time::Instant::now();
     loop {
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-            if idle_since.elapsed() > deadline_idle {
-                anyhow::bail!("changelog partition {partition}: no answer from the broker for 30 s during the restore");
-            }
-            continue;
-        };
-        idle_since = std::time::Instant::now();
-        let m = match m {
-            Ok(m) => m,
-            Err(KafkaError::PartitionEOF(_)) => break,
-            Err(e) => {
+        if progress_at.elapsed() > deadline_idle {
+            anyhow::bail!("changelog partition {partition}: no record read for 30 s during the restore (is the broker up?)");
+        }
+        if std::time::Instant::now() > bounds.deadline {
+            anyhow::bail!("changelog partition {partition}: the restore took longer than four fifths of max.poll.interval.ms ({records} records read); raise kafka.properties.\"max.poll.interval.ms\" or use more partitions");
+        }
+        let m = match consumer.poll(Duration::from_millis(500)) {
+            None => continue,
+            Some(Ok(m)) => m,
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
                 warn!(error = %e, partition, "changelog read error during a restore; retrying");
                 continue;
             }
         };
+        progress_at = std::time::Instant::now();
         records += 1;
         if let Some(user) = read_record(&mut position, partition, m.offset(), m.key(), m.payload())
         {
@@ -532,5 +548,26 @@ mod tests {
         );
         // a tombstone: nothing (the user is forgotten)
         assert_eq!(read(None), Some(("u1".into(), HistoryIds::default())));
+    }
+
+    #[test]
+    fn a_copy_resumes_only_within_the_tombstone_horizon() {
+        let day = Duration::from_secs(24 * 3600);
+        let h = Horizon::of(Some(day));
+        let now = 100 * 24 * 3600 * 1000;
+        let hours_ago = |n: u64| Some(now - n * 3600 * 1000);
+        // a day's retention less an hour's margin
+        assert!(!h.passed(hours_ago(22), now));
+        assert!(h.passed(hours_ago(24), now));
+        assert!(
+            h.passed(None, now),
+            "never recorded: read from the beginning"
+        );
+        // a second's retention less a tenth
+        let s = Horizon::of(Some(Duration::from_secs(1)));
+        assert!(!s.passed(Some(now - 800), now));
+        assert!(s.passed(Some(now - 950), now));
+        // unknown retention: no limit
+        assert!(!Horizon::of(None).passed(None, now));
     }
 }

@@ -388,7 +388,10 @@ impl IngestContext {
         self.health.restoring(true);
         let started = Instant::now();
         let result = self.restore_and_claim(fleet, topic, partition);
-        self.health.restoring(false);
+        if result.is_ok() {
+            // a failed restore stays counted: not ready until the daemon stops
+            self.health.restoring(false);
+        }
         self.metrics.partitions_restoring.dec();
         match result {
             Ok((resume, records, from_beginning, epoch)) => {
@@ -431,7 +434,10 @@ impl IngestContext {
             &fleet.kafka,
             partition,
             &self.store,
-            fleet.horizon,
+            changelog::Bounds {
+                horizon: fleet.horizon,
+                deadline: Instant::now() + restore_limit(&fleet.kafka),
+            },
             &belongs,
             now_ms.saturating_sub(window_ms),
             &progress,
@@ -449,6 +455,9 @@ impl IngestContext {
             }
         }
         let epoch = restored.position.epoch + 1;
+        // bounded: a broker down during the claim fails the restore instead of holding the
+        // rebalance callback for ever
+        let give_up = Instant::now() + Duration::from_secs(60);
         let claimed = fleet
             .changelog
             .write(
@@ -459,7 +468,7 @@ impl IngestContext {
                     epoch,
                 }],
                 None,
-                || true,
+                || Instant::now() < give_up,
             )
             .map_err(|e| anyhow::anyhow!("cannot claim partition {partition}: {e}"))?;
         let position = claimed
@@ -519,6 +528,10 @@ impl Ingest {
                 ("fetch.wait.max.ms", "100"),
                 // reaching a partition's end is reported (readiness: caught up)
                 ("enable.partition.eof", "true"),
+                // a serving replica restores a newly assigned partition inside the rebalance
+                // callback, where the consumer does not poll: the group waits this long for it
+                // (a restore is cut off before, see `restore_limit`)
+                ("max.poll.interval.ms", MAX_POLL_INTERVAL_MS),
             ],
             &k.properties,
         );
@@ -599,16 +612,13 @@ impl Ingest {
                     continue;
                 }
                 _ = cleanup.tick(), if self.fleet.is_some() => {
+                    self.stop_if_a_restore_failed()?;
                     self.drop_unowned().await?;
                     continue;
                 }
                 _ = shutdown.changed() => break,
             };
-            if let Some(f) = &self.fleet {
-                if let Some(msg) = f.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    anyhow::bail!(msg);
-                }
-            }
+            self.stop_if_a_restore_failed()?;
             let first = match first {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(p)) => {
@@ -652,6 +662,17 @@ impl Ingest {
             f.announcer.leave();
         }
         info!("ingest stopped");
+        Ok(())
+    }
+
+    /// Role `serve`: a restore that failed (in the rebalance callback) ends ingestion with its
+    /// error, so the daemon stops (and is restarted) rather than running without the partition.
+    fn stop_if_a_restore_failed(&self) -> Result<()> {
+        if let Some(f) = &self.fleet {
+            if let Some(msg) = f.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                anyhow::bail!(msg);
+            }
+        }
         Ok(())
     }
 
@@ -969,6 +990,23 @@ impl Ingest {
             }
         }
     }
+}
+
+/// `max.poll.interval.ms` of the group consumer unless `[kafka.properties]` sets it: 15 minutes.
+const MAX_POLL_INTERVAL_MS: &str = "900000";
+
+/// The longest a restore may take: four fifths of the consumer's `max.poll.interval.ms`, so a
+/// restore that would outlast the group's patience fails with a clear error (the replica stops,
+/// not ready, and owns nothing of it) instead of being evicted mid-restore while the partition
+/// moves on to another owner.
+fn restore_limit(k: &KafkaConfig) -> Duration {
+    let ms = k
+        .properties
+        .get("max.poll.interval.ms")
+        .map_or(MAX_POLL_INTERVAL_MS, String::as_str)
+        .parse::<u64>()
+        .unwrap_or(300_000);
+    Duration::from_millis(ms / 5 * 4)
 }
 
 /// How long a fenced changelog transaction is tried again with the consumer's metadata of now.

@@ -289,3 +289,89 @@ fn a_daemon_started_without_a_broker_waits_for_it() {
     let (code, _) = daemon.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// A broker stopped in the middle of a serving replica's restore: the restore ends with an error
+/// within a bound (30 s without a record read, errors included), the replica is never ready
+/// meanwhile, and it stops with the error named (to be restarted) instead of waiting for ever.
+#[test]
+fn a_broker_stopped_mid_restore_ends_the_restore_with_an_error_within_a_bound() {
+    let _machine = share_the_machine();
+    let port = free_port();
+    let broker = Broker::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::named(dir.path(), 1);
+    f.create_on(&broker.addr).unwrap();
+    // a stores 3,000 users; their records fill the changelog
+    let a = Daemon::start(
+        &f.replica_env_on(&broker.addr, dir.path(), "a"),
+        free_port(),
+    );
+    let p = broker.producer();
+    for u in 0..3000 {
+        let user = format!("u{u}");
+        let event = click_event(&user, &format!("i{}", u % 50));
+        send(
+            &p,
+            BaseRecord::to(&f.setup.clicks)
+                .key(user.as_bytes())
+                .payload(&event[..]),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    a.wait_for(Duration::from_secs(90), "every user stored", |d| {
+        d.metric("multivaed_store_users", "") >= 3000.0
+    });
+    a.terminate();
+    // b, with an empty disk, freezes itself after the first chunk it restores
+    let mut env = f.replica_env_on(&broker.addr, dir.path(), "b");
+    env.push(("MULTIVAED_STOP_AT".into(), "restore.applied:1".into()));
+    let mut b = Daemon::start(&env, free_port());
+    let pid = b.child.id();
+    let frozen = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "T"))
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !frozen(pid) {
+        assert!(Instant::now() < deadline, "b never reached its restore");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // the broker goes away for good, then b goes on restoring
+    let stopped = Broker::script(port, "stop").status().unwrap().success();
+    assert!(stopped, "scripts/kafka.sh stop");
+    let thawed = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let code = loop {
+        if let Ok(Some(s)) = b.child.try_wait() {
+            break s.code();
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(90),
+            "the restore did not end within 90 s of the broker's going"
+        );
+        assert_ne!(
+            status(&b, "/readyz"),
+            200,
+            "ready while a partition is not restored"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let took = thawed.elapsed();
+    eprintln!(
+        "restore ended {:.1} s after the broker stopped",
+        took.as_secs_f64()
+    );
+    assert_ne!(code, Some(0), "b stops with an error");
+    assert!(
+        b.log_contains("cannot restore partition 0"),
+        "the error names the partition"
+    );
+    drop(broker);
+}
