@@ -79,6 +79,20 @@ impl ControlKey {
         tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The record's headers: its signature under [`SIGNATURE_HEADER`].
+    pub fn headers(
+        &self,
+        topic: Topic,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> rdkafka::message::OwnedHeaders {
+        let signature = self.sign(topic, key, value);
+        rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: SIGNATURE_HEADER,
+            value: Some(signature.as_str()),
+        })
+    }
+
     /// Whether `signature` (the header's value, hex) is this key's for the record; checked in
     /// constant time.
     pub fn verify(

@@ -46,6 +46,31 @@ pub fn producer(k: &KafkaConfig) -> Result<FutureProducer> {
     .map_err(|e| client_error("cannot create the Kafka producer", e))
 }
 
+/// How long one step of a transaction (init, commit, abort, offsets) may take.
+pub const TXN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A transactional producer under `id` (`what` names it in errors), initialised: that fences
+/// every earlier producer of the same id — an earlier incarnation, a deposed writer — whose
+/// later writes the broker then refuses.
+pub fn transactional_producer(k: &KafkaConfig, id: &str, what: &str) -> Result<FutureProducer> {
+    use rdkafka::producer::Producer;
+    let p: FutureProducer = client_config(
+        &k.brokers,
+        &[
+            ("transactional.id", id),
+            ("transaction.timeout.ms", "60000"),
+            ("message.timeout.ms", "30000"),
+            ("linger.ms", "1"),
+        ],
+        &k.properties,
+    )
+    .create()
+    .map_err(|e| client_error(&format!("cannot create {what}"), e))?;
+    p.init_transactions(TXN_TIMEOUT)
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot initialise {what}")))?;
+    Ok(p)
+}
+
 /// The producer of dead letters and recommendations, replaced when librdkafka reports it
 /// unusable: after a fatal error (an idempotent producer fenced after an outage, say) an
 /// instance never sends again and librdkafka requires a new one.

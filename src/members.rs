@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::config::KafkaConfig;
-use crate::control::{ControlKey, Topic, SIGNATURE_HEADER};
+use crate::control::{ControlKey, Topic};
 use crate::kafka::Producers;
 use crate::shutdown::Shutdown;
 
@@ -89,11 +89,7 @@ impl Announcer {
     }
 
     fn send(&self, value: Option<&[u8]>) {
-        let signature = self.key.sign(Topic::Members, self.id.as_bytes(), value);
-        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: SIGNATURE_HEADER,
-            value: Some(signature.as_str()),
-        });
+        let headers = self.key.headers(Topic::Members, self.id.as_bytes(), value);
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic)
             .partition(0)
             .key(self.id.as_str())

@@ -65,7 +65,6 @@ pub fn write_control_record(
     value: Option<&[u8]>,
     key: Option<&str>,
 ) {
-    use rdkafka::message::{Header, OwnedHeaders};
     let p = producer();
     let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
         .partition(0)
@@ -74,15 +73,8 @@ pub fn write_control_record(
         rec = rec.payload(v);
     }
     if let Some(k) = key {
-        let signature = multivaed::control::ControlKey::new(k.as_bytes()).sign(
-            kind,
-            record_key.as_bytes(),
-            value,
-        );
-        rec = rec.headers(OwnedHeaders::new().insert(Header {
-            key: multivaed::control::SIGNATURE_HEADER,
-            value: Some(signature.as_str()),
-        }));
+        let signer = multivaed::control::ControlKey::new(k.as_bytes());
+        rec = rec.headers(signer.headers(kind, record_key.as_bytes(), value));
     }
     send(&p, rec);
     p.flush(Duration::from_secs(30))

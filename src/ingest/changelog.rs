@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, client_error, EofReader};
+use crate::kafka::{client_config, client_error, transactional_producer, EofReader, TXN_TIMEOUT};
 use crate::store::{ChangelogPosition, HistoryIds, Store};
 
 /// The key of a partition's marker: user ids never hold control characters.
@@ -119,9 +119,6 @@ fn is_fenced(e: &KafkaError) -> bool {
     )
 }
 
-/// How long a transaction step may take.
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
-
 impl Changelog {
     /// The writer of `topic` for the replica `owner`: its transactional id is
     /// `<group_id>.changelog.<owner>`, so a restarted replica fences its previous incarnation.
@@ -172,26 +169,12 @@ impl Changelog {
     /// The transactional producer, created and initialised (fencing an earlier incarnation of
     /// this replica) when there is none.
     fn producer(&self) -> Result<FutureProducer> {
-        use rdkafka::producer::Producer;
         let mut slot = self.producer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = slot.as_ref() {
             return Ok(p.clone());
         }
         let id = format!("{}.changelog.{}", self.kafka.group_id, self.owner);
-        let p: FutureProducer = client_config(
-            &self.kafka.brokers,
-            &[
-                ("transactional.id", &id),
-                ("transaction.timeout.ms", "60000"),
-                ("message.timeout.ms", "30000"),
-                ("linger.ms", "1"),
-            ],
-            &self.kafka.properties,
-        )
-        .create()
-        .map_err(|e| client_error("cannot create the changelog's transactional producer", e))?;
-        p.init_transactions(TXN_TIMEOUT)
-            .context("cannot initialise the changelog's transactions")?;
+        let p = transactional_producer(&self.kafka, &id, "the changelog's transactional producer")?;
         *slot = Some(p.clone());
         Ok(p)
     }

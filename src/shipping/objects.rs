@@ -141,21 +141,6 @@ impl Objects {
         Ok(())
     }
 
-    /// Reads a file whole.
-    pub async fn get(&self, folder: &str, name: &str) -> Result<Vec<u8>> {
-        let path = self.path(folder, name);
-        let got = self
-            .store
-            .get(&path)
-            .await
-            .with_context(|| format!("cannot read {}{name}", self.uri(folder)))?;
-        Ok(got
-            .bytes()
-            .await
-            .with_context(|| format!("cannot read {}{name}", self.uri(folder)))?
-            .to_vec())
-    }
-
     /// Downloads an announced file into an unnamed file in `dir`, hashing it on the way, and
     /// maps it: refused before any byte is read when the announcement says it is larger than
     /// `max_bytes`, cut off as soon as more than announced arrives, refused when its size or
@@ -308,12 +293,22 @@ mod tests {
             ..ModelsConfig::default()
         };
         let o = Objects::open(&config).unwrap();
+        let downloads = dir.path().join("downloads");
+        let read = |o: &Objects, folder: &'static str, bytes: &'static [u8]| {
+            let (o, downloads) = (o.clone(), downloads.clone());
+            async move {
+                let d = FileDigest::of("a.bin", bytes);
+                o.download(folder, &d, u64::MAX, &downloads)
+                    .await
+                    .map(|m| m.to_vec())
+            }
+        };
         o.put("v0000000001-e1", "a.bin", vec![1, 2, 3])
             .await
             .unwrap();
         o.put("v0000000002-e1", "a.bin", vec![4]).await.unwrap();
         assert_eq!(
-            o.get("v0000000001-e1", "a.bin").await.unwrap(),
+            read(&o, "v0000000001-e1", &[1, 2, 3]).await.unwrap(),
             vec![1, 2, 3]
         );
         assert_eq!(o.size("v0000000002-e1", "a.bin").await.unwrap(), Some(1));
@@ -346,7 +341,7 @@ mod tests {
         assert_eq!(names, ["v0000000001-e1", "v0000000002-e1"]);
         assert_eq!(parse_folder("v0000000042-e3"), Some((42, 3)));
         o.delete_folder("v0000000001-e1").await.unwrap();
-        assert!(o.get("v0000000001-e1", "a.bin").await.is_err());
+        assert!(read(&o, "v0000000001-e1", &[1, 2, 3]).await.is_err());
         assert!(o.uri("x").starts_with("file://"));
         // a URL to the same directory reads the same files
         let url = ModelsConfig {
@@ -354,7 +349,7 @@ mod tests {
             ..ModelsConfig::default()
         };
         let again = Objects::open(&url).unwrap();
-        assert_eq!(again.get("v0000000002-e1", "a.bin").await.unwrap(), vec![4]);
+        assert_eq!(read(&again, "v0000000002-e1", &[4]).await.unwrap(), vec![4]);
         let bad = ModelsConfig {
             store: "s3://bucket/p".into(),
             options: [("no_such_option".to_string(), "1".to_string())].into(),

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 
 use super::log::{ModelLog, Read, Record};
 use crate::config::KafkaConfig;
-use crate::control::{ControlKey, Topic, SIGNATURE_HEADER};
-use crate::kafka::{client_config, client_error, EofReader};
+use crate::control::{ControlKey, Topic};
+use crate::kafka::{client_config, client_error, transactional_producer, EofReader, TXN_TIMEOUT};
 use crate::shutdown::Shutdown;
 
 /// The models topic as this process has read it so far; wakes its watchers on every record.
@@ -207,9 +207,6 @@ pub struct Publisher {
     producer: std::sync::Mutex<Option<FutureProducer>>,
 }
 
-/// How long a transaction step may take.
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
-
 impl Publisher {
     pub fn new(kafka: &KafkaConfig, trainer_group: &str) -> Self {
         Self {
@@ -222,20 +219,11 @@ impl Publisher {
     /// Takes the transactional id over (blocking): a new producer, initialised, fencing the
     /// previous holder's.
     pub fn take_over(&self) -> Result<()> {
-        use rdkafka::producer::Producer;
-        let p: FutureProducer = client_config(
-            &self.kafka.brokers,
-            &[
-                ("transactional.id", &self.id),
-                ("transaction.timeout.ms", "60000"),
-                ("message.timeout.ms", "30000"),
-            ],
-            &self.kafka.properties,
-        )
-        .create()
-        .map_err(|e| client_error("cannot create the models topic's transactional producer", e))?;
-        p.init_transactions(TXN_TIMEOUT)
-            .context("cannot take over the models topic's transactional id")?;
+        let p = transactional_producer(
+            &self.kafka,
+            &self.id,
+            "the models topic's transactional producer",
+        )?;
         *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         Ok(())
     }
@@ -304,11 +292,7 @@ pub async fn write(
     signer: &ControlKey,
 ) -> Result<i64> {
     let value = record.map(serde_json::to_vec).transpose()?;
-    let signature = signer.sign(Topic::Models, key.as_bytes(), value.as_deref());
-    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-        key: SIGNATURE_HEADER,
-        value: Some(signature.as_str()),
-    });
+    let headers = signer.headers(Topic::Models, key.as_bytes(), value.as_deref());
     let mut r: FutureRecord<'_, str, Vec<u8>> = FutureRecord::to(topic)
         .partition(0)
         .key(key)
