@@ -44,12 +44,24 @@ impl Fleet {
 
     /// Creates every topic of the fleet on the broker at `bootstrap`.
     pub fn create_on(&self, bootstrap: &str) -> Result<()> {
+        self.create_with(bootstrap, self.partitions, COMPACTED, COMPACTED)
+    }
+
+    /// Creates every topic of the fleet on the broker at `bootstrap`, the changelog with
+    /// `changelog_partitions` and the settings `changelog`, the members topic with `members`.
+    pub fn create_with(
+        &self,
+        bootstrap: &str,
+        changelog_partitions: i32,
+        changelog: &[(&str, &str)],
+        members: &[(&str, &str)],
+    ) -> Result<()> {
         try_create_topics_with(
             bootstrap,
             &[
                 (&self.setup.clicks, self.partitions, &[]),
-                (&self.changelog, self.partitions, COMPACTED),
-                (&self.members, 1, COMPACTED),
+                (&self.changelog, changelog_partitions, changelog),
+                (&self.members, 1, members),
                 (&self.models, 1, COMPACTED),
                 (&self.setup.recs, 1, &[]),
                 (&self.setup.dlq, 1, &[]),

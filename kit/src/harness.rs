@@ -372,6 +372,14 @@ pub fn read_all_on(bootstrap: &str, topic: &str, partitions: i32, idle: Duration
     out
 }
 
+/// Whether the process `pid` is stopped (SIGSTOP, or frozen by `MULTIVAED_STOP_AT`).
+pub fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "T"))
+        .unwrap_or(false)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

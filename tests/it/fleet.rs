@@ -524,18 +524,7 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
     );
     // a changelog with another partition count than the clicks topic: refused at start, named
     let g = Fleet::named(dir.path(), 3);
-    try_create_topics_with(
-        &brokers(),
-        &[
-            (&g.setup.clicks, 3, &[]),
-            (&g.changelog, 2, COMPACTED),
-            (&g.members, 1, COMPACTED),
-            (&g.models, 1, COMPACTED),
-            (&g.setup.recs, 1, &[]),
-            (&g.setup.dlq, 1, &[]),
-        ],
-    )
-    .unwrap();
+    g.create_with(&brokers(), 2, COMPACTED, COMPACTED).unwrap();
     let (ok, _, err) = run_cli(&g, &["run"], &[]);
     assert!(!ok, "{err}");
     assert!(
@@ -564,18 +553,8 @@ fn topics_are_created_and_checked_and_a_wrong_changelog_is_refused_at_start() {
         let k = Fleet::named(dir.path(), 3);
         let both: &[(&str, &str)] = &[("cleanup.policy", "compact,delete")];
         let policy = |name: &str| if name == which { both } else { COMPACTED };
-        try_create_topics_with(
-            &brokers(),
-            &[
-                (&k.setup.clicks, 3, &[]),
-                (&k.changelog, 3, policy("changelog")),
-                (&k.members, 1, policy("members")),
-                (&k.models, 1, COMPACTED),
-                (&k.setup.recs, 1, &[]),
-                (&k.setup.dlq, 1, &[]),
-            ],
-        )
-        .unwrap();
+        k.create_with(&brokers(), 3, policy("changelog"), policy("members"))
+            .unwrap();
         let (ok, _, err) = run_cli(&k, &["run"], &[]);
         assert!(!ok, "{which}: {err}");
         assert!(
@@ -1008,17 +987,7 @@ fn a_revoked_partitions_local_copy_is_deleted_after_the_cleanup_delay() {
     let env = replica_env(&f, dir.path(), "a");
     a.terminate();
     b.terminate();
-    let file = dir.path().join("a.jsonl");
-    let (ok, _, err) = run_multivaed(&env, &["export", "--output", file.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    let exported: HashSet<String> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["user_id"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let exported = exported_users(&env, &dir.path().join("a.jsonl"));
     assert_eq!(exported, mine, "a's export holds its own partitions' users");
     assert!(!exported.contains(&forgotten));
 }
@@ -1027,23 +996,14 @@ fn a_revoked_partitions_local_copy_is_deleted_after_the_cleanup_delay() {
 /// whose tombstones live one second).
 fn fast_compacting_fleet(dir: &std::path::Path) -> Fleet {
     let f = Fleet::named(dir, PARTITIONS);
-    try_create_topics_with(
-        &brokers(),
-        &[
-            (&f.setup.clicks, PARTITIONS, &[]),
-            (&f.changelog, PARTITIONS, FAST_COMPACTION),
-            (&f.members, 1, COMPACTED),
-            (&f.models, 1, COMPACTED),
-            (&f.setup.recs, 1, &[]),
-            (&f.setup.dlq, 1, &[]),
-        ],
-    )
-    .unwrap();
+    f.create_with(&brokers(), PARTITIONS, FAST_COMPACTION, COMPACTED)
+        .unwrap();
     f
 }
 
-/// The users `multivaed export` writes from the data directory of `env`'s process.
-fn exported_users(env: &[(String, String)], file: &std::path::Path) -> HashSet<String> {
+/// What `multivaed export` writes from the data directory of `env`'s process (through `file`):
+/// each user's items.
+fn exported(env: &[(String, String)], file: &std::path::Path) -> HashMap<String, HashSet<String>> {
     let (ok, _, err) = run_multivaed(env, &["export", "--output", file.to_str().unwrap()]);
     assert!(ok, "{err}");
     std::fs::read_to_string(file)
@@ -1051,9 +1011,20 @@ fn exported_users(env: &[(String, String)], file: &std::path::Path) -> HashSet<S
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["user_id"].as_str().unwrap().to_string()
+            let items = v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_str().unwrap().to_string())
+                .collect();
+            (v["user_id"].as_str().unwrap().to_string(), items)
         })
         .collect()
+}
+
+/// The users of [`exported`].
+fn exported_users(env: &[(String, String)], file: &std::path::Path) -> HashSet<String> {
+    exported(env, file).into_keys().collect()
 }
 
 /// Away past the horizon: replica a and a trainer store every user and stop; replica b takes
@@ -1242,23 +1213,7 @@ fn a_zombies_late_write_never_wins_even_after_compaction() {
     std::thread::sleep(Duration::from_secs(2));
     let env = f.trainer_env(dir.path(), "t");
     t.terminate();
-    let file = dir.path().join("trainer.jsonl");
-    let (ok, _, err) = run_multivaed(&env, &["export", "--output", file.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    let exported: HashMap<String, HashSet<String>> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let items = v["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_str().unwrap().to_string())
-                .collect();
-            (v["user_id"].as_str().unwrap().to_string(), items)
-        })
-        .collect();
+    let exported = exported(&env, &dir.path().join("trainer.jsonl"));
     assert_eq!(exported, sent, "the trainer's store");
 }
 

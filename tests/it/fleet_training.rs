@@ -470,13 +470,6 @@ fn every_replica_serves_each_announced_version_beats_popularity_and_follows_a_ro
 }
 
 /// Whether a process is stopped (SIGSTOP), from /proc.
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "T"))
-        .unwrap_or(false)
-}
-
 fn signal(pid: u32, sig: &str) {
     let _ = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -573,7 +566,7 @@ fn a_standby_takes_over_from_a_killed_trainer_and_a_thawed_deposed_one_is_ignore
     wait_until(
         Duration::from_secs(120),
         "t2 frozen before its announcement",
-        || stopped(pid2),
+        || process_stopped(pid2),
     );
     let t3 = Daemon::start(&f.trainer_env(dir.path(), "t3"), free_port());
     wait_until(Duration::from_secs(120), "a version from t3", || {

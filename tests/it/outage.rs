@@ -327,14 +327,8 @@ fn a_broker_stopped_mid_restore_ends_the_restore_with_an_error_within_a_bound() 
     env.push(("MULTIVAED_STOP_AT".into(), "restore.applied:1".into()));
     let mut b = Daemon::start(&env, free_port());
     let pid = b.child.id();
-    let frozen = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "T"))
-            .unwrap_or(false)
-    };
     let deadline = Instant::now() + Duration::from_secs(90);
-    while !frozen(pid) {
+    while !process_stopped(pid) {
         assert!(Instant::now() < deadline, "b never reached its restore");
         std::thread::sleep(Duration::from_millis(100));
     }
