@@ -39,7 +39,7 @@ use crate::kafka::{client_config, client_error};
 use crate::metrics::Metrics;
 use crate::online::OnlineEval;
 use crate::shutdown::Shutdown;
-use crate::store::{Applied, Change, PartitionOffset, Store};
+use crate::store::{Applied, Change, ChangelogPosition, PartitionOffset, Store};
 use crate::wire::{parse_event, Event};
 
 /// What ingestion uses: the clicks topic's settings, the store it writes, the activity record
@@ -1035,6 +1035,37 @@ fn write_changelog(
     group: Option<Group>,
     shutdown: &Shutdown,
 ) -> Result<()> {
+    let (ids, users, markers) = batch_records(fleet, store, applied, replayed, offsets)?;
+    let written = commit_batch(fleet, &users, &markers, offsets, group, shutdown);
+    let positions = match written {
+        Ok(p) => p,
+        Err(WriteError::Fenced(e)) => {
+            fleet.transactions.with_label_values(&["fenced"]).inc();
+            warn!(error = %e, users = ids.len(), "the changelog transaction was fenced (the consumer group moved on): aborted; its users are written again with the next batch of a partition still owned");
+            *fleet.unwritten.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+            return Ok(());
+        }
+        Err(e) if shutdown.is_set() => {
+            // stored but not in the changelog: the next owner re-consumes from the last marker
+            warn!(error = %e, "shutdown before the changelog had the last batch");
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::anyhow!("cannot write the changelog: {e}")),
+    };
+    fleet.transactions.with_label_values(&["committed"]).inc();
+    note_written(fleet, store, positions)
+}
+
+/// A stored batch's changelog records: the ids of every user to write (changed, re-consumed,
+/// forgotten, left out by a fenced transaction before), the records of those in partitions still
+/// owned (a tombstone for a user the store no longer holds), and each owned partition's marker.
+fn batch_records(
+    fleet: &Fleet,
+    store: &Store,
+    applied: &Applied,
+    replayed: &[String],
+    offsets: &[PartitionOffset],
+) -> Result<(Vec<String>, Vec<UserRecord>, Vec<Marker>)> {
     let owned = |p: i32| fleet.ownership.epoch(p);
     let mut ids: Vec<String> = Vec::with_capacity(applied.changed_users.len() + replayed.len());
     for &u in &applied.changed_users {
@@ -1070,71 +1101,68 @@ fn write_changelog(
             })
         })
         .collect();
-    let offsets_of = || {
+    Ok((ids, users, markers))
+}
+
+/// Writes a batch's records and markers in one transaction with the owned partitions' clicks
+/// offsets and the group's metadata from when the batch was consumed. The group may only have
+/// moved on to a generation this replica is still a member of (any rebalance does that): for
+/// [`REFRESH_FOR`] a fenced transaction is tried again with the consumer's metadata of now. A
+/// member the group dropped cannot rejoin while this batch holds the revocation back, so its
+/// metadata stays refused.
+fn commit_batch(
+    fleet: &Fleet,
+    users: &[UserRecord],
+    markers: &[Marker],
+    offsets: &[PartitionOffset],
+    group: Option<Group>,
+    shutdown: &Shutdown,
+) -> Result<Vec<(i32, ChangelogPosition)>, WriteError> {
+    let consumed = |group| {
         let mut tpl = TopicPartitionList::new();
-        for o in offsets.iter().filter(|o| owned(o.partition).is_some()) {
+        for o in offsets.iter().filter(|o| fleet.ownership.owns(o.partition)) {
             let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
         }
-        tpl
+        Consumed {
+            offsets: tpl,
+            group,
+        }
     };
-    let (mut consumed, consumer) = match group {
-        Some(g) => (
-            Some(Consumed {
-                offsets: offsets_of(),
-                group: g.metadata,
-            }),
-            Some(g.consumer),
-        ),
+    let (mut current, consumer) = match group {
+        Some(g) => (Some(consumed(g.metadata)), Some(g.consumer)),
         None => (None, None),
     };
     let deadline = Instant::now() + REFRESH_FOR;
-    let written = loop {
+    loop {
         let attempt = fleet
             .changelog
-            .write(&users, &markers, consumed.as_ref(), || !shutdown.is_set());
-        // the group may only have moved on to a generation this replica is still a member of
-        // (any rebalance does that): again with the consumer's metadata of now. A member the
-        // group dropped cannot rejoin while this batch holds the revocation back, so its
-        // metadata stays refused.
+            .write(users, markers, current.as_ref(), || !shutdown.is_set());
         let fresh = match (&attempt, &consumer) {
             (Err(WriteError::Fenced(_)), Some(c)) if Instant::now() < deadline => {
                 c.group_metadata()
             }
             _ => None,
         };
-        match fresh {
-            Some(metadata) => {
-                info!("the changelog transaction met a newer group generation: trying again with the consumer's metadata of now");
-                consumed = Some(Consumed {
-                    offsets: offsets_of(),
-                    group: metadata,
-                });
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            None => break attempt,
-        }
-    };
-    let positions = match written {
-        Ok(p) => p,
-        Err(WriteError::Fenced(e)) => {
-            fleet.transactions.with_label_values(&["fenced"]).inc();
-            warn!(error = %e, users = ids.len(), "the changelog transaction was fenced (the consumer group moved on): aborted; its users are written again with the next batch of a partition still owned");
-            *fleet.unwritten.lock().unwrap_or_else(|e| e.into_inner()) = ids;
-            return Ok(());
-        }
-        Err(e) if shutdown.is_set() => {
-            // stored but not in the changelog: the next owner re-consumes from the last marker
-            warn!(error = %e, "shutdown before the changelog had the last batch");
-            return Ok(());
-        }
-        Err(e) => return Err(anyhow::anyhow!("cannot write the changelog: {e}")),
-    };
-    fleet.transactions.with_label_values(&["committed"]).inc();
+        let Some(metadata) = fresh else {
+            return attempt;
+        };
+        info!("the changelog transaction met a newer group generation: trying again with the consumer's metadata of now");
+        current = Some(consumed(metadata));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// After a committed batch: each partition's changelog position, the time its copy was last in
+/// sync (its only writer wrote it), and the end of a replay the batch reached.
+fn note_written(
+    fleet: &Fleet,
+    store: &Store,
+    positions: Vec<(i32, ChangelogPosition)>,
+) -> Result<()> {
     let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
     let now = crate::wire::now_ms();
     for (p, position) in positions {
         store.set_changelog_position(p, position)?;
-        // its only writer: the copy is in sync
         store.set_synced(p, now)?;
         if replay
             .get(&p)
