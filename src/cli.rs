@@ -337,6 +337,17 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         "{} test users, {} items, {:.3} s per training epoch",
         report.users.test, report.items, m.train_seconds_per_epoch
     );
+    if let Some(s) = &report.scoring {
+        println!(
+            "scoring: exact NDCG@100 {:.5} at {:.0} users/s, int8 {:.5} at {:.0} users/s; identical top 10 {:.2}%, top 100 {:.2}%",
+            s.exact_ndcg100,
+            s.exact_users_per_second,
+            s.int8_ndcg100,
+            s.int8_users_per_second,
+            100.0 * s.top10_identical_share,
+            100.0 * s.top100_identical_share
+        );
+    }
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["peak_rss_bytes"] = multivaed::metrics::peak_rss_bytes(None).into();
@@ -424,7 +435,22 @@ fn run_export(args: ExportArgs) -> Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let users = store.export(|user_id, history| {
+    // a serving replica's export holds the users of the partitions it holds, not of those it
+    // gave up and keeps only until serve.state_cleanup_delay
+    let (given_up, partitions) = store.given_up()?;
+    let partitioner = config.kafka.partitioner;
+    let kept = |user: &str| match partitions {
+        Some(n) if !given_up.is_empty() => {
+            !given_up.contains(&partitioner.partition(user.as_bytes(), n))
+        }
+        _ => true,
+    };
+    let mut users = 0u64;
+    store.export(|user_id, history| {
+        if !kept(user_id) {
+            return Ok(());
+        }
+        users += 1;
         let line = multivaed::store::ExportedHistory {
             user_id: user_id.to_string(),
             history,

@@ -211,6 +211,14 @@ pub struct ServeConfig {
     /// nothing stale lives on.
     #[serde(with = "humantime_serde")]
     pub state_cleanup_delay: Duration,
+    /// Role `serve`: the longest one partition's restore from the changelog may take; past it
+    /// the restore fails with an error (the replica stops, to be restarted).
+    #[serde(with = "humantime_serde")]
+    pub restore_timeout: Duration,
+    /// How the catalogue is scored: `int8` (a reduced-precision candidate pass where the CPU has
+    /// AVX-512 VNNI and the catalogue is large enough to gain from it, then the candidates
+    /// re-ranked exactly) or `exact` (every item in fp32).
+    pub scoring: crate::model::Scoring,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -464,6 +472,8 @@ impl Default for ServeConfig {
             max_dirty_users: 1_000_000,
             online_eval_users: 100_000,
             state_cleanup_delay: Duration::from_secs(600),
+            restore_timeout: Duration::from_secs(1800),
+            scoring: crate::model::Scoring::Int8,
         }
     }
 }
@@ -593,11 +603,13 @@ impl Config {
             fig = fig.merge(Toml::file(p));
         }
         // not configuration: MULTIVAED_CONFIG names the file (clap), MULTIVAED_CRASH_AT,
-        // MULTIVAED_PANIC_AT and MULTIVAED_STOP_AT are the fault-injection hooks, MULTIVAED_TOOLS is where the
+        // MULTIVAED_PANIC_AT, MULTIVAED_STOP_AT and MULTIVAED_DELAY_AT are the fault-injection hooks, MULTIVAED_TOOLS is where the
         // project's scripts install the test tools
         fig = fig.merge(
             Env::prefixed("MULTIVAED_")
-                .ignore(&["config", "crash_at", "panic_at", "stop_at", "tools"])
+                .ignore(&[
+                    "config", "crash_at", "panic_at", "stop_at", "delay_at", "tools",
+                ])
                 .filter(|k| property_suffix(k.as_str()).is_none())
                 .split("__"),
         );
@@ -815,6 +827,8 @@ mod tests {
                 "MULTIVAED_TOOLS",
                 "MULTIVAED_CRASH_AT",
                 "MULTIVAED_PANIC_AT",
+                "MULTIVAED_STOP_AT",
+                "MULTIVAED_DELAY_AT",
             ] {
                 jail.set_env(k, "x");
             }

@@ -129,7 +129,7 @@ fn signed_bytes(topic: Topic, key: &[u8], value: Option<&[u8]>) -> Vec<u8> {
 }
 
 fn unhex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 128 {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
         return None;
     }
     s.chunks(2)

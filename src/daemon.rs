@@ -143,6 +143,13 @@ impl Daemon {
             .with_label_values(&[&name])
             .set(1.0);
         info!(device = %name, "training device");
+        crate::model::set_scoring(self.config.serve.scoring);
+        info!(
+            scoring = ?self.config.serve.scoring,
+            int8_cpu = crate::model::int8_supported(),
+            min_items_for_int8 = crate::model::INT8_MIN_ITEMS,
+            "scoring"
+        );
         let listener = tokio::net::TcpListener::bind(self.config.http.listen)
             .await
             .with_context(|| format!("http.listen: cannot bind {}", self.config.http.listen))?;
@@ -190,7 +197,7 @@ impl Daemon {
 
     /// Checks that the role's topics exist (and, for a fleet role, are as it needs them);
     /// returns how long a local copy of a changelog partition may be away (a fleet role).
-    async fn check_topics(&self) -> Result<crate::ingest::Horizon> {
+    async fn check_topics(&self) -> Result<crate::fleet::Horizon> {
         let checker = crate::kafka::checker(&self.config.kafka)?;
         let wanted: Vec<(&'static str, String)> = crate::topics::topics(&self.config)
             .into_iter()
@@ -201,7 +208,12 @@ impl Daemon {
         let partitions = tokio::task::spawn_blocking(move || {
             use rdkafka::consumer::Consumer;
             let watch = checker.client().context();
-            crate::kafka::check_topics(checker.client(), &wanted, &clicks, || watch.refused())
+            // the client's errors reach its context when it is polled: polled before asking
+            let refused = || {
+                let _ = checker.poll(Duration::from_millis(200));
+                watch.refused()
+            };
+            crate::kafka::check_topics(checker.client(), &wanted, &clicks, refused)
         })
         .await
         .context("cannot check the topics")??;
@@ -210,9 +222,9 @@ impl Daemon {
             let n = partitions.with_context(|| format!("role {}: the cluster did not say how many partitions the clicks topic has; retry when it answers", self.config.role.name()))?;
             self.ownership.set_partitions(n);
             let retention = check_fleet_topics(&self.config).await?;
-            return Ok(crate::ingest::Horizon::of(retention));
+            return Ok(crate::fleet::Horizon::of(retention));
         }
-        Ok(crate::ingest::Horizon::default())
+        Ok(crate::fleet::Horizon::default())
     }
 
     /// Ingest, scoring and publishing (roles `all` and `serve`).
@@ -220,7 +232,7 @@ impl Daemon {
         &self,
         stages: &mut JoinSet<(&'static str, Result<()>)>,
         producers: &Arc<crate::kafka::Producers>,
-        horizon: crate::ingest::Horizon,
+        horizon: crate::fleet::Horizon,
     ) -> Result<()> {
         let ingest = self.ingest(producers, horizon);
         let consumer = ingest.consumer()?;
@@ -321,9 +333,9 @@ impl Daemon {
         &self,
         stages: &mut JoinSet<(&'static str, Result<()>)>,
         device: Device,
-        horizon: crate::ingest::Horizon,
+        horizon: crate::fleet::Horizon,
     ) -> Result<()> {
-        let reader = crate::ingest::ChangelogReader {
+        let reader = crate::fleet::ChangelogReader {
             kafka: self.config.kafka.clone(),
             horizon,
             store: self.store.clone(),
@@ -388,37 +400,50 @@ impl Daemon {
     fn ingest(
         &self,
         producers: &Arc<crate::kafka::Producers>,
-        horizon: crate::ingest::Horizon,
+        horizon: crate::fleet::Horizon,
     ) -> crate::ingest::Ingest {
         let key = self
             .control
             .clone()
             .filter(|_| self.config.role == Role::Serve);
-        let fleet = key.map(|key| {
-            let announcer = crate::members::Announcer {
-                topic: self.config.kafka.members(),
-                id: self.instance_id(),
-                http: self.config.http.advertised(),
-                producers: producers.clone(),
-                key,
-            };
-            Arc::new(crate::ingest::Fleet::new(
-                self.config.kafka.clone(),
-                announcer,
-                self.ownership.clone(),
-                self.config.serve.rescore_window,
-                self.config.serve.state_cleanup_delay,
-                horizon,
-                self.metrics.changelog_transactions.clone(),
-            ))
-        });
+        let partitions: Arc<dyn crate::ingest::Partitions> = match key {
+            Some(key) => {
+                let announcer = crate::members::Announcer {
+                    topic: self.config.kafka.members(),
+                    id: self.instance_id(),
+                    http: self.config.http.advertised(),
+                    producers: producers.clone(),
+                    key,
+                };
+                let serve = &self.config.serve;
+                Arc::new(crate::fleet::Replica::new(crate::fleet::ReplicaContext {
+                    kafka: self.config.kafka.clone(),
+                    announcer,
+                    ownership: self.ownership.clone(),
+                    store: self.store.clone(),
+                    activity: self.activity.clone(),
+                    shutdown: self.shutdown.clone(),
+                    rescore_window: serve.rescore_window,
+                    cleanup_delay: serve.state_cleanup_delay,
+                    restore_timeout: serve.restore_timeout,
+                    horizon,
+                    transactions: self.metrics.changelog_transactions.clone(),
+                    restore_records: self.metrics.restore_records.clone(),
+                    changelog_seconds: self.metrics.click_stage.with_label_values(&["changelog"]),
+                }))
+            }
+            None => Arc::new(crate::ingest::Standalone {
+                kafka: self.config.kafka.clone(),
+                store: self.store.clone(),
+            }),
+        };
         if self.config.kafka.positive_event_types.is_some() {
             warn!("kafka.positive_event_types is replaced by [events] types (with weights) and negative: its types count with weight 1, others are skipped");
         }
         crate::ingest::Ingest {
             kafka: self.config.kafka.clone(),
             event_types: self.config.event_types(),
-            fleet,
+            partitions,
             store: self.store.clone(),
             activity: self.activity.clone(),
             online: self.online.clone(),

@@ -97,7 +97,7 @@ pub(crate) async fn produce_at_rate(
                 r.context("cannot produce a click")?;
             }
         }
-        if sent % 1000 == 0 {
+        if sent.is_multiple_of(1000) {
             on_progress(sent);
         }
     }

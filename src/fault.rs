@@ -3,8 +3,10 @@
 //! crash point is passed; `MULTIVAED_PANIC_AT=name` panics the thread that passes the named
 //! panic point (a stage's bug, which supervision must turn into a stop);
 //! `MULTIVAED_STOP_AT=name[:n]` freezes the process (SIGSTOP to itself) the n-th time the named
-//! crash point is passed, to be thawed by the test (a replica frozen mid-batch). Unset, a point
-//! costs one atomic load.
+//! crash point is passed, to be thawed by the test (a replica frozen mid-batch);
+//! `MULTIVAED_DELAY_AT=name:ms` sleeps the thread that passes the named crash point for `ms`
+//! each time (a slow disk or a huge partition, while the rest of the process runs). Unset, a
+//! point costs one atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -27,6 +29,9 @@ fn spec(var: &str) -> Option<(String, u64)> {
 /// Marks a point where a crash must lose nothing acknowledged; aborts (or freezes) there when
 /// asked to.
 pub fn crash_point(name: &'static str) {
+    if let Some(d) = delay_at(name) {
+        std::thread::sleep(d);
+    }
     if let Some((target, n)) = TARGET.get_or_init(|| spec("MULTIVAED_CRASH_AT")) {
         if target == name && PASSED.fetch_add(1, Ordering::Relaxed) + 1 == *n {
             eprintln!("MULTIVAED_CRASH_AT: aborting at {name}");
@@ -41,6 +46,23 @@ pub fn crash_point(name: &'static str) {
                 .args(["-STOP", &std::process::id().to_string()])
                 .status();
         }
+    }
+}
+
+static DELAY_TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+
+/// The delay asked for at `name`, if any.
+fn delay_at(name: &str) -> Option<std::time::Duration> {
+    let (target, ms) = DELAY_TARGET
+        .get_or_init(|| spec("MULTIVAED_DELAY_AT"))
+        .as_ref()?;
+    (target == name).then(|| std::time::Duration::from_millis(*ms))
+}
+
+/// A point in a task where `MULTIVAED_DELAY_AT` may slow it down (a reader falling behind).
+pub async fn delay_point(name: &str) {
+    if let Some(d) = delay_at(name) {
+        tokio::time::sleep(d).await;
     }
 }
 

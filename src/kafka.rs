@@ -185,9 +185,15 @@ pub fn check_topics<C: rdkafka::ClientContext>(
     loop {
         let metadata = match client.fetch_metadata(None, Duration::from_secs(10)) {
             Ok(m) => m,
-            Err(_) if refused() => anyhow::bail!(
+            Err(e)
+                if refused()
+                    || e.rdkafka_error_code()
+                        == Some(rdkafka::types::RDKafkaErrorCode::Authentication) =>
+            {
+                anyhow::bail!(
                 "Kafka authentication failed: the broker refused this client's credentials (kafka.properties: security.protocol, sasl.mechanisms, sasl.username, sasl.password)"
-            ),
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check the topics now: the cluster does not answer");
                 return Ok(None);
@@ -308,12 +314,15 @@ pub async fn follow_topic(
             _ = stop.changed() => return Ok(()),
         };
         match m {
-            Ok(m) => apply(
-                m.offset(),
-                m.key().unwrap_or_default(),
-                m.payload(),
-                signature(&m),
-            ),
+            Ok(m) => {
+                apply(
+                    m.offset(),
+                    m.key().unwrap_or_default(),
+                    m.payload(),
+                    signature(&m),
+                );
+                crate::fault::delay_point(reader).await;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, topic, "{reader}: read error");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

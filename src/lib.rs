@@ -16,8 +16,9 @@
 //!   recommendations ([`wire`]); [`http`] answers pulls with the same ranking.
 //! - A fleet (roles `serve` and `train`): [`shipping`] carries the trainer's versions to the
 //!   serving replicas — files in an object store, announcements on a Kafka topic, the trainer
-//!   elected and fenced through Kafka — and loads them into their [`live`] slots; the trainer's
-//!   store is read from the changelog ([`ingest`]).
+//!   elected and fenced through Kafka — and loads them into their [`live`] slots; [`fleet`] is
+//!   the user state they share: a serving replica's partition life cycle (restore, claim, the
+//!   changelog written with each batch) and the trainer's reader of the changelog.
 //!
 //! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
 //! [`items`] (which items may be recommended: written by ingest from the items topic, read by
@@ -35,6 +36,7 @@ pub mod daemon;
 pub mod demo;
 pub mod eval;
 mod fault;
+mod fleet;
 mod health;
 mod http;
 mod ingest;
@@ -48,6 +50,7 @@ mod notify;
 mod online;
 mod ownership;
 pub mod partition;
+mod retry;
 pub mod serve;
 pub mod shipping;
 mod shutdown;

@@ -2,8 +2,8 @@
 //! on counters, never a user or item id in a label).
 
 use prometheus::{
-    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// The daemon's metrics, registered in their own registry.
@@ -23,6 +23,7 @@ pub(crate) struct Metrics {
     pub ingest_batches: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub partitions_assigned: IntGauge,
+    pub partitions_owned: IntGauge,
     pub partitions_restoring: IntGauge,
     pub restore_records: IntCounter,
     pub store_users: IntGauge,
@@ -48,6 +49,8 @@ pub(crate) struct Metrics {
     pub recommendations_published: IntCounterVec,
     pub publish_errors: IntCounter,
     pub click_to_recommendation: Histogram,
+    /// Where a click's time goes, stage by stage (`stage` label): see the help text.
+    pub click_stage: HistogramVec,
     pub rescore_to_recommendation: Histogram,
     pub rescores_dropped: IntCounter,
     pub dead_letters_truncated: IntCounter,
@@ -86,12 +89,12 @@ impl Metrics {
             r.register(Box::new(m.clone()))?;
             Ok(m)
         }
-        let lat = |name: &str, help: &str| {
-            Histogram::with_opts(
-                HistogramOpts::new(name, help)
-                    .buckets(exponential_buckets(0.0005, 2.0, 18).expect("valid buckets")),
-            )
+        // latency buckets: 0.5 ms to ~65 s, each twice the last
+        let lat_opts = |name: &str, help: &str| {
+            HistogramOpts::new(name, help)
+                .buckets(exponential_buckets(0.0005, 2.0, 18).expect("valid buckets"))
         };
+        let lat = |name: &str, help: &str| Histogram::with_opts(lat_opts(name, help));
         let m = Self {
             events_consumed: reg(r, IntCounter::new("multivaed_events_consumed_total", "Click-topic messages consumed")?)?,
             events_rejected: reg(
@@ -172,6 +175,10 @@ impl Metrics {
             partitions_assigned: reg(
                 r,
                 IntGauge::new("multivaed_partitions_assigned", "Click-topic partitions assigned to this instance")?,
+            )?,
+            partitions_owned: reg(
+                r,
+                IntGauge::new("multivaed_partitions_owned", "Click-topic partitions this instance consumes: assigned and, in role serve, restored and claimed")?,
             )?,
             partitions_restoring: reg(
                 r,
@@ -292,6 +299,16 @@ impl Metrics {
                 lat(
                     "multivaed_click_to_recommendation_seconds",
                     "From a click's receipt to its user's new recommendation being delivered",
+                )?,
+            )?,
+            click_stage: reg(
+                r,
+                HistogramVec::new(
+                    lat_opts(
+                        "multivaed_click_stage_seconds",
+                        "A click's path by stage: store (a batch's store write and fsync), changelog (role serve: the batch's changelog transaction), to_scoring (a click's receipt to its user's scoring batch starting), scoring (a scoring batch), delivery (a scoring batch with clicks in it: its end to every recommendation delivered)",
+                    ),
+                    &["stage"],
                 )?,
             )?,
             rescore_to_recommendation: reg(
@@ -506,6 +523,13 @@ impl Metrics {
                 .with_label_values(&[c])
                 .set(i64::from(cause == Some(c)));
         }
+    }
+
+    /// Partitions owned: those assigned less those still restoring.
+    pub(crate) fn note_owned(&self) {
+        let restoring = self.partitions_restoring.get();
+        self.partitions_owned
+            .set((self.partitions_assigned.get() - restoring).max(0));
     }
 
     pub(crate) fn set_store_counts(&self, counts: crate::store::StoreCounts) {

@@ -1,6 +1,6 @@
 //! `Ownership`: which clicks partitions this replica owns now, and under which epoch. Written
-//! only by ingest's rebalance callback (a partition is owned once it is restored, and stops
-//! being owned the moment it is revoked); read by the scorer (only the owner publishes for a
+//! only by the replica's partition life cycle (`fleet::Replica`: a partition is owned once it is
+//! restored and claimed, and stops being owned the moment it is revoked); read by the scorer (only the owner publishes for a
 //! user) and by HTTP (only the owner answers a pull). A user belongs to the partition the
 //! producers' partitioner puts their key on. The `all` role owns every user.
 
@@ -93,6 +93,13 @@ impl Ownership {
     }
 
     /// The clicks topic's partition count, once known.
+    /// The clicks topic's partition count (1 for role `all`).
+    pub fn partition_count(&self) -> i32 {
+        self.partitioned.as_ref().map_or(1, |p| {
+            p.partitions.load(std::sync::atomic::Ordering::Acquire)
+        })
+    }
+
     pub(crate) fn set_partitions(&self, n: i32) {
         if let Some(p) = &self.partitioned {
             p.partitions

@@ -115,7 +115,12 @@ impl Fleet {
     /// Trainer `name`: a small, fast model, a round every 3 s (or 1,000 new interactions) of 3
     /// epochs, validated on up to 100 users (at least 10).
     pub fn trainer_env(&self, dir: &Path, name: &str) -> Vec<(String, String)> {
-        let mut env = self.process_env(&brokers(), dir, name, "train");
+        self.trainer_env_on(&brokers(), dir, name)
+    }
+
+    /// As [`Fleet::trainer_env`], on the broker at `bootstrap`.
+    pub fn trainer_env_on(&self, bootstrap: &str, dir: &Path, name: &str) -> Vec<(String, String)> {
+        let mut env = self.process_env(bootstrap, dir, name, "train");
         env.extend(
             [
                 ("MULTIVAED_TRAIN__INTERVAL", "3s"),

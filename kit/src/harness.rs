@@ -512,8 +512,19 @@ impl Daemon {
 
     /// A histogram's cumulative buckets: (upper bound, count), ascending, `+Inf` last.
     pub fn buckets(&self, name: &str) -> Result<Vec<(f64, f64)>> {
+        self.buckets_of(name, "")
+    }
+
+    /// As [`Daemon::buckets`], for the series with `labels` (as exported, e.g.
+    /// `stage="store"`; empty: none).
+    pub fn buckets_of(&self, name: &str, labels: &str) -> Result<Vec<(f64, f64)>> {
         let text = self.metrics()?;
-        let prefix = format!("{name}_bucket{{le=\"");
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{labels},")
+        };
+        let prefix = format!("{name}_bucket{{{labels}le=\"");
         let mut out: Vec<(f64, f64)> = text
             .lines()
             .filter_map(|l| {
@@ -609,6 +620,29 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // a failing test shows the end of each daemon's log
+            if let Ok(l) = self.log.lock() {
+                if let Ok(dir) = std::env::var("KIT_LOG_DIR") {
+                    // the whole log, for a failure the tail does not explain
+                    let path = format!("{dir}/daemon-{}.log", self.child.id());
+                    let _ = std::fs::write(&path, l.join("\n"));
+                    eprintln!(
+                        "--- daemon pid {}: whole log in {path} ---",
+                        self.child.id()
+                    );
+                }
+                let from = l.len().saturating_sub(80);
+                eprintln!(
+                    "--- daemon pid {}: last {} log lines ---",
+                    self.child.id(),
+                    l.len() - from
+                );
+                for line in &l[from..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -16,7 +16,7 @@ pub use split::{
     build_split, read_raw, read_split_dir, write_split_dir, RawFormat, RawInteraction, Split,
 };
 
-use crate::model::{top_k_unseen, Interactions, ModelConfig, MultiVae, Trainer};
+use crate::model::{top_k_unseen, Interactions, ModelConfig, MultiVae, Scoring, Trainer};
 
 /// Ranks the top 100 items of each fold-in user with `model` and scores them against held-out.
 pub(crate) fn evaluate_model(
@@ -24,18 +24,23 @@ pub(crate) fn evaluate_model(
     fold_in: &Interactions,
     heldout: &Interactions,
 ) -> Result<RankingScores> {
+    let ranked = top_100(model, fold_in)?;
+    Ok(score_rankings(
+        ranked.iter().map(|r| r.as_slice()).zip(heldout.rows()),
+    ))
+}
+
+/// Each fold-in user's top 100 items by `model` (weighted where the model reads weights).
+fn top_100(model: &MultiVae, fold_in: &Interactions) -> Result<Vec<Vec<u32>>> {
     let rows: Vec<&[u32]> = fold_in.rows().collect();
     let weights = fold_in
         .all_weights()
         .filter(|_| model.config().input == crate::model::Input::Weighted);
     let recs = model.recommend_weighted(&rows, weights.as_deref(), &[], 100)?;
-    let ranked: Vec<Vec<u32>> = recs
+    Ok(recs
         .into_iter()
         .map(|r| r.into_iter().map(|(i, _)| i).collect())
-        .collect();
-    Ok(score_rankings(
-        ranked.iter().map(|r| r.as_slice()).zip(heldout.rows()),
-    ))
+        .collect())
 }
 
 /// Scores the popularity baseline (items ranked by how many training users hold them).
@@ -102,6 +107,69 @@ pub struct EvalReport {
     pub popularity: BaselineFigures,
     pub users: UserCounts,
     pub items: usize,
+    /// The best model's test users ranked by a serving copy, exact and int8 (absent where the
+    /// CPU has no int8 pass or the catalogue is below its minimum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scoring: Option<ScoringFigures>,
+}
+
+/// The int8 candidate pass against exact fp32 scoring, on the same users and model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoringFigures {
+    #[serde(rename = "exact_ndcg@100")]
+    pub exact_ndcg100: f64,
+    #[serde(rename = "int8_ndcg@100")]
+    pub int8_ndcg100: f64,
+    /// Users whose top 10 (items and order) is the same both ways.
+    pub top10_identical_share: f64,
+    pub top100_identical_share: f64,
+    /// Top-100 users scored per second (batches of 1,024, all threads).
+    pub exact_users_per_second: f64,
+    pub int8_users_per_second: f64,
+}
+
+/// Ranks the fold-in users' top 100 with a serving copy of `model` scored exactly and in int8:
+/// NDCG@100 of both, how many lists agree, and the speed of each.
+pub fn compare_scoring(
+    model: &MultiVae,
+    fold_in: &Interactions,
+    heldout: &Interactions,
+) -> Result<Option<ScoringFigures>> {
+    if !crate::model::int8_supported() || model.n_items() < crate::model::INT8_MIN_ITEMS {
+        return Ok(None);
+    }
+    let rank = |how: Scoring| -> Result<(Vec<Vec<u32>>, f64)> {
+        let serving = model.for_serving_with(how)?;
+        let t0 = Instant::now();
+        let ranked = top_100(&serving, fold_in)?;
+        Ok((
+            ranked,
+            fold_in.n_users() as f64 / t0.elapsed().as_secs_f64(),
+        ))
+    };
+    let (exact, exact_rate) = rank(Scoring::Exact)?;
+    let (int8, int8_rate) = rank(Scoring::Int8)?;
+    let ndcg = |ranked: &[Vec<u32>]| {
+        score_rankings(ranked.iter().map(|r| r.as_slice()).zip(heldout.rows()))
+            .ndcg100
+            .mean
+    };
+    let identical = |depth: usize| {
+        let same = exact
+            .iter()
+            .zip(&int8)
+            .filter(|(a, b)| a[..a.len().min(depth)] == b[..b.len().min(depth)])
+            .count();
+        same as f64 / exact.len().max(1) as f64
+    };
+    Ok(Some(ScoringFigures {
+        exact_ndcg100: ndcg(&exact),
+        int8_ndcg100: ndcg(&int8),
+        top10_identical_share: identical(10),
+        top100_identical_share: identical(100),
+        exact_users_per_second: exact_rate,
+        int8_users_per_second: int8_rate,
+    }))
 }
 
 /// Per-epoch progress: (epoch, mean loss, β, validation NDCG@100, best so far).
@@ -135,6 +203,7 @@ pub fn run(
     };
     let test = evaluate_model(&best_model, &split.test_tr, &split.test_te)?;
     let pop = evaluate_popularity(&split.train, &split.test_tr, &split.test_te);
+    let scoring = compare_scoring(&best_model, &split.test_tr, &split.test_te)?;
     Ok(EvalReport {
         multivae: VaeFigures {
             test: BaselineFigures {
@@ -156,6 +225,7 @@ pub fn run(
             test: test.ndcg100.n,
         },
         items: n_items,
+        scoring,
     })
 }
 

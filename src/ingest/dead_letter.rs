@@ -74,6 +74,7 @@ impl DeadLetterWriter<'_> {
     async fn write(&self, l: &DeadLetter) -> bool {
         let mut limit = self.max_payload;
         let mut attempt = 0u32;
+        let mut waits = crate::retry::backoff(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             let producer = self.producer.get();
             let result = self.send(&producer, l, limit).await;
@@ -113,7 +114,7 @@ impl DeadLetterWriter<'_> {
                 }
                 Failure::Transient(e) => {
                     warn!(error = %e, attempt, "cannot write a dead letter; retrying");
-                    Duration::from_millis(200 * u64::from(attempt.min(25)))
+                    waits.next().unwrap_or(Duration::from_secs(5))
                 }
             };
             tokio::select! {

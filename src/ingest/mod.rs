@@ -3,11 +3,13 @@
 //! good ones stored with the next offset of each partition in one atomic `store` batch, the store
 //! flushed, then offsets committed to Kafka (for lag visibility); each stored batch is reported to
 //! the `activity` record (which wakes the scorer and feeds training) and the online evaluation.
-//! On assignment each partition starts from the store's offset, so a crash anywhere loses no
-//! acknowledged click and counts none twice.
+//! How partitions are owned is one interface ([`Partitions`]): in role `all` each assigned
+//! partition starts from the store's offset, so a crash anywhere loses no acknowledged click and
+//! counts none twice; a serving replica's partitions are paused on assignment and restored beside
+//! the consumer loop (which keeps polling) before their clicks are consumed.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kafka::Producers;
@@ -19,18 +21,16 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-mod changelog;
 mod dead_letter;
-mod follow;
 mod items;
+mod partitions;
 
-pub use changelog::Horizon;
-use changelog::{Changelog, Consumed, Marker, UserRecord, WriteError};
 use dead_letter::{DeadLetter, DeadLetterWriter};
-pub use follow::ChangelogReader;
 pub use items::ItemsReader;
+pub use partitions::{Group, Partitions, Standalone, Start, Take};
 
 use crate::activity::Activity;
 use crate::config::KafkaConfig;
@@ -39,17 +39,17 @@ use crate::kafka::{client_config, client_error};
 use crate::metrics::Metrics;
 use crate::online::OnlineEval;
 use crate::shutdown::Shutdown;
-use crate::store::{Applied, Change, ChangelogPosition, PartitionOffset, Store};
+use crate::store::{Applied, Change, PartitionOffset, Store};
 use crate::wire::{parse_event, Event};
 
-/// What ingestion uses: the clicks topic's settings, the store it writes, the activity record
-/// and online evaluation it tells about each stored batch, and the health it reports.
+/// What ingestion uses: the clicks topic's settings, the store it writes, how it owns partitions
+/// (role `all` or a serving replica), the activity record and online evaluation it tells about
+/// each stored batch, and the health it reports.
 pub struct Ingest {
     pub kafka: KafkaConfig,
     /// What each event type means (weights, negatives).
     pub event_types: crate::wire::EventTypes,
-    /// Role `serve`: the changelog and partition ownership (`None`: role `all`).
-    pub fleet: Option<Arc<Fleet>>,
+    pub partitions: Arc<dyn Partitions>,
     pub store: Arc<Store>,
     pub activity: Arc<Activity>,
     pub online: Arc<OnlineEval>,
@@ -58,149 +58,21 @@ pub struct Ingest {
     pub shutdown: Arc<Shutdown>,
 }
 
-/// What a serving replica adds to ingestion: the changelog it writes after each batch and
-/// restores partitions from, and the ownership it keeps.
-pub struct Fleet {
-    pub kafka: KafkaConfig,
-    pub ownership: Arc<crate::ownership::Ownership>,
-    changelog: Changelog,
-    /// Held while a batch is stored and its changelog written: a revocation waits for it, so
-    /// nothing is written for a partition after its revocation completes.
-    batch: std::sync::Mutex<()>,
-    /// Per partition, the clicks offset the local store had reached past the changelog's last
-    /// marker (a crash between the two): re-consumed clicks below it are written to the
-    /// changelog although the store has them, and their dead letters are not sent again.
-    replay_until: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
-    /// A restore that failed (in the rebalance callback): ingestion stops with it.
-    failed: std::sync::Mutex<Option<String>>,
-    /// Users whose records a fenced transaction left out (the group moved on while their batch
-    /// was written): written with the next batch of a partition this replica still owns.
-    unwritten: std::sync::Mutex<Vec<String>>,
-    /// `multivaed_changelog_transactions_total` (label: result).
-    transactions: prometheus::IntCounterVec,
-    /// Partitions this replica does not own whose local copy is still on disk, since when:
-    /// dropped after `serve.state_cleanup_delay` unless assigned back.
-    unowned_since: std::sync::Mutex<std::collections::HashMap<i32, Instant>>,
-    cleanup_delay: Duration,
-    /// Past it, a local copy is restored from the changelog's beginning (see [`Horizon`]).
-    horizon: Horizon,
-    /// Restored users active within it are re-scored after the next model swap
-    /// (`serve.rescore_window`).
-    rescore_window: Duration,
-    /// Tells the other replicas which partitions this one owns now.
-    announcer: crate::members::Announcer,
-}
-
-impl Fleet {
-    /// A replica's part, announcing itself through `announcer` (whose id names the replica).
-    pub fn new(
-        kafka: KafkaConfig,
-        announcer: crate::members::Announcer,
-        ownership: Arc<crate::ownership::Ownership>,
-        rescore_window: Duration,
-        cleanup_delay: Duration,
-        horizon: Horizon,
-        transactions: prometheus::IntCounterVec,
-    ) -> Self {
-        let changelog = Changelog::new(&kafka, announcer.id.clone());
-        Self {
-            kafka,
-            ownership,
-            changelog,
-            batch: std::sync::Mutex::new(()),
-            replay_until: std::sync::Mutex::new(Default::default()),
-            failed: std::sync::Mutex::new(None),
-            unwritten: std::sync::Mutex::new(Vec::new()),
-            transactions,
-            unowned_since: std::sync::Mutex::new(Default::default()),
-            cleanup_delay,
-            horizon,
-            announcer,
-            rescore_window,
-        }
-    }
-
-    /// Partitions whose local copy stays on disk unowned from now (revoked, or found on disk
-    /// at start), to be dropped after the cleanup delay.
-    fn note_unowned(&self, partitions: &[i32]) {
-        let now = Instant::now();
-        let mut unowned = self.unowned_since.lock().unwrap_or_else(|e| e.into_inner());
-        for &p in partitions {
-            unowned.entry(p).or_insert(now);
-        }
-    }
-
-    /// Drops the local copy of every partition unowned for longer than the cleanup delay
-    /// (under the batch lock: no batch, restore or revocation runs meanwhile).
-    fn drop_unowned(&self, store: &Store, clicks_topic: &str) -> Result<()> {
-        let due: Vec<i32> = self
-            .unowned_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, since)| since.elapsed() >= self.cleanup_delay)
-            .map(|(p, _)| *p)
-            .collect();
-        if due.is_empty() {
-            return Ok(());
-        }
-        let _b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-        for p in due {
-            if !self.ownership.owns(p) {
-                let users = store
-                    .drop_partition(p, clicks_topic, |u| self.ownership.partition_of(u) == p)?;
-                info!(
-                    partition = p,
-                    users,
-                    "the local copy of a partition owned elsewhere was deleted (serve.state_cleanup_delay)"
-                );
-            }
-            self.unowned_since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&p);
-        }
-        Ok(())
-    }
-
-    fn replay_until(&self, partition: i32) -> Option<i64> {
-        self.replay_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&partition)
-            .copied()
-    }
-}
-
-/// Consumer callbacks: seek to stored offsets on assignment (restoring a serving replica's
-/// partitions from the changelog first), track assignment, lag and broker health.
+/// Consumer callbacks: where an assigned partition starts (or its pause until restored), the
+/// assignment, lag and broker health.
 pub struct IngestContext {
-    store: Arc<Store>,
-    activity: Arc<Activity>,
-    fleet: Option<Arc<Fleet>>,
+    partitions: Arc<dyn Partitions>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Partitions to restore, handed from the rebalance callback to the consumer task.
+    restores: mpsc::UnboundedSender<(String, i32)>,
+    restores_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, i32)>>>,
 }
 
 /// A partition is caught up when at most this many of its messages are left to fetch.
 const CAUGHT_UP_LAG: i64 = 1000;
 
 impl IngestContext {
-    /// Users a restore found active within the re-score window are re-scored after the next
-    /// model swap by this replica, their new owner, as if they had clicked here.
-    fn note_restored_activity(&self, active: &[(String, i64)], now_ms: i64) -> Result<()> {
-        let now = Instant::now();
-        let mut seen = Vec::with_capacity(active.len());
-        for (user, at) in active {
-            let ago = Duration::from_millis(now_ms.saturating_sub(*at).max(0) as u64);
-            if let (Some(u), Some(at)) = (self.store.user_index(user)?, now.checked_sub(ago)) {
-                seen.push((u, at));
-            }
-        }
-        self.activity.seen_at(&seen);
-        Ok(())
-    }
-
     /// Once every assigned partition is fetched up to (near) its end, readiness says caught up.
     fn note_caught_up(&self, stats: &Statistics) {
         if !self.health.joined() || self.health.caught_up() {
@@ -221,6 +93,64 @@ impl IngestContext {
             );
             self.health.set_caught_up();
         }
+    }
+
+    /// Newly assigned partitions: each starts where [`Partitions::assigned`] says; those to
+    /// restore are paused and handed to the consumer task (not ready meanwhile).
+    fn assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+        incremental: bool,
+    ) {
+        let elems: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let (mut restore, mut stored) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for (topic, partition) in &elems {
+            match self.partitions.assigned(topic, *partition) {
+                Start::At(start) => {
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, start) {
+                        error!(error = %e, topic, partition, "cannot set the start offset");
+                    }
+                    if let Offset::Offset(_) = start {
+                        let _ = stored.add_partition_offset(topic, *partition, start);
+                    }
+                }
+                Start::Restore => {
+                    restore.add_partition(topic, *partition);
+                }
+            }
+        }
+        let assigned = if incremental {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        if let Err(e) = assigned {
+            error!(error = %e, "cannot assign partitions");
+        }
+        // the group learns where the store is at once (its lag metric and tools read the group's
+        // offsets), also for a partition with nothing new to consume; the store stays the truth
+        if stored.count() > 0 {
+            if let Err(e) = consumer.commit(&stored, CommitMode::Async) {
+                debug!(error = %e, "committing the stored offsets at assignment failed");
+            }
+        }
+        if restore.count() > 0 {
+            if let Err(e) = consumer.pause(&restore) {
+                error!(error = %e, "cannot pause partitions to restore");
+            }
+            for e in restore.elements() {
+                self.health.restoring(true);
+                self.metrics.partitions_restoring.inc();
+                let _ = self.restores.send((e.topic().to_string(), e.partition()));
+            }
+        }
+        self.note_assignment(consumer);
+        info!(partitions = ?elems.iter().map(|e| e.1).collect::<Vec<_>>(), restoring = restore.count(), "partitions assigned");
     }
 }
 
@@ -277,47 +207,11 @@ impl ConsumerContext for IngestContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let elems: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
-                // a local copy being dropped meanwhile is dropped first
-                let _b = self
-                    .fleet
-                    .as_ref()
-                    .map(|f| f.batch.lock().unwrap_or_else(|e| e.into_inner()));
-                for (topic, partition) in &elems {
-                    let start = match &self.fleet {
-                        Some(fleet) => self.restore(fleet, topic, *partition),
-                        None => self.stored_start(topic, *partition),
-                    };
-                    if let Err(e) = tpl.set_partition_offset(topic, *partition, start) {
-                        error!(error = %e, topic, partition, "cannot set the start offset");
-                    }
-                }
-                let assigned = if incremental {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                if let Err(e) = assigned {
-                    error!(error = %e, "cannot assign partitions");
-                }
-                self.note_assignment(consumer);
-                info!(partitions = ?elems.iter().map(|e| e.1).collect::<Vec<_>>(), "partitions assigned; resuming from stored offsets");
+                self.assign(consumer, tpl, incremental)
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                if let Some(fleet) = &self.fleet {
-                    // the batch being stored finishes (its changelog records written) first;
-                    // nothing is written or published for these partitions after this
-                    let _b = fleet.batch.lock().unwrap_or_else(|e| e.into_inner());
-                    for &p in &revoked {
-                        fleet.ownership.lose(p);
-                    }
-                    fleet.note_unowned(&revoked);
-                }
+                self.partitions.revoked(Some(&revoked));
                 let unassigned = if incremental {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -332,166 +226,24 @@ impl ConsumerContext for IngestContext {
             }
             other => {
                 error!(error = ?other, "rebalance error");
-                if let Some(fleet) = &self.fleet {
-                    let _b = fleet.batch.lock().unwrap_or_else(|e| e.into_inner());
-                    let owned: Vec<i32> = fleet
-                        .ownership
-                        .owned()
-                        .iter()
-                        .map(|o| o.partition)
-                        .collect();
-                    for &p in &owned {
-                        fleet.ownership.lose(p);
-                    }
-                    fleet.note_unowned(&owned);
-                }
+                self.partitions.revoked(None);
                 let _ = consumer.unassign();
                 self.health.revoked();
+                self.partitions.assignment_changed();
             }
         }
     }
 }
 
 impl IngestContext {
-    /// Where a partition starts in role `all`: the store's offset, or the beginning.
-    fn stored_start(&self, topic: &str, partition: i32) -> Offset {
-        match self.store.stored_offset(topic, partition) {
-            Ok(Some(o)) => Offset::Offset(o),
-            Ok(None) => Offset::Beginning,
-            Err(e) => {
-                error!(error = %e, "cannot read stored offsets");
-                Offset::Beginning
-            }
-        }
-    }
-
     /// Readiness and the gauge follow the assignment (with cooperative rebalancing, each
     /// callback adds or takes away some partitions).
     fn note_assignment(&self, consumer: &BaseConsumer<Self>) {
         let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.health.assigned(n);
         self.metrics.partitions_assigned.set(n as i64);
-        if let Some(f) = &self.fleet {
-            let owned = f.ownership.owned();
-            f.announcer
-                .announce(owned.iter().map(|o| (o.partition, o.epoch)).collect());
-        }
-    }
-
-    /// Role `serve`: restores a newly assigned partition from the changelog (from the local
-    /// copy's position when it has one), claims it with a marker of the next epoch and owns
-    /// it; returns where its clicks resume (the changelog's last marker). Runs in the rebalance
-    /// callback, so no click of the partition is consumed before it is restored. A restore that
-    /// fails leaves the partition unowned and stops ingestion (the daemon restarts it).
-    fn restore(&self, fleet: &Fleet, topic: &str, partition: i32) -> Offset {
-        self.metrics.partitions_restoring.inc();
-        self.health.restoring(true);
-        let started = Instant::now();
-        let result = self.restore_and_claim(fleet, topic, partition);
-        if result.is_ok() {
-            // a failed restore stays counted: not ready until the daemon stops
-            self.health.restoring(false);
-        }
-        self.metrics.partitions_restoring.dec();
-        match result {
-            Ok((resume, records, from_beginning, epoch)) => {
-                info!(
-                    partition,
-                    records,
-                    from_beginning,
-                    epoch,
-                    resume,
-                    seconds = started.elapsed().as_secs_f64(),
-                    "partition restored from the changelog"
-                );
-                Offset::Offset(resume)
-            }
-            Err(e) => {
-                let msg = format!("cannot restore partition {partition} from the changelog: {e:#}");
-                error!(error = %msg, "restore failed: ingestion stops (a restart restores again)");
-                *fleet.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
-                Offset::End
-            }
-        }
-    }
-
-    fn restore_and_claim(
-        &self,
-        fleet: &Fleet,
-        topic: &str,
-        partition: i32,
-    ) -> Result<(i64, u64, bool, u64)> {
-        let restore_records = self.metrics.restore_records.clone();
-        let counted = std::sync::atomic::AtomicU64::new(0);
-        let progress = |n: u64| {
-            let before = counted.swap(n, std::sync::atomic::Ordering::AcqRel);
-            restore_records.inc_by(n.saturating_sub(before));
-        };
-        let now_ms = crate::wire::now_ms() as i64;
-        let window_ms = i64::try_from(fleet.rescore_window.as_millis()).unwrap_or(i64::MAX);
-        let belongs = |user: &str| fleet.ownership.partition_of(user) == partition;
-        let restored = changelog::restore(
-            &fleet.kafka,
-            partition,
-            &self.store,
-            changelog::Bounds {
-                horizon: fleet.horizon,
-                deadline: Instant::now() + restore_limit(&fleet.kafka),
-            },
-            &belongs,
-            now_ms.saturating_sub(window_ms),
-            &progress,
-        )?;
-        self.note_restored_activity(&restored.active, now_ms)?;
-        let resume = restored.position.clicks_next;
-        // a crash after the store but before the changelog: re-consume from the marker
-        let local = self.store.stored_offset(topic, partition)?.unwrap_or(0);
-        {
-            let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
-            if local > resume {
-                replay.insert(partition, local);
-            } else {
-                replay.remove(&partition);
-            }
-        }
-        let epoch = restored.position.epoch + 1;
-        // bounded: a broker down during the claim fails the restore instead of holding the
-        // rebalance callback for ever
-        let give_up = Instant::now() + Duration::from_secs(60);
-        let claimed = fleet
-            .changelog
-            .write(
-                &[],
-                &[Marker {
-                    partition,
-                    next_offset: resume,
-                    epoch,
-                }],
-                None,
-                || Instant::now() < give_up,
-            )
-            .map_err(|e| anyhow::anyhow!("cannot claim partition {partition}: {e}"))?;
-        let position = claimed
-            .first()
-            .map(|(_, p)| *p)
-            .unwrap_or(restored.position);
-        self.store.restore_histories(
-            &[],
-            partition,
-            position,
-            Some(&PartitionOffset {
-                topic: topic.to_string(),
-                partition,
-                next_offset: resume,
-            }),
-        )?;
-        fleet.ownership.gain(partition, epoch);
-        fleet
-            .unowned_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&partition);
-        Ok((resume, restored.records, restored.from_beginning, epoch))
+        self.metrics.note_owned();
+        self.partitions.assignment_changed();
     }
 }
 
@@ -499,18 +251,7 @@ impl Ingest {
     /// Creates the group consumer, subscribed to the clicks topic.
     pub fn consumer(&self) -> Result<StreamConsumer<IngestContext>> {
         let k = &self.kafka;
-        // serving replicas rebalance as configured (incrementally by default: only the
-        // partitions that must move stop); the `all` role keeps the eager assignors it always had
-        let (strategy, instance) = match &self.fleet {
-            Some(f) => (
-                k.rebalance.strategy(),
-                k.static_membership.then(|| f.changelog.owner.clone()),
-            ),
-            None => (
-                crate::config::Rebalance::Eager.strategy(),
-                k.group_instance_id(crate::config::Role::All),
-            ),
-        };
+        let (strategy, instance) = self.partitions.membership();
         let mut config = client_config(
             &k.brokers,
             &[
@@ -528,10 +269,6 @@ impl Ingest {
                 ("fetch.wait.max.ms", "100"),
                 // reaching a partition's end is reported (readiness: caught up)
                 ("enable.partition.eof", "true"),
-                // a serving replica restores a newly assigned partition inside the rebalance
-                // callback, where the consumer does not poll: the group waits this long for it
-                // (a restore is cut off before, see `restore_limit`)
-                ("max.poll.interval.ms", MAX_POLL_INTERVAL_MS),
             ],
             &k.properties,
         );
@@ -540,13 +277,14 @@ impl Ingest {
             // partitions
             config.set("group.instance.id", id);
         }
+        let (restores, restores_rx) = mpsc::unbounded_channel();
         let consumer: StreamConsumer<IngestContext> = config
             .create_with_context(IngestContext {
-                store: self.store.clone(),
-                activity: self.activity.clone(),
-                fleet: self.fleet.clone(),
+                partitions: self.partitions.clone(),
                 metrics: self.metrics.clone(),
                 health: self.health.clone(),
+                restores,
+                restores_rx: Mutex::new(Some(restores_rx)),
             })
             .map_err(|e| client_error("cannot create the Kafka consumer", e))?;
         consumer
@@ -573,34 +311,105 @@ struct Parsed {
     messages: u64,
 }
 
+/// What hears of a batch as soon as it is in the store (fsynced), before whatever the
+/// partitions' owner adds (a serving replica's changelog transaction): the online evaluation
+/// scores the batch's clicks against the recommendations they followed, forgotten users leave
+/// memory, and the scorer learns whom to score, so a click's recommendation never waits on the
+/// changelog. A crash before the changelog commits loses nothing: the clicks' offsets are
+/// committed only after it, so they are consumed again.
+struct Stored {
+    online: Arc<OnlineEval>,
+    activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+    received: Instant,
+    /// When each forget request in the batch was produced (ms since the epoch).
+    forget_requested: Vec<i64>,
+}
+
+impl Stored {
+    fn announce(&self, applied: &Applied, started: Instant) {
+        let m = &self.metrics;
+        m.click_stage
+            .with_label_values(&["store"])
+            .observe(started.elapsed().as_secs_f64());
+        self.online.clicked(&applied.new_pairs, m);
+        self.forgotten(applied);
+        let dropped = self.activity.batch_stored(
+            &applied.changed_users,
+            applied.new_interactions,
+            self.received,
+        );
+        m.dirty_users_dropped.inc_by(dropped);
+    }
+
+    /// Users a stored batch forgot: nothing of them is kept in memory either, their
+    /// recommendation is withdrawn (the scorer publishes a tombstone), and the time since each
+    /// request was produced is measured.
+    fn forgotten(&self, applied: &Applied) {
+        if applied.forgotten.is_empty() {
+            return;
+        }
+        for f in &applied.forgotten {
+            if let Some(u) = f.index {
+                self.online.forget(u);
+            }
+        }
+        self.activity.forgotten(&applied.forgotten);
+        let now = crate::wire::now_ms() as i64;
+        for &at in &self.forget_requested {
+            let seconds = (now - at).max(0) as f64 / 1000.0;
+            self.metrics.forget_seconds.observe(seconds);
+        }
+        self.metrics
+            .users_forgotten
+            .inc_by(applied.forgotten.len() as u64);
+        info!(
+            users = applied.forgotten.len(),
+            "users forgotten: their histories are deleted"
+        );
+    }
+}
+
 /// A batch being written to the store.
 struct StoreTask {
     handle: tokio::task::JoinHandle<Result<Applied>>,
     offsets: Vec<PartitionOffset>,
-    received: Instant,
-    forget_requested: Vec<i64>,
+}
+
+/// A partition's restore running on a blocking thread.
+struct RestoreTask {
+    partition: i32,
+    handle: tokio::task::JoinHandle<Result<Option<i64>>>,
 }
 
 impl Ingest {
     /// The ingest loop; returns at shutdown after committing what it stored. While one batch is
     /// written to the store the next is consumed and parsed; batches are stored one at a time,
-    /// in order, and each is committed to Kafka only once stored.
+    /// in order, and each is committed to Kafka only once stored. Partitions to restore are
+    /// restored one at a time beside it, while the consumer keeps polling.
     pub async fn run(
         self,
         consumer: StreamConsumer<IngestContext>,
         producers: Arc<Producers>,
     ) -> Result<()> {
-        // shared with the changelog writer, which may ask for the group's metadata again
+        let mut restores = consumer
+            .context()
+            .restores_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .context("the consumer's restore queue was taken already")?;
+        // shared with the restores and the changelog writer, which ask for the group's metadata
         let consumer = Arc::new(consumer);
         let mut shutdown = self.shutdown.subscribe();
         let mut storing: Option<StoreTask> = None;
-        if let Some(f) = &self.fleet {
-            // copies a previous run left on disk are unowned until assigned again
-            f.note_unowned(&self.store.changelog_partitions()?);
-        }
+        let mut to_restore: VecDeque<(String, i32)> = VecDeque::new();
+        let mut restoring: Option<RestoreTask> = None;
+        self.partitions.started()?;
         let mut cleanup = tokio::time::interval(Duration::from_secs(5));
         loop {
-            // wait for the first message of a batch (finishing the batch being stored meanwhile)
+            // wait for the first message of a batch (finishing the batch being stored, and
+            // restores, meanwhile)
             let first = tokio::select! {
                 m = consumer.recv() => m,
                 done = async { storing.as_mut().map(|t| &mut t.handle).expect("guarded").await },
@@ -611,14 +420,26 @@ impl Ingest {
                     }
                     continue;
                 }
-                _ = cleanup.tick(), if self.fleet.is_some() => {
-                    self.stop_if_a_restore_failed()?;
-                    self.drop_unowned().await?;
+                Some(next) = restores.recv() => {
+                    to_restore.push_back(next);
+                    self.next_restore(&consumer, &mut to_restore, &mut restoring);
+                    continue;
+                }
+                done = async { restoring.as_mut().map(|t| &mut t.handle).expect("guarded").await },
+                    if restoring.is_some() =>
+                {
+                    if let Some(task) = restoring.take() {
+                        self.restored(task.partition, done)?;
+                    }
+                    self.next_restore(&consumer, &mut to_restore, &mut restoring);
+                    continue;
+                }
+                _ = cleanup.tick() => {
+                    self.tick().await?;
                     continue;
                 }
                 _ = shutdown.changed() => break,
             };
-            self.stop_if_a_restore_failed()?;
             let first = match first {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(p)) => {
@@ -644,46 +465,92 @@ impl Ingest {
                 warn!("shutdown while dead letters were undelivered: the batch is not stored and will be consumed again");
                 break;
             }
-            // the group's generation this batch was consumed in: its changelog transaction
-            // commits only if the group has not moved on since
-            let group = self.fleet.as_ref().and_then(|_| {
-                consumer.group_metadata().map(|metadata| Group {
-                    metadata,
-                    consumer: consumer.clone(),
-                })
-            });
+            // the group's generation this batch was consumed in: a serving replica's changelog
+            // transaction commits only if the group has not moved on since
+            let group = group_of(&consumer);
             // one batch in the store at a time, in consumption order
             self.finish_stored(&consumer, &mut storing).await?;
             storing = Some(self.store_batch(parsed, group));
         }
         self.finish_stored(&consumer, &mut storing).await?;
         self.commit_what_is_stored(&consumer);
-        if let Some(f) = &self.fleet {
-            f.announcer.leave();
-        }
+        self.partitions.stop();
         info!("ingest stopped");
         Ok(())
     }
 
-    /// Role `serve`: a restore that failed (in the rebalance callback) ends ingestion with its
-    /// error, so the daemon stops (and is restarted) rather than running without the partition.
-    fn stop_if_a_restore_failed(&self) -> Result<()> {
-        if let Some(f) = &self.fleet {
-            if let Some(msg) = f.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                anyhow::bail!(msg);
-            }
+    /// Starts the next queued restore if none runs: on a blocking thread, the partition is
+    /// restored and claimed, then consumed from where its clicks resume.
+    fn next_restore(
+        &self,
+        consumer: &Arc<StreamConsumer<IngestContext>>,
+        queue: &mut VecDeque<(String, i32)>,
+        restoring: &mut Option<RestoreTask>,
+    ) {
+        if restoring.is_some() {
+            return;
         }
+        let Some((topic, partition)) = queue.pop_front() else {
+            return;
+        };
+        let (partitions, consumer) = (self.partitions.clone(), consumer.clone());
+        let handle = tokio::task::spawn_blocking(move || {
+            let Some(group) = group_of(&consumer) else {
+                anyhow::bail!("partition {partition}: the consumer has no group metadata");
+            };
+            let Some(resume) = partitions.restore(&topic, partition, group)? else {
+                return Ok(None);
+            };
+            let seek = consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(resume),
+                Duration::from_secs(10),
+            );
+            if let Err(e) = seek {
+                if partitions.take(partition, resume) == Take::Skip {
+                    // revoked since its claim
+                    return Ok(None);
+                }
+                anyhow::bail!("partition {partition}: cannot start consuming at {resume}: {e}");
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            consumer
+                .resume(&tpl)
+                .with_context(|| format!("partition {partition}: cannot resume consuming"))?;
+            Ok(Some(resume))
+        });
+        *restoring = Some(RestoreTask { partition, handle });
+    }
+
+    /// A restore ended: the partition is consumed (or was revoked meanwhile); a failed restore
+    /// ends ingestion with its error, the partition unowned and the replica not ready, so the
+    /// daemon stops (and is restarted) rather than running without it.
+    fn restored(
+        &self,
+        partition: i32,
+        done: Result<Result<Option<i64>>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let result = done
+            .context("the restore task failed")
+            .and_then(|r| r)
+            .with_context(|| format!("cannot restore partition {partition} from the changelog"));
+        if let Err(e) = result {
+            error!(error = %format!("{e:#}"), "restore failed: ingestion stops (a restart restores again)");
+            return Err(e);
+        }
+        self.metrics.partitions_restoring.dec();
+        self.metrics.note_owned();
+        self.health.restoring(false);
+        self.partitions.assignment_changed();
         Ok(())
     }
 
-    /// Role `serve`: drops the local copies of partitions owned elsewhere for longer than
-    /// `serve.state_cleanup_delay`, on a blocking thread.
-    async fn drop_unowned(&self) -> Result<()> {
-        let Some(fleet) = self.fleet.clone() else {
-            return Ok(());
-        };
-        let (store, topic) = (self.store.clone(), self.kafka.clicks_topic.clone());
-        tokio::task::spawn_blocking(move || fleet.drop_unowned(&store, &topic))
+    /// Every few seconds: the partitions' housekeeping, on a blocking thread.
+    async fn tick(&self) -> Result<()> {
+        let partitions = self.partitions.clone();
+        tokio::task::spawn_blocking(move || partitions.tick())
             .await
             .context("the cleanup task failed")?
     }
@@ -717,7 +584,7 @@ impl Ingest {
     /// Parses a batch consumed at `received`: good clicks, dead letters (counted by reason),
     /// next offsets. A serving replica leaves out the messages of partitions it does not own
     /// (revoked while the batch was consumed), dead-letters a click on another partition than
-    /// its user's, and notes the users of re-consumed clicks (see [`Fleet`]).
+    /// its user's, and notes the users of re-consumed clicks (see [`Take`]).
     fn parse_batch(&self, msgs: &[BorrowedMessage<'_>], received: Instant) -> Parsed {
         let k = &self.kafka;
         let mut changes: Vec<Change> = Vec::with_capacity(msgs.len());
@@ -728,10 +595,10 @@ impl Ingest {
         let mut messages = 0;
         for m in msgs {
             let (p, offset) = (m.partition(), m.offset());
-            let replay = match &self.fleet {
-                Some(f) if !f.ownership.owns(p) => continue,
-                Some(f) => f.replay_until(p).is_some_and(|until| offset < until),
-                None => false,
+            let replay = match self.partitions.take(p, offset) {
+                Take::Skip => continue,
+                Take::New => false,
+                Take::Replay => true,
             };
             messages += 1;
             self.metrics.events_consumed.inc();
@@ -801,9 +668,9 @@ impl Ingest {
         }
     }
 
-    /// A serving replica owns a user through the partition the producers' partitioner gives
-    /// their id: a click that arrived on another partition (a producer keying by something
-    /// else, or with another partitioner) is refused, not stored where no pull finds it.
+    /// A user's event must arrive on the partition that owns them (see [`Partitions::check`]):
+    /// one that arrived on another (a producer keying by something else, or with another
+    /// partitioner) is refused, not stored where no pull finds it.
     fn check_partition(
         &self,
         event: Event,
@@ -814,20 +681,10 @@ impl Ingest {
             Event::Forget { user } => user,
             Event::Ignored { .. } => return Ok(event),
         };
-        let Some(f) = &self.fleet else {
-            return Ok(event);
-        };
-        let expected = f.ownership.partition_of(user);
-        if expected == partition {
-            return Ok(event);
+        match self.partitions.check(user, partition) {
+            Ok(()) => Ok(event),
+            Err(why) => Err(("wrong_partition", why)),
         }
-        Err((
-            "wrong_partition",
-            format!(
-                "user {user:?} belongs to partition {expected} with the {} partitioner (kafka.partitioner), but the event arrived on partition {partition}: produce events keyed by user id with that partitioner",
-                f.kafka.partitioner.librdkafka_name()
-            ),
-        ))
     }
 
     fn dead_letters<'a>(&'a self, producer: &'a Producers) -> DeadLetterWriter<'a> {
@@ -841,33 +698,35 @@ impl Ingest {
         }
     }
 
-    /// Starts writing a parsed batch (clicks and offsets in one atomic store batch, then
-    /// fsync; then, for a serving replica, the changelog) on a blocking thread.
+    /// Starts writing a parsed batch (clicks and offsets in one atomic store batch, then fsync;
+    /// then whatever the partitions' owner adds, a serving replica's changelog) on a blocking
+    /// thread.
     fn store_batch(&self, parsed: Parsed, group: Option<Group>) -> StoreTask {
-        let store = self.store.clone();
-        let fleet = self.fleet.clone();
-        let shutdown = self.shutdown.clone();
+        let (store, partitions) = (self.store.clone(), self.partitions.clone());
         let (changes, offsets, n) = (parsed.changes, parsed.offsets.clone(), parsed.messages);
         let replayed = parsed.replayed;
+        let stored = Stored {
+            online: self.online.clone(),
+            activity: self.activity.clone(),
+            metrics: self.metrics.clone(),
+            received: parsed.received,
+            forget_requested: parsed.forget_requested,
+        };
         let handle = tokio::task::spawn_blocking(move || {
-            let _batch = fleet
-                .as_ref()
-                .map(|f| f.batch.lock().unwrap_or_else(|e| e.into_inner()));
-            let a = store.apply_changes(&changes, &offsets, n)?;
-            crate::fault::crash_point("ingest.applied");
-            store.flush()?;
-            crate::fault::crash_point("ingest.flushed");
-            if let Some(f) = &fleet {
-                write_changelog(f, &store, &a, &replayed, &offsets, group, &shutdown)?;
-                crate::fault::crash_point("ingest.changelog");
-            }
-            anyhow::Ok(a)
+            let mut apply = || {
+                let started = Instant::now();
+                let a = store.apply_changes(&changes, &offsets, n)?;
+                crate::fault::crash_point("ingest.applied");
+                store.flush()?;
+                crate::fault::crash_point("ingest.flushed");
+                stored.announce(&a, started);
+                Ok(a)
+            };
+            partitions.store(&mut apply, &replayed, &offsets, group)
         });
         StoreTask {
             handle,
             offsets: parsed.offsets,
-            received: parsed.received,
-            forget_requested: parsed.forget_requested,
         }
     }
 
@@ -885,11 +744,7 @@ impl Ingest {
             .context("cannot store a batch")?;
         let mut tpl = TopicPartitionList::new();
         for o in &task.offsets {
-            if self
-                .fleet
-                .as_ref()
-                .is_some_and(|f| !f.ownership.owns(o.partition))
-            {
+            if !self.partitions.commits(o.partition) {
                 continue;
             }
             let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
@@ -898,18 +753,10 @@ impl Ingest {
         } else if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "offset commit to Kafka failed (the store holds the offsets)");
         }
-        self.online.clicked(&applied.new_pairs, &self.metrics);
-        self.forgotten(&applied, &task.forget_requested);
-        let dropped = self.activity.batch_stored(
-            &applied.changed_users,
-            applied.new_interactions,
-            task.received,
-        );
         let m = &self.metrics;
         m.ingest_batches.inc();
         m.events_duplicate.inc_by(applied.duplicates);
         m.items_excluded.inc_by(applied.excluded);
-        m.dirty_users_dropped.inc_by(dropped);
         m.set_store_counts(self.store.counts());
         m.store_index_capacity.set(self.store.index_capacity_used());
         if applied.quarantined > 0 {
@@ -920,33 +767,6 @@ impl Ingest {
             );
         }
         Ok(())
-    }
-
-    /// Users a stored batch forgot: nothing of them is kept in memory either, their
-    /// recommendation is withdrawn (the scorer publishes a tombstone), and the time since each
-    /// request was produced is measured.
-    fn forgotten(&self, applied: &Applied, requested: &[i64]) {
-        if applied.forgotten.is_empty() {
-            return;
-        }
-        for f in &applied.forgotten {
-            if let Some(u) = f.index {
-                self.online.forget(u);
-            }
-        }
-        self.activity.forgotten(&applied.forgotten);
-        let now = crate::wire::now_ms() as i64;
-        for &at in requested {
-            let seconds = (now - at).max(0) as f64 / 1000.0;
-            self.metrics.forget_seconds.observe(seconds);
-        }
-        self.metrics
-            .users_forgotten
-            .inc_by(applied.forgotten.len() as u64);
-        info!(
-            users = applied.forgotten.len(),
-            "users forgotten: their histories are deleted"
-        );
     }
 
     /// Waits for the batch being stored, if any, and finishes it.
@@ -992,186 +812,13 @@ impl Ingest {
     }
 }
 
-/// `max.poll.interval.ms` of the group consumer unless `[kafka.properties]` sets it: 15 minutes.
-const MAX_POLL_INTERVAL_MS: &str = "900000";
-
-/// The longest a restore may take: four fifths of the consumer's `max.poll.interval.ms`, so a
-/// restore that would outlast the group's patience fails with a clear error (the replica stops,
-/// not ready, and owns nothing of it) instead of being evicted mid-restore while the partition
-/// moves on to another owner.
-fn restore_limit(k: &KafkaConfig) -> Duration {
-    let ms = k
-        .properties
-        .get("max.poll.interval.ms")
-        .map_or(MAX_POLL_INTERVAL_MS, String::as_str)
-        .parse::<u64>()
-        .unwrap_or(300_000);
-    Duration::from_millis(ms / 5 * 4)
-}
-
-/// How long a fenced changelog transaction is tried again with the consumer's metadata of now.
-const REFRESH_FOR: Duration = Duration::from_secs(5);
-
-/// The consumer group's metadata when a batch was consumed, and the consumer to ask again.
-struct Group {
-    metadata: rdkafka::consumer::ConsumerGroupMetadata,
-    consumer: Arc<StreamConsumer<IngestContext>>,
-}
-
-/// After a serving replica stored a batch: every changed user's history (and every user of a
-/// re-consumed event, or left out by a fenced transaction before; a tombstone for each user
-/// forgotten) to the changelog, then each owned partition's marker, with the batch's clicks
-/// offsets, in one transaction. Partitions revoked meanwhile are left out (the revocation
-/// waited for this batch only if it came later). A transaction the broker fences (the group
-/// moved on since the batch was consumed) is aborted: the store keeps the batch, its users are
-/// written with the next batch if their partitions are still owned, and otherwise the next
-/// owner re-consumes the clicks from the last committed marker.
-fn write_changelog(
-    fleet: &Fleet,
-    store: &Store,
-    applied: &Applied,
-    replayed: &[String],
-    offsets: &[PartitionOffset],
-    group: Option<Group>,
-    shutdown: &Shutdown,
-) -> Result<()> {
-    let (ids, users, markers) = batch_records(fleet, store, applied, replayed, offsets)?;
-    let written = commit_batch(fleet, &users, &markers, offsets, group, shutdown);
-    let positions = match written {
-        Ok(p) => p,
-        Err(WriteError::Fenced(e)) => {
-            fleet.transactions.with_label_values(&["fenced"]).inc();
-            warn!(error = %e, users = ids.len(), "the changelog transaction was fenced (the consumer group moved on): aborted; its users are written again with the next batch of a partition still owned");
-            *fleet.unwritten.lock().unwrap_or_else(|e| e.into_inner()) = ids;
-            return Ok(());
-        }
-        Err(e) if shutdown.is_set() => {
-            // stored but not in the changelog: the next owner re-consumes from the last marker
-            warn!(error = %e, "shutdown before the changelog had the last batch");
-            return Ok(());
-        }
-        Err(e) => return Err(anyhow::anyhow!("cannot write the changelog: {e}")),
-    };
-    fleet.transactions.with_label_values(&["committed"]).inc();
-    note_written(fleet, store, positions)
-}
-
-/// A stored batch's changelog records: the ids of every user to write (changed, re-consumed,
-/// forgotten, left out by a fenced transaction before), the records of those in partitions still
-/// owned (a tombstone for a user the store no longer holds), and each owned partition's marker.
-fn batch_records(
-    fleet: &Fleet,
-    store: &Store,
-    applied: &Applied,
-    replayed: &[String],
-    offsets: &[PartitionOffset],
-) -> Result<(Vec<String>, Vec<UserRecord>, Vec<Marker>)> {
-    let owned = |p: i32| fleet.ownership.epoch(p);
-    let mut ids: Vec<String> = Vec::with_capacity(applied.changed_users.len() + replayed.len());
-    for &u in &applied.changed_users {
-        if let Some(id) = store.user_id(u)? {
-            ids.push(id);
-        }
-    }
-    ids.extend(replayed.iter().cloned());
-    ids.extend(applied.forgotten.iter().map(|f| f.user.clone()));
-    ids.append(&mut fleet.unwritten.lock().unwrap_or_else(|e| e.into_inner()));
-    ids.sort_unstable();
-    ids.dedup();
-    let mut users = Vec::with_capacity(ids.len());
-    for user in &ids {
-        let partition = fleet.ownership.partition_of(user);
-        if owned(partition).is_some() {
-            // a user the store no longer holds was forgotten: a tombstone
-            let history = store.history_record(user)?;
-            users.push(UserRecord {
-                partition,
-                user: user.clone(),
-                history,
-            });
-        }
-    }
-    let markers: Vec<Marker> = offsets
-        .iter()
-        .filter_map(|o| {
-            owned(o.partition).map(|epoch| Marker {
-                partition: o.partition,
-                next_offset: o.next_offset,
-                epoch,
-            })
-        })
-        .collect();
-    Ok((ids, users, markers))
-}
-
-/// Writes a batch's records and markers in one transaction with the owned partitions' clicks
-/// offsets and the group's metadata from when the batch was consumed. The group may only have
-/// moved on to a generation this replica is still a member of (any rebalance does that): for
-/// [`REFRESH_FOR`] a fenced transaction is tried again with the consumer's metadata of now. A
-/// member the group dropped cannot rejoin while this batch holds the revocation back, so its
-/// metadata stays refused.
-fn commit_batch(
-    fleet: &Fleet,
-    users: &[UserRecord],
-    markers: &[Marker],
-    offsets: &[PartitionOffset],
-    group: Option<Group>,
-    shutdown: &Shutdown,
-) -> Result<Vec<(i32, ChangelogPosition)>, WriteError> {
-    let consumed = |group| {
-        let mut tpl = TopicPartitionList::new();
-        for o in offsets.iter().filter(|o| fleet.ownership.owns(o.partition)) {
-            let _ = tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset));
-        }
-        Consumed {
-            offsets: tpl,
-            group,
-        }
-    };
-    let (mut current, consumer) = match group {
-        Some(g) => (Some(consumed(g.metadata)), Some(g.consumer)),
-        None => (None, None),
-    };
-    let deadline = Instant::now() + REFRESH_FOR;
-    loop {
-        let attempt = fleet
-            .changelog
-            .write(users, markers, current.as_ref(), || !shutdown.is_set());
-        let fresh = match (&attempt, &consumer) {
-            (Err(WriteError::Fenced(_)), Some(c)) if Instant::now() < deadline => {
-                c.group_metadata()
-            }
-            _ => None,
-        };
-        let Some(metadata) = fresh else {
-            return attempt;
-        };
-        info!("the changelog transaction met a newer group generation: trying again with the consumer's metadata of now");
-        current = Some(consumed(metadata));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// After a committed batch: each partition's changelog position, the time its copy was last in
-/// sync (its only writer wrote it), and the end of a replay the batch reached.
-fn note_written(
-    fleet: &Fleet,
-    store: &Store,
-    positions: Vec<(i32, ChangelogPosition)>,
-) -> Result<()> {
-    let mut replay = fleet.replay_until.lock().unwrap_or_else(|e| e.into_inner());
-    let now = crate::wire::now_ms();
-    for (p, position) in positions {
-        store.set_changelog_position(p, position)?;
-        store.set_synced(p, now)?;
-        if replay
-            .get(&p)
-            .is_some_and(|&until| position.clicks_next >= until)
-        {
-            replay.remove(&p);
-        }
-    }
-    Ok(())
+/// The consumer's group metadata now, with a way to ask again.
+fn group_of(consumer: &Arc<StreamConsumer<IngestContext>>) -> Option<Group> {
+    let again = consumer.clone();
+    consumer.group_metadata().map(|metadata| Group {
+        metadata,
+        now: Arc::new(move || again.group_metadata()),
+    })
 }
 
 /// Asks the cluster about the consumer group every 2 s and keeps "brokers up" (part of

@@ -1,7 +1,7 @@
 //! Model-level tests: the sparse, hand-differentiated step against candle's autograd on the dense
 //! formulation; loss and KL by hand; lifelong β across save/load; checkpoints; growth; top-K.
 
-use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_core::{backprop::GradStore, Device, IndexOp, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 use super::kernels::Bag;
@@ -567,4 +567,72 @@ fn weighted_nll_scales_with_the_weights_and_the_input_reads_them() {
         .recommend_weighted(&refs, Some(&w(&skewed)), &[], 5)
         .unwrap();
     assert_ne!(plain, moved, "weights change the encoder's input");
+}
+
+/// A serving copy that scores in int8 (where the CPU can) publishes what the exact copy does:
+/// the same top 10 for nearly every user, exact scores (re-ranked in fp32), never a seen or
+/// hidden item. A catalogue below the int8 minimum is scored exactly.
+#[test]
+fn an_int8_serving_copy_ranks_as_the_exact_one() {
+    let items = INT8_MIN_ITEMS + 904;
+    let cfg = ModelConfig {
+        mlp_hidden_size: vec![64],
+        latent_dimension: 16,
+        batch_size: 100,
+        ..ModelConfig::default()
+    };
+    // users in 50 taste groups of 100 items, trained a little so the scores have structure
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let rows: Vec<Vec<u32>> = (0..600)
+        .map(|u| {
+            let g = (u % 50) as u32 * 100;
+            let mut r: Vec<u32> = (0..rng.gen_range(3..15))
+                .map(|_| g + rng.gen_range(0..100))
+                .collect();
+            r.sort_unstable();
+            r.dedup();
+            r
+        })
+        .collect();
+    let data = Interactions::from_rows(rows.iter().map(|r| r.iter().copied()), items).unwrap();
+    let mut t = Trainer::new(&cfg, items, 5, &Device::Cpu).unwrap();
+    t.train_epoch(&data, |_| {}).unwrap();
+    let exact = t.model().for_serving_with(Scoring::Exact).unwrap();
+    let int8 = t.model().for_serving_with(Scoring::Int8).unwrap();
+    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let hidden = [1u32, 7, 250];
+    let want = exact.recommend_weighted(&refs, None, &hidden, 20).unwrap();
+    let got = int8.recommend_weighted(&refs, None, &hidden, 20).unwrap();
+    let mut same = 0;
+    for ((w, g), seen) in want.iter().zip(&got).zip(&rows) {
+        assert_eq!(g.len(), 20);
+        for &(i, s) in g {
+            assert!(seen.binary_search(&i).is_err() && !hidden.contains(&i));
+            let e = exact
+                .scores(&[seen.as_slice()])
+                .unwrap()
+                .i((0, i as usize))
+                .unwrap();
+            let e = e.to_scalar::<f32>().unwrap();
+            assert!((s - e).abs() < 1e-4, "item {i}: {s} vs exact {e}");
+        }
+        same += usize::from(w[..10].iter().map(|x| x.0).eq(g[..10].iter().map(|x| x.0)));
+    }
+    assert!(
+        same * 100 >= 99 * rows.len(),
+        "{same} of {} top 10s",
+        rows.len()
+    );
+    if int8_supported() {
+        assert!(
+            int8.int8_enabled(),
+            "the int8 pass is on where the CPU has it"
+        );
+    }
+    let small = Trainer::new(&cfg, INT8_MIN_ITEMS - 1, 5, &Device::Cpu).unwrap();
+    assert!(!small
+        .model()
+        .for_serving_with(Scoring::Int8)
+        .unwrap()
+        .int8_enabled());
 }

@@ -4,10 +4,62 @@
 use std::cmp::Ordering;
 
 /// Best first: higher score, then lower item index (a deterministic order for ties).
-fn better(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+pub(crate) fn better(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.partial_cmp(&a.1)
         .unwrap_or(Ordering::Equal)
         .then(a.0.cmp(&b.0))
+}
+
+/// The best `k` of a stream of (item, score): a bounded candidate buffer cut back to the best
+/// `k` by partial selection whenever it fills (never a sort of the whole stream). A score below
+/// [`TopK::bar`] can no longer enter, so callers skip it before pushing.
+pub(crate) struct TopK {
+    k: usize,
+    buf: Vec<(u32, f32)>,
+    bar: f32,
+}
+
+impl TopK {
+    pub(crate) fn new(k: usize) -> Self {
+        Self {
+            k,
+            buf: Vec::with_capacity(Self::cap(k) + 1),
+            bar: f32::NEG_INFINITY,
+        }
+    }
+
+    fn cap(k: usize) -> usize {
+        2 * k + 64
+    }
+
+    /// The lowest score that may still enter.
+    pub(crate) fn bar(&self) -> f32 {
+        self.bar
+    }
+
+    pub(crate) fn push(&mut self, item: u32, score: f32) {
+        if self.k == 0 {
+            return;
+        }
+        self.buf.push((item, score));
+        if self.buf.len() >= Self::cap(self.k) {
+            self.buf.select_nth_unstable_by(self.k - 1, better);
+            self.buf.truncate(self.k);
+            // an equal score arriving later has a higher index and loses the tie, but keeping
+            // it is harmless: the final selection orders it correctly
+            self.bar = self.buf[self.k - 1].1;
+        }
+    }
+
+    /// The best `k` pushed, best first.
+    pub(crate) fn finish(mut self) -> Vec<(u32, f32)> {
+        if self.buf.len() > self.k && self.k > 0 {
+            self.buf.select_nth_unstable_by(self.k - 1, better);
+        }
+        self.buf.truncate(self.k);
+        self.buf.sort_unstable_by(better);
+        self.buf
+    }
 }
 
 /// The `k` best items of `scores` (plus `bias`, when given), best first, excluding the items in
@@ -18,20 +70,14 @@ pub(crate) fn top_k_unseen(
     seen: &[u32],
     k: usize,
 ) -> Vec<(u32, f32)> {
-    let k = k.min(scores.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let cap = 2 * k + 64;
-    let mut buf: Vec<(u32, f32)> = Vec::with_capacity(cap + 1);
-    let mut threshold = f32::NEG_INFINITY;
+    let mut top = TopK::new(k.min(scores.len()));
     let mut seen_iter = seen.iter().copied().peekable();
     for (i, &s) in scores.iter().enumerate() {
         let s = match bias {
             Some(b) => s + b[i],
             None => s,
         };
-        if s < threshold || !s.is_finite() {
+        if s < top.bar() || !s.is_finite() {
             continue;
         }
         let i = i as u32;
@@ -41,21 +87,9 @@ pub(crate) fn top_k_unseen(
         if seen_iter.peek() == Some(&i) {
             continue;
         }
-        buf.push((i, s));
-        if buf.len() >= cap {
-            buf.select_nth_unstable_by(k - 1, better);
-            buf.truncate(k);
-            // an equal score arriving later has a higher index and loses the tie, but keeping
-            // it is harmless: the final selection orders it correctly
-            threshold = buf[k - 1].1;
-        }
+        top.push(i, s);
     }
-    if buf.len() > k {
-        buf.select_nth_unstable_by(k - 1, better);
-        buf.truncate(k);
-    }
-    buf.sort_unstable_by(better);
-    buf
+    top.finish()
 }
 
 #[cfg(test)]

@@ -125,6 +125,10 @@ impl Scorer {
                 }
                 continue;
             }
+            let to_scoring = me.metrics.click_stage.with_label_values(&["to_scoring"]);
+            for w in batch.iter().filter(|w| w.why == Why::Click) {
+                to_scoring.observe(w.since.elapsed().as_secs_f64());
+            }
             let Some(recs) = me.clone().score(&batch).await else {
                 continue;
             };
@@ -184,9 +188,12 @@ impl Scorer {
         .await;
         match scored {
             Ok(Ok(r)) => {
+                let seconds = started.elapsed().as_secs_f64();
+                self.metrics.scoring_latency.observe(seconds);
                 self.metrics
-                    .scoring_latency
-                    .observe(started.elapsed().as_secs_f64());
+                    .click_stage
+                    .with_label_values(&["scoring"])
+                    .observe(seconds);
                 Some(r)
             }
             Ok(Err(e)) => {
@@ -209,6 +216,7 @@ impl Scorer {
         batch: Vec<Waiting>,
         producers: Arc<Producers>,
     ) -> tokio::task::JoinHandle<()> {
+        let scored_at = Instant::now();
         let mut deliveries = Vec::with_capacity(recs.len());
         for (r, _) in &recs {
             let payload = r.to_json();
@@ -222,6 +230,12 @@ impl Scorer {
             crate::fault::crash_point("serve.published");
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
                 producers.recover(&producer, e);
+            }
+            if batch.iter().any(|w| w.why == Why::Click) {
+                self.metrics
+                    .click_stage
+                    .with_label_values(&["delivery"])
+                    .observe(scored_at.elapsed().as_secs_f64());
             }
             self.delivered(recs, &batch, results);
         })

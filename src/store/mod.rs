@@ -81,6 +81,16 @@ pub struct Applied {
     /// Users forgotten, in order (one forgotten and clicking again in the same batch is in
     /// both this and `changed_users`).
     pub forgotten: Vec<Forgotten>,
+    /// Each user the batch wrote or deleted, as stored after it: what a changelog records
+    /// without reading the store back.
+    pub written: Vec<Written>,
+}
+
+/// A user's stored state after a batch: its history, or `None` once its record is deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub user: String,
+    pub history: Option<History>,
 }
 
 /// Counts of what is stored.
@@ -565,6 +575,15 @@ impl Store {
         batch.insert(MESSAGES, &messages.to_be_bytes());
         self.tree.apply_batch(batch)?;
         // the batch is in: publish the new state to readers
+        m.applied.written = m
+            .touched
+            .drain(..)
+            .filter(|u| u.changed || u.forgotten)
+            .map(|u| Written {
+                user: u.id.to_string(),
+                history: (!(u.forgotten && u.history.is_empty())).then_some(u.history),
+            })
+            .collect();
         m.applied.new_users = m.next_user - m.next_user0;
         m.applied.new_items = next_item - m.next_item0;
         m.applied.quarantined = m.damaged.len() as u64;
@@ -1248,6 +1267,24 @@ mod tests {
         let applied = s.apply_changes(&changes, &[off(0, 6)], 5).unwrap();
         assert_eq!(s.history_ids("a").unwrap().unwrap(), vec!["i3"]);
         assert_eq!(applied.changed_users, vec![a_idx], "b is gone");
+        // what the batch says it wrote is what a read gives back
+        let mut written: Vec<_> = applied
+            .written
+            .iter()
+            .map(|w| {
+                (
+                    w.user.clone(),
+                    w.history.as_ref().map(|h| s.history_by_id(h)),
+                )
+            })
+            .collect();
+        written.sort_by(|x, y| x.0.cmp(&y.0));
+        let read: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|u| (u.to_string(), s.history_record(u).unwrap()))
+            .collect();
+        assert_eq!(written, read);
+        assert!(written[1].1.is_none() && written[0].1.is_some());
         assert_eq!(s.user_index("b").unwrap(), None);
         assert_eq!(s.counts().users, 1);
         assert_eq!(s.counts().interactions, 1);

@@ -46,6 +46,15 @@ fn position_key(partition: i32) -> [u8; 5] {
     [b'c', b[0], b[1], b[2], b[3]]
 }
 
+/// The key marking a partition's local copy as given up (revoked, kept until the cleanup).
+fn given_up_key(partition: i32) -> [u8; 5] {
+    let b = partition.to_be_bytes();
+    [b'g', b[0], b[1], b[2], b[3]]
+}
+
+/// The key of the clicks topic's partition count, as the replica last learned it.
+const PARTITIONS_KEY: &[u8] = b"mpartitions";
+
 /// The key of when a partition's local copy was last in sync with the changelog.
 fn synced_key(partition: i32) -> [u8; 5] {
     let b = partition.to_be_bytes();
@@ -255,6 +264,42 @@ impl Store {
         Ok(())
     }
 
+    /// Marks the local copy of `partition` as given up (revoked: kept only until the cleanup)
+    /// or held again.
+    pub(crate) fn set_given_up(&self, partition: i32, given_up: bool) -> Result<()> {
+        if given_up {
+            self.tree.insert(given_up_key(partition), &[])?;
+        } else {
+            self.tree.remove(given_up_key(partition))?;
+        }
+        Ok(())
+    }
+
+    /// Records the clicks topic's partition count (which partition holds a user).
+    pub(crate) fn set_partition_count(&self, partitions: i32) -> Result<()> {
+        self.tree
+            .insert(PARTITIONS_KEY, &partitions.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The partitions whose local copy was given up, and the clicks topic's partition count, if
+    /// a serving replica recorded them: what `multivaed export` leaves out.
+    pub fn given_up(&self) -> Result<(Vec<i32>, Option<i32>)> {
+        let mut given_up = Vec::new();
+        for kv in self.tree.scan_prefix([b'g']) {
+            let (k, _) = kv?;
+            if let Ok(b) = <[u8; 4]>::try_from(&k[1..]) {
+                given_up.push(i32::from_be_bytes(b));
+            }
+        }
+        let count = self
+            .tree
+            .get(PARTITIONS_KEY)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map(i32::from_be_bytes);
+        Ok((given_up, count))
+    }
+
     /// When the local copy of `partition` was last in sync with the changelog (Unix ms).
     pub(crate) fn synced_at(&self, partition: i32) -> Result<Option<u64>> {
         Ok(self
@@ -321,6 +366,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.remove(&position_key(partition));
         batch.remove(&synced_key(partition));
+        batch.remove(&given_up_key(partition));
         batch.remove(offset_key(topic, partition));
         self.tree.apply_batch(batch)?;
         Ok(dropped)
@@ -353,7 +399,8 @@ impl Store {
         Ok(self.record(user)?.map(|(_, h)| self.history_by_id(&h)))
     }
 
-    fn history_by_id(&self, h: &History) -> HistoryIds {
+    /// A history in external ids, as the changelog and the export write it.
+    pub(crate) fn history_by_id(&self, h: &History) -> HistoryIds {
         HistoryIds {
             items: self.item_ids(&h.items),
             weights: if h.weights.iter().all(|&w| w == 1.0) {

@@ -46,7 +46,7 @@ pub fn is_validation_user(user_key: u64, seed: u64, share: f64) -> bool {
 
 /// Whether a validation user's item (by the hash of its id) is held out, for life.
 pub fn is_held_out(user_key: u64, item_key: u64, seed: u64) -> bool {
-    mix(user_key.rotate_left(32) ^ item_key ^ seed) % HELD_OUT_ONE_IN == 0
+    mix(user_key.rotate_left(32) ^ item_key ^ seed).is_multiple_of(HELD_OUT_ONE_IN)
 }
 
 /// The validation settings of one round.

@@ -18,3 +18,8 @@ pub fn share_the_machine() -> std::sync::RwLockReadGuard<'static, ()> {
 pub fn the_machine_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
     MACHINE.write().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The status of a GET (0: no answer).
+pub fn status(d: &Daemon, path: &str) -> u16 {
+    d.get(path).map(|(s, _)| s).unwrap_or(0)
+}

@@ -215,7 +215,7 @@ fn complete_histories(
 }
 
 fn owned(d: &Daemon) -> f64 {
-    d.metric("multivaed_partitions_assigned", "")
+    d.metric("multivaed_partitions_owned", "")
 }
 
 #[test]
@@ -1259,11 +1259,184 @@ fn a_replica_that_owns_no_partition_is_ready() {
             d.get("/readyz").map(|r| r.0) == Some(200)
         });
     }
-    let owned = a.metric("multivaed_partitions_assigned", "")
-        + b.metric("multivaed_partitions_assigned", "");
+    let owned = owned(&a) + owned(&b);
     assert_eq!(owned, 1.0);
     for d in [a, b] {
         let (code, _) = d.terminate();
         assert_eq!(code, Some(0));
     }
+}
+
+/// Within the cleanup delay a replica still has the copies of the partitions it gave up on disk,
+/// but its export (the replica stopped) holds only the users of the partitions it held.
+#[test]
+fn a_replicas_export_leaves_out_the_partitions_it_gave_up() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    let a = replica(&f, dir.path(), "a");
+    settled(&[&a], PARTITIONS, "a owns everything");
+    produce_round(&f, 0);
+    a.wait_for(Duration::from_secs(60), "every user stored", |d| {
+        d.metric("multivaed_store_users", "") >= USERS as f64
+    });
+    let b = replica(&f, dir.path(), "b");
+    settled(&[&a, &b], PARTITIONS, "b took some partitions");
+    let of_a: HashSet<i32> = announced(&f)["a"].iter().copied().collect();
+    assert_eq!(
+        a.metric("multivaed_store_users", ""),
+        USERS as f64,
+        "a keeps the copies it gave up for serve.state_cleanup_delay"
+    );
+    let env = replica_env(&f, dir.path(), "a");
+    a.terminate();
+    let partition = |u: &str| Partitioner::ConsistentRandom.partition(u.as_bytes(), PARTITIONS);
+    let mine: HashSet<String> = (0..USERS)
+        .map(|u| format!("u{u}"))
+        .filter(|u| of_a.contains(&partition(u)))
+        .collect();
+    assert!(!mine.is_empty() && mine.len() < USERS, "{of_a:?}");
+    let exported = exported_users(&env, &dir.path().join("a.jsonl"));
+    assert_eq!(
+        exported, mine,
+        "a's export holds the users of the partitions it held"
+    );
+    b.terminate();
+}
+
+/// Each partition's claims in the changelog (committed markers, log order): (epoch, owner).
+fn claims(f: &Fleet) -> HashMap<i32, Vec<(u64, String)>> {
+    let mut out: HashMap<i32, Vec<(u64, String)>> = HashMap::new();
+    for m in read_all_partitioned(&f.changelog, f.partitions) {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        if v["kind"] == "marker" {
+            let claim = (
+                v["epoch"].as_u64().unwrap(),
+                v["owner"].as_str().unwrap().to_string(),
+            );
+            let seen = out.entry(m.partition).or_default();
+            if seen.last() != Some(&claim) {
+                seen.push(claim);
+            }
+        }
+    }
+    out
+}
+
+/// A restore far longer than the group's session and poll interval (each restored chunk delayed
+/// 8 s, `session.timeout.ms` 6 s, `max.poll.interval.ms` 7 s): the replica keeps polling while
+/// it restores, so the group never drops it; it is not ready while it restores; it ends owning
+/// its partitions with every history, and no epoch of any partition was claimed by two owners.
+#[test]
+fn a_restore_longer_than_the_session_completes_with_one_owner_per_epoch() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    let impatient = [
+        ("MULTIVAED_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000"),
+        ("MULTIVAED_KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "7000"),
+    ];
+    let a = replica_with(&f, dir.path(), "a", &impatient);
+    settled(&[&a], PARTITIONS, "a owns everything");
+    produce_round(&f, 0);
+    produce_round(&f, 1);
+    a.wait_for(Duration::from_secs(60), "a stored two rounds", |d| {
+        d.metric("multivaed_store_interactions", "") >= (2 * USERS) as f64
+    });
+    let mut slow = impatient.to_vec();
+    slow.push(("MULTIVAED_DELAY_AT", "restore.applied:8000"));
+    let b = replica_with(&f, dir.path(), "b", &slow);
+    b.wait_for(Duration::from_secs(60), "b restoring", |d| {
+        d.metric("multivaed_partitions_restoring", "") >= 1.0
+    });
+    let started = Instant::now();
+    // restoring: never ready, and the partitions it restores are nobody's to serve from b
+    while b.metric("multivaed_partitions_restoring", "") > 0.0 {
+        assert_ne!(status(&b, "/readyz"), 200, "b ready while restoring");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "b's restores never ended"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let took = started.elapsed();
+    eprintln!("b restored for {:.1} s", took.as_secs_f64());
+    assert!(took > Duration::from_secs(7), "the restore was not slow");
+    settled(&[&a, &b], PARTITIONS, "a and b share the partitions");
+    b.wait_for(Duration::from_secs(30), "b ready", |d| {
+        d.get("/readyz").map(|r| r.0) == Some(200)
+    });
+    assert!(!b.log_contains("restore failed"), "b's restore failed");
+    // every user's history whole at their owner, through either replica
+    for u in 0..USERS {
+        let user = format!("u{u}");
+        let (code, body) = a.get(&format!("/v1/users/{user}/history")).unwrap();
+        assert_eq!(code, 200, "{user}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["items"].as_array().unwrap().len(), 2, "{user}: {body}");
+    }
+    // one owner per epoch, epochs rising, in every partition's log
+    for (p, claims) in claims(&f) {
+        let mut owners: HashMap<u64, HashSet<String>> = HashMap::new();
+        for (epoch, owner) in &claims {
+            owners.entry(*epoch).or_default().insert(owner.clone());
+        }
+        for (epoch, who) in owners {
+            assert_eq!(
+                who.len(),
+                1,
+                "partition {p}: epoch {epoch} claimed by {who:?}"
+            );
+        }
+        let epochs: Vec<u64> = claims.iter().map(|c| c.0).collect();
+        assert!(
+            epochs.windows(2).all(|w| w[0] <= w[1]),
+            "partition {p}: epochs go back: {claims:?}"
+        );
+    }
+    for d in [a, b] {
+        let (code, _) = d.terminate();
+        assert_eq!(code, Some(0));
+    }
+}
+
+/// A replica that dies between storing a batch and writing its changelog (an abort at
+/// `ingest.flushed`): restarted on its disk, it re-consumes from the last marker what its store
+/// already holds and writes those users to the changelog again, so a fresh replica restoring
+/// from the changelog has every history whole.
+#[test]
+fn a_crash_between_the_store_and_the_changelog_loses_nothing_from_the_changelog() {
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fleet(dir.path());
+    let mut a = replica_with(
+        &f,
+        dir.path(),
+        "a",
+        &[("MULTIVAED_CRASH_AT", "ingest.flushed:1")],
+    );
+    settled(&[&a], PARTITIONS, "a owns everything");
+    produce_round(&f, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "a never reached its crash point");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.log_contains("aborting at ingest.flushed"));
+    let a = replica(&f, dir.path(), "a");
+    a.wait_for(Duration::from_secs(60), "every click stored", |d| {
+        d.metric("multivaed_store_interactions", "") >= USERS as f64
+    });
+    settled(&[&a], PARTITIONS, "a owns everything again");
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, _) = a.terminate();
+    assert_eq!(code, Some(0));
+    let c = replica(&f, dir.path(), "c");
+    settled(&[&c], PARTITIONS, "c owns everything");
+    for u in 0..USERS {
+        let user = format!("u{u}");
+        let (status, body) = c.get(&format!("/v1/users/{user}/history")).unwrap();
+        assert_eq!(status, 200, "{user} is missing from the changelog: {body}");
+    }
+    c.terminate();
 }

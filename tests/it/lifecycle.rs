@@ -49,10 +49,6 @@ fn messages_for(topic: &str, user: &str) -> Vec<Consumed> {
         .collect()
 }
 
-fn status(d: &Daemon, path: &str) -> u16 {
-    d.get(path).map(|(s, _)| s).unwrap_or(0)
-}
-
 #[test]
 fn a_forgotten_user_is_deleted_withdrawn_kept_forgotten_across_a_crash_and_starts_fresh() {
     let _machine = share_the_machine();
@@ -169,7 +165,7 @@ fn a_replica_restoring_a_partition_never_sees_a_forgotten_user() {
     };
     let a = Daemon::start(&f.replica_env(dir.path(), "a"), free_port());
     a.wait_for(Duration::from_secs(60), "a assigned every partition", |d| {
-        d.metric("multivaed_partitions_assigned", "") >= PARTITIONS as f64
+        d.metric("multivaed_partitions_owned", "") >= PARTITIONS as f64
     });
     let p = producer();
     for (user, payload) in clicks() {

@@ -1,6 +1,8 @@
 //! `multivaed bench fleet`: serving replicas (`--role serve`) against a real broker. Ingest with
 //! the changelog written (events/s vs raw consume of the same topic), then a replica with an
-//! empty volume restoring every partition from the changelog (records/s, time to ready).
+//! empty volume restoring every partition from the changelog (records/s, time to ready), then
+//! click → recommendation through a serving replica under a steady load with a model of the
+//! paper's size over a large catalogue, end to end and stage by stage.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -107,7 +109,7 @@ pub fn run_fleet_bench(opts: &FleetBenchOptions) -> Result<FleetFigures> {
     )?;
     b.try_wait_for(Duration::from_secs(900), "ready", |d| {
         d.get("/readyz").is_some_and(|(s, _)| s == 200)
-            && metric(d, "multivaed_partitions_assigned") >= parts as f64
+            && metric(d, "multivaed_partitions_owned") >= parts as f64
     })?;
     let ready = started.elapsed().as_secs_f64();
     let restored = metric(&b, "multivaed_restore_records_total");
@@ -173,16 +175,179 @@ pub(super) fn raw_consume(brokers: &str, topic: &str, partitions: i32, n: usize)
             .unwrap_or(1e-9))
 }
 
-/// Messages in a topic (high minus low watermarks).
+/// Records in a transactional topic: its committed messages, read to the end (the watermarks
+/// also count each transaction's commit marker).
 fn count(brokers: &str, topic: &str, partitions: i32) -> Result<u64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("count"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
         .create()?;
-    let mut total = 0;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
     for p in 0..partitions {
-        let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        total += (hi - lo).max(0) as u64;
+        let (_, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        ends.push(hi);
+    }
+    consumer.assign(&tpl)?;
+    let (mut total, deadline) = (0u64, Instant::now() + Duration::from_secs(300));
+    let at_end = |c: &BaseConsumer| -> Result<bool> {
+        let position = c.position()?;
+        Ok((0..partitions).all(|p| {
+            matches!(
+                position.find_partition(topic, p).map(|e| e.offset()),
+                Some(Offset::Offset(o)) if o >= ends[p as usize]
+            )
+        }))
+    };
+    while !at_end(&consumer)? {
+        if Instant::now() > deadline {
+            bail!("cannot read {topic} to its end in 300 s");
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            m?;
+            total += 1;
+        }
     }
     Ok(total)
+}
+
+/// Click → recommendation through one serving replica (a trainer beside it) at one load.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServeLatency {
+    pub items: usize,
+    pub rate: f64,
+    pub achieved_rate: f64,
+    pub clicks: usize,
+    pub answered: usize,
+    /// Producer → consumer of the recommendation, milliseconds.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// The replica's own (receipt → delivered), from its histogram.
+    pub daemon_p50_ms: f64,
+    pub daemon_p99_ms: f64,
+    /// `multivaed_click_stage_seconds` during the load: (stage, p50 ms, p99 ms, count).
+    pub stages: Vec<(String, f64, f64, f64)>,
+    pub scoring: String,
+}
+
+/// A trainer and a serving replica; the trainer's first model over `items` items (the paper's
+/// layer sizes) is served, then clicks arrive at `rate` a second for `seconds`.
+pub fn serve_latency(
+    opts: &FleetBenchOptions,
+    items: usize,
+    rate: f64,
+    seconds: f64,
+    scoring: &str,
+) -> Result<ServeLatency> {
+    let dir = opts.work_dir.join(unique("serve-latency"));
+    std::fs::create_dir_all(&dir)?;
+    let fleet = Fleet::named(&dir, 2);
+    fleet.create_on(&opts.brokers)?;
+    let users = items;
+    let keep = |env: &mut Vec<(String, String)>| {
+        env.retain(|(k, _)| {
+            !k.starts_with("MULTIVAED_MODEL__") && k != "MULTIVAED_KAFKA__BATCH_SIZE"
+        })
+    };
+    let mut trainer_env = fleet.trainer_env_on(&opts.brokers, &dir, "trainer");
+    keep(&mut trainer_env);
+    trainer_env.extend(
+        [
+            ("MULTIVAED_TRAIN__MIN_USERS", users.to_string()),
+            ("MULTIVAED_TRAIN__MIN_NEW_EVENTS", "1000000000".into()),
+            ("MULTIVAED_TRAIN__INTERVAL", "1000h".into()),
+            ("MULTIVAED_TRAIN__MAX_USERS_PER_ROUND", users.to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let mut replica_env = fleet.replica_env_on(&opts.brokers, &dir, "replica");
+    keep(&mut replica_env);
+    replica_env.push(("MULTIVAED_SERVE__SCORING".into(), scoring.into()));
+    let trainer = Daemon::try_start(
+        &opts.exe,
+        &trainer_env,
+        free_port(),
+        Some(&dir.join("trainer.log")),
+    )?;
+    let replica = Daemon::try_start(
+        &opts.exe,
+        &replica_env,
+        free_port(),
+        Some(&dir.join("replica.log")),
+    )?;
+    super::stream::produce_catalogue(&opts.brokers, &fleet.setup.clicks, users, items)?;
+    replica.try_wait_for(
+        Duration::from_secs(1800),
+        "a model over the catalogue served",
+        |d| {
+            metric(d, "multivaed_model_items") >= items as f64
+                && metric(d, "multivaed_dirty_users") == 0.0
+                && metric(d, "multivaed_events_consumed_total") >= (users * 6) as f64
+        },
+    )?;
+    eprintln!("fleet latency: a model over {items} items served ({scoring})");
+    let stages = ["store", "changelog", "to_scoring", "scoring", "delivery"];
+    let stage_buckets = |d: &Daemon| -> Result<Vec<Vec<(f64, f64)>>> {
+        stages
+            .iter()
+            .map(|s| d.buckets_of("multivaed_click_stage_seconds", &format!("stage=\"{s}\"")))
+            .collect()
+    };
+    let inside0 = replica.buckets("multivaed_click_to_recommendation_seconds")?;
+    let stages0 = stage_buckets(&replica)?;
+    let stream_opts = super::stream::StreamBenchOptions {
+        brokers: opts.brokers.clone(),
+        ingest_events: 0,
+        items,
+        rates: vec![rate],
+        seconds,
+        exe: opts.exe.clone(),
+        work_dir: dir.clone(),
+    };
+    let (mut l, clicks, achieved) =
+        super::stream::measure(&stream_opts, &fleet.setup, users, rate, 300)?;
+    l.sort_by(|a, b| a.total_cmp(b));
+    let inside = super::stream::bucket_delta(
+        &inside0,
+        &replica.buckets("multivaed_click_to_recommendation_seconds")?,
+    );
+    let stages = stages
+        .iter()
+        .zip(stages0.iter().zip(stage_buckets(&replica)?))
+        .map(|(s, (before, after))| {
+            let d = super::stream::bucket_delta(before, &after);
+            (
+                s.to_string(),
+                super::stream::bucket_quantile(&d, 0.5) * 1000.0,
+                super::stream::bucket_quantile(&d, 0.99) * 1000.0,
+                d.last().map_or(0.0, |b| b.1),
+            )
+        })
+        .collect();
+    replica.terminate();
+    trainer.terminate();
+    let f = ServeLatency {
+        items,
+        rate,
+        achieved_rate: achieved,
+        clicks,
+        answered: l.len(),
+        p50_ms: super::stream::quantile(&l, 0.5),
+        p99_ms: super::stream::quantile(&l, 0.99),
+        daemon_p50_ms: super::stream::bucket_quantile(&inside, 0.5) * 1000.0,
+        daemon_p99_ms: super::stream::bucket_quantile(&inside, 0.99) * 1000.0,
+        stages,
+        scoring: scoring.to_string(),
+    };
+    eprintln!(
+        "fleet latency at {rate} clicks/s ({scoring}): end to end p50 {:.1} ms p99 {:.1} ms; in the replica p50 {:.1} ms p99 {:.1} ms; {} of {} answered",
+        f.p50_ms, f.p99_ms, f.daemon_p50_ms, f.daemon_p99_ms, f.answered, f.clicks
+    );
+    for (s, p50, p99, n) in &f.stages {
+        eprintln!("  stage {s}: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} observations)");
+    }
+    Ok(f)
 }

@@ -8,7 +8,7 @@ mod ship;
 mod stream;
 mod suite;
 
-pub use fleet::{run_fleet_bench, FleetBenchOptions, FleetFigures};
+pub use fleet::{run_fleet_bench, serve_latency, FleetBenchOptions, FleetFigures, ServeLatency};
 pub use live::{live_table, run_live_bench, LiveBenchOptions, LiveFigures, LiveRole};
 pub use ship::{run_ship_bench, ship_table, ShipBenchOptions, ShipBenchRow};
 pub use stream::{run_stream_bench, StreamBenchOptions, StreamFigures};
@@ -21,7 +21,7 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use multivaed::model::{FirstLayer, Interactions, ModelConfig, Trainer};
+use multivaed::model::{FirstLayer, Interactions, ModelConfig, MultiVae, Scoring, Trainer};
 
 /// Synthetic users with a skewed (power-law-like) item popularity: `per_user` items on average.
 pub fn synthetic_users(n_users: usize, n_items: usize, per_user: usize, seed: u64) -> Interactions {
@@ -52,6 +52,11 @@ pub struct ModelBenchRow {
     pub score_seconds: f64,
     pub users_per_second: f64,
     pub single_user_ms: f64,
+    /// The same users through an int8 serving copy (absent where the CPU has no int8 pass).
+    pub int8_users_per_second: Option<f64>,
+    pub int8_single_user_ms: Option<f64>,
+    /// Users whose top 10 is the same exact and int8.
+    pub int8_top10_identical_share: Option<f64>,
     /// This process's peak RSS so far (all sizes measured before included).
     pub peak_rss_bytes: u64,
 }
@@ -99,6 +104,34 @@ fn time_steps(
     ))
 }
 
+/// One serving copy's top-100 scoring of a batch of users.
+struct ScoringTime {
+    seconds: f64,
+    single_user_ms: f64,
+    top10: Vec<Vec<u32>>,
+}
+
+/// Times `model` ranking the top 100 of `rows` at once, then of 20 users one at a time.
+fn time_scoring(model: &MultiVae, rows: &[&[u32]]) -> Result<ScoringTime> {
+    model.recommend(&rows[..rows.len().min(100)], 100)?; // warm-up
+    let t0 = Instant::now();
+    let recs = model.recommend(rows, 100)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let reps = 20;
+    for r in rows.iter().take(reps) {
+        model.recommend(std::slice::from_ref(r), 100)?;
+    }
+    Ok(ScoringTime {
+        seconds,
+        single_user_ms: t1.elapsed().as_secs_f64() * 1000.0 / reps as f64,
+        top10: recs
+            .into_iter()
+            .map(|r| r.into_iter().take(10).map(|(i, _)| i).collect())
+            .collect(),
+    })
+}
+
 /// Runs the model benchmark: a training step and top-100 scoring at each catalogue size.
 pub fn run_model_bench(
     opts: &ModelBenchOptions,
@@ -118,18 +151,14 @@ pub fn run_model_bench(
             trainer.set_first_layer(layer);
             let (step_seconds, distinct) = time_steps(&mut trainer, &data, opts.steps, batch)?;
             let rows: Vec<&[u32]> = (0..opts.score_users).map(|u| data.row(u)).collect();
-            let model = trainer.model();
-            model.recommend(&rows[..rows.len().min(100)], 100)?; // warm-up
-            let t0 = Instant::now();
-            let recs = model.recommend(&rows, 100)?;
-            let score_seconds = t0.elapsed().as_secs_f64();
-            debug_assert_eq!(recs.len(), rows.len());
-            let t1 = Instant::now();
-            let reps = 20;
-            for r in rows.iter().take(reps) {
-                model.recommend(std::slice::from_ref(r), 100)?;
-            }
-            let single_user_ms = t1.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+            let exact = time_scoring(&trainer.model().for_serving_with(Scoring::Exact)?, &rows)?;
+            let int8_copy = trainer.model().for_serving_with(Scoring::Int8)?;
+            let int8 = if int8_copy.int8_enabled() {
+                Some(time_scoring(&int8_copy, &rows)?)
+            } else {
+                None
+            };
+            let (score_seconds, single_user_ms) = (exact.seconds, exact.single_user_ms);
             let row = ModelBenchRow {
                 device: opts.device_name.clone(),
                 items,
@@ -145,6 +174,17 @@ pub fn run_model_bench(
                 score_seconds,
                 users_per_second: rows.len() as f64 / score_seconds,
                 single_user_ms,
+                int8_users_per_second: int8.as_ref().map(|t| rows.len() as f64 / t.seconds),
+                int8_single_user_ms: int8.as_ref().map(|t| t.single_user_ms),
+                int8_top10_identical_share: int8.as_ref().map(|t| {
+                    let same = t
+                        .top10
+                        .iter()
+                        .zip(&exact.top10)
+                        .filter(|(a, b)| a == b)
+                        .count();
+                    same as f64 / rows.len().max(1) as f64
+                }),
                 peak_rss_bytes: multivaed::metrics::peak_rss_bytes(None),
             };
             log(&row);
@@ -157,11 +197,12 @@ pub fn run_model_bench(
 /// The rows as a markdown table.
 pub fn model_table(rows: &[ModelBenchRow]) -> String {
     let mut s = String::from(
-        "| device | items | first layer | step (s) | steps/s | distinct items/batch | top-100 users/s | 1-user fold-in (ms) |\n|---|---:|---|---:|---:|---:|---:|---:|\n",
+        "| device | items | first layer | step (s) | steps/s | distinct items/batch | top-100 users/s | 1-user fold-in (ms) | int8 users/s | int8 1-user (ms) | same top 10 |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let or_dash = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("–".to_string(), f);
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {:.4} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+            "| {} | {} | {} | {:.4} | {:.2} | {:.0} | {:.0} | {:.2} | {} | {} | {} |\n",
             r.device,
             r.items,
             r.first_layer,
@@ -169,7 +210,13 @@ pub fn model_table(rows: &[ModelBenchRow]) -> String {
             r.steps_per_second,
             r.distinct_items_per_batch,
             r.users_per_second,
-            r.single_user_ms
+            r.single_user_ms,
+            or_dash(r.int8_users_per_second, &|v| format!("{v:.0}")),
+            or_dash(r.int8_single_user_ms, &|v| format!("{v:.2}")),
+            or_dash(r.int8_top10_identical_share, &|v| format!(
+                "{:.1}%",
+                100.0 * v
+            )),
         );
     }
     s

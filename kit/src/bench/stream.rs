@@ -121,12 +121,12 @@ pub(super) fn send(
 }
 
 /// Sum of a metric of the daemon over its label sets.
-fn metric(d: &Daemon, name: &str) -> Result<f64> {
+pub(super) fn metric(d: &Daemon, name: &str) -> Result<f64> {
     Ok(metric_value(&d.metrics()?, name, ""))
 }
 
 /// Waits until `f` holds (its errors count as not yet).
-fn wait(
+pub(super) fn wait(
     d: &Daemon,
     limit: Duration,
     what: &str,
@@ -222,7 +222,7 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
 type Pending = Arc<Mutex<HashMap<String, VecDeque<u64>>>>;
 
 /// Steady load at `rate` for `seconds`; latencies (ms) of the answered clicks, and clicks sent.
-fn measure(
+pub(super) fn measure(
     opts: &StreamBenchOptions,
     topics: &Setup,
     users: usize,
@@ -315,7 +315,7 @@ fn caught_up(d: &Daemon, expected: usize) -> Result<()> {
 }
 
 /// What a histogram counted between two readings of its cumulative buckets.
-fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+pub(super) fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
     after
         .iter()
         .map(|&(le, n)| {
@@ -327,7 +327,7 @@ fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> 
 
 /// The `q` quantile of cumulative buckets, interpolated linearly inside its bucket (NaN when
 /// empty; the last finite bound when it falls in `+Inf`).
-fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+pub(super) fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     let total = buckets.last().map_or(0.0, |b| b.1);
     if total <= 0.0 {
         return f64::NAN;
@@ -352,11 +352,36 @@ fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     lo
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(super) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The latency benchmarks' catalogue, 6 clicks a user: user u clicks item u, then 5 more items
+/// of its taste group (200 groups, skewed inside each), so the first model learns what
+/// popularity does not know and clears the validation floors.
+pub(super) fn produce_catalogue(
+    brokers: &str,
+    topic: &str,
+    users: usize,
+    items: usize,
+) -> Result<()> {
+    let p = producer_to(brokers, "20")?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for u in 0..users {
+        send(&p, topic, &format!("u{u}"), &format!("i{}", u % items))?;
+    }
+    let group = (items / 200).max(1);
+    for _ in 0..users * 5 {
+        let u = rng.gen_range(0..users);
+        let r: f64 = rng.gen();
+        let i = ((u % 200) * group + (r * r * group as f64) as usize) % items;
+        send(&p, topic, &format!("u{u}"), &format!("i{i}"))?;
+    }
+    p.flush(Duration::from_secs(120))?;
+    Ok(())
 }
 
 /// Latency: a daemon with a model over `opts.items` items, then each load with training paused,
@@ -376,27 +401,7 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
     ];
     let env = daemon_env(&topics, &opts.brokers, &dir, &paused);
     let d = start(&opts.exe, &env, &opts.work_dir.join("latency-daemon.log"))?;
-    // the catalogue: user u clicks item u, then 5 more items of its taste group (200 groups,
-    // skewed inside each), so the first model learns what popularity does not know and clears
-    // the validation floors
-    let p = producer_to(&opts.brokers, "20")?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for u in 0..users {
-        send(
-            &p,
-            &topics.clicks,
-            &format!("u{u}"),
-            &format!("i{}", u % opts.items),
-        )?;
-    }
-    let group = (opts.items / 200).max(1);
-    for _ in 0..users * 5 {
-        let u = rng.gen_range(0..users);
-        let r: f64 = rng.gen();
-        let i = ((u % 200) * group + (r * r * group as f64) as usize) % opts.items;
-        send(&p, &topics.clicks, &format!("u{u}"), &format!("i{i}"))?;
-    }
-    p.flush(Duration::from_secs(120))?;
+    produce_catalogue(&opts.brokers, &topics.clicks, users, opts.items)?;
     let items = opts.items as f64;
     wait(
         &d,

@@ -507,6 +507,7 @@ mod tests {
             popularity: figures(0.25),
             users: UserCounts { train: 10, test: 2 },
             items: 7,
+            scoring: None,
         };
         // as `eval --json` prints it: the report plus the peak RSS
         let mut v = serde_json::to_value(&report).unwrap();

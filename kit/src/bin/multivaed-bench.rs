@@ -62,6 +62,19 @@ struct FleetBenchArgs {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure click → recommendation through a serving replica instead, with a model over this
+    /// many items (the paper's layer sizes; users: as many).
+    #[arg(long)]
+    latency_items: Option<usize>,
+    /// Clicks per second of the latency load, each measured in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    rates: Vec<f64>,
+    /// Seconds of load per rate.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// The replica's serve.scoring (int8 or exact), each measured in turn.
+    #[arg(long, value_delimiter = ',', default_value = "int8")]
+    scoring: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -238,13 +251,29 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
             print_or_write(&figures, args.json.as_deref())
         }
         BenchCommand::Fleet(args) => {
-            let figures = bench::run_fleet_bench(&bench::FleetBenchOptions {
+            let opts = bench::FleetBenchOptions {
                 brokers: args.brokers,
                 events: args.events,
                 partitions: args.partitions,
                 exe: multivaed_kit::harness::daemon_exe(),
                 work_dir: args.work_dir,
-            })?;
+            };
+            if let Some(items) = args.latency_items {
+                let mut out = Vec::new();
+                for scoring in &args.scoring {
+                    for &rate in &args.rates {
+                        out.push(bench::serve_latency(
+                            &opts,
+                            items,
+                            rate,
+                            args.seconds,
+                            scoring,
+                        )?);
+                    }
+                }
+                return print_or_write(&out, args.json.as_deref());
+            }
+            let figures = bench::run_fleet_bench(&opts)?;
             print_or_write(&figures, args.json.as_deref())
         }
         BenchCommand::Live(args) => {

@@ -141,7 +141,7 @@ impl Changelog {
         consumed: Option<&Consumed>,
         keep_trying: impl Fn() -> bool,
     ) -> Result<Vec<(i32, ChangelogPosition)>, WriteError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut waits = crate::retry::backoff(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let e = match self.producer() {
                 Ok(p) => match self.transaction(&p, users, markers, consumed) {
@@ -161,8 +161,7 @@ impl Changelog {
                 ));
             }
             warn!(error = %format!("{e:#}"), "cannot write the changelog; retrying");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            std::thread::sleep(waits.next().unwrap_or(Duration::from_secs(5)));
         }
     }
 
@@ -390,7 +389,9 @@ const RESTORE_CHUNK: usize = 2000;
 
 /// Reads partition `partition` of the changelog from the local copy's position (or from the
 /// beginning when there is none, or the log no longer reaches back to it) to its end, applying
-/// every user record to the store; `progress` is told of each chunk of records applied.
+/// every user record to the store; `progress` is told of each chunk of records applied. Stops
+/// early (`None`) when `go_on` says so (the partition was revoked).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn restore(
     k: &KafkaConfig,
     partition: i32,
@@ -399,7 +400,8 @@ pub(super) fn restore(
     belongs: &dyn Fn(&str) -> bool,
     active_since: i64,
     progress: &dyn Fn(u64),
-) -> Result<Restored> {
+    go_on: &dyn Fn() -> bool,
+) -> Result<Option<Restored>> {
     let consumer: BaseConsumer<EofReader> = client_config(
         &k.brokers,
         &[
@@ -452,7 +454,11 @@ pub(super) fn restore(
             anyhow::bail!("changelog partition {partition}: no record read for 30 s during the restore (is the broker up?)");
         }
         if std::time::Instant::now() > bounds.deadline {
-            anyhow::bail!("changelog partition {partition}: the restore took longer than four fifths of max.poll.interval.ms ({records} records read); raise kafka.properties.\"max.poll.interval.ms\" or use more partitions");
+            anyhow::bail!("changelog partition {partition}: the restore took longer than serve.restore_timeout ({records} records read); raise it or use more partitions");
+        }
+        if !go_on() {
+            store.restore_histories(&chunk, partition, position, None)?;
+            return Ok(None);
         }
         let m = match consumer.poll(Duration::from_millis(500)) {
             None => continue,
@@ -485,12 +491,12 @@ pub(super) fn restore(
     store.set_synced(partition, crate::wire::now_ms())?;
     progress(records);
     crate::fault::crash_point("restore.applied");
-    Ok(Restored {
+    Ok(Some(Restored {
         position,
         records,
         from_beginning,
         active: active.into_iter().collect(),
-    })
+    }))
 }
 
 #[cfg(test)]

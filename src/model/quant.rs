@@ -1,0 +1,379 @@
+//! The scorer's reduced-precision candidate pass: the output layer in int8 (one scale per item),
+//! multiplied with AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds an instruction, four times fp32's)
+//! where the CPU has it, detected at run time. Only candidates come from it: they are re-scored
+//! exactly in fp32, so a published score is always exact and a ranking differs from the exact
+//! one only when an item of the exact top-k falls outside the candidates.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use super::topk::TopK;
+
+/// How a serving copy scores the catalogue (`serve.scoring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scoring {
+    /// An int8 candidate pass (where the CPU has AVX-512 VNNI; exact elsewhere), then the
+    /// candidates re-ranked exactly.
+    Int8,
+    /// Every item scored in fp32.
+    Exact,
+}
+
+static SCORING: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how serving copies made from now on score (a process-wide choice, like the thread
+/// pool's size).
+pub fn set_scoring(s: Scoring) {
+    SCORING.store(matches!(s, Scoring::Exact) as u8, Ordering::Relaxed);
+}
+
+/// How serving copies made now score.
+pub fn scoring() -> Scoring {
+    match SCORING.load(Ordering::Relaxed) {
+        0 => Scoring::Int8,
+        _ => Scoring::Exact,
+    }
+}
+
+/// Whether this CPU runs the int8 pass.
+pub fn int8_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Below this many items the exact pass is as fast (at 1,415 items it was faster: the
+/// candidates' exact re-rank is a fixed cost the int8 pass does not repay).
+pub const INT8_MIN_ITEMS: usize = 4096;
+
+/// Items per packed block: one 512-bit register of int32 sums.
+const BLOCK: usize = 16;
+/// Users scored together against each block (their sums fill 16 of the 32 registers).
+const USERS: usize = 16;
+/// Blocks whose packed weights every user of a part meets while they are in cache (~250 KB at
+/// 600 hidden units).
+const CHUNK_BLOCKS: usize = 26;
+
+/// The output layer `W` [hidden × items] and its bias quantized for the candidate pass: item
+/// i's column is `scale[i] · q[·, i]` with q in [−127, 127]; packed for `vpdpbusd` as blocks of
+/// 16 items, each `[hidden/4][16 items][4 consecutive hidden units]`. Per-item arrays are padded
+/// to whole blocks (scale 0, so a padded item scores its bias, 0).
+#[derive(Debug, Clone)]
+pub(crate) struct Int8Output {
+    hidden: usize,
+    /// Hidden units padded to a multiple of 4, in groups of 4.
+    groups: usize,
+    items: usize,
+    packed: Vec<i8>,
+    scale: Vec<f32>,
+    /// 128·Σ_k q[k, i]: the activations are offset by 128 to be unsigned, which adds this.
+    offset: Vec<i32>,
+    bias: Vec<f32>,
+}
+
+impl Int8Output {
+    /// Quantizes `w` ([hidden × items], row-major) and keeps `bias` [items].
+    pub(crate) fn new(w: &[f32], bias: &[f32], hidden: usize, items: usize) -> Self {
+        let groups = hidden.div_ceil(4);
+        let padded = items.div_ceil(BLOCK) * BLOCK;
+        let mut packed = vec![0i8; padded * groups * 4];
+        let mut scale = vec![0f32; padded];
+        let mut offset = vec![0i32; padded];
+        let mut padded_bias = vec![0f32; padded];
+        padded_bias[..items].copy_from_slice(&bias[..items]);
+        for i in 0..items {
+            let max = (0..hidden).fold(0f32, |m, k| m.max(w[k * items + i].abs()));
+            let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            scale[i] = s;
+            let (b, lane) = (i / BLOCK, i % BLOCK);
+            let mut sum = 0i32;
+            for k in 0..hidden {
+                let q = (w[k * items + i] / s).round().clamp(-127.0, 127.0) as i8;
+                sum += i32::from(q);
+                packed[((b * groups + k / 4) * BLOCK + lane) * 4 + k % 4] = q;
+            }
+            offset[i] = 128 * sum;
+        }
+        Self {
+            hidden,
+            groups,
+            items,
+            packed,
+            scale,
+            offset,
+            bias: padded_bias,
+        }
+    }
+
+    /// The `count` items of highest approximate logit (bias included) of each user of `h`
+    /// ([users × hidden], row-major), never one of the user's `seen` (ascending), best first.
+    /// Only on a CPU where [`int8_supported`] holds.
+    pub(crate) fn candidates(
+        &self,
+        h: &[f32],
+        seen: &[&[u32]],
+        count: usize,
+    ) -> Vec<Vec<(u32, f32)>> {
+        let users = seen.len();
+        assert_eq!(h.len(), users * self.hidden);
+        let (acts, act_scale) = self.quantize_activations(h, users);
+        let mut best: Vec<Best<'_>> = seen.iter().map(|s| Best::new(s, count)).collect();
+        let blocks = self.scale.len() / BLOCK;
+        let row = self.groups * 4;
+        let block_bytes = self.groups * BLOCK * 4;
+        let mut logits = [[0f32; BLOCK]; USERS];
+        let mut masks = [0u16; USERS];
+        let mut thresholds = [0f32; USERS];
+        for chunk in (0..blocks).step_by(CHUNK_BLOCKS) {
+            for first in (0..users).step_by(USERS) {
+                let n = (users - first).min(USERS);
+                let acts = &acts[first * row..(first + n) * row];
+                let scales = &act_scale[first..first + n];
+                let best = &mut best[first..first + n];
+                for b in chunk..(chunk + CHUNK_BLOCKS).min(blocks) {
+                    let items = b * BLOCK..(b + 1) * BLOCK;
+                    let block = Block {
+                        w: &self.packed[b * block_bytes..(b + 1) * block_bytes],
+                        scale: &self.scale[items.clone()],
+                        offset: &self.offset[items.clone()],
+                        bias: &self.bias[items],
+                    };
+                    for (t, u) in thresholds.iter_mut().zip(best.iter()) {
+                        *t = u.top.bar();
+                    }
+                    let out = Out {
+                        thresholds: &thresholds[..n],
+                        logits: &mut logits[..n],
+                        masks: &mut masks[..n],
+                    };
+                    scores_of_block(acts, scales, self.groups, &block, out);
+                    for ((u, &mask), logits) in best.iter_mut().zip(&masks).zip(&logits) {
+                        if mask != 0 {
+                            u.offer(b * BLOCK, mask, logits, self.items);
+                        }
+                    }
+                }
+            }
+        }
+        best.into_iter().map(Best::finish).collect()
+    }
+
+    /// Each user's activations as unsigned bytes `round(h/a) + 128` (a = max|h|/127), padded to
+    /// whole groups of 4, with `a`.
+    fn quantize_activations(&self, h: &[f32], users: usize) -> (Vec<u8>, Vec<f32>) {
+        let row = self.groups * 4;
+        let mut acts = vec![128u8; users * row];
+        let mut scales = vec![0f32; users];
+        for u in 0..users {
+            let x = &h[u * self.hidden..(u + 1) * self.hidden];
+            let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let a = if max > 0.0 { max / 127.0 } else { 1.0 };
+            scales[u] = a;
+            for (dst, v) in acts[u * row..u * row + self.hidden].iter_mut().zip(x) {
+                *dst = ((v / a).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+            }
+        }
+        (acts, scales)
+    }
+}
+
+/// One packed block of 16 items and their per-item terms.
+struct Block<'a> {
+    w: &'a [i8],
+    scale: &'a [f32],
+    offset: &'a [i32],
+    bias: &'a [f32],
+}
+
+/// Where a block's kernel leaves each user's 16 logits: stored, with the mask of those at or
+/// above the user's threshold, only when that mask is not empty.
+struct Out<'a> {
+    thresholds: &'a [f32],
+    logits: &'a mut [[f32; BLOCK]],
+    masks: &'a mut [u16],
+}
+
+/// A user's best items so far, skipping the items they have: the bar an item must reach is the
+/// lowest kept logit once the buffer was first cut back.
+struct Best<'a> {
+    seen: &'a [u32],
+    top: TopK,
+}
+
+impl<'a> Best<'a> {
+    fn new(seen: &'a [u32], count: usize) -> Self {
+        Self {
+            seen,
+            top: TopK::new(count),
+        }
+    }
+
+    fn offer(&mut self, first: usize, mask: u16, logits: &[f32; BLOCK], items: usize) {
+        for (lane, &logit) in logits.iter().enumerate() {
+            let i = first + lane;
+            if mask & (1 << lane) == 0 || i >= items {
+                continue;
+            }
+            if self.seen.binary_search(&(i as u32)).is_err() {
+                self.top.push(i as u32, logit);
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<(u32, f32)> {
+        self.top.finish()
+    }
+}
+
+/// Up to 16 users' approximate logits for one block.
+fn scores_of_block(acts: &[u8], act_scale: &[f32], groups: usize, block: &Block<'_>, out: Out<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let n = act_scale.len();
+        assert!(n <= USERS && acts.len() >= n * groups * 4);
+        assert!(block.w.len() >= groups * BLOCK * 4 && block.scale.len() == BLOCK);
+        assert!(block.offset.len() == BLOCK && block.bias.len() == BLOCK);
+        assert!(out.thresholds.len() == n && out.logits.len() == n && out.masks.len() == n);
+        // SAFETY: reached only through `Int8Output::candidates`, which callers use only where
+        // `int8_supported()` holds; every length the kernel relies on is asserted above.
+        unsafe {
+            if n == USERS {
+                vnni::block::<USERS>(acts, act_scale, groups, block, out);
+            } else {
+                for u in 0..n {
+                    let one = Out {
+                        thresholds: &out.thresholds[u..u + 1],
+                        logits: &mut out.logits[u..u + 1],
+                        masks: &mut out.masks[u..u + 1],
+                    };
+                    let acts = &acts[u * groups * 4..];
+                    vnni::block::<1>(acts, &act_scale[u..u + 1], groups, block, one);
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (acts, act_scale, groups, block, out);
+        unreachable!("the int8 pass runs only where int8_supported() holds");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{Block, Out};
+
+    /// `U` users at once: per group of 4 hidden units, one load of the block and `U` broadcast
+    /// multiply-adds; then each user's 16 sums to logits, `a·s·(sum − offset) + bias`, kept
+    /// when one reaches the user's threshold.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn block<const U: usize>(
+        acts: &[u8],
+        act_scale: &[f32],
+        groups: usize,
+        block: &Block<'_>,
+        out: Out<'_>,
+    ) {
+        let mut acc = [_mm512_setzero_si512(); U];
+        let a = acts.as_ptr() as *const i32;
+        let wp = block.w.as_ptr() as *const __m512i;
+        for g in 0..groups {
+            let wv = _mm512_loadu_si512(wp.add(g));
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_epi32(a.add(u * groups + g).read_unaligned());
+                *acc = _mm512_dpbusd_epi32(*acc, x, wv);
+            }
+        }
+        let scale = _mm512_loadu_ps(block.scale.as_ptr());
+        let offset = _mm512_loadu_si512(block.offset.as_ptr() as *const __m512i);
+        let bias = _mm512_loadu_ps(block.bias.as_ptr());
+        for (u, acc) in acc.iter().enumerate() {
+            let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, offset));
+            let s = _mm512_mul_ps(_mm512_set1_ps(act_scale[u]), scale);
+            let logits = _mm512_fmadd_ps(sums, s, bias);
+            let bar = _mm512_set1_ps(out.thresholds[u]);
+            let mask = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(logits, bar);
+            out.masks[u] = mask;
+            if mask != 0 {
+                _mm512_storeu_ps(out.logits[u].as_mut_ptr(), logits);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::topk::better;
+    use rand::{Rng, SeedableRng};
+
+    /// The int8 pass's candidates are the exact top items (ties apart, up to its rounding):
+    /// every item it returns has an exact logit within rounding of its approximate one, it
+    /// skips seen items, and the exact top 10 lies within its 60 candidates.
+    #[test]
+    fn int8_candidates_hold_the_exact_top_items() {
+        if !int8_supported() {
+            eprintln!("no AVX-512 VNNI on this CPU: the int8 pass is not used here");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (hidden, items) = (602, 1001);
+        let w: Vec<f32> = (0..hidden * items)
+            .map(|_| rng.gen_range(-0.1..0.1))
+            .collect();
+        let bias: Vec<f32> = (0..items).map(|_| rng.gen_range(-0.5..0.5)).collect();
+        let q = Int8Output::new(&w, &bias, hidden, items);
+        for users in [1, 5, 16, 37] {
+            let h: Vec<f32> = (0..users * hidden)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            let seen: Vec<Vec<u32>> = (0..users)
+                .map(|_| {
+                    let mut s: Vec<u32> = (0..20).map(|_| rng.gen_range(0..items as u32)).collect();
+                    s.sort_unstable();
+                    s.dedup();
+                    s
+                })
+                .collect();
+            let seen_refs: Vec<&[u32]> = seen.iter().map(|s| s.as_slice()).collect();
+            let got = q.candidates(&h, &seen_refs, 60);
+            for u in 0..users {
+                let exact = |i: usize| -> f32 {
+                    bias[i]
+                        + (0..hidden)
+                            .map(|k| h[u * hidden + k] * w[k * items + i])
+                            .sum::<f32>()
+                };
+                assert_eq!(got[u].len(), 60);
+                for &(i, approx) in &got[u] {
+                    assert!(seen[u].binary_search(&i).is_err());
+                    let e = exact(i as usize);
+                    assert!(
+                        (approx - e).abs() < 0.03,
+                        "user {u} item {i}: {approx} vs {e}"
+                    );
+                }
+                let mut all: Vec<(u32, f32)> = (0..items)
+                    .filter(|i| seen[u].binary_search(&(*i as u32)).is_err())
+                    .map(|i| (i as u32, exact(i)))
+                    .collect();
+                all.sort_by(better);
+                for (i, _) in &all[..10] {
+                    assert!(
+                        got[u].iter().any(|c| c.0 == *i),
+                        "user {u}: exact top item {i} missed"
+                    );
+                }
+            }
+        }
+    }
+}
