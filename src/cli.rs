@@ -253,6 +253,18 @@ pub enum ModelsCommand {
         /// The version to return to.
         version: u64,
     },
+    /// Roles `serve` and `train`: make the running canary VERSION live for everyone now,
+    /// whatever its evidence says.
+    Promote {
+        /// The running canary's version.
+        version: u64,
+    },
+    /// Roles `serve` and `train`: roll the running canary VERSION back now (its slice returns
+    /// to the live version; the trainer continues from the live version).
+    Reject {
+        /// The running canary's version.
+        version: u64,
+    },
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
@@ -511,6 +523,9 @@ fn run_models(args: ModelsArgs) -> Result<()> {
             );
             Ok(())
         }
+        ModelsCommand::Promote { .. } | ModelsCommand::Reject { .. } => bail!(
+            "role all decides its canary itself (promotion.*); promote and reject are for a fleet's canary (--role serve or train)"
+        ),
     }
 }
 
@@ -518,19 +533,40 @@ fn run_models(args: ModelsArgs) -> Result<()> {
 async fn fleet_models(config: &Config, command: &ModelsCommand) -> Result<()> {
     match command {
         ModelsCommand::List => {
-            println!("| version | epoch | trainer | created | update_count | β | items | validation NDCG@100 | status | files |");
-            println!("|---:|---:|---|---|---:|---:|---:|---:|---|---|");
+            println!("| version | epoch | trainer | created | update_count | β | items | validation NDCG@100 | status | live evidence (hits/clicks at 10) | files |");
+            println!("|---:|---:|---|---|---:|---:|---:|---:|---|---|---|");
             for l in multivaed::shipping::list(config).await? {
                 let a = &l.announcement;
                 let status = match (l.current, l.accepted, a.rollback) {
-                    (true, _, true) => "current (rollback)",
-                    (true, _, false) => "current",
-                    (false, true, true) => "rollback",
-                    (false, true, false) => "announced",
-                    (false, false, _) => "ignored (fenced)",
+                    _ if l.canary => "canary (running)".to_string(),
+                    (true, _, true) => "current (rollback)".into(),
+                    (true, _, false) => "current".into(),
+                    (false, true, true) => "rollback".into(),
+                    (false, true, false) => "announced".into(),
+                    (false, false, _) => "ignored (fenced)".into(),
+                };
+                let status = match (&l.decision, a.canary) {
+                    (Some(d), _) => format!("{status}; canary {} by {}", d.decision.as_str(), d.by),
+                    (None, Some(f)) if !l.canary => format!("{status}; canary ({f} of users)"),
+                    _ => status,
+                };
+                let evidence = match a.canary {
+                    Some(_) => {
+                        let e = &l.evidence;
+                        format!(
+                            "canary {}/{} ({:.4}), live {}/{} ({:.4})",
+                            e.canary.hits,
+                            e.canary.trials,
+                            e.canary.rate(),
+                            e.live.hits,
+                            e.live.trials,
+                            e.live.rate()
+                        )
+                    }
+                    None => "-".into(),
                 };
                 println!(
-                    "| {} | {} | {} | {} | {} | {:.5} | {} | {} | {status} | {} |",
+                    "| {} | {} | {} | {} | {} | {:.5} | {} | {} | {status} | {evidence} | {} |",
                     a.version,
                     a.epoch,
                     a.trainer,
@@ -554,6 +590,24 @@ async fn fleet_models(config: &Config, command: &ModelsCommand) -> Result<()> {
             println!(
                 "model version {} (update_count {}, files {}) is announced as current again, under epoch {}: every serving replica swaps to it, and the trainer continues from it",
                 a.version, a.state.update_count, a.uri, a.epoch
+            );
+            Ok(())
+        }
+        ModelsCommand::Promote { version } | ModelsCommand::Reject { version } => {
+            let decision = match command {
+                ModelsCommand::Promote { .. } => multivaed::promotion::Decided::Promote,
+                _ => multivaed::promotion::Decided::Reject,
+            };
+            let d = multivaed::shipping::decide(config, *version, decision).await?;
+            println!(
+                "canary version {} decided: {} (on canary {}/{} hits, live {}/{}), under epoch {}",
+                d.version,
+                d.decision.as_str(),
+                d.evidence.canary.hits,
+                d.evidence.canary.trials,
+                d.evidence.live.hits,
+                d.evidence.live.trials,
+                d.epoch
             );
             Ok(())
         }

@@ -35,6 +35,62 @@ pub struct Config {
     pub models: ModelsConfig,
     pub items: ItemsConfig,
     pub events: EventsConfig,
+    pub promotion: PromotionConfig,
+}
+
+/// Live-gated promotion: a validated version first scores a canary slice of the users; the
+/// trainer promotes it when its live hit rate holds up against the live model's and rolls it
+/// back when it does not (docs/promotion.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromotionConfig {
+    /// Off: every accepted version goes live at once.
+    pub enabled: bool,
+    /// The share of the users a canary scores (a hash of the user's id and the version).
+    pub canary_fraction: f64,
+    /// Error rate of each decision (promoting a canary worse by more than the margin, rolling
+    /// back one that is not).
+    pub alpha: f64,
+    /// The relative drop of the hit rate at 10 still taken as "no worse" (0.05: 5 %).
+    pub margin: f64,
+    /// Clicks each side (canary slice, everyone else) needs before any decision.
+    pub min_trials: u64,
+    /// Hits both sides together need before any decision.
+    pub min_hits: u64,
+    /// A canary undecided this long is rolled back.
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// How often a serving replica reports its counts to the models topic.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+}
+
+impl Default for PromotionConfig {
+    fn default() -> Self {
+        let test = crate::promotion::TestSettings::default();
+        Self {
+            enabled: false,
+            canary_fraction: 0.1,
+            alpha: test.alpha,
+            margin: test.margin,
+            min_trials: test.min_trials,
+            min_hits: test.min_hits,
+            max_duration: Duration::from_secs(3600),
+            report_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PromotionConfig {
+    /// The sequential test's settings.
+    pub fn test(&self) -> crate::promotion::TestSettings {
+        crate::promotion::TestSettings {
+            alpha: self.alpha,
+            margin: self.margin,
+            min_trials: self.min_trials,
+            min_hits: self.min_hits,
+        }
+    }
 }
 
 /// What a process does (`multivaed run --role`).
@@ -403,6 +459,7 @@ impl Default for Config {
             models: ModelsConfig::default(),
             items: ItemsConfig::default(),
             events: EventsConfig::default(),
+            promotion: PromotionConfig::default(),
         }
     }
 }
@@ -635,7 +692,7 @@ impl Config {
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
         self.events.validate()?;
-        let checks: [(bool, &str); 17] = [
+        let checks: [(bool, &str); 21] = [
             (
                 self.kafka.batch_size > 0,
                 "kafka.batch_size: must be at least 1",
@@ -698,6 +755,22 @@ impl Config {
                 "train.max_epochs_per_round: must be at least 1",
             ),
             (self.train.patience > 0, "train.patience: must be at least 1"),
+            (
+                self.promotion.canary_fraction > 0.0 && self.promotion.canary_fraction <= 0.5,
+                "promotion.canary_fraction: must be in (0, 0.5]",
+            ),
+            (
+                self.promotion.alpha > 0.0 && self.promotion.alpha < 0.5,
+                "promotion.alpha: must be in (0, 0.5)",
+            ),
+            (
+                (0.0..1.0).contains(&self.promotion.margin),
+                "promotion.margin: must be in [0, 1)",
+            ),
+            (
+                !self.promotion.report_interval.is_zero() && !self.promotion.max_duration.is_zero(),
+                "promotion.report_interval and promotion.max_duration: must be above 0",
+            ),
         ];
         for (ok, msg) in checks {
             if !ok {

@@ -268,6 +268,17 @@ impl Daemon {
             ),
         );
         let follower = self.follow_models(stages)?;
+        let reporter = crate::shipping::Reporter {
+            kafka: self.config.kafka.clone(),
+            topic: self.config.models.topic.clone(),
+            reporter: format!("{}-{}", self.instance_id(), crate::wire::now_ms()),
+            tally: self.online.tally(),
+            follower: follower.clone(),
+            interval: self.config.promotion.report_interval,
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        stage(stages, "canary evidence", reporter.run());
         let loader = crate::shipping::Loader {
             objects: crate::shipping::Objects::open(&self.config.models)?,
             downloads: self.downloads(),
@@ -489,6 +500,8 @@ impl Daemon {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             fleet,
+            promotion: self.config.promotion.clone(),
+            tally: self.online.tally(),
         }
     }
 

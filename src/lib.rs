@@ -23,7 +23,8 @@
 //! Below the stages, shared by them: [`shutdown`], [`health`] (and readiness), [`activity`],
 //! [`items`] (which items may be recommended: written by ingest from the items topic, read by
 //! every ranking),
-//! [`online`] (the prequential hit rate), [`live`], [`metrics`], [`kafka`] (client settings),
+//! [`online`] (the prequential hit rate), [`promotion`] (the canary slice, its evidence and the
+//! sequential test that promotes or rolls it back), [`live`], [`metrics`], [`kafka`] (client settings),
 //! [`config`], [`ownership`] (which users a serving replica owns, through [`partition`]).
 //! [`daemon`] wires the stages together and supervises them; [`notify`] speaks
 //! systemd's protocol. [`eval`] is the paper's offline protocol; [`demo`] the embedded demo. The test
@@ -50,6 +51,7 @@ mod notify;
 mod online;
 mod ownership;
 pub mod partition;
+pub mod promotion;
 mod retry;
 pub mod serve;
 pub mod shipping;

@@ -3,7 +3,8 @@
 //! reader and a reader never sees half a model. A model trained on this store uses the store's
 //! item indices as its columns; a model shipped by a fleet's trainer comes with its item table,
 //! mapped onto the store's items once, when it is loaded (`ColumnMap`). The versions on disk are
-//! `model::Checkpoints`.
+//! `model::Checkpoints`. Beside the live model the slot may hold a canary: a new version that
+//! scores only its slice of the users until the evidence promotes or rejects it.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use candle_core::Device;
 
 use crate::model::{CheckpointError, Checkpoints, ItemTable, MultiVae};
+use crate::promotion::{in_slice, Side};
 use crate::store::Store;
 
 /// A published model version (host memory, inference only).
@@ -113,9 +115,50 @@ impl LiveModel {
     }
 }
 
-/// Holds the live model and announces swaps.
+/// A canary version and the share of the users it scores.
+pub struct CanaryModel {
+    pub(crate) model: Arc<LiveModel>,
+    pub(crate) fraction: f64,
+}
+
+/// What scores now: the live model and, while one runs, the canary.
+#[derive(Clone, Default)]
+pub(crate) struct Models {
+    pub live: Option<Arc<LiveModel>>,
+    pub canary: Option<Arc<CanaryModel>>,
+}
+
+impl Models {
+    /// The side of the running canary that `user` (external id) is on; `None` without a
+    /// canary (or without a live model to compare it with).
+    pub fn side(&self, user: &str) -> Option<Side> {
+        let c = self.canary.as_ref()?;
+        self.live.as_ref()?;
+        Some(if in_slice(user, c.model.version, c.fraction) {
+            Side::Canary
+        } else {
+            Side::Live
+        })
+    }
+
+    /// The model that scores a user on `side`.
+    pub fn for_side(&self, side: Option<Side>) -> Option<&Arc<LiveModel>> {
+        match (side, &self.canary) {
+            (Some(Side::Canary), Some(c)) => Some(&c.model),
+            _ => self.live.as_ref(),
+        }
+    }
+
+    /// The running canary's version.
+    pub fn canary_version(&self) -> Option<u64> {
+        self.canary.as_ref().map(|c| c.model.version)
+    }
+}
+
+/// Holds the live model (and a canary) and announces swaps.
 pub(crate) struct LiveModelSlot {
     live: ArcSwapOption<LiveModel>,
+    canary: ArcSwapOption<CanaryModel>,
     version_tx: watch::Sender<u64>,
 }
 
@@ -129,6 +172,7 @@ impl LiveModelSlot {
     pub fn new() -> Self {
         Self {
             live: ArcSwapOption::from(None),
+            canary: ArcSwapOption::from(None),
             version_tx: watch::channel(0).0,
         }
     }
@@ -145,6 +189,48 @@ impl LiveModelSlot {
         self.live.store(Some(Arc::new(model)));
         crate::fault::crash_point("registry.swapped");
         self.version_tx.send_replace(version);
+    }
+
+    /// The live model and the canary (snapshots).
+    pub fn models(&self) -> Models {
+        Models {
+            live: self.live.load_full(),
+            canary: self.canary.load_full(),
+        }
+    }
+
+    /// Starts a canary: `model` scores `fraction` of the users (its slice) from now on.
+    pub fn publish_canary(&self, model: LiveModel, fraction: f64) {
+        let version = model.version;
+        self.canary.store(Some(Arc::new(CanaryModel {
+            model: Arc::new(model),
+            fraction: fraction.clamp(0.0, 1.0),
+        })));
+        self.version_tx.send_replace(version);
+    }
+
+    /// Ends the running canary (its slice goes back to the live model); whether one ran.
+    pub fn clear_canary(&self) -> bool {
+        let had = self.canary.swap(None).is_some();
+        if had {
+            let live = self.live.load().as_ref().map_or(0, |l| l.version);
+            self.version_tx.send_replace(live);
+        }
+        had
+    }
+
+    /// Makes the running canary the live model if it is `version`; whether it was.
+    pub fn promote_canary(&self, version: u64) -> bool {
+        let Some(c) = self.canary.load_full() else {
+            return false;
+        };
+        if c.model.version != version {
+            return false;
+        }
+        self.live.store(Some(c.model.clone()));
+        self.canary.store(None);
+        self.version_tx.send_replace(version);
+        true
     }
 
     /// A receiver that sees every newly published version.

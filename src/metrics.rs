@@ -66,6 +66,12 @@ pub(crate) struct Metrics {
     pub dirty_users_dropped: IntCounter,
     pub device_info: GaugeVec,
     pub online_hits: IntCounterVec,
+    pub canary_version: IntGauge,
+    pub canary_recommendations: IntCounter,
+    pub canary_trials: IntGaugeVec,
+    pub canary_hits: IntGaugeVec,
+    pub canary_bound: GaugeVec,
+    pub canary_decisions: IntCounterVec,
     pub online_events_scored: IntCounterVec,
     pub model_announced_version: IntGauge,
     pub model_loads: IntCounterVec,
@@ -404,6 +410,60 @@ impl Metrics {
                 GaugeVec::new(
                     Opts::new("multivaed_device_info", "Training device (1 for the one in use)"),
                     &["device"],
+                )?,
+            )?,
+            canary_version: reg(
+                r,
+                IntGauge::new(
+                    "multivaed_canary_version",
+                    "The canary version running now (0: none)",
+                )?,
+            )?,
+            canary_recommendations: reg(
+                r,
+                IntCounter::new(
+                    "multivaed_canary_recommendations_total",
+                    "Recommendations published by a canary version (to users in its slice)",
+                )?,
+            )?,
+            canary_trials: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "multivaed_canary_trials",
+                        "The running canary's evidence as the decider sees it (this process's own on a serving replica): clicks of users shown each side's recommendation, by side (canary, live)",
+                    ),
+                    &["side"],
+                )?,
+            )?,
+            canary_hits: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "multivaed_canary_hits",
+                        "The running canary's evidence: clicks in the top 10 of each side's recommendation, by side (canary, live)",
+                    ),
+                    &["side"],
+                )?,
+            )?,
+            canary_bound: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "multivaed_canary_statistic",
+                        "The canary test's contrast (canary hit rate - (1 - margin) x live hit rate) and its always-valid interval, by bound (estimate, lower, upper): promoted when lower > 0, rolled back when upper < 0",
+                    ),
+                    &["bound"],
+                )?,
+            )?,
+            canary_decisions: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "multivaed_canary_decisions_total",
+                        "Canary decisions, by decision (promote, reject) and by whom (test, timeout, operator)",
+                    ),
+                    &["decision", "by"],
                 )?,
             )?,
             online_hits: reg(

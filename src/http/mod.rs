@@ -252,8 +252,15 @@ async fn recommendations(
             return Ok(None);
         };
         let hidden = pull.hidden(&shared.store, &shared.items)?;
-        let live = shared.live.current();
-        recommend_hiding(&shared.store, live.as_deref(), u, pull.k, &hidden)
+        // a running canary ranks its slice here too, as it does for pushed recommendations
+        let models = shared.live.models();
+        let side = models.side(&user_id);
+        let model = models.for_side(side);
+        let rec = recommend_hiding(&shared.store, model.map(|m| m.as_ref()), u, pull.k, &hidden)?;
+        Ok(rec.map(|mut r| {
+            r.canary = side == Some(crate::promotion::Side::Canary) && r.model_version.is_some();
+            r
+        }))
     })
     .await;
     match result {

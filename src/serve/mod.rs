@@ -22,7 +22,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, warn};
 
-pub(crate) use rank::{recommend_hiding, score_users, to_recommendation, Scored};
+pub(crate) use rank::{recommend_hiding, score_users_split, to_recommendation, Scored};
 pub use rank::{recommend_offline, OfflineAnswer, OfflineQuery};
 
 use crate::activity::{Activity, Waiting, Why};
@@ -33,6 +33,7 @@ use crate::live::LiveModelSlot;
 use crate::metrics::{LatencySamples, Metrics};
 use crate::online::{OnlineEval, ONLINE_CUTOFFS};
 use crate::ownership::Ownership;
+use crate::promotion::Side;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::wire::{OwnerStamp, Recommendation, Source, MODEL_VERSION_HEADER, OWNER_HEADERS};
@@ -56,6 +57,14 @@ pub(crate) struct Scorer {
     pub metrics: Arc<Metrics>,
     pub latencies: Arc<LatencySamples>,
     pub shutdown: Arc<Shutdown>,
+}
+
+/// A scored user's recommendation, its ranking, and the side of a running canary it is a trial
+/// of (the canary's version).
+pub(crate) struct Ranked {
+    rec: Recommendation,
+    scored: Scored,
+    trial: Option<(u64, Side)>,
 }
 
 /// Scored batches whose deliveries are awaited at once, at most.
@@ -137,7 +146,7 @@ impl Scorer {
                 batch.into_iter().map(|w| (w.user, w)).collect();
             let batch: Vec<Waiting> = recs
                 .iter()
-                .filter_map(|(_, sc)| waiting.get(&sc.user).copied())
+                .filter_map(|r| waiting.get(&r.scored.user).copied())
                 .collect();
             let producer = producers.get();
             in_flight.push_back(
@@ -159,29 +168,40 @@ impl Scorer {
     }
 
     /// Ranks a batch on a blocking thread (deep enough for the online evaluation's largest
-    /// cut-off); `None` when it failed (logged; the loop goes on).
-    async fn score(self: Arc<Self>, batch: &[Waiting]) -> Option<Vec<(Recommendation, Scored)>> {
+    /// cut-off; a running canary's slice by the canary); `None` when it failed (logged; the loop
+    /// goes on).
+    async fn score(self: Arc<Self>, batch: &[Waiting]) -> Option<Vec<Ranked>> {
         let started = Instant::now();
         let users: Vec<u32> = batch.iter().map(|w| w.user).collect();
         let me = self.clone();
         let scored = tokio::task::spawn_blocking(move || {
-            let live = me.live.current();
-            let version = live.as_ref().map(|l| l.version);
+            let models = me.live.models();
             let k = me.serve.k;
             let depth = k.max(ONLINE_CUTOFFS[ONLINE_CUTOFFS.len() - 1]);
             let hidden = me.items.hidden(&me.store);
             let mut out = Vec::with_capacity(users.len());
-            for sc in score_users(&me.store, live.as_deref(), &users, depth, &hidden)? {
-                let mut r = to_recommendation(&me.store, &sc, k, version);
+            for (sc, side) in score_users_split(&me.store, &models, &users, depth, &hidden)? {
+                let version = models.for_side(side).map(|l| l.version);
+                let mut rec = to_recommendation(&me.store, &sc, k, version);
+                let by_model = sc.source == Source::Model;
+                rec.canary = by_model && side == Some(Side::Canary);
+                let trial = side
+                    .filter(|_| by_model)
+                    .zip(models.canary_version())
+                    .map(|(side, v)| (v, side));
                 if me.ownership.is_partitioned() {
                     // a user whose partition moved leaves the queue unpublished: the new
                     // owner publishes for them
                     let Some(stamp) = me.stamp(&sc.user_id)? else {
                         continue;
                     };
-                    r.owner = Some(stamp);
+                    rec.owner = Some(stamp);
                 }
-                out.push((r, sc));
+                out.push(Ranked {
+                    rec,
+                    scored: sc,
+                    trial,
+                });
             }
             anyhow::Ok(out)
         })
@@ -212,13 +232,13 @@ impl Scorer {
     async fn publish(
         self: Arc<Self>,
         producer: Arc<FutureProducer>,
-        recs: Vec<(Recommendation, Scored)>,
+        recs: Vec<Ranked>,
         batch: Vec<Waiting>,
         producers: Arc<Producers>,
     ) -> tokio::task::JoinHandle<()> {
         let scored_at = Instant::now();
         let mut deliveries = Vec::with_capacity(recs.len());
-        for (r, _) in &recs {
+        for Ranked { rec: r, .. } in &recs {
             let payload = r.to_json();
             let headers = headers(&r.model_version_header(), r.owner.as_ref());
             deliveries
@@ -314,20 +334,28 @@ impl Scorer {
     /// failed wait to be scored again.
     fn delivered(
         &self,
-        recs: Vec<(Recommendation, Scored)>,
+        recs: Vec<Ranked>,
         batch: &[Waiting],
         results: Vec<Result<(), KafkaError>>,
     ) {
         let mut failed = Vec::new();
-        for (((r, sc), w), res) in recs.into_iter().zip(batch).zip(results) {
+        for ((ranked, w), res) in recs.into_iter().zip(batch).zip(results) {
+            let Ranked {
+                rec: r,
+                scored: sc,
+                trial,
+            } = ranked;
             match res {
                 Ok(_) => {
                     let label = match r.model_version {
                         Some(v) if sc.source == Source::Model => v.to_string(),
                         _ => Source::Popular.as_str().to_string(),
                     };
-                    self.online
-                        .shown(sc.user, label, sc.items.iter().map(|(i, _)| *i).collect());
+                    let items = sc.items.iter().map(|(i, _)| *i).collect();
+                    self.online.shown(sc.user, label, items, trial);
+                    if r.canary {
+                        self.metrics.canary_recommendations.inc();
+                    }
                     self.metrics
                         .recommendations_published
                         .with_label_values(&[r.source.as_str()])

@@ -6,7 +6,8 @@
 
 use anyhow::{Context, Result};
 
-use crate::live::LiveModel;
+use crate::live::{LiveModel, Models};
+use crate::promotion::Side;
 use crate::model::Input;
 use crate::store::{History, Store};
 use crate::wire::{now_ms, Recommendation, ScoredItem, Source};
@@ -50,6 +51,52 @@ pub fn score_users(
         }
     }
     score_histories(store, live, &known, ids, histories, depth, hidden)
+}
+
+/// As [`score_users`], while a canary may run: the users in its slice are ranked by the canary,
+/// the others by the live model; each with the side of the canary it was on.
+pub(crate) fn score_users_split(
+    store: &Store,
+    models: &Models,
+    users: &[u32],
+    depth: usize,
+    hidden: &[u32],
+) -> Result<Vec<(Scored, Option<Side>)>> {
+    let Some(_) = models.canary_version() else {
+        let live = models.live.as_deref();
+        return Ok(score_users(store, live, users, depth, hidden)?
+            .into_iter()
+            .map(|s| (s, None))
+            .collect());
+    };
+    // the users of each side, with their ids and histories
+    let mut sides: [(Vec<u32>, Vec<String>, Vec<History>); 2] = Default::default();
+    for &u in users {
+        match store.user(u)? {
+            Some((id, h)) => {
+                let side = models.side(&id);
+                let g = &mut sides[usize::from(side == Some(Side::Canary))];
+                g.0.push(u);
+                g.1.push(id);
+                g.2.push(h);
+            }
+            None => tracing::warn!(
+                user_index = u,
+                "a user index without an id record: not scored"
+            ),
+        }
+    }
+    let mut out = Vec::with_capacity(users.len());
+    for (side, (known, ids, histories)) in [Side::Live, Side::Canary].into_iter().zip(sides) {
+        if known.is_empty() {
+            continue;
+        }
+        let model = models.for_side(Some(side)).map(|m| m.as_ref());
+        for sc in score_histories(store, model, &known, ids, histories, depth, hidden)? {
+            out.push((sc, Some(side)));
+        }
+    }
+    Ok(out)
 }
 
 /// As [`score_users`], for users given by their id and history (store item indices): the one
@@ -213,6 +260,7 @@ pub(crate) fn to_recommendation(
         model_version: model_version.filter(|_| s.source == Source::Model),
         generated_at: now_ms(),
         source: s.source,
+        canary: false,
         owner: None,
     }
 }

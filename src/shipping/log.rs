@@ -8,6 +8,14 @@
 //!   epoch and from that epoch's owner — or, for an operator's rollback, under the highest
 //!   epoch — and then it is the current version. A deposed trainer (frozen past its session,
 //!   then thawed) announces under an epoch a newer claim has passed: ignored by everyone;
+//! - an announcement marked `canary` (accepted by the same rule) does not replace the current
+//!   version: it is the running canary, scoring its slice of the users, until a **decision**
+//!   (`decision-<version>-<epoch>-<ms>`, under the highest epoch, about the running canary)
+//!   promotes it to current or rejects it; any later accepted announcement that is not a
+//!   canary (a rollback, a version shipped with promotion off) ends the canary too;
+//! - an **evidence** report (`evidence-<version>-<reporter>`) is one serving process's
+//!   cumulative counts for a canary: the latest per reporter counts (compaction keeps it), and a
+//!   canary's evidence is the sum over reporters;
 //! - a tombstone removes a pruned version's record.
 //!
 //! Every key is unique (compaction keeps each record, so no later record of another meaning
@@ -20,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::bundle::{FileDigest, TrainingState};
 use crate::model::ModelConfig;
+pub use crate::promotion::Decided;
+use crate::promotion::Evidence;
 
 /// A record's value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +43,55 @@ pub enum Record {
     },
     /// A model version (or, with `rollback`, an older one again).
     Model(Box<Announcement>),
+    /// The running canary promoted or rejected.
+    Decision(Decision),
+    /// A serving process's counts for a canary.
+    Evidence(Report),
 }
+
+/// A decision about the running canary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub version: u64,
+    /// The epoch it is made under (the highest claimed, for it to count).
+    pub epoch: u64,
+    pub decision: Decided,
+    /// Who decided: `test` (the sequential test), `timeout` (`promotion.max_duration`) or
+    /// `operator` (`multivaed models promote|reject`).
+    pub by: String,
+    pub reason: String,
+    /// The evidence it was made on.
+    pub evidence: Evidence,
+    pub at_unix_ms: u64,
+}
+
+/// One serving process's cumulative counts for a canary version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The process: its instance id and when it started (a restart reports afresh).
+    pub reporter: String,
+    pub version: u64,
+    pub evidence: Evidence,
+    pub at_unix_ms: u64,
+}
+
+/// The key of a decision.
+pub fn decision_key(d: &Decision) -> String {
+    format!(
+        "decision-{:020}-{:020}-{}",
+        d.version, d.epoch, d.at_unix_ms
+    )
+}
+
+/// The key of an evidence report: one per process and canary, overwritten as counts grow.
+pub fn evidence_key(version: u64, reporter: &str) -> String {
+    format!("evidence-{version:020}-{reporter}")
+}
+
+/// Reporters whose counts one canary keeps, at most.
+const MAX_REPORTERS: usize = 4096;
+/// Canary versions whose evidence is kept, at most (the newest).
+const MAX_EVIDENCE_VERSIONS: usize = 16;
 
 /// What a version's announcement says: where its files are and what they must be, and the
 /// training figures.
@@ -64,6 +122,9 @@ pub struct Announcement {
     pub announced_unix_ms: u64,
     #[serde(default)]
     pub rollback: bool,
+    /// A canary: it scores this share of the users until a decision (live-gated promotion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<f64>,
 }
 
 /// The key of a claim.
@@ -87,6 +148,22 @@ fn out_of_bounds(record: &Record) -> Option<String> {
         Record::Claim { epoch, .. } => ("epoch", *epoch),
         Record::Model(a) if !crate::control::in_bounds(a.epoch) => ("epoch", a.epoch),
         Record::Model(a) => ("version", a.version),
+        Record::Decision(d) if !crate::control::in_bounds(d.epoch) => ("epoch", d.epoch),
+        Record::Decision(d) => ("version", d.version),
+        Record::Evidence(r) => {
+            let e = &r.evidence;
+            let counts = [e.canary.trials, e.canary.hits, e.live.trials, e.live.hits];
+            if let Some(&n) = counts.iter().find(|&&n| !crate::control::in_bounds(n)) {
+                return Some(format!("count {n} is beyond {}", crate::control::MAX_SEQUENCE));
+            }
+            if !e.is_consistent() {
+                return Some("more hits than trials".into());
+            }
+            if r.reporter.len() > 256 {
+                return Some("a reporter name over 256 bytes".into());
+            }
+            ("version", r.version)
+        }
     };
     (!crate::control::in_bounds(n))
         .then(|| format!("{what} {n} is beyond {}", crate::control::MAX_SEQUENCE))
@@ -102,6 +179,10 @@ pub enum Read {
     /// A claim under an epoch already reached.
     ClaimIgnored,
     Accepted,
+    /// A decision taken: the canary promoted or rejected.
+    Decided(Decided),
+    /// Evidence counted.
+    Reported,
     /// Not under the highest epoch or not from its owner.
     Ignored(String),
     Removed,
@@ -124,6 +205,12 @@ pub struct ModelLog {
     epoch: u64,
     owner: Option<String>,
     current: Option<Arc<Announcement>>,
+    /// The running canary.
+    canary: Option<Arc<Announcement>>,
+    /// Per canary version, each reporter's latest counts.
+    evidence: BTreeMap<u64, BTreeMap<String, Evidence>>,
+    /// The decision taken about each canary version (the last accepted).
+    decisions: BTreeMap<u64, Decision>,
     /// Announcements still present (not removed by a tombstone), by key, in log order.
     entries: BTreeMap<i64, Entry>,
     highest_version: u64,
@@ -136,6 +223,11 @@ impl ModelLog {
         self.next_offset = self.next_offset.max(offset + 1);
         let Some(value) = value else {
             self.entries.retain(|_, e| e.key != key);
+            for reports in self.evidence.values_mut() {
+                reports.retain(|reporter, _| {
+                    !key.starts_with("evidence-") || !key.ends_with(reporter.as_str())
+                });
+            }
             return Read::Removed;
         };
         let record = match serde_json::from_slice::<Record>(value) {
@@ -160,7 +252,12 @@ impl ModelLog {
                 let accepted = verdict.is_none();
                 let a = Arc::new(*a);
                 if accepted {
-                    self.current = Some(a.clone());
+                    if a.canary.is_some() && self.current.is_some() {
+                        self.canary = Some(a.clone());
+                    } else {
+                        self.current = Some(a.clone());
+                        self.canary = None;
+                    }
                 }
                 self.entries.insert(
                     offset,
@@ -172,7 +269,68 @@ impl ModelLog {
                 );
                 verdict.map_or(Read::Accepted, Read::Ignored)
             }
+            Record::Decision(d) => self.decide(d),
+            Record::Evidence(r) => {
+                let reports = self.evidence.entry(r.version).or_default();
+                if reports.len() < MAX_REPORTERS || reports.contains_key(&r.reporter) {
+                    reports.insert(r.reporter, r.evidence);
+                }
+                while self.evidence.len() > MAX_EVIDENCE_VERSIONS {
+                    self.evidence.pop_first();
+                }
+                Read::Reported
+            }
         }
+    }
+
+    /// Applies a decision about the running canary (under the highest epoch, about that very
+    /// version).
+    fn decide(&mut self, d: Decision) -> Read {
+        if d.epoch != self.epoch {
+            return Read::Ignored(format!(
+                "decision under epoch {}, not the highest claimed ({})",
+                d.epoch, self.epoch
+            ));
+        }
+        match &self.canary {
+            Some(c) if c.version == d.version => {}
+            other => {
+                return Read::Ignored(format!(
+                    "a decision about version {}, but the running canary is {:?}",
+                    d.version,
+                    other.as_ref().map(|c| c.version)
+                ))
+            }
+        }
+        let canary = self.canary.take();
+        if d.decision == Decided::Promote {
+            self.current = canary;
+        }
+        let decided = d.decision;
+        self.decisions.insert(d.version, d);
+        while self.decisions.len() > MAX_EVIDENCE_VERSIONS {
+            self.decisions.pop_first();
+        }
+        Read::Decided(decided)
+    }
+
+    /// The running canary, if any.
+    pub fn canary(&self) -> Option<&Arc<Announcement>> {
+        self.canary.as_ref()
+    }
+
+    /// A canary version's evidence: every reporter's latest counts, summed.
+    pub fn evidence(&self, version: u64) -> Evidence {
+        self.evidence
+            .get(&version)
+            .into_iter()
+            .flat_map(|r| r.values())
+            .fold(Evidence::default(), |a, e| a.plus(*e))
+    }
+
+    /// The decision taken about a canary version, if any.
+    pub fn decision(&self, version: u64) -> Option<&Decision> {
+        self.decisions.get(&version)
     }
 
     /// Passes over a record not applied (its signature is not the fleet's).
@@ -283,6 +441,7 @@ pub(crate) mod tests {
             created_at: String::new(),
             announced_unix_ms: version,
             rollback: false,
+            canary: None,
         }
     }
 
@@ -373,6 +532,85 @@ pub(crate) mod tests {
         assert_eq!(log.current().unwrap().version, 1);
         assert_eq!(log.highest_version(), 1);
         assert_eq!(log.next_offset(), records.len() as i64);
+    }
+
+    fn decision(version: u64, epoch: u64, decided: Decided) -> (String, Option<Vec<u8>>) {
+        let d = Decision {
+            version,
+            epoch,
+            decision: decided,
+            by: "test".into(),
+            reason: String::new(),
+            evidence: Evidence::default(),
+            at_unix_ms: version,
+        };
+        (
+            decision_key(&d),
+            Some(serde_json::to_vec(&Record::Decision(d)).unwrap()),
+        )
+    }
+
+    fn report(version: u64, reporter: &str, trials: u64, hits: u64) -> (String, Option<Vec<u8>>) {
+        let arm = crate::promotion::Arm { trials, hits };
+        let r = Report {
+            reporter: reporter.into(),
+            version,
+            evidence: Evidence {
+                canary: arm,
+                live: arm,
+            },
+            at_unix_ms: 0,
+        };
+        (
+            evidence_key(version, reporter),
+            Some(serde_json::to_vec(&Record::Evidence(r)).unwrap()),
+        )
+    }
+
+    #[test]
+    fn a_canary_serves_beside_the_current_version_until_a_decision_about_it() {
+        let a1 = announcement(1, 1, "t0");
+        let mut c2 = announcement(2, 1, "t0");
+        c2.canary = Some(0.1);
+        let mut c3 = announcement(3, 1, "t0");
+        c3.canary = Some(0.1);
+        let records = vec![
+            (claim_key(1, "t0"), Some(claim(1, "t0"))),
+            (model_key(&a1), Some(model(&a1))),
+            (model_key(&c2), Some(model(&c2))),
+            report(2, "r1", 10, 2),
+            report(2, "r2", 5, 1),
+            report(2, "r1", 20, 4),
+            decision(3, 1, Decided::Promote),
+            decision(2, 0, Decided::Promote),
+            decision(2, 1, Decided::Reject),
+            (model_key(&c3), Some(model(&c3))),
+            decision(3, 1, Decided::Promote),
+            report(4, "r1", 1, 2),
+        ];
+        let (log, reads) = read(&records);
+        assert_eq!(reads[2], Read::Accepted);
+        assert!(matches!(reads[6], Read::Ignored(_)), "not the running canary");
+        assert!(matches!(reads[7], Read::Ignored(_)), "an old epoch");
+        assert_eq!(reads[8], Read::Decided(Decided::Reject));
+        assert_eq!(reads[10], Read::Decided(Decided::Promote));
+        assert!(matches!(reads[11], Read::OutOfBounds(_)), "more hits than trials");
+        assert_eq!(log.current().unwrap().version, 3, "the promoted canary");
+        assert!(log.canary().is_none());
+        let e = log.evidence(2);
+        assert_eq!((e.canary.trials, e.canary.hits), (25, 5), "latest per reporter, summed");
+        assert_eq!(log.decision(2).unwrap().decision, Decided::Reject);
+
+        // while it runs, the canary is not current; a rollback ends it
+        let (log, _) = read(&records[..6]);
+        assert_eq!(log.current().unwrap().version, 1);
+        assert_eq!(log.canary().unwrap().version, 2);
+        let mut rollback = announcement(1, 1, "rollback");
+        rollback.rollback = true;
+        let mut more = records[..6].to_vec();
+        more.push((model_key(&rollback), Some(model(&rollback))));
+        let (log, _) = read(&more);
+        assert!(log.canary().is_none());
     }
 
     #[test]

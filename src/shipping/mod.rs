@@ -4,9 +4,12 @@
 //! follows and reads by one rule (`log`): announcements are fenced by epochs that trainers
 //! claim when a consumer group elects them (`election`). A serving replica loads whatever is
 //! current (`loader`); the active trainer fetches and ships versions (`trainer`); an operator
-//! lists versions and rolls back while everything runs (`list`, `rollback`).
+//! lists versions and rolls back while everything runs (`list`, `rollback`). With live-gated
+//! promotion a version is first a canary: serving replicas report its evidence on the same
+//! topic (`evidence`), the trainer (or an operator: `decide`) promotes or rejects it.
 
 mod election;
+mod evidence;
 mod loader;
 pub mod log;
 mod objects;
@@ -16,6 +19,7 @@ mod trainer;
 use anyhow::{bail, Context, Result};
 
 pub(crate) use election::{Election, Elector};
+pub(crate) use evidence::Reporter;
 pub(crate) use loader::Loader;
 pub use loader::{load_for_serving, LoadError};
 pub use objects::Objects;
@@ -23,7 +27,8 @@ pub(crate) use topic::{follow, Follower, Publisher};
 pub(crate) use trainer::FleetTrainer;
 
 use crate::config::Config;
-use log::{model_key, Announcement, ModelLog, Record};
+use crate::promotion::{Decided, Evidence};
+use log::{decision_key, model_key, Announcement, Decision, ModelLog, Record};
 
 /// One version as `multivaed models list` shows it.
 #[derive(Debug, Clone)]
@@ -31,6 +36,11 @@ pub struct Listed {
     pub announcement: Announcement,
     pub accepted: bool,
     pub current: bool,
+    /// The running canary.
+    pub canary: bool,
+    /// For a canary version: the decision taken about it, and its evidence.
+    pub decision: Option<Decision>,
+    pub evidence: Evidence,
     /// Whether every file is in the object store with its announced size.
     pub files: Result<(), String>,
 }
@@ -41,12 +51,16 @@ pub async fn list(config: &Config) -> Result<Vec<Listed>> {
     let log = read(config).await?;
     let objects = Objects::open(&config.models)?;
     let current = log.current().map(|a| model_key(a));
+    let canary = log.canary().map(|a| model_key(a));
     let mut out = Vec::new();
     for e in log.entries() {
         let a = e.announcement.as_ref().clone();
         let files = check_files(&objects, &a).await;
         out.push(Listed {
             current: current.as_deref() == Some(e.key.as_str()),
+            canary: canary.as_deref() == Some(e.key.as_str()),
+            decision: a.canary.and(log.decision(a.version).cloned()),
+            evidence: log.evidence(a.version),
             accepted: e.accepted,
             files,
             announcement: a,
@@ -81,6 +95,41 @@ async fn check_files(objects: &Objects, a: &Announcement) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// An operator's decision about the running canary `version` (`multivaed models
+/// promote|reject`), under the current epoch, on the evidence so far. Returns it once it was
+/// read back as taken.
+pub async fn decide(config: &Config, version: u64, decision: Decided) -> Result<Decision> {
+    let log = read(config).await?;
+    match log.canary() {
+        Some(c) if c.version == version => {}
+        Some(c) => bail!("version {version} is not the running canary (version {} is)", c.version),
+        None => bail!("no canary runs now (multivaed models list shows the versions)"),
+    }
+    let d = Decision {
+        version,
+        epoch: log.epoch().0,
+        decision,
+        by: "operator".into(),
+        reason: "decided by hand".into(),
+        evidence: log.evidence(version),
+        at_unix_ms: crate::wire::now_ms(),
+    };
+    let producer = crate::kafka::producer(&config.kafka)?;
+    topic::write(
+        &producer,
+        &config.models.topic,
+        &decision_key(&d),
+        Some(&Record::Decision(d.clone())),
+        &control_key(config)?,
+    )
+    .await?;
+    let after = read(config).await?;
+    if after.decision(version) != Some(&d) {
+        bail!("the decision was not taken: the canary was decided, or a trainer claimed a new epoch, meanwhile (multivaed models list shows what holds)");
+    }
+    Ok(d)
 }
 
 /// Announces `version` again, as the current one, under the current epoch (no process stops):

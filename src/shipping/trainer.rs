@@ -15,12 +15,13 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::election::Election;
-use super::log::{model_key, Announcement, Record};
+use super::log::{decision_key, model_key, Announcement, Decision, Record};
 use super::objects::{folder, Objects, ANNOUNCEMENT_FILE};
 use super::topic::{Follower, Publisher};
 use crate::model::bundle::{self, FileDigest, TrainingState};
 use crate::model::{ItemTable, Trainer};
-use crate::train::{Announced, Fleet, Shipment, Standing};
+use crate::promotion::{Decided, Evidence};
+use crate::train::{Announced, Fleet, RunningCanary, Shipment, Standing};
 
 /// What a fleet trainer uses.
 pub struct FleetTrainer {
@@ -82,6 +83,7 @@ impl FleetTrainer {
             created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             announced_unix_ms: crate::wire::now_ms(),
             rollback: false,
+            canary: s.canary,
         };
         for (name, bytes) in encoded.files() {
             self.objects.put(&path, name, bytes.to_vec()).await?;
@@ -131,6 +133,17 @@ impl FleetTrainer {
         self.publisher
             .write(&self.topic, key, Some(record), self.follower.signer())
             .await
+    }
+
+    /// Writes a decision about the running canary under this trainer's epoch and reads it back.
+    async fn decide_async(&self, d: Decision) -> Result<bool> {
+        let key = decision_key(&d);
+        let record = Record::Decision(d.clone());
+        let offset = self.announce(&key, &record).await?;
+        self.follower
+            .wait_past(offset, Duration::from_secs(30))
+            .await?;
+        Ok(self.follower.with(|l| l.decision(d.version) == Some(&d)))
     }
 
     /// Fetches and verifies one file of a version.
@@ -233,6 +246,39 @@ impl Fleet for FleetTrainer {
             return Ok(None);
         };
         self.runtime.block_on(self.ship_async(shipment, epoch))
+    }
+
+    fn canary(&self) -> Option<RunningCanary> {
+        self.follower.with(|l| {
+            l.canary().map(|c| RunningCanary {
+                version: c.version,
+                announced_unix_ms: c.announced_unix_ms,
+                evidence: l.evidence(c.version),
+            })
+        })
+    }
+
+    fn decide(
+        &self,
+        version: u64,
+        decision: Decided,
+        by: &str,
+        reason: &str,
+        evidence: Evidence,
+    ) -> Result<bool> {
+        let Some(epoch) = self.epoch() else {
+            return Ok(false);
+        };
+        let d = Decision {
+            version,
+            epoch,
+            decision,
+            by: by.into(),
+            reason: reason.into(),
+            evidence,
+            at_unix_ms: crate::wire::now_ms(),
+        };
+        self.runtime.block_on(self.decide_async(d))
     }
 
     fn prune(&self, keep: usize) {

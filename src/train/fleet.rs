@@ -9,6 +9,7 @@ use candle_core::Device;
 use tracing::info;
 
 use crate::model::{Checkpoints, ItemTable, Trainer};
+use crate::promotion::{Decided, Evidence};
 
 use super::columns::Columns;
 use super::Worker;
@@ -39,6 +40,18 @@ pub struct Shipment<'a> {
     pub base: Option<&'a Announced>,
     /// Training figures for the announcement (validation NDCG@100, …).
     pub figures: &'a serde_json::Value,
+    /// Announce it as a canary scoring this share of the users (live-gated promotion).
+    pub canary: Option<f64>,
+}
+
+/// The fleet's running canary, as its decider sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningCanary {
+    pub version: u64,
+    /// When it was announced (milliseconds since the epoch).
+    pub announced_unix_ms: u64,
+    /// Every serving replica's counts, summed.
+    pub evidence: Evidence,
 }
 
 /// The fleet, as training sees it.
@@ -52,6 +65,18 @@ pub trait Fleet: Send {
     /// Uploads a version and announces it; `None` when it was not announced or not accepted
     /// because this trainer is no longer the one that may (deposed, or a rollback came first).
     fn ship(&self, shipment: Shipment<'_>) -> Result<Option<Announced>>;
+    /// The canary the fleet runs now, if any.
+    fn canary(&self) -> Option<RunningCanary>;
+    /// Announces a decision about the running canary `version` (promoted: the current version;
+    /// rejected: its slice back to the current one); whether the fleet took it.
+    fn decide(
+        &self,
+        version: u64,
+        decision: Decided,
+        by: &str,
+        reason: &str,
+        evidence: Evidence,
+    ) -> Result<bool>;
     /// Removes old versions' files and announcements (keeping the `keep` newest and anything
     /// announced in the last hour).
     fn prune(&self, keep: usize);

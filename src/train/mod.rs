@@ -34,11 +34,12 @@ use crate::store::Store;
 mod columns;
 mod converge;
 mod fleet;
+mod promote;
 mod validation;
 
 use columns::Columns;
 use converge::{train_until_converged, Interrupt, Limits, Signal, Stop, Trained};
-pub use fleet::{Announced, Fleet, Shipment, Standing};
+pub use fleet::{Announced, Fleet, RunningCanary, Shipment, Standing};
 pub use validation::{popularity_ndcg, validation_ndcg, Validation};
 
 /// What training uses: its settings, where model versions live, the device, the store it
@@ -56,6 +57,11 @@ pub struct Training {
     pub shutdown: Arc<Shutdown>,
     /// Role `train`: the fleet it trains for (`None`: role `all`, which serves what it trains).
     pub fleet: Option<Box<dyn Fleet>>,
+    /// Live-gated promotion: whether a new version serves a canary slice first, and the test
+    /// that decides it.
+    pub promotion: crate::config::PromotionConfig,
+    /// Role `all`: the canary evidence this process's scorer counts.
+    pub tally: Arc<crate::promotion::Tally>,
 }
 
 /// The log target of [`log_round_users`].
@@ -233,6 +239,8 @@ pub struct Worker {
     last_read: u64,
     /// The last round stopped while still improving: the next one is due without new data.
     unfinished: bool,
+    /// Role `all`: the canary running in the live slot.
+    local_canary: Option<promote::LocalCanary>,
 }
 
 impl Worker {
@@ -251,6 +259,7 @@ impl Worker {
             validation_share: validation::MAX_SHARE,
             last_read: 0,
             unfinished: false,
+            local_canary: None,
         };
         // never reuse a number, even one a rollback moved aside
         w.version = w.checkpoints.highest_version_ever()?;
@@ -686,13 +695,36 @@ impl Worker {
         let items = self
             .columns
             .shipped(&self.ctx.store, trainer.model().n_items());
-        match self.ship(next_version, items.as_ref(), &figures)? {
+        let canary = self.canary_fraction();
+        match self.ship(next_version, items.as_ref(), &figures, canary)? {
             Shipped::Local => {}
             Shipped::Announced(a) => {
                 figures["bundle"] = a.key.clone().into();
                 self.base = Some(a);
             }
             Shipped::Superseded => return self.superseded(consumed),
+        }
+        let previous_live = self.ctx.live.current().map(|l| l.version);
+        let beats = |other: Option<f64>| other.is_none_or(|o| j.ndcg >= o);
+        let best_version = match (j.live_ndcg, j.best_ndcg) {
+            _ if beats(j.live_ndcg) && beats(j.best_ndcg) => Some(next_version),
+            (Some(live), Some(best)) if live > best => previous_live,
+            (Some(_), None) => previous_live,
+            _ => self.best_version,
+        };
+        self.version = next_version;
+        if let (None, Some(fraction)) = (&self.ctx.fleet, canary) {
+            // role all: checkpointed once the live evidence decides
+            let c = promote::LocalCanary {
+                version: next_version,
+                started_unix_ms: crate::wire::now_ms(),
+                figures,
+                items,
+                read: data.read(),
+                validated: j.validated,
+                best_version,
+            };
+            return self.start_local_canary(c, fraction).map(|()| RoundResult::Accepted);
         }
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let fingerprint = self
@@ -707,16 +739,8 @@ impl Worker {
         if let Some(fleet) = &self.ctx.fleet {
             fleet.prune(self.ctx.train.keep_versions);
         }
-        self.version = next_version;
-        let previous_live = self.ctx.live.current().map(|l| l.version);
         self.publish(trainer, next_version, data.read(), j.validated)?;
-        let beats = |other: Option<f64>| other.is_none_or(|o| j.ndcg >= o);
-        self.best_version = match (j.live_ndcg, j.best_ndcg) {
-            _ if beats(j.live_ndcg) && beats(j.best_ndcg) => Some(next_version),
-            (Some(live), Some(best)) if live > best => previous_live,
-            (Some(_), None) => previous_live,
-            _ => self.best_version,
-        };
+        self.best_version = best_version;
         info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started_at, "model accepted and swapped in");
         Ok(RoundResult::Accepted)
     }
@@ -728,6 +752,7 @@ impl Worker {
         version: u64,
         items: Option<&crate::model::ItemTable>,
         figures: &serde_json::Value,
+        canary: Option<f64>,
     ) -> Result<Shipped> {
         let Some(fleet) = &self.ctx.fleet else {
             return Ok(Shipped::Local);
@@ -741,6 +766,7 @@ impl Worker {
             version,
             base: self.base.as_ref(),
             figures,
+            canary,
         })?;
         Ok(shipped.map_or(Shipped::Superseded, Shipped::Announced))
     }
@@ -840,16 +866,19 @@ impl Worker {
         info!("training worker stopped");
     }
 
-    /// Role `train`: whether this trainer may train now — it is the active one, and its state is
-    /// the version the fleet announced (adopted first when that moved: a takeover, a rollback).
-    /// Role `all`: always.
+    /// Role `train`: whether this trainer may train now — it is the active one, no canary runs,
+    /// and its state is the version the fleet announced (adopted first when that moved: a
+    /// takeover, a rollback, a rejected canary). Role `all`: whenever no canary runs.
     fn may_train(&mut self) -> bool {
         let Some(fleet) = &self.ctx.fleet else {
-            return true;
+            return !self.canary_pending();
         };
         let Standing::Active { current } = fleet.standing() else {
             return false;
         };
+        if self.canary_pending() {
+            return false;
+        }
         if current == self.base {
             return true;
         }
@@ -1029,6 +1058,8 @@ mod tests {
             metrics: Arc::new(Metrics::new().unwrap()),
             shutdown: Arc::new(Shutdown::default()),
             fleet: None,
+            promotion: crate::config::PromotionConfig::default(),
+            tally: Arc::default(),
         })
     }
 

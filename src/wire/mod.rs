@@ -85,6 +85,9 @@ pub struct Recommendation {
     /// answer is never padded with excluded or unavailable items. Left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fewer_than_k: bool,
+    /// A canary version made it (the user is in its slice). Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
     /// Role `serve`: who wrote it, sent as headers (not in the payload).
     #[serde(skip)]
     pub owner: Option<OwnerStamp>,
@@ -171,6 +174,7 @@ mod tests {
             generated_at: 1,
             source: Source::Popular,
             fewer_than_k: false,
+            canary: false,
             owner: None,
         };
         let json = String::from_utf8(r.to_json()).unwrap();
@@ -181,6 +185,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Recommendation>(&json).unwrap(), r);
         let short = Recommendation {
             fewer_than_k: true,
+            canary: false,
             ..r.clone()
         };
         assert!(String::from_utf8(short.to_json())

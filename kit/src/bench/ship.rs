@@ -90,6 +90,7 @@ pub fn run_ship_bench(opts: &ShipBenchOptions) -> Result<Vec<ShipBenchRow>> {
             created_at: String::new(),
             announced_unix_ms: 0,
             rollback: false,
+            canary: None,
         };
         drop(trainer);
         drop(encoded);
