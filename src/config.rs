@@ -660,12 +660,19 @@ impl Config {
             fig = fig.merge(Toml::file(p));
         }
         // not configuration: MULTIVAED_CONFIG names the file (clap), MULTIVAED_CRASH_AT,
-        // MULTIVAED_PANIC_AT, MULTIVAED_STOP_AT and MULTIVAED_DELAY_AT are the fault-injection hooks, MULTIVAED_TOOLS is where the
-        // project's scripts install the test tools
+        // MULTIVAED_PANIC_AT, MULTIVAED_STOP_AT, MULTIVAED_DELAY_AT and MULTIVAED_SCRAMBLE_AT are
+        // the fault-injection hooks, MULTIVAED_TOOLS is where the project's scripts install the
+        // test tools
         fig = fig.merge(
             Env::prefixed("MULTIVAED_")
                 .ignore(&[
-                    "config", "crash_at", "panic_at", "stop_at", "delay_at", "tools",
+                    "config",
+                    "crash_at",
+                    "panic_at",
+                    "stop_at",
+                    "delay_at",
+                    "scramble_at",
+                    "tools",
                 ])
                 .filter(|k| property_suffix(k.as_str()).is_none())
                 .split("__"),
@@ -902,6 +909,7 @@ mod tests {
                 "MULTIVAED_PANIC_AT",
                 "MULTIVAED_STOP_AT",
                 "MULTIVAED_DELAY_AT",
+                "MULTIVAED_SCRAMBLE_AT",
             ] {
                 jail.set_env(k, "x");
             }

@@ -5,8 +5,10 @@
 //! `MULTIVAED_STOP_AT=name[:n]` freezes the process (SIGSTOP to itself) the n-th time the named
 //! crash point is passed, to be thawed by the test (a replica frozen mid-batch);
 //! `MULTIVAED_DELAY_AT=name:ms` sleeps the thread that passes the named crash point for `ms`
-//! each time (a slow disk or a huge partition, while the rest of the process runs). Unset, a
-//! point costs one atomic load.
+//! each time (a slow disk or a huge partition, while the rest of the process runs);
+//! `MULTIVAED_SCRAMBLE_AT=name[:n]` makes the n-th pass of the named scramble point corrupt
+//! what it guards (a trainer shipping a version whose item table is shuffled: a bad model that
+//! passes every offline gate). Unset, a point costs one atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -64,6 +66,24 @@ pub async fn delay_point(name: &str) {
     if let Some(d) = delay_at(name) {
         tokio::time::sleep(d).await;
     }
+}
+
+static SCRAMBLE_TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static SCRAMBLE_PASSED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether this pass of the named scramble point is to corrupt what it guards.
+pub fn scramble_point(name: &'static str) -> bool {
+    let Some((target, n)) = SCRAMBLE_TARGET.get_or_init(|| spec("MULTIVAED_SCRAMBLE_AT")) else {
+        return false;
+    };
+    if target != name {
+        return false;
+    }
+    let pass = SCRAMBLE_PASSED.fetch_add(1, Ordering::Relaxed) + 1;
+    if pass == *n {
+        eprintln!("MULTIVAED_SCRAMBLE_AT: scrambling at {name}");
+    }
+    pass == *n
 }
 
 static PANIC_TARGET: OnceLock<Option<String>> = OnceLock::new();

@@ -558,6 +558,18 @@ impl Metrics {
         for source in ["model", "popular"] {
             m.recommendations_published.with_label_values(&[source]);
         }
+        for decision in ["promote", "reject"] {
+            for by in ["test", "timeout", "operator"] {
+                m.canary_decisions.with_label_values(&[decision, by]);
+            }
+        }
+        for side in ["canary", "live"] {
+            m.canary_trials.with_label_values(&[side]);
+            m.canary_hits.with_label_values(&[side]);
+        }
+        for bound in ["estimate", "lower", "upper"] {
+            m.canary_bound.with_label_values(&[bound]);
+        }
         m.set_dead_letters_blocked(None);
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(

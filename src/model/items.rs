@@ -48,6 +48,22 @@ impl ItemTable {
         self.index.get(id).copied()
     }
 
+    /// The same items with every id (and its count) moved half the table along: each column
+    /// names another item. Only fault injection wants this (a bad version that passes every
+    /// offline gate).
+    pub fn rotated(&self) -> ItemTable {
+        let half = self.ids.len() / 2;
+        let mut t = ItemTable::default();
+        let mut counts = Vec::with_capacity(self.counts.len());
+        for c in 0..self.ids.len() {
+            let from = (c + half) % self.ids.len();
+            t.column_or_push(self.ids[from].clone());
+            counts.push(self.counts.get(from).copied().unwrap_or(0));
+        }
+        t.set_counts(counts);
+        t
+    }
+
     /// The column of `id`, appended as a new one (count 0) when the table has none.
     pub fn column_or_push(&mut self, id: Arc<str>) -> u32 {
         if let Some(&c) = self.index.get(&id) {

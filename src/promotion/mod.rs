@@ -139,7 +139,9 @@ mod tests {
             / users.len() as f64;
         assert!(both < 0.02, "two canaries' slices overlap by {both}");
         // a user stays in (or out of) a canary's slice
-        assert!(users.iter().all(|u| in_slice(u, 7, 0.1) == in_slice(u, 7, 0.1)));
+        assert!(users
+            .iter()
+            .all(|u| in_slice(u, 7, 0.1) == in_slice(u, 7, 0.1)));
     }
 
     #[test]

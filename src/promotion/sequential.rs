@@ -143,7 +143,13 @@ impl TestSettings {
     /// The trials (both arms together, `fraction` of them the canary's) after which the test
     /// decides with probability `power`, for true hit rates `canary` and `live`: the first n
     /// where |θ| ≥ half-width(n) + z_power·√V(n). `None` when θ is 0 or beyond 10¹² trials.
-    pub fn trials_to_decide(&self, canary: f64, live: f64, fraction: f64, power: f64) -> Option<u64> {
+    pub fn trials_to_decide(
+        &self,
+        canary: f64,
+        live: f64,
+        fraction: f64,
+        power: f64,
+    ) -> Option<u64> {
         let keep = 1.0 - self.margin;
         let theta = (canary - keep * live).abs();
         let z = normal_quantile(power);
@@ -272,7 +278,12 @@ mod tests {
     }
 
     /// The verdicts of [`RUNS`] runs and the trials each took.
-    fn runs(rule: &dyn Fn(Arm, Arm) -> Verdict, rates: (f64, f64), horizon: u64, seed: u64) -> Vec<(Verdict, u64)> {
+    fn runs(
+        rule: &dyn Fn(Arm, Arm) -> Verdict,
+        rates: (f64, f64),
+        horizon: u64,
+        seed: u64,
+    ) -> Vec<(Verdict, u64)> {
         let mut rng = StdRng::seed_from_u64(seed);
         (0..RUNS)
             .map(|_| {
@@ -303,7 +314,10 @@ mod tests {
             "false rollbacks {false_rollbacks} > α {} over {RUNS} runs",
             s.alpha
         );
-        assert!(promoted >= 0.8, "an equal canary promoted in only {promoted} of runs");
+        assert!(
+            promoted >= 0.8,
+            "an equal canary promoted in only {promoted} of runs"
+        );
     }
 
     #[test]
@@ -334,7 +348,10 @@ mod tests {
         let runs = runs(&rule, (better, P), HORIZON, 3);
         let promoted = share(&runs, Verdict::Promote, predicted + LOOK);
         println!("10 % better: promoted within {predicted} trials in {promoted}");
-        assert!(promoted >= 0.85, "promoted within {predicted} trials in {promoted} of runs");
+        assert!(
+            promoted >= 0.85,
+            "promoted within {predicted} trials in {promoted} of runs"
+        );
         assert_eq!(share(&runs, Verdict::Reject, u64::MAX), 0.0);
     }
 

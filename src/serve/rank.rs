@@ -7,8 +7,8 @@
 use anyhow::{Context, Result};
 
 use crate::live::{LiveModel, Models};
-use crate::promotion::Side;
 use crate::model::Input;
+use crate::promotion::Side;
 use crate::store::{History, Store};
 use crate::wire::{now_ms, Recommendation, ScoredItem, Source};
 

@@ -64,7 +64,9 @@ impl Reporter {
             m.canary_trials
                 .with_label_values(&[side])
                 .set(arm.trials as i64);
-            m.canary_hits.with_label_values(&[side]).set(arm.hits as i64);
+            m.canary_hits
+                .with_label_values(&[side])
+                .set(arm.hits as i64);
         }
         if evidence == Evidence::default() || sent.get(&version) == Some(&evidence) {
             return;

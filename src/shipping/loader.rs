@@ -123,7 +123,10 @@ impl Loader {
             live.loaded(a);
             *canary = Held::default();
             self.swapped(a, 0.0);
-            info!(model_version = a.version, "the canary was promoted: it serves everyone");
+            info!(
+                model_version = a.version,
+                "the canary was promoted: it serves everyone"
+            );
             return;
         }
         let started = Instant::now();

@@ -154,7 +154,10 @@ fn out_of_bounds(record: &Record) -> Option<String> {
             let e = &r.evidence;
             let counts = [e.canary.trials, e.canary.hits, e.live.trials, e.live.hits];
             if let Some(&n) = counts.iter().find(|&&n| !crate::control::in_bounds(n)) {
-                return Some(format!("count {n} is beyond {}", crate::control::MAX_SEQUENCE));
+                return Some(format!(
+                    "count {n} is beyond {}",
+                    crate::control::MAX_SEQUENCE
+                ));
             }
             if !e.is_consistent() {
                 return Some("more hits than trials".into());
@@ -223,11 +226,7 @@ impl ModelLog {
         self.next_offset = self.next_offset.max(offset + 1);
         let Some(value) = value else {
             self.entries.retain(|_, e| e.key != key);
-            for reports in self.evidence.values_mut() {
-                reports.retain(|reporter, _| {
-                    !key.starts_with("evidence-") || !key.ends_with(reporter.as_str())
-                });
-            }
+            self.remove_canary_record(key);
             return Read::Removed;
         };
         let record = match serde_json::from_slice::<Record>(value) {
@@ -283,6 +282,26 @@ impl ModelLog {
         }
     }
 
+    /// Forgets the evidence report or decision a tombstone removes.
+    fn remove_canary_record(&mut self, key: &str) {
+        if let Some((version, reporter)) = key
+            .strip_prefix("evidence-")
+            .and_then(|rest| rest.split_once('-'))
+        {
+            let Ok(version) = version.parse::<u64>() else {
+                return;
+            };
+            if let Some(reports) = self.evidence.get_mut(&version) {
+                reports.remove(reporter);
+                if reports.is_empty() {
+                    self.evidence.remove(&version);
+                }
+            }
+        } else if key.starts_with("decision-") {
+            self.decisions.retain(|_, d| decision_key(d) != key);
+        }
+    }
+
     /// Applies a decision about the running canary (under the highest epoch, about that very
     /// version).
     fn decide(&mut self, d: Decision) -> Read {
@@ -326,6 +345,34 @@ impl ModelLog {
             .into_iter()
             .flat_map(|r| r.values())
             .fold(Evidence::default(), |a, e| a.plus(*e))
+    }
+
+    /// The keys of evidence reports and decisions about canaries decided before `before_ms`,
+    /// but the decision about one of `kept` (versions whose announcements stay): what pruning
+    /// removes, so the topic does not grow with every canary.
+    pub fn decided_before(
+        &self,
+        before_ms: u64,
+        kept: &std::collections::HashSet<u64>,
+    ) -> Vec<String> {
+        let mut keys = Vec::new();
+        for (version, d) in &self.decisions {
+            if d.at_unix_ms >= before_ms {
+                continue;
+            }
+            for reporter in self
+                .evidence
+                .get(version)
+                .into_iter()
+                .flat_map(|r| r.keys())
+            {
+                keys.push(evidence_key(*version, reporter));
+            }
+            if !kept.contains(version) {
+                keys.push(decision_key(d));
+            }
+        }
+        keys
     }
 
     /// The decision taken about a canary version, if any.
@@ -590,16 +637,43 @@ pub(crate) mod tests {
         ];
         let (log, reads) = read(&records);
         assert_eq!(reads[2], Read::Accepted);
-        assert!(matches!(reads[6], Read::Ignored(_)), "not the running canary");
+        assert!(
+            matches!(reads[6], Read::Ignored(_)),
+            "not the running canary"
+        );
         assert!(matches!(reads[7], Read::Ignored(_)), "an old epoch");
         assert_eq!(reads[8], Read::Decided(Decided::Reject));
         assert_eq!(reads[10], Read::Decided(Decided::Promote));
-        assert!(matches!(reads[11], Read::OutOfBounds(_)), "more hits than trials");
+        assert!(
+            matches!(reads[11], Read::OutOfBounds(_)),
+            "more hits than trials"
+        );
         assert_eq!(log.current().unwrap().version, 3, "the promoted canary");
         assert!(log.canary().is_none());
         let e = log.evidence(2);
-        assert_eq!((e.canary.trials, e.canary.hits), (25, 5), "latest per reporter, summed");
+        assert_eq!(
+            (e.canary.trials, e.canary.hits),
+            (25, 5),
+            "latest per reporter, summed"
+        );
         assert_eq!(log.decision(2).unwrap().decision, Decided::Reject);
+        let kept: std::collections::HashSet<u64> = [3].into();
+        let pruned = log.decided_before(u64::MAX, &kept);
+        assert_eq!(
+            pruned.len(),
+            3,
+            "two reports and the decision of 2: {pruned:?}"
+        );
+        let mut more = records.clone();
+        more.extend(pruned.into_iter().map(|k| (k, None)));
+        let (log, _) = read(&more);
+        assert_eq!(log.evidence(2), Evidence::default());
+        assert!(log.decision(2).is_none());
+        assert!(log.decision(3).is_some(), "version 3 is kept");
+        assert!(
+            log.decided_before(u64::MAX, &kept).is_empty(),
+            "nothing left to prune"
+        );
 
         // while it runs, the canary is not current; a rollback ends it
         let (log, _) = read(&records[..6]);

@@ -104,7 +104,10 @@ pub async fn decide(config: &Config, version: u64, decision: Decided) -> Result<
     let log = read(config).await?;
     match log.canary() {
         Some(c) if c.version == version => {}
-        Some(c) => bail!("version {version} is not the running canary (version {} is)", c.version),
+        Some(c) => bail!(
+            "version {version} is not the running canary (version {} is)",
+            c.version
+        ),
         None => bail!("no canary runs now (multivaed models list shows the versions)"),
     }
     let d = Decision {

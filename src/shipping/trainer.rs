@@ -190,6 +190,17 @@ impl FleetTrainer {
                     .await?;
             }
         }
+        // canaries decided a while ago: their evidence, and the decisions of pruned versions
+        let kept: HashSet<u64> = log
+            .entries()
+            .filter(|e| keep_folders.contains(&e.announcement.path))
+            .map(|e| e.announcement.version)
+            .collect();
+        for key in log.decided_before(now.saturating_sub(recent), &kept) {
+            self.publisher
+                .write(&self.topic, &key, None, self.follower.signer())
+                .await?;
+        }
         for f in self.objects.folders().await? {
             let young = f.modified_unix_ms.max(0) as u64 + recent > now;
             if !keep_folders.contains(&f.name) && !young {

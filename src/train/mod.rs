@@ -724,7 +724,9 @@ impl Worker {
                 validated: j.validated,
                 best_version,
             };
-            return self.start_local_canary(c, fraction).map(|()| RoundResult::Accepted);
+            return self
+                .start_local_canary(c, fraction)
+                .map(|()| RoundResult::Accepted);
         }
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let fingerprint = self
@@ -760,6 +762,13 @@ impl Worker {
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let items = items.context("a fleet trainer without an item table")?;
         crate::fault::crash_point("train.before_ship");
+        let scrambled;
+        let items = if crate::fault::scramble_point("train.ship") {
+            scrambled = items.rotated();
+            &scrambled
+        } else {
+            items
+        };
         let shipped = fleet.ship(Shipment {
             trainer,
             items,
@@ -1061,6 +1070,73 @@ mod tests {
             promotion: crate::config::PromotionConfig::default(),
             tally: Arc::default(),
         })
+    }
+
+    /// Counts `trials` clicks of one side of canary `version`, `hits` of them hits.
+    fn evidence(w: &Worker, version: u64, side: crate::promotion::Side, trials: u64, hits: u64) {
+        for t in 0..trials {
+            w.ctx.tally.record(version, side, t < hits);
+        }
+    }
+
+    #[test]
+    fn role_all_serves_a_new_version_as_a_canary_and_the_evidence_rolls_it_back_or_promotes_it() {
+        use crate::promotion::Side;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker_on(dir.path(), 400, |t, _| {
+            t.catch_up = false;
+            t.max_ndcg_drop = 1.0;
+        });
+        w.ctx.promotion.enabled = true;
+        // the first version has nothing to be compared with: it goes live
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        assert_eq!(w.ctx.live.models().canary_version(), None);
+        assert!(w.may_train());
+        let live_updates = w.trainer.as_ref().unwrap().update_count();
+
+        // the next one is a canary: not live, not checkpointed, no round while it runs
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        let models = w.ctx.live.models();
+        assert_eq!(models.live.as_ref().unwrap().version, 1);
+        assert_eq!(models.canary_version(), Some(2));
+        assert_eq!(w.checkpoints.versions().unwrap(), vec![1]);
+        assert!(!w.may_train(), "undecided: no round");
+
+        // its slice never hits while the live model does: rolled back
+        evidence(&w, 2, Side::Canary, 400, 0);
+        evidence(&w, 2, Side::Live, 4000, 1200);
+        assert!(w.canary_pending(), "decided at this look");
+        assert_eq!(w.ctx.live.models().canary_version(), None);
+        assert_eq!(w.ctx.live.current().unwrap().version, 1);
+        assert_eq!(w.checkpoints.versions().unwrap(), vec![1], "moved aside");
+        let metrics = w.ctx.metrics.clone();
+        let decisions = &metrics.canary_decisions;
+        assert_eq!(decisions.with_label_values(&["reject", "test"]).get(), 1);
+        assert!(w.may_train(), "training continues");
+        assert_eq!(
+            w.trainer.as_ref().unwrap().update_count(),
+            live_updates,
+            "from the live version's state, not the rejected one's"
+        );
+
+        // a better one is promoted: live and checkpointed, and its number is new
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        assert_eq!(w.ctx.live.models().canary_version(), Some(3));
+        evidence(&w, 3, Side::Canary, 3000, 1200);
+        evidence(&w, 3, Side::Live, 20000, 6000);
+        assert!(w.canary_pending());
+        assert_eq!(w.ctx.live.current().unwrap().version, 3);
+        assert_eq!(w.ctx.live.models().canary_version(), None);
+        assert_eq!(w.checkpoints.versions().unwrap(), vec![1, 3]);
+        assert_eq!(decisions.with_label_values(&["promote", "test"]).get(), 1);
+
+        // one that stays undecided past promotion.max_duration is rolled back
+        w.ctx.promotion.max_duration = Duration::from_millis(1);
+        assert_eq!(w.round().unwrap(), RoundResult::Accepted);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(w.canary_pending());
+        assert_eq!(w.ctx.live.current().unwrap().version, 3);
+        assert_eq!(decisions.with_label_values(&["reject", "timeout"]).get(), 1);
     }
 
     #[test]

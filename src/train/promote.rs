@@ -111,7 +111,9 @@ impl Worker {
             m.canary_trials
                 .with_label_values(&[side])
                 .set(arm.trials as i64);
-            m.canary_hits.with_label_values(&[side]).set(arm.hits as i64);
+            m.canary_hits
+                .with_label_values(&[side])
+                .set(arm.hits as i64);
         }
         let i = self
             .ctx
@@ -154,7 +156,10 @@ impl Worker {
             .inc();
         match decision {
             Decided::Promote => {
-                info!(model_version = version, by, reason, "canary promoted: it serves everyone")
+                info!(
+                    model_version = version,
+                    by, reason, "canary promoted: it serves everyone"
+                )
             }
             Decided::Reject => {
                 warn!(model_version = version, by, reason, "canary rolled back: its slice is served by the live version again; training continues from the live version")
@@ -173,13 +178,8 @@ impl Worker {
             .ctx
             .store
             .catalogue_fingerprint(trainer.model().n_items());
-        self.checkpoints.save(
-            trainer,
-            c.version,
-            c.figures,
-            fingerprint,
-            c.items.as_ref(),
-        )?;
+        self.checkpoints
+            .save(trainer, c.version, c.figures, fingerprint, c.items.as_ref())?;
         match decision {
             Decided::Promote => {
                 self.publish(trainer, c.version, c.read, c.validated)?;

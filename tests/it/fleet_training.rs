@@ -1283,3 +1283,172 @@ fn forged_control_records_steer_nothing() {
         d.terminate();
     }
 }
+
+/// Live-gated promotion's settings for a quick test: a quarter of the users in a canary's
+/// slice, a wide margin (the mechanism is under test here; the test's statistics are the unit
+/// tests'), reports every 3 s (the test reads the models topic until it is idle for 0.7 s).
+const PROMOTION: [(&str, &str); 6] = [
+    ("MULTIVAED_PROMOTION__ENABLED", "true"),
+    ("MULTIVAED_PROMOTION__CANARY_FRACTION", "0.25"),
+    ("MULTIVAED_PROMOTION__REPORT_INTERVAL", "3s"),
+    ("MULTIVAED_PROMOTION__MIN_TRIALS", "100"),
+    ("MULTIVAED_PROMOTION__MARGIN", "0.25"),
+    ("MULTIVAED_PROMOTION__MAX_DURATION", "10m"),
+];
+
+/// Each published recommendation (not a withdrawal): user, model version, canary flag.
+fn recommendations(f: &Fleet) -> Vec<(String, Option<u64>, bool)> {
+    read_all(&f.setup.recs, 1, Duration::from_millis(700))
+        .into_iter()
+        .filter(|m| !m.payload.is_empty())
+        .map(|m| {
+            let r: multivaed::wire::Recommendation = serde_json::from_slice(&m.payload).unwrap();
+            (r.user_id, r.model_version, r.canary)
+        })
+        .collect()
+}
+
+#[test]
+fn a_bad_canary_serves_only_its_slice_is_rolled_back_and_a_good_one_is_promoted() {
+    use multivaed::promotion::{in_slice, Decided};
+    let _machine = the_machine_alone();
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fleet::new(dir.path(), 4);
+    let promotion = PROMOTION.map(|(k, v)| (k.to_string(), v.to_string()));
+    let replicas: Vec<Daemon> = ["r1", "r2"]
+        .iter()
+        .map(|n| {
+            let mut env = f.replica_env(dir.path(), n);
+            env.extend(promotion.iter().cloned());
+            Daemon::start(&env, free_port())
+        })
+        .collect();
+    let rs: Vec<&Daemon> = replicas.iter().collect();
+    wait_owned(&f, &rs);
+    let mut clicks = Clicks::start(&f, 600, 200, 250.0);
+    // a live model worth protecting first: the trainer trains without promotion until its
+    // version clearly beats popularity
+    let first = Daemon::start(&f.trainer_env(dir.path(), "t0"), free_port());
+    wait_until(
+        Duration::from_secs(300),
+        "a version well above popularity",
+        || {
+            accepted(&models_log(&f))
+                .last()
+                .is_some_and(|a| a.validated && a.validation_ndcg.unwrap_or(0.0) > 0.3)
+        },
+    );
+    first.terminate();
+    let live = accepted(&models_log(&f)).last().cloned().unwrap();
+    let (bad_v, good_v) = (live.version + 1, live.version + 2);
+
+    // restarted with promotion on, its next version ships with its item table shuffled: every
+    // offline gate passes (the trainer judges its own, correct, model), live it recommends the
+    // wrong items
+    let mut env = f.trainer_env(dir.path(), "t0");
+    env.extend(promotion.iter().cloned());
+    env.push(("MULTIVAED_SCRAMBLE_AT".into(), "train.ship:1".into()));
+    let trainer = Daemon::start(&env, free_port());
+
+    // the bad version is announced as a canary and rolled back by the test
+    wait_until(Duration::from_secs(300), "the bad canary decided", || {
+        models_log(&f).decision(bad_v).is_some()
+    });
+    let log = models_log(&f);
+    let bad = log.decision(bad_v).unwrap().clone();
+    assert_eq!(bad.decision, Decided::Reject, "{bad:?}");
+    assert_eq!(bad.by, "test", "{bad:?}");
+    assert_eq!(log.accepted_version(bad_v).unwrap().canary, Some(0.25));
+    eprintln!("bad canary v{bad_v} rolled back: {}", bad.reason);
+
+    // the next version continues from the live one, is a canary too, and is promoted
+    wait_until(Duration::from_secs(300), "the next canary decided", || {
+        models_log(&f).decision(good_v).is_some()
+    });
+    let log = models_log(&f);
+    let good = log.decision(good_v).unwrap().clone();
+    assert_eq!(good.decision, Decided::Promote, "{good:?}");
+    let next = log.accepted_version(good_v).unwrap().clone();
+    assert_eq!(
+        next.base_version,
+        Some(live.version),
+        "trained from the live version, not the rejected one"
+    );
+    assert_continues(&next, &live);
+    eprintln!("good canary v{good_v} promoted: {}", good.reason);
+    for d in &rs {
+        d.wait_for(
+            Duration::from_secs(60),
+            "the promoted version serves",
+            |d| version(d) >= good_v,
+        );
+    }
+    // an operator rejects the canary after it by hand; the listing shows canaries and evidence
+    wait_until(Duration::from_secs(300), "a third canary", || {
+        models_log(&f).canary().is_some_and(|c| c.version > good_v)
+    });
+    clicks.stop();
+    let third = models_log(&f).canary().unwrap().version;
+    let env = f.trainer_env(dir.path(), "operator");
+    let (ok, listing, err) = run_multivaed(&env, &["models", "list"]);
+    assert!(ok, "{listing}{err}");
+    assert!(listing.contains("canary (running)"), "{listing}");
+    assert!(listing.contains("canary reject by test"), "{listing}");
+    assert!(listing.contains("canary promote by test"), "{listing}");
+    let (ok, out, err) = run_multivaed(&env, &["models", "reject", &third.to_string()]);
+    assert!(ok, "{out}{err}");
+    let by_hand = models_log(&f).decision(third).cloned().unwrap();
+    assert_eq!(
+        (by_hand.decision, by_hand.by.as_str()),
+        (Decided::Reject, "operator")
+    );
+    let (ok, out, _) = run_multivaed(&env, &["models", "promote", &third.to_string()]);
+    assert!(!ok, "a decided canary cannot be decided again: {out}");
+
+    // (read once the clicks stopped: the topic then falls idle)
+    let recs = recommendations(&f);
+    // users active at the promotion were re-scored by the promoted version, in its slice or not
+    assert!(
+        recs.iter()
+            .any(|(u, v, c)| *v == Some(good_v) && !c && !in_slice(u, good_v, 0.25)),
+        "the promoted version served nobody outside its slice"
+    );
+    // the bad version never served a user outside its slice, nor anyone unmarked
+    let by_bad: HashSet<&str> = recs
+        .iter()
+        .filter(|(_, v, _)| *v == Some(bad_v))
+        .map(|(u, _, _)| u.as_str())
+        .collect();
+    assert!(!by_bad.is_empty(), "the bad canary served nobody");
+    for (u, v, canary) in &recs {
+        if *v == Some(bad_v) {
+            assert!(
+                *canary,
+                "{u}: the bad version's recommendation is not marked a canary's"
+            );
+            assert!(
+                in_slice(u, bad_v, 0.25),
+                "{u} is outside the bad version's slice"
+            );
+        }
+    }
+    let users: HashSet<&str> = recs.iter().map(|(u, _, _)| u.as_str()).collect();
+    eprintln!(
+        "the bad canary served {} of {} users ({:.3}); its evidence: {:?}",
+        by_bad.len(),
+        users.len(),
+        by_bad.len() as f64 / users.len() as f64,
+        bad.evidence
+    );
+    assert!(
+        metric_value(
+            &trainer.metrics().unwrap(),
+            "multivaed_canary_decisions_total",
+            "by=\"test\",decision=\"reject\""
+        ) >= 1.0
+    );
+    trainer.terminate();
+    for d in replicas {
+        d.terminate();
+    }
+}
