@@ -67,28 +67,15 @@ pub struct PromotionConfig {
 
 impl Default for PromotionConfig {
     fn default() -> Self {
-        let test = crate::promotion::TestSettings::default();
         Self {
             enabled: false,
             canary_fraction: 0.1,
-            alpha: test.alpha,
-            margin: test.margin,
-            min_trials: test.min_trials,
-            min_hits: test.min_hits,
+            alpha: 0.05,
+            margin: 0.05,
+            min_trials: 200,
+            min_hits: 20,
             max_duration: Duration::from_secs(3600),
             report_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-impl PromotionConfig {
-    /// The sequential test's settings.
-    pub fn test(&self) -> crate::promotion::TestSettings {
-        crate::promotion::TestSettings {
-            alpha: self.alpha,
-            margin: self.margin,
-            min_trials: self.min_trials,
-            min_hits: self.min_hits,
         }
     }
 }

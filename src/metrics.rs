@@ -727,7 +727,11 @@ mod tests {
                             "k",
                             "model_version",
                             "cause",
-                            "topic"
+                            "topic",
+                            "decision",
+                            "by",
+                            "side",
+                            "bound"
                         ]
                         .contains(&l.name()),
                         "{name} has label {}",

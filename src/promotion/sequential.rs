@@ -68,12 +68,7 @@ pub struct TestSettings {
 
 impl Default for TestSettings {
     fn default() -> Self {
-        Self {
-            alpha: 0.05,
-            margin: 0.05,
-            min_trials: 200,
-            min_hits: 20,
-        }
+        Self::of(&crate::config::PromotionConfig::default())
     }
 }
 
@@ -101,6 +96,16 @@ pub struct Interval {
 }
 
 impl TestSettings {
+    /// The settings of `promotion.*`.
+    pub fn of(c: &crate::config::PromotionConfig) -> Self {
+        Self {
+            alpha: c.alpha,
+            margin: c.margin,
+            min_trials: c.min_trials,
+            min_hits: c.min_hits,
+        }
+    }
+
     /// θ's estimate and interval from the two arms' counts.
     pub fn interval(&self, canary: Arm, live: Arm) -> Interval {
         let keep = 1.0 - self.margin;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tracing::{error, info, warn};
 
-use crate::promotion::{Decided, Evidence, Verdict};
+use crate::promotion::{Decided, Evidence, TestSettings, Verdict};
 
 use super::Worker;
 
@@ -52,7 +52,7 @@ impl Worker {
             return false;
         };
         self.report(&c);
-        let test = self.ctx.promotion.test();
+        let test = TestSettings::of(&self.ctx.promotion);
         let interval = test.interval(c.evidence.canary, c.evidence.live);
         let age = Duration::from_millis(crate::wire::now_ms().saturating_sub(c.started_unix_ms));
         let (decision, by) = match test.verdict(c.evidence.canary, c.evidence.live) {
@@ -115,11 +115,7 @@ impl Worker {
                 .with_label_values(&[side])
                 .set(arm.hits as i64);
         }
-        let i = self
-            .ctx
-            .promotion
-            .test()
-            .interval(c.evidence.canary, c.evidence.live);
+        let i = TestSettings::of(&self.ctx.promotion).interval(c.evidence.canary, c.evidence.live);
         for (bound, v) in [
             ("estimate", i.estimate),
             ("lower", i.lower),
