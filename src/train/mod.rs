@@ -1128,6 +1128,8 @@ mod tests {
         assert_eq!(w.ctx.live.current().unwrap().version, 3);
         assert_eq!(w.ctx.live.models().canary_version(), None);
         assert_eq!(w.checkpoints.versions().unwrap(), vec![1, 3]);
+        let manifest = Checkpoints::read_manifest(&w.checkpoints.path_of(3)).unwrap();
+        assert_eq!(manifest.training["canary"], "promote");
         assert_eq!(decisions.with_label_values(&["promote", "test"]).get(), 1);
 
         // one that stays undecided past promotion.max_duration is rolled back

@@ -168,7 +168,9 @@ impl Worker {
     /// checkpointed and moved aside (its number is never used again), and training goes back
     /// to the live version's checkpoint.
     fn decide_locally(&mut self, decision: Decided) -> Result<()> {
-        let c = self.local_canary.take().context("no local canary")?;
+        let mut c = self.local_canary.take().context("no local canary")?;
+        // the manifest says what became of it
+        c.figures["canary"] = decision.as_str().into();
         let trainer = self.trainer.as_ref().context("no trainer")?;
         let fingerprint = self
             .ctx
