@@ -49,6 +49,18 @@ impl Evidence {
         }
     }
 
+    /// Shows the counts in `multivaed_canary_trials` and `multivaed_canary_hits`, by side.
+    pub(crate) fn show_in(&self, m: &crate::metrics::Metrics) {
+        for (side, arm) in [("canary", self.canary), ("live", self.live)] {
+            m.canary_trials
+                .with_label_values(&[side])
+                .set(arm.trials as i64);
+            m.canary_hits
+                .with_label_values(&[side])
+                .set(arm.hits as i64);
+        }
+    }
+
     /// Whether the counts are possible: no more hits than trials.
     pub fn is_consistent(&self) -> bool {
         self.canary.hits <= self.canary.trials && self.live.hits <= self.live.trials

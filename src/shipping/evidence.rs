@@ -59,15 +59,7 @@ impl Reporter {
             return;
         };
         let evidence = self.tally.get(version);
-        for (side, arm) in [("canary", evidence.canary), ("live", evidence.live)] {
-            let m = &self.metrics;
-            m.canary_trials
-                .with_label_values(&[side])
-                .set(arm.trials as i64);
-            m.canary_hits
-                .with_label_values(&[side])
-                .set(arm.hits as i64);
-        }
+        evidence.show_in(&self.metrics);
         if evidence == Evidence::default() || sent.get(&version) == Some(&evidence) {
             return;
         }

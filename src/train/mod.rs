@@ -728,16 +728,9 @@ impl Worker {
                 .start_local_canary(c, fraction)
                 .map(|()| RoundResult::Accepted);
         }
+        self.checkpoint(next_version, figures, items.as_ref())?;
+        self.prune_checkpoints();
         let trainer = self.trainer.as_ref().context("no trainer")?;
-        let fingerprint = self
-            .ctx
-            .store
-            .catalogue_fingerprint(trainer.model().n_items());
-        self.checkpoints
-            .save(trainer, next_version, figures, fingerprint, items.as_ref())?;
-        if let Err(e) = self.checkpoints.prune(self.ctx.train.keep_versions) {
-            warn!(error = %e, "cannot prune old model versions");
-        }
         if let Some(fleet) = &self.ctx.fleet {
             fleet.prune(self.ctx.train.keep_versions);
         }
@@ -745,6 +738,32 @@ impl Worker {
         self.best_version = best_version;
         info!(validation_ndcg = j.ndcg, live_ndcg = ?j.live_ndcg, popularity_ndcg = ?j.popularity_ndcg, nll = j.nll, uniform_nll = j.uniform_nll, beta = trainer.beta(), update_count = trainer.update_count(), seconds = started_at, "model accepted and swapped in");
         Ok(RoundResult::Accepted)
+    }
+
+    /// Keeps the trainer's state as local checkpoint `version`, with its item catalogue's
+    /// fingerprint.
+    fn checkpoint(
+        &self,
+        version: u64,
+        figures: serde_json::Value,
+        items: Option<&crate::model::ItemTable>,
+    ) -> Result<()> {
+        let trainer = self.trainer.as_ref().context("no trainer")?;
+        let fingerprint = self
+            .ctx
+            .store
+            .catalogue_fingerprint(trainer.model().n_items());
+        self.checkpoints
+            .save(trainer, version, figures, fingerprint, items)?;
+        Ok(())
+    }
+
+    /// Prunes local checkpoints to `train.keep_versions` (a failure is logged: pruning is
+    /// housekeeping).
+    fn prune_checkpoints(&self) {
+        if let Err(e) = self.checkpoints.prune(self.ctx.train.keep_versions) {
+            warn!(error = %e, "cannot prune old model versions");
+        }
     }
 
     /// Role `train`: uploads and announces an accepted version before it is kept locally (a

@@ -107,14 +107,7 @@ impl Worker {
     fn report(&self, c: &Running) {
         let m = &self.ctx.metrics;
         m.canary_version.set(c.version as i64);
-        for (side, arm) in [("canary", c.evidence.canary), ("live", c.evidence.live)] {
-            m.canary_trials
-                .with_label_values(&[side])
-                .set(arm.trials as i64);
-            m.canary_hits
-                .with_label_values(&[side])
-                .set(arm.hits as i64);
-        }
+        c.evidence.show_in(m);
         let i = TestSettings::of(&self.ctx.promotion).interval(c.evidence.canary, c.evidence.live);
         for (bound, v) in [
             ("estimate", i.estimate),
@@ -171,21 +164,14 @@ impl Worker {
         let mut c = self.local_canary.take().context("no local canary")?;
         // the manifest says what became of it
         c.figures["canary"] = decision.as_str().into();
-        let trainer = self.trainer.as_ref().context("no trainer")?;
-        let fingerprint = self
-            .ctx
-            .store
-            .catalogue_fingerprint(trainer.model().n_items());
-        self.checkpoints
-            .save(trainer, c.version, c.figures, fingerprint, c.items.as_ref())?;
+        self.checkpoint(c.version, c.figures, c.items.as_ref())?;
         match decision {
             Decided::Promote => {
+                let trainer = self.trainer.as_ref().context("no trainer")?;
                 self.publish(trainer, c.version, c.read, c.validated)?;
                 self.ctx.live.clear_canary();
                 self.best_version = c.best_version;
-                if let Err(e) = self.checkpoints.prune(self.ctx.train.keep_versions) {
-                    warn!(error = %e, "cannot prune old model versions");
-                }
+                self.prune_checkpoints();
             }
             Decided::Reject => {
                 self.ctx.live.clear_canary();
