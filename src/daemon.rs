@@ -234,7 +234,7 @@ impl Daemon {
         producers: &Arc<crate::kafka::Producers>,
         horizon: crate::fleet::Horizon,
     ) -> Result<()> {
-        let ingest = self.ingest(producers, horizon);
+        let ingest = self.ingest(producers, horizon)?;
         let consumer = ingest.consumer()?;
         stage(stages, "ingest", ingest.run(consumer, producers.clone()));
         let items = crate::ingest::ItemsReader {
@@ -412,7 +412,7 @@ impl Daemon {
         &self,
         producers: &Arc<crate::kafka::Producers>,
         horizon: crate::fleet::Horizon,
-    ) -> crate::ingest::Ingest {
+    ) -> Result<crate::ingest::Ingest> {
         let key = self
             .control
             .clone()
@@ -427,7 +427,7 @@ impl Daemon {
                     key,
                 };
                 let serve = &self.config.serve;
-                Arc::new(crate::fleet::Replica::new(crate::fleet::ReplicaContext {
+                crate::fleet::Replica::start(crate::fleet::ReplicaContext {
                     kafka: self.config.kafka.clone(),
                     announcer,
                     ownership: self.ownership.clone(),
@@ -441,7 +441,7 @@ impl Daemon {
                     transactions: self.metrics.changelog_transactions.clone(),
                     restore_records: self.metrics.restore_records.clone(),
                     changelog_seconds: self.metrics.click_stage.with_label_values(&["changelog"]),
-                }))
+                })?
             }
             None => Arc::new(crate::ingest::Standalone {
                 kafka: self.config.kafka.clone(),
@@ -451,7 +451,7 @@ impl Daemon {
         if self.config.kafka.positive_event_types.is_some() {
             warn!("kafka.positive_event_types is replaced by [events] types (with weights) and negative: its types count with weight 1, others are skipped");
         }
-        crate::ingest::Ingest {
+        Ok(crate::ingest::Ingest {
             kafka: self.config.kafka.clone(),
             event_types: self.config.event_types(),
             partitions,
@@ -461,7 +461,7 @@ impl Daemon {
             metrics: self.metrics.clone(),
             health: self.health.clone(),
             shutdown: self.shutdown.clone(),
-        }
+        })
     }
 
     /// This replica's name in the group and on what it writes.

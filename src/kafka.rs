@@ -49,17 +49,30 @@ pub fn producer(k: &KafkaConfig) -> Result<FutureProducer> {
 /// How long one step of a transaction (init, commit, abort, offsets) may take.
 pub const TXN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The broker aborts a changelog transaction left open this long (its writer frozen or gone):
+/// the partition's next owner cannot start consuming before, as its committed offsets are
+/// unstable until then. Short, as Kafka Streams' exactly-once default (10 s) is; a changelog
+/// transaction takes milliseconds.
+pub const CHANGELOG_TXN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A transactional producer under `id` (`what` names it in errors), initialised: that fences
 /// every earlier producer of the same id — an earlier incarnation, a deposed writer — whose
-/// later writes the broker then refuses.
-pub fn transactional_producer(k: &KafkaConfig, id: &str, what: &str) -> Result<FutureProducer> {
+/// later writes the broker then refuses. The broker aborts a transaction left open for
+/// `open_for`; a message not delivered within it fails its transaction.
+pub fn transactional_producer(
+    k: &KafkaConfig,
+    id: &str,
+    what: &str,
+    open_for: std::time::Duration,
+) -> Result<FutureProducer> {
     use rdkafka::producer::Producer;
+    let timeout = open_for.as_millis().to_string();
     let p: FutureProducer = client_config(
         &k.brokers,
         &[
             ("transactional.id", id),
-            ("transaction.timeout.ms", "60000"),
-            ("message.timeout.ms", "30000"),
+            ("transaction.timeout.ms", &timeout),
+            ("message.timeout.ms", &timeout),
             ("linger.ms", "1"),
         ],
         &k.properties,

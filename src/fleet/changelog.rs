@@ -173,7 +173,12 @@ impl Changelog {
             return Ok(p.clone());
         }
         let id = format!("{}.changelog.{}", self.kafka.group_id, self.owner);
-        let p = transactional_producer(&self.kafka, &id, "the changelog's transactional producer")?;
+        let p = transactional_producer(
+            &self.kafka,
+            &id,
+            "the changelog's transactional producer",
+            crate::kafka::CHANGELOG_TXN_TIMEOUT,
+        )?;
         *slot = Some(p.clone());
         Ok(p)
     }

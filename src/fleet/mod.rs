@@ -4,6 +4,7 @@
 
 mod changelog;
 mod follow;
+mod pending;
 mod replica;
 
 pub use changelog::Horizon;

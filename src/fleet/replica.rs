@@ -1,12 +1,13 @@
 //! Role `serve`: a replica's partition life cycle. An assigned partition is paused, restored
 //! from the changelog in the consumer task (never in the rebalance callback, so the member keeps
 //! polling and is not evicted by a long restore), claimed with a marker of the next epoch in a
-//! transaction fenced by the consumer group, then consumed; each stored batch goes to the
-//! changelog in one transaction with its clicks offsets; a revoked partition's copy is deleted
-//! after `serve.state_cleanup_delay`.
+//! transaction fenced by the consumer group, then consumed; stored batches go to the changelog
+//! from a writer thread, every batch stored while a transaction was in flight merged into the
+//! next one with its clicks offsets; a revoked partition's copy is deleted after
+//! `serve.state_cleanup_delay`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -14,12 +15,13 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::changelog::{self, Changelog, Consumed, Horizon, Marker, UserRecord, WriteError};
+use super::pending::{Batch, Queue};
 use crate::activity::Activity;
 use crate::config::KafkaConfig;
 use crate::ingest::{Group, Partitions, Start, Take};
 use crate::ownership::Ownership;
 use crate::shutdown::Shutdown;
-use crate::store::{Applied, ChangelogPosition, History, PartitionOffset, Store};
+use crate::store::{Applied, ChangelogPosition, PartitionOffset, Store};
 
 /// What a replica is built from.
 pub struct ReplicaContext {
@@ -41,7 +43,8 @@ pub struct ReplicaContext {
     pub transactions: prometheus::IntCounterVec,
     /// `multivaed_restore_records_total`.
     pub restore_records: prometheus::IntCounter,
-    /// `multivaed_click_stage_seconds{stage="changelog"}`: each batch's changelog transaction.
+    /// `multivaed_click_stage_seconds{stage="changelog"}`: each changelog transaction, from its
+    /// oldest batch's store to its commit.
     pub changelog_seconds: prometheus::Histogram,
 }
 
@@ -49,10 +52,13 @@ pub struct ReplicaContext {
 pub struct Replica {
     cx: ReplicaContext,
     changelog: Changelog,
-    /// Held while a batch is stored and its changelog written, while a claim is written and while
-    /// a revocation or a cleanup runs: one changelog transaction at a time, and nothing written
-    /// for a partition after its revocation completes.
+    /// Held while a batch is stored and queued for the changelog, and (with the queue written
+    /// out first) while a claim is written and while a revocation or a cleanup runs: one
+    /// changelog transaction at a time, and nothing written for a partition after its
+    /// revocation completes.
     batch: Mutex<()>,
+    /// Stored batches waiting for the writer thread's next transaction.
+    queue: Arc<Queue>,
     /// Partitions assigned and not yet restored (a revocation takes them out: their restore
     /// stops and claims nothing).
     pending: Mutex<HashSet<i32>>,
@@ -80,6 +86,8 @@ struct Resumed {
     replay_until: Option<i64>,
 }
 
+/// Stored batches that may wait for the changelog writer: beyond, the store waits for it.
+const MAX_WAITING: usize = 4;
 /// How long a fenced changelog transaction is tried again with the consumer's metadata of now.
 const REFRESH_FOR: Duration = Duration::from_secs(5);
 /// The longest a claim is tried (a broker down fails the restore instead of holding it).
@@ -90,18 +98,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Replica {
-    pub fn new(cx: ReplicaContext) -> Self {
+    /// The replica and its changelog writer thread.
+    pub fn start(cx: ReplicaContext) -> Result<Arc<Self>> {
         let changelog = Changelog::new(&cx.kafka, cx.announcer.id.clone());
-        Self {
+        let replica = Arc::new(Self {
             cx,
             changelog,
             batch: Mutex::new(()),
+            queue: Arc::new(Queue::default()),
             pending: Mutex::new(HashSet::new()),
             consumed: Mutex::new(HashMap::new()),
             unwritten: Mutex::new(Vec::new()),
             unowned_since: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
-        }
+        });
+        let (weak, queue) = (Arc::downgrade(&replica), replica.queue.clone());
+        std::thread::Builder::new()
+            .name("changelog-writer".into())
+            .spawn(move || write_queued(&weak, &queue))
+            .context("cannot start the changelog writer thread")?;
+        Ok(replica)
+    }
+
+    /// Waits until every stored batch is in the changelog (under the batch lock: nothing is
+    /// queued meanwhile).
+    fn written_out(&self) -> Result<()> {
+        self.queue
+            .wait_idle()
+            .map_err(|e| anyhow::anyhow!("cannot write the changelog: {e}"))
     }
 
     fn note_unowned(&self, partitions: &[i32]) {
@@ -197,6 +221,7 @@ impl Replica {
         if !self.still_pending(partition) {
             return Ok(None);
         }
+        self.written_out()?;
         let resume = restored.clicks_next;
         let epoch = restored
             .epoch
@@ -291,28 +316,25 @@ impl Replica {
         }
     }
 
-    /// After a serving replica stored a batch: every changed user's history (and every user of
+    /// The writer thread's transaction: every user the merged batches wrote (and every user of
     /// a re-consumed event, or left out by a fenced transaction before; a tombstone for each
-    /// user forgotten) to the changelog, then each owned partition's marker, with the batch's
-    /// clicks offsets, in one transaction. A transaction the broker fences (the group moved on
-    /// since the batch was consumed) is aborted: the store keeps the batch, its users are
-    /// written with the next batch if their partitions are still owned, and otherwise the next
-    /// owner re-consumes the clicks from the last committed marker.
-    fn write_changelog(
-        &self,
-        applied: &Applied,
-        replayed: &[String],
-        offsets: &[PartitionOffset],
-        group: Group,
-    ) -> Result<()> {
-        let (ids, users, markers) = self.batch_records(applied, replayed, offsets)?;
-        let owned: Vec<PartitionOffset> = offsets
+    /// user forgotten), then each owned partition's marker, with the batches' clicks offsets.
+    /// A transaction the broker fences (the group moved on since the batches were consumed) is
+    /// aborted: the store keeps the batches, their users are written with the next transaction
+    /// if their partitions are still owned, and otherwise the next owner re-consumes the clicks
+    /// from the last committed marker.
+    fn write_batch(&self, mut batch: Batch) -> Result<()> {
+        let (ids, users, markers) = self.batch_records(&mut batch)?;
+        let owned: Vec<PartitionOffset> = batch
+            .offsets
             .iter()
             .filter(|o| self.cx.ownership.owns(o.partition))
             .cloned()
             .collect();
         let shutdown = &self.cx.shutdown;
-        let written = self.commit(&users, &markers, &owned, group, &|| !shutdown.is_set());
+        let written = self.commit(&users, &markers, &owned, batch.group, &|| {
+            !shutdown.is_set()
+        });
         let positions = match written {
             Ok(p) => p,
             Err(WriteError::Fenced(e)) => {
@@ -323,36 +345,32 @@ impl Replica {
             }
             Err(e) if shutdown.is_set() => {
                 // stored but not in the changelog: the next owner re-consumes from the last marker
-                warn!(error = %e, "shutdown before the changelog had the last batch");
+                warn!(error = %e, batches = batch.batches, "shutdown before the changelog had the last batches");
                 return Ok(());
             }
             Err(e) => return Err(anyhow::anyhow!("cannot write the changelog: {e}")),
         };
         self.cx.transactions.with_label_values(&["committed"]).inc();
-        self.note_written(positions)
+        self.cx
+            .changelog_seconds
+            .observe(batch.since.elapsed().as_secs_f64());
+        self.note_written(positions)?;
+        crate::fault::crash_point("ingest.changelog");
+        Ok(())
     }
 
-    /// A stored batch's changelog records: the ids of every user to write (changed,
-    /// re-consumed, forgotten, left out by a fenced transaction before), the records of those in
-    /// partitions still owned (a tombstone for a user the store no longer holds), and each owned
-    /// partition's marker.
+    /// A transaction's records: the ids of every user to write (written, re-consumed,
+    /// forgotten, left out by a fenced transaction before), the records of those in partitions
+    /// still owned (as the batch stored them, or read from the store: a tombstone for a user it
+    /// no longer holds), and each owned partition's marker.
     fn batch_records(
         &self,
-        applied: &Applied,
-        replayed: &[String],
-        offsets: &[PartitionOffset],
+        batch: &mut Batch,
     ) -> Result<(Vec<String>, Vec<UserRecord>, Vec<Marker>)> {
         let (store, ownership) = (&self.cx.store, &self.cx.ownership);
-        // the batch's own users as it stored them; only the others are read back
-        let written: HashMap<&str, Option<&History>> = applied
-            .written
-            .iter()
-            .map(|w| (w.user.as_str(), w.history.as_ref()))
-            .collect();
-        let mut ids: Vec<String> = Vec::with_capacity(written.len() + replayed.len());
-        ids.extend(written.keys().map(|u| u.to_string()));
-        ids.extend(replayed.iter().cloned());
-        ids.extend(applied.forgotten.iter().map(|f| f.user.clone()));
+        let mut ids: Vec<String> = Vec::with_capacity(batch.stored.len() + batch.reread.len());
+        ids.extend(batch.stored.keys().cloned());
+        ids.extend(batch.reread.iter().cloned());
         ids.append(&mut lock(&self.unwritten));
         ids.sort_unstable();
         ids.dedup();
@@ -363,14 +381,15 @@ impl Replica {
                 users.push(UserRecord {
                     partition,
                     user: user.clone(),
-                    history: match written.get(user.as_str()) {
-                        Some(h) => h.map(|h| store.history_by_id(h)),
+                    history: match batch.stored.remove(user.as_str()) {
+                        Some(h) => h,
                         None => store.history_record(user)?,
                     },
                 });
             }
         }
-        let markers: Vec<Marker> = offsets
+        let markers: Vec<Marker> = batch
+            .offsets
             .iter()
             .filter_map(|o| {
                 ownership.epoch(o.partition).map(|epoch| Marker {
@@ -458,8 +477,12 @@ impl Partitions for Replica {
     }
 
     fn revoked(&self, partitions: Option<&[i32]>) {
-        // the batch being stored finishes (its changelog records written) first
+        // the batch being stored finishes and every stored batch is written to the changelog
+        // first (a failed writer ends ingestion at the next batch)
         let _b = lock(&self.batch);
+        if let Err(e) = self.written_out() {
+            warn!(error = %format!("{e:#}"), "revoking partitions whose last batches are not in the changelog: their next owner re-consumes them");
+        }
         let all: Vec<i32>;
         let partitions = match partitions {
             Some(p) => p,
@@ -536,15 +559,21 @@ impl Partitions for Replica {
         group: Option<Group>,
     ) -> Result<Applied> {
         let _b = lock(&self.batch);
-        let applied = apply()?;
         let group =
             group.context("the consumer has no group metadata for the changelog transaction")?;
-        let started = Instant::now();
-        self.write_changelog(&applied, replayed, offsets, group)?;
-        self.cx
-            .changelog_seconds
-            .observe(started.elapsed().as_secs_f64());
-        crate::fault::crash_point("ingest.changelog");
+        let applied = apply()?;
+        let store = &self.cx.store;
+        let written = applied.written.iter().map(|w| {
+            let history = w.history.as_ref().map(|h| store.history_by_id(h));
+            (w.user.clone(), history)
+        });
+        let reread =
+            (replayed.iter().cloned()).chain(applied.forgotten.iter().map(|f| f.user.clone()));
+        self.queue
+            .push(MAX_WAITING, |pending| {
+                pending.add(written, reread, offsets, group)
+            })
+            .map_err(|e| anyhow::anyhow!("cannot write the changelog: {e}"))?;
         Ok(applied)
     }
 
@@ -566,6 +595,32 @@ impl Partitions for Replica {
     fn stop(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Release);
+        let _b = lock(&self.batch);
+        if let Err(e) = self.written_out() {
+            warn!(error = %format!("{e:#}"), "stopping with stored batches not in the changelog: the next owner re-consumes them");
+        }
         self.cx.announcer.leave();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// The changelog writer thread: one merged transaction at a time while the replica lives; a
+/// failed transaction stops it, and the replica's next batch fails ingestion with its reason.
+fn write_queued(replica: &Weak<Replica>, queue: &Queue) {
+    while let Some(batch) = queue.next() {
+        let Some(replica) = replica.upgrade() else {
+            return;
+        };
+        let failure = replica.write_batch(batch).err();
+        if let Some(e) = &failure {
+            tracing::error!(error = %format!("{e:#}"), "the changelog writer stopped");
+        }
+        drop(replica);
+        queue.finished(failure.map(|e| format!("{e:#}")));
     }
 }

@@ -501,13 +501,7 @@ impl Ingest {
             let Some(resume) = partitions.restore(&topic, partition, group)? else {
                 return Ok(None);
             };
-            let seek = consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(resume),
-                Duration::from_secs(10),
-            );
-            if let Err(e) = seek {
+            if let Err(e) = seek_when_fetching(&consumer, &topic, partition, resume) {
                 if partitions.take(partition, resume) == Take::Skip {
                     // revoked since its claim
                     return Ok(None);
@@ -808,6 +802,41 @@ impl Ingest {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 debug!(error = %e, "final offset commit failed (the store holds the offsets)");
             }
+        }
+    }
+}
+
+/// Seeks a restored partition to where its clicks resume, once the consumer fetches it: the
+/// consumer starts a partition only when its committed offsets are stable, which an earlier
+/// owner's open transaction (a zombie frozen mid-write) delays until the broker aborts it.
+fn seek_when_fetching(
+    consumer: &StreamConsumer<IngestContext>,
+    topic: &str,
+    partition: i32,
+    resume: i64,
+) -> rdkafka::error::KafkaResult<()> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let give_up = Instant::now() + crate::kafka::CHANGELOG_TXN_TIMEOUT * 2;
+    let mut waits = crate::retry::backoff(Duration::from_millis(50), Duration::from_secs(1));
+    let mut told = false;
+    let not_started = RDKafkaErrorCode::State.to_string();
+    loop {
+        let seek = consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(resume),
+            Duration::from_secs(10),
+        );
+        match seek {
+            // librdkafka says ERR__STATE in words: the partition is not fetched yet
+            Err(KafkaError::Seek(why)) if why == not_started && Instant::now() < give_up => {
+                if !told {
+                    info!(partition, "waiting for the partition's committed offsets to be stable (an earlier owner's transaction is open until the broker aborts it)");
+                    told = true;
+                }
+                std::thread::sleep(waits.next().unwrap_or(Duration::from_secs(1)));
+            }
+            other => return other,
         }
     }
 }

@@ -223,6 +223,7 @@ impl Publisher {
             &self.kafka,
             &self.id,
             "the models topic's transactional producer",
+            std::time::Duration::from_secs(60),
         )?;
         *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         Ok(())

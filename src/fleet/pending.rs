@@ -1,0 +1,292 @@
+//! The changelog's group commit: batches a serving replica has stored and not yet written to the
+//! changelog, merged so that one transaction carries every batch stored while the previous
+//! transaction was in flight. A click waits for its store write, never for a transaction.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::ingest::Group;
+use crate::store::{HistoryIds, PartitionOffset};
+
+/// Stored batches waiting for their changelog transaction, merged in storing order.
+#[derive(Default)]
+pub(super) struct Pending {
+    /// Each user's record as the newest merged batch stored it (`None`: deleted).
+    stored: HashMap<String, Option<HistoryIds>>,
+    /// Users whose record is read from the store when written: re-consumed events and
+    /// forgotten users, whose newest state only the store knows.
+    reread: HashSet<String>,
+    /// The clicks offsets reached, per topic and partition.
+    offsets: BTreeMap<(String, i32), i64>,
+    /// The consumer group's metadata of the newest batch (the member's current generation).
+    group: Option<Group>,
+    batches: usize,
+    oldest: Option<Instant>,
+}
+
+/// One merged transaction's content, taken out of [`Pending`].
+pub(super) struct Batch {
+    pub stored: HashMap<String, Option<HistoryIds>>,
+    pub reread: HashSet<String>,
+    pub offsets: Vec<PartitionOffset>,
+    pub group: Group,
+    /// How many stored batches it merges.
+    pub batches: usize,
+    /// When its oldest batch was stored.
+    pub since: Instant,
+}
+
+impl Pending {
+    pub fn len(&self) -> usize {
+        self.batches
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches == 0
+    }
+
+    /// Adds a stored batch: users written with their records as stored, then users to read back
+    /// (a user in both reads back: the store holds their newest state).
+    pub fn add(
+        &mut self,
+        written: impl IntoIterator<Item = (String, Option<HistoryIds>)>,
+        reread: impl IntoIterator<Item = String>,
+        offsets: &[PartitionOffset],
+        group: Group,
+    ) {
+        for (user, history) in written {
+            self.reread.remove(&user);
+            self.stored.insert(user, history);
+        }
+        for user in reread {
+            self.stored.remove(&user);
+            self.reread.insert(user);
+        }
+        for o in offsets {
+            let at = self
+                .offsets
+                .entry((o.topic.clone(), o.partition))
+                .or_insert(o.next_offset);
+            *at = (*at).max(o.next_offset);
+        }
+        self.group = Some(group);
+        self.batches += 1;
+        self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    /// Everything pending as one transaction's content, leaving nothing pending.
+    pub fn take(&mut self) -> Option<Batch> {
+        let taken = std::mem::take(self);
+        Some(Batch {
+            group: taken.group?,
+            stored: taken.stored,
+            reread: taken.reread,
+            offsets: taken
+                .offsets
+                .into_iter()
+                .map(|((topic, partition), next_offset)| PartitionOffset {
+                    topic,
+                    partition,
+                    next_offset,
+                })
+                .collect(),
+            batches: taken.batches,
+            since: taken.oldest.unwrap_or_else(Instant::now),
+        })
+    }
+}
+
+/// The stored batches a replica's changelog writer takes, one merged transaction at a time.
+#[derive(Default)]
+pub(super) struct Queue {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Pending,
+    /// A transaction is being written.
+    writing: bool,
+    /// Why the writer stopped: every later batch is refused with it.
+    failed: Option<String>,
+    closed: bool,
+}
+
+impl Queue {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_while(&self, busy: impl Fn(&State) -> bool) -> Result<MutexGuard<'_, State>, String> {
+        let mut s = self.state();
+        while s.failed.is_none() && !s.closed && busy(&s) {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        match &s.failed {
+            Some(why) => Err(why.clone()),
+            None => Ok(s),
+        }
+    }
+
+    /// Adds a stored batch once fewer than `max_waiting` wait (the store never runs more than
+    /// that ahead of the changelog); the writer's failure if it failed.
+    pub fn push(&self, max_waiting: usize, add: impl FnOnce(&mut Pending)) -> Result<(), String> {
+        let mut s = self.wait_while(|s| s.pending.len() >= max_waiting)?;
+        add(&mut s.pending);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every pushed batch is written (or the writer failed: its reason).
+    pub fn wait_idle(&self) -> Result<(), String> {
+        self.wait_while(|s| s.writing || !s.pending.is_empty())
+            .map(drop)
+    }
+
+    /// The writer's next transaction: everything pending, once something is; `None` once the
+    /// queue is closed or the writer failed.
+    pub fn next(&self) -> Option<Batch> {
+        let mut s = self.wait_while(|s| s.pending.is_empty()).ok()?;
+        if s.closed {
+            return None;
+        }
+        let batch = s.pending.take()?;
+        s.writing = true;
+        Some(batch)
+    }
+
+    /// The writer finished a transaction, or failed (its reason).
+    pub fn finished(&self, failure: Option<String>) {
+        let mut s = self.state();
+        s.writing = false;
+        if failure.is_some() {
+            s.failed = failure;
+        }
+        self.changed.notify_all();
+    }
+
+    pub fn close(&self) {
+        self.state().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+    use std::sync::Arc;
+
+    fn group() -> Group {
+        // a consumer's metadata needs no broker: it is the group id until the member joins
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("group.id", "pending-test")
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .expect("a consumer");
+        Group {
+            metadata: consumer.group_metadata().expect("metadata"),
+            now: Arc::new(|| None),
+        }
+    }
+
+    fn history(items: &[&str]) -> Option<HistoryIds> {
+        Some(HistoryIds {
+            items: items.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn offset(partition: i32, next_offset: i64) -> PartitionOffset {
+        PartitionOffset {
+            topic: "clicks".into(),
+            partition,
+            next_offset,
+        }
+    }
+
+    #[test]
+    fn merged_batches_keep_each_users_newest_record_and_the_furthest_offsets() {
+        let mut p = Pending::default();
+        assert!(p.take().is_none(), "nothing pending, nothing to write");
+        p.add(
+            [
+                ("u1".into(), history(&["a"])),
+                ("u2".into(), history(&["b"])),
+            ],
+            ["u3".to_string()],
+            &[offset(0, 10), offset(1, 7)],
+            group(),
+        );
+        p.add(
+            [
+                ("u1".into(), history(&["a", "c"])),
+                ("u3".into(), history(&["d"])),
+            ],
+            ["u2".to_string()],
+            &[offset(0, 12)],
+            group(),
+        );
+        assert_eq!(p.len(), 2);
+        let b = p.take().expect("a batch");
+        assert!(p.is_empty() && p.take().is_none(), "taken: nothing left");
+        assert_eq!(b.batches, 2);
+        assert_eq!(
+            b.stored.get("u1"),
+            Some(&history(&["a", "c"])),
+            "newest kept"
+        );
+        assert_eq!(
+            b.stored.get("u3"),
+            Some(&history(&["d"])),
+            "stored after its re-read"
+        );
+        assert!(!b.stored.contains_key("u2") && b.reread.contains("u2"));
+        assert!(!b.reread.contains("u3"));
+        assert_eq!(b.offsets, vec![offset(0, 12), offset(1, 7)]);
+    }
+
+    #[test]
+    fn a_user_written_and_read_back_in_one_batch_is_read_back() {
+        let mut p = Pending::default();
+        p.add(
+            [("u1".into(), history(&["a"]))],
+            ["u1".to_string()],
+            &[offset(0, 3)],
+            group(),
+        );
+        let b = p.take().expect("a batch");
+        assert!(b.reread.contains("u1") && !b.stored.contains_key("u1"));
+    }
+
+    #[test]
+    fn the_queue_bounds_what_waits_hands_it_over_merged_and_reports_a_failure() {
+        let q = Arc::new(Queue::default());
+        let add = |p: &mut Pending| p.add([], ["u".to_string()], &[offset(0, 1)], group());
+        q.push(2, add).expect("room");
+        q.push(2, add).expect("room");
+        let writer = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let first = q.next().expect("a batch");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                q.finished(None);
+                let second = q.next().expect("a batch");
+                q.finished(Some("the broker refused".into()));
+                (first.batches, second.batches, q.next().is_none())
+            })
+        };
+        // a third batch waits for room: pushed once the writer took the first two
+        q.push(2, add)
+            .expect("room after the writer took the first two");
+        let idle = q.wait_idle();
+        let (first, second, stopped) = writer.join().expect("writer");
+        assert_eq!((first, second), (2, 1), "two merged, then the third");
+        assert_eq!(idle, Err("the broker refused".to_string()));
+        assert!(stopped, "a failed writer takes nothing more");
+        assert_eq!(q.push(2, add), Err("the broker refused".to_string()));
+    }
+}
