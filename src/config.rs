@@ -259,8 +259,8 @@ pub struct ServeConfig {
     #[serde(with = "humantime_serde")]
     pub restore_timeout: Duration,
     /// How the catalogue is scored: `int8` (a reduced-precision candidate pass where the CPU has
-    /// AVX-512 VNNI and the catalogue is large enough to gain from it, then the candidates
-    /// re-ranked exactly) or `exact` (every item in fp32).
+    /// AVX-512 VNNI or AVX2 and the catalogue is large enough to gain from it, then the
+    /// candidates re-ranked exactly) or `exact` (every item in fp32).
     pub scoring: crate::model::Scoring,
 }
 

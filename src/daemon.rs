@@ -146,7 +146,7 @@ impl Daemon {
         crate::model::set_scoring(self.config.serve.scoring);
         info!(
             scoring = ?self.config.serve.scoring,
-            int8_cpu = crate::model::int8_supported(),
+            int8_kernel = crate::model::int8_kernel().map_or("none", |k| k.name()),
             min_items_for_int8 = crate::model::INT8_MIN_ITEMS,
             "scoring"
         );

@@ -19,7 +19,9 @@ pub use checkpoint::{CheckpointError, Checkpoints, Manifest};
 pub use config::{number, Input, ModelConfig};
 pub use data::Interactions;
 pub use items::{fingerprint, ItemTable};
-pub use quant::{int8_supported, scoring, set_scoring, Scoring, INT8_MIN_ITEMS};
+pub use quant::{
+    int8_kernel, int8_supported, scoring, set_scoring, Kernel, Scoring, INT8_MIN_ITEMS,
+};
 pub use threads::set_threads;
 pub use trainer::{FirstLayer, StepStats, Trainer};
 pub use vae::MultiVae;

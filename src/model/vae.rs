@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::kernels::{bag_forward, tanh, with_slice, Bag};
-use super::quant::{int8_supported, scoring, Int8Output, Scoring, INT8_MIN_ITEMS};
+use super::quant::{int8_kernel, scoring, Int8Output, Scoring, INT8_MIN_ITEMS};
 use super::topk::{better, top_k_unseen};
 use super::ModelConfig;
 
@@ -278,10 +278,11 @@ impl MultiVae {
         let w = &m.decoder[m.decoder.len() - 1].weight;
         m.output_t = Some(w.t()?.contiguous()?);
         let (hidden, items) = w.dims2()?;
-        if how == Scoring::Int8 && int8_supported() && items >= INT8_MIN_ITEMS {
+        let kernel = int8_kernel().filter(|_| how == Scoring::Int8 && items >= INT8_MIN_ITEMS);
+        if let Some(kernel) = kernel {
             let bias = &m.decoder[m.decoder.len() - 1].bias;
             let q = with_slice(w, |w| {
-                with_slice(bias, |b| Ok(Int8Output::new(w, b, hidden, items)))
+                with_slice(bias, |b| Ok(Int8Output::new(w, b, hidden, items, kernel)))
             })?;
             m.int8 = Some(Arc::new(q));
         }
