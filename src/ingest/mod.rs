@@ -806,6 +806,10 @@ impl Ingest {
     }
 }
 
+/// How rdkafka words a seek of a partition the consumer does not fetch yet (librdkafka's
+/// `ERR__STATE`, in `rd_kafka_err2str`'s words).
+const NOT_FETCHED_YET: &str = "Local: Erroneous state";
+
 /// Seeks a restored partition to where its clicks resume, once the consumer fetches it: the
 /// consumer starts a partition only when its committed offsets are stable, which an earlier
 /// owner's open transaction (a zombie frozen mid-write) delays until the broker aborts it.
@@ -815,11 +819,9 @@ fn seek_when_fetching(
     partition: i32,
     resume: i64,
 ) -> rdkafka::error::KafkaResult<()> {
-    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
     let give_up = Instant::now() + crate::kafka::CHANGELOG_TXN_TIMEOUT * 2;
     let mut waits = crate::retry::backoff(Duration::from_millis(50), Duration::from_secs(1));
     let mut told = false;
-    let not_started = RDKafkaErrorCode::State.to_string();
     loop {
         let seek = consumer.seek(
             topic,
@@ -828,8 +830,7 @@ fn seek_when_fetching(
             Duration::from_secs(10),
         );
         match seek {
-            // librdkafka says ERR__STATE in words: the partition is not fetched yet
-            Err(KafkaError::Seek(why)) if why == not_started && Instant::now() < give_up => {
+            Err(KafkaError::Seek(why)) if why == NOT_FETCHED_YET && Instant::now() < give_up => {
                 if !told {
                     info!(partition, "waiting for the partition's committed offsets to be stable (an earlier owner's transaction is open until the broker aborts it)");
                     told = true;
@@ -888,5 +889,16 @@ impl BrokerProbe {
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A seek refused because the partition is not fetched yet is told apart by librdkafka's
+    /// words for `ERR__STATE`.
+    #[test]
+    fn a_seek_before_the_partition_is_fetched_is_recognised() {
+        let words = rdkafka::error::RDKafkaErrorCode::State.to_string();
+        assert!(words.contains(super::NOT_FETCHED_YET), "{words}");
     }
 }
