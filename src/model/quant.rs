@@ -303,36 +303,22 @@ fn scores_of_block(
         // above.
         unsafe {
             match kernel {
-                Kernel::Vnni if n == USERS => {
-                    vnni::block::<USERS>(acts, act_scale, groups, block, out)
-                }
-                Kernel::Vnni => each_user(acts, act_scale, groups, out, |a, s, o| {
-                    vnni::block::<1>(a, s, groups, block, o)
-                }),
-                Kernel::Avx2 => {
-                    // four users at a time fill 8 of AVX2's 16 registers with sums
-                    let mut first = 0;
-                    let Out {
-                        thresholds,
-                        logits,
-                        masks,
-                    } = out;
-                    for (logits, masks) in logits.chunks_mut(4).zip(masks.chunks_mut(4)) {
-                        let m = logits.len();
-                        let part = Out {
-                            thresholds: &thresholds[first..first + m],
-                            logits,
-                            masks,
-                        };
-                        let (a, s) = (&acts[first * groups * 4..], &act_scale[first..first + m]);
-                        match m {
-                            4 => avx2::block::<4>(a, s, groups, block, part),
-                            _ => each_user(a, s, groups, part, |a, s, o| {
-                                avx2::block::<1>(a, s, groups, block, o)
-                            }),
-                        }
-                        first += m;
+                Kernel::Vnni => in_parts(USERS, acts, act_scale, groups, out, |a, s, o| {
+                    match s.len() {
+                        USERS => vnni::block::<USERS>(a, s, groups, block, o),
+                        _ => in_parts(1, a, s, groups, o, |a, s, o| {
+                            vnni::block::<1>(a, s, groups, block, o)
+                        }),
                     }
+                }),
+                // four users at a time fill 8 of AVX2's 16 registers with sums
+                Kernel::Avx2 => {
+                    in_parts(4, acts, act_scale, groups, out, |a, s, o| match s.len() {
+                        4 => avx2::block::<4>(a, s, groups, block, o),
+                        _ => in_parts(1, a, s, groups, o, |a, s, o| {
+                            avx2::block::<1>(a, s, groups, block, o)
+                        }),
+                    })
                 }
             }
         }
@@ -344,22 +330,35 @@ fn scores_of_block(
     }
 }
 
-/// A kernel run for each user on its own.
+/// A kernel run on the users in parts of `size` (the last part may be smaller).
 #[cfg(target_arch = "x86_64")]
-fn each_user(
+fn in_parts(
+    size: usize,
     acts: &[u8],
     act_scale: &[f32],
     groups: usize,
     out: Out<'_>,
-    mut one: impl FnMut(&[u8], &[f32], Out<'_>),
+    mut run: impl FnMut(&[u8], &[f32], Out<'_>),
 ) {
-    for u in 0..act_scale.len() {
+    let Out {
+        thresholds,
+        logits,
+        masks,
+    } = out;
+    let mut first = 0;
+    for (logits, masks) in logits.chunks_mut(size).zip(masks.chunks_mut(size)) {
+        let n = logits.len();
         let part = Out {
-            thresholds: &out.thresholds[u..u + 1],
-            logits: &mut out.logits[u..u + 1],
-            masks: &mut out.masks[u..u + 1],
+            thresholds: &thresholds[first..first + n],
+            logits,
+            masks,
         };
-        one(&acts[u * groups * 4..], &act_scale[u..u + 1], part);
+        run(
+            &acts[first * groups * 4..],
+            &act_scale[first..first + n],
+            part,
+        );
+        first += n;
     }
 }
 
