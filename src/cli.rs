@@ -619,6 +619,7 @@ pub fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
+            set_threads(None)?;
             let mut config = Config::load(args.config.as_deref())?;
             if let Some(role) = args.role {
                 config.role = role;
@@ -634,6 +635,7 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(topics(&config, &args.action))
         }
         Command::Demo(args) => {
+            set_threads(None)?;
             runtime()?.block_on(multivaed::demo::run_demo(multivaed::demo::DemoOptions {
                 duration: args.duration.map(std::time::Duration::from_secs),
                 data: args.data,

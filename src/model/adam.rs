@@ -5,6 +5,8 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
+use multiversion::multiversion;
+
 use super::kernels::{on_host, with_slice, with_slice_mut};
 
 const BETA1: f64 = 0.9;
@@ -82,14 +84,7 @@ impl Adam {
                                     .zip(v.par_chunks_mut(C))
                                     .zip(g.par_chunks(C))
                                     .for_each(|(((p, m), v), g)| {
-                                        for j in 0..p.len() {
-                                            let gj = g[j];
-                                            m[j] = BETA1 as f32 * m[j] + (1.0 - BETA1 as f32) * gj;
-                                            v[j] = BETA2 as f32 * v[j]
-                                                + (1.0 - BETA2 as f32) * gj * gj;
-                                            let denom = v[j].sqrt() * inv_sqrt_bc2 + EPS as f32;
-                                            p[j] -= step_size * m[j] / denom;
-                                        }
+                                        update_chunk(p, m, v, g, step_size, inv_sqrt_bc2)
                                     });
                                 Ok(())
                             })
@@ -129,6 +124,26 @@ impl Adam {
             moments[out_b] = Tensor::cat(&[t, &z], 0)?;
         }
         Ok(())
+    }
+}
+
+/// Adam's update of one chunk of a parameter, its moments and its gradient (compiled for each
+/// SIMD level, chosen at run time).
+#[multiversion(targets = "simd")]
+fn update_chunk(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+) {
+    let (b1, b2) = (BETA1 as f32, BETA2 as f32);
+    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        let denom = v.sqrt() * inv_sqrt_bc2 + EPS as f32;
+        *p -= step_size * *m / denom;
     }
 }
 

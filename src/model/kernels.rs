@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Sparse, weighted first-layer input of a mini-batch: for user `b`, the items
@@ -153,10 +154,34 @@ pub(crate) fn with_slice_mut<'a, R>(
     op.out.into_inner().ok_or_else(not_host)
 }
 
-#[inline]
+// The per-chunk kernels below are `#[multiversion]`: compiled for each common SIMD level and
+// chosen at run time (AVX2+FMA, AVX-512, …), so their loops vectorise to the CPU's widest
+// instructions rather than to the SSE2 baseline every x86-64 build targets.
+
+#[inline(always)]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
+    }
+}
+
+/// `row += Σ_j weights[j] · w[items[j]]` (w: rows of `row.len()` floats).
+#[multiversion(targets = "simd")]
+fn gather_rows(row: &mut [f32], items: &[u32], weights: &[f32], w: &[f32]) {
+    let hidden = row.len();
+    for (&i, &wt) in items.iter().zip(weights) {
+        let i = i as usize;
+        axpy(row, wt, &w[i * hidden..(i + 1) * hidden]);
+    }
+}
+
+/// `row += Σ_(b, w) w · d[b]` (d: rows of `row.len()` floats).
+#[multiversion(targets = "simd")]
+fn scatter_rows(row: &mut [f32], entries: &[(u32, f32)], d: &[f32]) {
+    let hidden = row.len();
+    for &(b, w) in entries {
+        let b = b as usize;
+        axpy(row, w, &d[b * hidden..(b + 1) * hidden]);
     }
 }
 
@@ -175,10 +200,7 @@ pub(crate) fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor
                 out.par_chunks_mut(hidden).enumerate().for_each(|(u, row)| {
                     row.copy_from_slice(bias);
                     let (items, weights) = bag.row(u);
-                    for (&i, &wt) in items.iter().zip(weights) {
-                        let i = i as usize;
-                        axpy(row, wt, &w[i * hidden..(i + 1) * hidden]);
-                    }
+                    gather_rows(row, items, weights, w);
                 });
                 Ok(())
             })
@@ -264,12 +286,7 @@ pub(crate) fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<T
         with_slice(dpre, |d| {
             grad.par_chunks_mut(hidden)
                 .enumerate()
-                .for_each(|(i, row)| {
-                    for &(b, w) in &entries[start[i]..start[i + 1]] {
-                        let b = b as usize;
-                        axpy(row, w, &d[b * hidden..(b + 1) * hidden]);
-                    }
-                });
+                .for_each(|(i, row)| scatter_rows(row, &entries[start[i]..start[i + 1]], d));
             Ok(())
         })?;
         Tensor::from_vec(grad, (n_items, hidden), &Device::Cpu)
@@ -303,34 +320,7 @@ pub(crate) fn softmax_nll(
                     .zip(nll.par_iter_mut())
                     .enumerate()
                     .for_each(|(u, (row, nll))| {
-                        let mut max = f32::NEG_INFINITY;
-                        for (x, b) in row.iter_mut().zip(bias) {
-                            *x += b;
-                            max = max.max(*x);
-                        }
-                        let target = rows[u];
-                        let w = |j: usize| weights.map_or(1.0, |w| w[u][j]);
-                        // Σ_i x_i log p_i = Σ_i x_i (l_i − max) − Σx·log Σ_j e^{l_j − max}
-                        let shifted: f64 = target
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &i)| (w(j) * (row[i as usize] - max)) as f64)
-                            .sum();
-                        let total: f32 = (0..target.len()).map(w).sum();
-                        let mut sum = 0f32;
-                        for x in row.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        let s = total as f64 * (sum as f64).ln() - shifted;
-                        *nll = s;
-                        let scale = total * inv_b / sum;
-                        for x in row.iter_mut() {
-                            *x *= scale;
-                        }
-                        for (j, &i) in target.iter().enumerate() {
-                            row[i as usize] -= w(j) * inv_b;
-                        }
+                        *nll = softmax_nll_row(row, bias, rows[u], weights.map(|w| w[u]), inv_b);
                     });
                 Ok(())
             })
@@ -348,6 +338,106 @@ pub(crate) fn softmax_nll(
         let n = x.sum_keepdim(1)?;
         let grad = (logp.exp()?.broadcast_mul(&n)? - x)?.affine(inv_b as f64, 0.0)?;
         Ok((grad, nll))
+    }
+}
+
+/// One user's part of [`softmax_nll`]: `row` (the logits without bias) becomes its gradient of
+/// the batch mean (`inv_b` = 1/B); returns the user's negative log-likelihood.
+#[multiversion(targets = "simd")]
+fn softmax_nll_row(
+    row: &mut [f32],
+    bias: &[f32],
+    target: &[u32],
+    weights: Option<&[f32]>,
+    inv_b: f32,
+) -> f64 {
+    let max = add_and_max(row, bias);
+    let w = |j: usize| weights.map_or(1.0, |w| w[j]);
+    // Σ_i x_i log p_i = Σ_i x_i (l_i − max) − Σx·log Σ_j e^{l_j − max}
+    let shifted: f64 = target
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| (w(j) * (row[i as usize] - max)) as f64)
+        .sum();
+    let total: f32 = (0..target.len()).map(w).sum();
+    let sum = exp_shifted_and_sum(row, max);
+    let scale = total * inv_b / sum;
+    for x in row.iter_mut() {
+        *x *= scale;
+    }
+    for (j, &i) in target.iter().enumerate() {
+        row[i as usize] -= w(j) * inv_b;
+    }
+    total as f64 * (sum as f64).ln() - shifted
+}
+
+/// Width of the partial sums of the reductions below: one vector register of f32 (AVX2); the
+/// order of summation is fixed, so results do not depend on the CPU.
+const LANES: usize = 8;
+
+/// `row += bias`; returns the largest entry.
+#[inline(always)]
+fn add_and_max(row: &mut [f32], bias: &[f32]) -> f32 {
+    for (x, b) in row.iter_mut().zip(bias) {
+        *x += b;
+    }
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            max[k] = max[k].max(c[k]);
+        }
+    }
+    rest.iter()
+        .chain(&max)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `row = exp(row − max)`; returns the sum of the new entries.
+#[inline(always)]
+fn exp_shifted_and_sum(row: &mut [f32], max: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = fast_exp(*x - max);
+    }
+    let mut sum = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            sum[k] += c[k];
+        }
+    }
+    sum.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// eˣ (Cephes' expf: a degree-6 polynomial on [−½ ln 2, ½ ln 2] scaled by 2ⁿ; within 2 ulp),
+/// branch-free so it vectorises, unlike libm's `expf`. Below −87.3 (where f32 underflows) it is 0.
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' published constants
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LO: f32 = -87.336_54;
+    const HI: f32 = 88.0;
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(LO, HI);
+    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut y = 1.987_569_150_0e-4;
+    y = y * r + 1.398_199_950_7e-3;
+    y = y * r + 8.333_451_907_3e-3;
+    y = y * r + 4.166_579_589_4e-2;
+    y = y * r + 1.666_666_545_9e-1;
+    y = y * r + 5.000_000_120_1e-1;
+    y = y * r * r + r + 1.0;
+    // 2ⁿ: n + 127 lands in the low mantissa bits of 2²³ + n + 127 (no float→int conversion,
+    // which would not vectorise); shifted into the exponent field.
+    let two_n = f32::from_bits((n + 8_388_735.0).to_bits() << 23);
+    if x < LO {
+        0.0
+    } else {
+        y * two_n
     }
 }
 
@@ -486,7 +576,7 @@ mod tests {
 
 /// tanh with a rational approximation (Eigen's float tanh: |error| < 1e-6 over the reals),
 /// vectorisable, unlike libm's `tanhf`.
-#[inline]
+#[inline(always)]
 #[allow(clippy::excessive_precision)] // Eigen's published constants
 fn fast_tanh(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
@@ -520,14 +610,35 @@ pub(crate) fn tanh(t: &Tensor) -> Result<Tensor> {
     with_slice(&t, |x| {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = fast_tanh(x);
-                }
-            });
+            .for_each(|(o, x)| tanh_into(o, x));
         Ok(())
     })?;
     Tensor::from_vec(out, t.shape(), &Device::Cpu)
+}
+
+#[multiversion(targets = "simd")]
+fn tanh_into(out: &mut [f32], x: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = fast_tanh(x);
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn tanh_backward_into(out: &mut [f32], d: &[f32], a: &[f32]) {
+    for ((o, d), a) in out.iter_mut().zip(d).zip(a) {
+        *o = d * (1.0 - a * a);
+    }
+}
+
+/// `out += x[r][start..start + out.len()]` for each row r of the [rows × cols] matrix `x`.
+#[multiversion(targets = "simd")]
+fn add_columns(out: &mut [f32], x: &[f32], rows: usize, cols: usize, start: usize) {
+    for r in 0..rows {
+        let row = &x[r * cols + start..r * cols + start + out.len()];
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
 }
 
 /// Gradient through `a = tanh(z)`: `d ⊙ (1 − a²)`.
@@ -541,11 +652,7 @@ pub(crate) fn tanh_backward(d: &Tensor, a: &Tensor) -> Result<Tensor> {
         with_slice(&a, |av| {
             out.par_chunks_mut(CHUNK)
                 .zip(dv.par_chunks(CHUNK).zip(av.par_chunks(CHUNK)))
-                .for_each(|(o, (d, a))| {
-                    for j in 0..o.len() {
-                        o[j] = d[j] * (1.0 - a[j] * a[j]);
-                    }
-                });
+                .for_each(|(o, (d, a))| tanh_backward_into(o, d, a));
             Ok(())
         })
     })?;
@@ -562,15 +669,9 @@ pub(crate) fn col_sum(t: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; cols];
     with_slice(&t, |x| {
         const COLS: usize = 512;
-        out.par_chunks_mut(COLS).enumerate().for_each(|(c, o)| {
-            let start = c * COLS;
-            for r in 0..rows {
-                let row = &x[r * cols + start..r * cols + start + o.len()];
-                for (o, v) in o.iter_mut().zip(row) {
-                    *o += v;
-                }
-            }
-        });
+        out.par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(c, o)| add_columns(o, x, rows, cols, c * COLS));
         Ok(())
     })?;
     Tensor::from_vec(out, cols, &Device::Cpu)
@@ -591,6 +692,22 @@ mod elementwise_tests {
         assert!(worst < 2e-6, "max error {worst}");
         assert_eq!(fast_tanh(0.0), 0.0);
         assert!((fast_tanh(1e-5) - 1e-5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = x.exp();
+            worst = worst.max((fast_exp(x) - want).abs() / want);
+            x += 0.0013;
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert!(fast_exp(f32::NAN).is_nan());
     }
 
     #[test]

@@ -1301,10 +1301,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = worker_on(dir.path(), 400, |t, _| t.max_ndcg_drop = 0.0);
         assert_eq!(w.round().unwrap(), RoundResult::Accepted);
-        // the next round fine-tunes at an absurd rate: below popularity, or below the live model
-        w.ctx.model.learning_rate = 1.0;
+        // the next round climbs the loss instead of descending it (a negative rate): worse than
+        // the live model by construction, whatever the arithmetic's rounding
+        w.ctx.model.learning_rate = -0.01;
         if let Some(t) = w.trainer.as_mut() {
-            t.set_learning_rate(1.0);
+            t.set_learning_rate(-0.01);
         }
         w.ctx.activity.round_not_learnt(1);
         let result = w.round().unwrap();
