@@ -165,23 +165,14 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// `row += Σ_j weights[j] · w[items[j]]` (w: rows of `row.len()` floats).
+/// `row += Σ w · m[i]` over the `(i, w)` pairs (m: rows of `row.len()` floats): the first
+/// layer's gather (forward) and scatter (weight gradient).
 #[multiversion(targets = "simd")]
-fn gather_rows(row: &mut [f32], items: &[u32], weights: &[f32], w: &[f32]) {
+fn add_weighted_rows(row: &mut [f32], pairs: impl Iterator<Item = (u32, f32)>, m: &[f32]) {
     let hidden = row.len();
-    for (&i, &wt) in items.iter().zip(weights) {
+    for (i, w) in pairs {
         let i = i as usize;
-        axpy(row, wt, &w[i * hidden..(i + 1) * hidden]);
-    }
-}
-
-/// `row += Σ_(b, w) w · d[b]` (d: rows of `row.len()` floats).
-#[multiversion(targets = "simd")]
-fn scatter_rows(row: &mut [f32], entries: &[(u32, f32)], d: &[f32]) {
-    let hidden = row.len();
-    for &(b, w) in entries {
-        let b = b as usize;
-        axpy(row, w, &d[b * hidden..(b + 1) * hidden]);
+        axpy(row, w, &m[i * hidden..(i + 1) * hidden]);
     }
 }
 
@@ -200,7 +191,7 @@ pub(crate) fn bag_forward(w: &Tensor, bias: &Tensor, bag: &Bag) -> Result<Tensor
                 out.par_chunks_mut(hidden).enumerate().for_each(|(u, row)| {
                     row.copy_from_slice(bias);
                     let (items, weights) = bag.row(u);
-                    gather_rows(row, items, weights, w);
+                    add_weighted_rows(row, items.iter().copied().zip(weights.iter().copied()), w);
                 });
                 Ok(())
             })
@@ -286,7 +277,9 @@ pub(crate) fn bag_backward(dpre: &Tensor, bag: &Bag, n_items: usize) -> Result<T
         with_slice(dpre, |d| {
             grad.par_chunks_mut(hidden)
                 .enumerate()
-                .for_each(|(i, row)| scatter_rows(row, &entries[start[i]..start[i + 1]], d));
+                .for_each(|(i, row)| {
+                    add_weighted_rows(row, entries[start[i]..start[i + 1]].iter().copied(), d)
+                });
             Ok(())
         })?;
         Tensor::from_vec(grad, (n_items, hidden), &Device::Cpu)

@@ -100,8 +100,7 @@ fn time_steps(
         })
         .sum();
     // one warm-up step (allocations, page faults)
-    let warm: Vec<&[u32]> = users[..batch].iter().map(|&u| data.row(u)).collect();
-    trainer.train_step(&warm)?;
+    trainer.train_step(&batch_rows(0))?;
     let t0 = Instant::now();
     for s in 0..steps {
         trainer.train_step(&batch_rows(s))?;
