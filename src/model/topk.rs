@@ -52,12 +52,18 @@ impl TopK {
     }
 
     /// The best `k` pushed, best first.
-    pub(crate) fn finish(mut self) -> Vec<(u32, f32)> {
+    pub(crate) fn finish(self) -> Vec<(u32, f32)> {
+        let mut best = self.finish_unordered();
+        best.sort_unstable_by(better);
+        best
+    }
+
+    /// The best `k` pushed, in no particular order (for a caller that orders them again).
+    pub(crate) fn finish_unordered(mut self) -> Vec<(u32, f32)> {
         if self.buf.len() > self.k && self.k > 0 {
             self.buf.select_nth_unstable_by(self.k - 1, better);
         }
         self.buf.truncate(self.k);
-        self.buf.sort_unstable_by(better);
         self.buf
     }
 }

@@ -566,8 +566,11 @@ fn candidates_reranked(
                 .rescore(&candidates, h, width)
                 .into_iter()
                 .map(|mut best| {
-                    best.sort_unstable_by(better);
+                    if best.len() > k && k > 0 {
+                        best.select_nth_unstable_by(k - 1, better);
+                    }
                     best.truncate(k);
+                    best.sort_unstable_by(better);
                     best
                 })
                 .collect::<Vec<_>>()
