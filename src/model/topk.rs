@@ -10,6 +10,21 @@ pub(crate) fn better(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
         .then(a.0.cmp(&b.0))
 }
 
+/// Cuts `v` to its best `k`, in no particular order except that the `k`-th best is last.
+pub(crate) fn cut_to_best(v: &mut Vec<(u32, f32)>, k: usize) {
+    if v.len() > k && k > 0 {
+        v.select_nth_unstable_by(k - 1, better);
+    }
+    v.truncate(k);
+}
+
+/// The best `k` of `v`, best first.
+pub(crate) fn best_k(mut v: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
+    cut_to_best(&mut v, k);
+    v.sort_unstable_by(better);
+    v
+}
+
 /// The best `k` of a stream of (item, score): a bounded candidate buffer cut back to the best
 /// `k` by partial selection whenever it fills (never a sort of the whole stream). A score below
 /// [`TopK::bar`] can no longer enter, so callers skip it before pushing.
@@ -43,8 +58,7 @@ impl TopK {
         }
         self.buf.push((item, score));
         if self.buf.len() >= Self::cap(self.k) {
-            self.buf.select_nth_unstable_by(self.k - 1, better);
-            self.buf.truncate(self.k);
+            cut_to_best(&mut self.buf, self.k);
             // an equal score arriving later has a higher index and loses the tie, but keeping
             // it is harmless: the final selection orders it correctly
             self.bar = self.buf[self.k - 1].1;
@@ -53,17 +67,12 @@ impl TopK {
 
     /// The best `k` pushed, best first.
     pub(crate) fn finish(self) -> Vec<(u32, f32)> {
-        let mut best = self.finish_unordered();
-        best.sort_unstable_by(better);
-        best
+        best_k(self.buf, self.k)
     }
 
     /// The best `k` pushed, in no particular order (for a caller that orders them again).
     pub(crate) fn finish_unordered(mut self) -> Vec<(u32, f32)> {
-        if self.buf.len() > self.k && self.k > 0 {
-            self.buf.select_nth_unstable_by(self.k - 1, better);
-        }
-        self.buf.truncate(self.k);
+        cut_to_best(&mut self.buf, self.k);
         self.buf
     }
 }

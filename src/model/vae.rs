@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::kernels::{bag_forward, tanh, with_slice, Bag};
 use super::quant::{int8_kernel, scoring, Int8Output, Scoring, INT8_MIN_ITEMS};
-use super::topk::{better, top_k_unseen};
+use super::topk::{best_k, top_k_unseen};
 use super::ModelConfig;
 
 /// One affine layer, `y = x · weight + bias`, `weight` stored input-major [in × out] (so the
@@ -565,14 +565,7 @@ fn candidates_reranked(
             exact
                 .rescore(&candidates, h, width)
                 .into_iter()
-                .map(|mut best| {
-                    if best.len() > k && k > 0 {
-                        best.select_nth_unstable_by(k - 1, better);
-                    }
-                    best.truncate(k);
-                    best.sort_unstable_by(better);
-                    best
-                })
+                .map(|best| best_k(best, k))
                 .collect::<Vec<_>>()
         })
         .collect()
