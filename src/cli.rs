@@ -625,7 +625,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 config.role = role;
                 config.validate()?;
             }
-            runtime()?.block_on(async move { multivaed::daemon::Daemon::open(config)?.run().await })
+            let rt = runtime()?;
+            let ran =
+                rt.block_on(async move { multivaed::daemon::Daemon::open(config)?.run().await });
+            // every stage has ended and the store is flushed: blocking work one left behind (a
+            // restore between two checks of the shutdown) does not hold the exit
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            ran
         }
         Command::Topics(args) => {
             let mut config = Config::load(args.config.as_deref())?;

@@ -621,7 +621,11 @@ async fn supervise(
             Err(e) => ("(unknown)", Err(anyhow!("task failed: {e}"))),
         };
         let err = match result {
-            Ok(()) if shutdown.is_set() => continue,
+            Ok(()) if shutdown.is_set() => {
+                // one line per stage: a stop that hangs shows which stage it waits for
+                info!(stage = name, "stage stopped");
+                continue;
+            }
             Ok(()) => anyhow!("stopped by itself"),
             Err(e) => e,
         };

@@ -591,6 +591,28 @@ impl Daemon {
         multivaed::metrics::peak_rss_bytes(Some(self.child.id()))
     }
 
+    /// Prints the last 80 lines of the daemon's log (and the whole log into `KIT_LOG_DIR`, when
+    /// set, for a failure the tail does not explain).
+    fn show_log_tail(&self, why: &str) {
+        let Ok(l) = self.log.lock() else {
+            return;
+        };
+        let pid = self.child.id();
+        if let Ok(dir) = std::env::var("KIT_LOG_DIR") {
+            let path = format!("{dir}/daemon-{pid}.log");
+            let _ = std::fs::write(&path, l.join("\n"));
+            eprintln!("--- daemon pid {pid}: whole log in {path} ---");
+        }
+        let from = l.len().saturating_sub(80);
+        eprintln!(
+            "--- daemon pid {pid} ({why}): last {} log lines ---",
+            l.len() - from
+        );
+        for line in &l[from..] {
+            eprintln!("{line}");
+        }
+    }
+
     /// SIGTERM; returns the exit code and how long it took (SIGKILL after 30 s).
     pub fn terminate(mut self) -> (Option<i32>, Duration) {
         let start = Instant::now();
@@ -603,6 +625,9 @@ impl Daemon {
                 return (s.code(), start.elapsed());
             }
             if start.elapsed() > Duration::from_secs(30) {
+                // the log says where the shutdown hung: this daemon is gone before any panic
+                // that follows could show it
+                self.show_log_tail("did not stop within 30 s of SIGTERM (killed)");
                 let _ = self.child.kill();
                 return (None, start.elapsed());
             }
@@ -622,26 +647,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // a failing test shows the end of each daemon's log
-            if let Ok(l) = self.log.lock() {
-                if let Ok(dir) = std::env::var("KIT_LOG_DIR") {
-                    // the whole log, for a failure the tail does not explain
-                    let path = format!("{dir}/daemon-{}.log", self.child.id());
-                    let _ = std::fs::write(&path, l.join("\n"));
-                    eprintln!(
-                        "--- daemon pid {}: whole log in {path} ---",
-                        self.child.id()
-                    );
-                }
-                let from = l.len().saturating_sub(80);
-                eprintln!(
-                    "--- daemon pid {}: last {} log lines ---",
-                    self.child.id(),
-                    l.len() - from
-                );
-                for line in &l[from..] {
-                    eprintln!("{line}");
-                }
-            }
+            self.show_log_tail("the test failed");
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -120,9 +120,30 @@ impl Queue {
     }
 
     fn wait_while(&self, busy: impl Fn(&State) -> bool) -> Result<MutexGuard<'_, State>, String> {
+        self.wait_while_until(busy, None)
+    }
+
+    /// [`Queue::wait_while`], giving up at `until` (an error saying so).
+    fn wait_while_until(
+        &self,
+        busy: impl Fn(&State) -> bool,
+        until: Option<Instant>,
+    ) -> Result<MutexGuard<'_, State>, String> {
         let mut s = self.state();
         while s.failed.is_none() && !s.closed && busy(&s) {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = match until {
+                None => self.changed.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(
+                            "the changelog transaction in flight did not end in time".into()
+                        );
+                    }
+                    let waited = self.changed.wait_timeout(s, left);
+                    waited.unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
         }
         match &s.failed {
             Some(why) => Err(why.clone()),
@@ -139,9 +160,10 @@ impl Queue {
         Ok(())
     }
 
-    /// Waits until every pushed batch is written (or the writer failed: its reason).
-    pub fn wait_idle(&self) -> Result<(), String> {
-        self.wait_while(|s| s.writing || !s.pending.is_empty())
+    /// Waits until every pushed batch is written (or the writer failed: its reason), giving up
+    /// at `until` when there is one.
+    pub fn wait_idle(&self, until: Option<Instant>) -> Result<(), String> {
+        self.wait_while_until(|s| s.writing || !s.pending.is_empty(), until)
             .map(drop)
     }
 
@@ -282,11 +304,28 @@ mod tests {
         // a third batch waits for room: pushed once the writer took the first two
         q.push(2, add)
             .expect("room after the writer took the first two");
-        let idle = q.wait_idle();
+        let idle = q.wait_idle(None);
         let (first, second, stopped) = writer.join().expect("writer");
         assert_eq!((first, second), (2, 1), "two merged, then the third");
         assert_eq!(idle, Err("the broker refused".to_string()));
         assert!(stopped, "a failed writer takes nothing more");
         assert_eq!(q.push(2, add), Err("the broker refused".to_string()));
+    }
+
+    #[test]
+    fn a_bounded_wait_gives_up_on_a_transaction_that_does_not_end() {
+        let q = Queue::default();
+        q.push(2, |p| {
+            p.add([], ["u".to_string()], &[offset(0, 1)], group())
+        })
+        .expect("room");
+        let _in_flight = q.next().expect("a batch");
+        let started = Instant::now();
+        let limit = std::time::Duration::from_millis(100);
+        let idle = q.wait_idle(Some(started + limit));
+        assert!(idle.is_err(), "a transaction still in flight: {idle:?}");
+        assert!(started.elapsed() >= limit);
+        q.finished(None);
+        assert_eq!(q.wait_idle(Some(Instant::now() + limit)), Ok(()));
     }
 }

@@ -92,6 +92,10 @@ const MAX_WAITING: usize = 4;
 const REFRESH_FOR: Duration = Duration::from_secs(5);
 /// The longest a claim is tried (a broker down fails the restore instead of holding it).
 const CLAIM_FOR: Duration = Duration::from_secs(60);
+/// At shutdown, the longest the replica waits for its last changelog transaction (a slow broker
+/// can hold one for the transaction timeout): the stop fits systemd's 30 s `TimeoutStopSec` and
+/// the next owner re-consumes whatever the changelog did not get from the last marker.
+const DRAIN_AT_SHUTDOWN: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -121,10 +125,15 @@ impl Replica {
     }
 
     /// Waits until every stored batch is in the changelog (under the batch lock: nothing is
-    /// queued meanwhile).
+    /// queued meanwhile); at shutdown, for [`DRAIN_AT_SHUTDOWN`] at most.
     fn written_out(&self) -> Result<()> {
+        let until = self
+            .cx
+            .shutdown
+            .is_set()
+            .then(|| Instant::now() + DRAIN_AT_SHUTDOWN);
         self.queue
-            .wait_idle()
+            .wait_idle(until)
             .map_err(|e| anyhow::anyhow!("cannot write the changelog: {e}"))
     }
 

@@ -21,6 +21,10 @@ const HEAVY: u64 = EXTRA / 5;
 const RSS_BOUND_BYTES: u64 = 9 << 28;
 /// Model versions swapped in after everything is stored, while clicks keep coming.
 const SWAPS_AFTER: f64 = 4.0;
+/// Clicks sent every half second meanwhile (200/s). Scoring runs ahead of the niced training
+/// threads, so on two cores a much higher rate (1,000/s) starves training: a round of 5,000 users
+/// over 20k items then takes ~240 s and four swaps do not fit the wait.
+const TRICKLE_PER_HALF_SECOND: u64 = 100;
 
 /// A process's peak and current resident set (bytes), from /proc.
 fn rss(pid: u32) -> (u64, u64) {
@@ -126,7 +130,7 @@ fn a_million_users_over_20k_items_stay_under_the_rss_bound() {
                 .expect("producer");
             let mut n = USERS + EXTRA;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                for _ in 0..500 {
+                for _ in 0..TRICKLE_PER_HALF_SECOND {
                     send_click(&producer, &clicks, n);
                     n += 1;
                 }
