@@ -2,13 +2,15 @@
 //! sleep on it — triggered by SIGTERM/SIGINT or by a stage that fails.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 pub struct Shutdown {
     flag: AtomicBool,
+    /// When it was first triggered: waits at shutdown share one deadline from it.
+    at: OnceLock<Instant>,
     tx: watch::Sender<bool>,
     lock: Mutex<()>,
     cv: Condvar,
@@ -18,6 +20,7 @@ impl Default for Shutdown {
     fn default() -> Self {
         Self {
             flag: AtomicBool::new(false),
+            at: OnceLock::new(),
             tx: watch::channel(false).0,
             lock: Mutex::new(()),
             cv: Condvar::new(),
@@ -27,6 +30,7 @@ impl Default for Shutdown {
 
 impl Shutdown {
     pub fn trigger(&self) {
+        self.at.get_or_init(Instant::now);
         self.flag.store(true, Ordering::Release);
         self.tx.send_replace(true);
         // taken so that a thread between its check and its wait cannot miss the wake-up
@@ -36,6 +40,11 @@ impl Shutdown {
 
     pub fn is_set(&self) -> bool {
         self.flag.load(Ordering::Acquire)
+    }
+
+    /// When shutdown was first triggered (`None`: not yet).
+    pub fn triggered_at(&self) -> Option<Instant> {
+        self.at.get().copied()
     }
 
     /// A receiver whose `changed()` resolves at shutdown.
@@ -86,5 +95,9 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), s.wait())
             .await
             .expect("wait() returns once triggered");
+        // a second trigger (a failing stage after the signal) keeps the first time
+        let first = s.triggered_at().expect("triggered");
+        s.trigger();
+        assert_eq!(s.triggered_at(), Some(first));
     }
 }

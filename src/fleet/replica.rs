@@ -125,13 +125,10 @@ impl Replica {
     }
 
     /// Waits until every stored batch is in the changelog (under the batch lock: nothing is
-    /// queued meanwhile); at shutdown, for [`DRAIN_AT_SHUTDOWN`] at most.
+    /// queued meanwhile); at shutdown, until [`DRAIN_AT_SHUTDOWN`] after it began at most (one
+    /// deadline for the stop and the revocation the consumer's close brings after it).
     fn written_out(&self) -> Result<()> {
-        let until = self
-            .cx
-            .shutdown
-            .is_set()
-            .then(|| Instant::now() + DRAIN_AT_SHUTDOWN);
+        let until = (self.cx.shutdown.triggered_at()).map(|at| at + DRAIN_AT_SHUTDOWN);
         self.queue
             .wait_idle(until)
             .map_err(|e| anyhow::anyhow!("cannot write the changelog: {e}"))
