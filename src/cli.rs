@@ -392,9 +392,13 @@ fn run_bench(args: Vec<std::ffi::OsString>) -> Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    // a log line that cannot be written (its reader gone: a collector restarted, a pipe closed)
+    // is dropped: reporting the failure would print to that same stderr, which panics there
+    // and, in the signal task, would leave SIGTERM unheard
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Json => builder
             .json()

@@ -583,6 +583,82 @@ fn sigterm_under_full_load_exits_cleanly_with_offsets_committed() {
     );
 }
 
+/// Its log's reader gone (a log collector restarted, a pipe closed): the daemon goes on with its
+/// log lines lost, and SIGTERM still stops it cleanly.
+#[test]
+fn a_lost_log_reader_stops_neither_the_daemon_nor_its_shutdown() {
+    use std::io::{BufRead, BufReader};
+    let _machine = share_the_machine();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let setup = Setup::new(&data, PARTITIONS);
+    let env = env(&setup, dir.path());
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multivaed"));
+    cmd.arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info,rdkafka=warn")
+        .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start multivaed run");
+    // read the log until the daemon consumes, then close the pipe's only reader
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let assigned = lines
+        .by_ref()
+        .take(500)
+        .map_while(Result::ok)
+        .any(|l| l.contains("partitions assigned"));
+    drop(lines);
+    assert!(assigned, "the daemon did not log its partitions assigned");
+    // clicks, a model trained on them: each logs lines that can no longer be written
+    let done = Arc::new(AtomicBool::new(false));
+    produce_paced(setup.clicks.clone(), 0..3_000, 1e9, done)
+        .join()
+        .unwrap();
+    let up = Instant::now();
+    let mut trained = false;
+    while up.elapsed() < Duration::from_secs(90) && !trained {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon stopped when its log could not be written"
+        );
+        trained = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .is_some_and(|m| {
+                m.lines()
+                    .any(|l| l.starts_with("multivaed_model_version ") && !l.ends_with(" 0"))
+            });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(trained, "no model trained with the log's reader gone");
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let stop = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if stop.elapsed() > Duration::from_secs(30) {
+            sigkill(&mut child);
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "SIGTERM with the log's reader gone: exit status (None: still running after 30 s)"
+    );
+}
+
 /// A truncated or corrupted newest model version: the daemon starts on the newest complete one
 /// and says which it skipped.
 #[test]

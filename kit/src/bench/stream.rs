@@ -66,6 +66,10 @@ pub struct LatencyFigures {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// A click's produce call → a plain consumer of the clicks topic (the producer and the
+    /// broker alone), p50 and p99 ms.
+    pub transit_p50_ms: f64,
+    pub transit_p99_ms: f64,
     pub training_rounds_during: f64,
     /// The daemon's scoring batches during the load: how many, mean users and mean seconds each.
     pub scoring_batches: f64,
@@ -222,13 +226,23 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
 type Pending = Arc<Mutex<HashMap<String, VecDeque<u64>>>>;
 
 /// Steady load at `rate` for `seconds`; latencies (ms) of the answered clicks, and clicks sent.
+/// What a load measured: each answered click's end-to-end milliseconds, the clicks sent, the
+/// rate achieved, and each click's transit (its produce call → a plain consumer of the clicks
+/// topic), milliseconds: the part of end to end that is the producer and the broker alone.
+pub(super) struct Measured {
+    pub latencies: Vec<f64>,
+    pub sent: usize,
+    pub achieved: f64,
+    pub transit: Vec<f64>,
+}
+
 pub(super) fn measure(
     opts: &StreamBenchOptions,
     topics: &Setup,
     users: usize,
     rate: f64,
     seed: u64,
-) -> Result<(Vec<f64>, usize, f64)> {
+) -> Result<Measured> {
     let pending: Pending = Arc::default();
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -272,7 +286,11 @@ pub(super) fn measure(
             }
         })
     };
-    let p = producer_to(&opts.brokers, "0")?;
+    let transit = transit_reader(&opts.brokers, &topics.clicks, stop.clone())?;
+    // batched as a click producer's client does by default (librdkafka's 5 ms): unbatched, the
+    // broker answers one request per click and, with this load's share of 2 cores, falls
+    // behind by seconds before the daemon sees a click
+    let p = producer_to(&opts.brokers, "5")?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let start = Instant::now();
     let mut sent = 0usize;
@@ -299,8 +317,51 @@ pub(super) fn measure(
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Release);
     let _ = reader.join();
+    let mut transit = transit.join().unwrap_or_default();
+    transit.sort_by(|a, b| a.total_cmp(b));
     let l = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok((l, sent, achieved))
+    Ok(Measured {
+        latencies: l,
+        sent,
+        achieved,
+        transit,
+    })
+}
+
+/// A plain consumer of every partition of the clicks topic from its end, until `stop`: each
+/// click's milliseconds from its produce call (the message's create time) to its receipt here.
+fn transit_reader(
+    brokers: &str,
+    topic: &str,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<Vec<f64>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("transit"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::End)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    Ok(std::thread::spawn(move || {
+        let mut transit = Vec::new();
+        while !stop.load(Ordering::Acquire) {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            if let Some(created) = m.timestamp().to_millis() {
+                let now = (now_us() / 1000) as i64;
+                transit.push(now.saturating_sub(created).max(0) as f64);
+            }
+        }
+        transit
+    }))
 }
 
 /// Waits until the daemon consumed `expected` messages since it started and scored every
@@ -430,7 +491,12 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
         let recs0 = metric(d, "multivaed_recommendations_published_total")?;
         let inside0 = d.buckets("multivaed_click_to_recommendation_seconds")?;
         let rescore0 = d.buckets("multivaed_rescore_to_recommendation_seconds")?;
-        let (mut l, clicks, achieved) = measure(opts, &topics, users, rate, seed)?;
+        let Measured {
+            latencies: mut l,
+            sent: clicks,
+            achieved,
+            transit,
+        } = measure(opts, &topics, users, rate, seed)?;
         produced += clicks;
         l.sort_by(|a, b| a.total_cmp(b));
         let batches = metric(d, "multivaed_scoring_duration_seconds_count")? - batches0;
@@ -462,13 +528,16 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             p90_ms: quantile(&l, 0.9),
             p99_ms: quantile(&l, 0.99),
             max_ms: l.last().copied().unwrap_or(f64::NAN),
+            transit_p50_ms: quantile(&transit, 0.5),
+            transit_p99_ms: quantile(&transit, 0.99),
             training_rounds_during: metric(d, "multivaed_training_rounds_total")? - rounds0,
             daemon_peak_rss_bytes: d.peak_rss(),
         };
         eprintln!(
             "latency at {rate} clicks/s ({training}): p50 {:.1} ms, p99 {:.1} ms (the daemon's own: p50 \
              {:.1} ms, p99 {:.1} ms; {} re-scorings after swaps, p99 {:.1} ms), {} of {} answered; \
-             {} scoring batches of {:.1} users, {:.1} ms each",
+             {} scoring batches of {:.1} users, {:.1} ms each; the clicks' transit without the \
+             daemon: p50 {:.1} ms, p99 {:.1} ms",
             f.p50_ms,
             f.p99_ms,
             f.daemon_p50_ms,
@@ -479,7 +548,9 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             f.clicks,
             f.scoring_batches,
             f.users_per_scoring_batch,
-            f.seconds_per_scoring_batch * 1000.0
+            f.seconds_per_scoring_batch * 1000.0,
+            f.transit_p50_ms,
+            f.transit_p99_ms
         );
         out.push(f);
         Ok(())

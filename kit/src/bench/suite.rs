@@ -419,10 +419,10 @@ pub fn markdown(r: &SuiteReport) -> String {
             i.ratio,
             mib(i.daemon_peak_rss_bytes)
         );
-        s += "| click → recommendation | training | model items | clicks (answered) | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | in the daemon p50 / p99 (ms) | re-scorings (p99 ms) | daemon peak RSS |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        s += "| click → recommendation | training | model items | clicks (answered) | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | in the daemon p50 / p99 (ms) | clicks' transit p50 / p99 (ms) | re-scorings (p99 ms) | daemon peak RSS |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for l in &st.latency {
             s += &format!(
-                "| {:.0} clicks/s | {} ({} rounds) | {} | {} ({}) | {:.1} | {:.1} | **{:.1}** | {:.1} | {:.0} / {:.0} | {:.0} ({:.0}) | {} |\n",
+                "| {:.0} clicks/s | {} ({} rounds) | {} | {} ({}) | {:.1} | {:.1} | **{:.1}** | {:.1} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} ({:.0}) | {} |\n",
                 l.rate,
                 l.training,
                 l.training_rounds_during,
@@ -435,6 +435,8 @@ pub fn markdown(r: &SuiteReport) -> String {
                 l.max_ms,
                 l.daemon_p50_ms,
                 l.daemon_p99_ms,
+                l.transit_p50_ms,
+                l.transit_p99_ms,
                 l.rescorings,
                 l.rescore_p99_ms,
                 mib(l.daemon_peak_rss_bytes)
