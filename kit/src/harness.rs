@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -616,22 +616,15 @@ impl Daemon {
     /// SIGTERM; returns the exit code and how long it took (SIGKILL after 30 s).
     pub fn terminate(mut self) -> (Option<i32>, Duration) {
         let start = Instant::now();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return (s.code(), start.elapsed());
-            }
-            if start.elapsed() > Duration::from_secs(30) {
+        match sigterm_and_wait(&mut self.child, Duration::from_secs(30)) {
+            Some(s) => (s.code(), start.elapsed()),
+            None => {
                 // the log says where the shutdown hung: this daemon is gone before any panic
                 // that follows could show it
                 self.show_log_tail("did not stop within 30 s of SIGTERM (killed)");
                 let _ = self.child.kill();
-                return (None, start.elapsed());
+                (None, start.elapsed())
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -652,6 +645,23 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to `child` and waits up to `within` for it to exit: its status, or `None`
+/// when it still runs (left running: the caller decides).
+pub fn sigterm_and_wait(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    while start.elapsed() <= within {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {

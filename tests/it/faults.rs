@@ -54,12 +54,18 @@ fn env(setup: &Setup, dir: &Path) -> Vec<(String, String)> {
     env
 }
 
-/// The daemon as a bare child process (no waiting: it may crash before its HTTP is up).
-fn spawn(env: &[(String, String)], extra: &[(&str, String)], port: u16, log: &Path) -> Child {
+/// The daemon as a bare child process (no waiting: it may crash before its HTTP is up), its log
+/// to `stderr` (a file, or a pipe).
+fn spawn(
+    env: &[(String, String)],
+    extra: &[(&str, String)],
+    port: u16,
+    stderr: impl Into<Stdio>,
+) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_multivaed"));
     cmd.arg("run")
         .stdout(Stdio::null())
-        .stderr(File::create(log).unwrap())
+        .stderr(stderr)
         .env("RUST_LOG", "info,rdkafka=warn")
         .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
     for (k, v) in env {
@@ -424,7 +430,7 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
                 &env,
                 &[("MULTIVAED_CRASH_AT", format!("{point}:{n}"))],
                 port,
-                &log,
+                File::create(&log).unwrap(),
             );
             let t0 = Instant::now();
             loop {
@@ -447,7 +453,7 @@ fn killed_at_any_moment_loses_nothing_and_counts_nothing_twice() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         } else {
-            let mut child = spawn(&env, &[], port, &log);
+            let mut child = spawn(&env, &[], port, File::create(&log).unwrap());
             std::thread::sleep(Duration::from_millis(rng.gen_range(500..6000)));
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(
@@ -594,16 +600,7 @@ fn a_lost_log_reader_stops_neither_the_daemon_nor_its_shutdown() {
     let setup = Setup::new(&data, PARTITIONS);
     let env = env(&setup, dir.path());
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_multivaed"));
-    cmd.arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "info,rdkafka=warn")
-        .env("MULTIVAED_HTTP__LISTEN", format!("127.0.0.1:{port}"));
-    for (k, v) in &env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("start multivaed run");
+    let mut child = spawn(&env, &[], port, Stdio::piped());
     // read the log until the daemon consumes, then close the pipe's only reader
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines();
@@ -630,28 +627,14 @@ fn a_lost_log_reader_stops_neither_the_daemon_nor_its_shutdown() {
             .call()
             .ok()
             .and_then(|r| r.into_string().ok())
-            .is_some_and(|m| {
-                m.lines()
-                    .any(|l| l.starts_with("multivaed_model_version ") && !l.ends_with(" 0"))
-            });
+            .is_some_and(|m| metric_value(&m, "multivaed_model_version", "") >= 1.0);
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(trained, "no model trained with the log's reader gone");
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let stop = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if stop.elapsed() > Duration::from_secs(30) {
-            sigkill(&mut child);
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(30));
+    if status.is_none() {
+        sigkill(&mut child);
+    }
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(0),
@@ -944,7 +927,7 @@ fn a_stage_that_dies_stops_the_daemon_with_an_error_naming_it() {
         let env = env(&setup, dir.path());
         let log = dir.path().join("daemon.log");
         let extra = [("MULTIVAED_PANIC_AT", point.to_string())];
-        let mut child = spawn(&env, &extra, free_port(), &log);
+        let mut child = spawn(&env, &extra, free_port(), File::create(&log).unwrap());
         // clicks: a training round is due and users wait to be scored
         let done = Arc::new(AtomicBool::new(false));
         produce_paced(setup.clicks.clone(), 0..3000, 1e9, done)

@@ -225,7 +225,6 @@ fn ingest(opts: &StreamBenchOptions) -> Result<IngestFigures> {
 /// Clicks sent and not yet answered, per user: send times (µs since the epoch).
 type Pending = Arc<Mutex<HashMap<String, VecDeque<u64>>>>;
 
-/// Steady load at `rate` for `seconds`; latencies (ms) of the answered clicks, and clicks sent.
 /// What a load measured: each answered click's end-to-end milliseconds, the clicks sent, the
 /// rate achieved, and each click's transit (its produce call → a plain consumer of the clicks
 /// topic), milliseconds: the part of end to end that is the producer and the broker alone.
@@ -236,6 +235,7 @@ pub(super) struct Measured {
     pub transit: Vec<f64>,
 }
 
+/// Steady load at `rate` for `seconds`: see [`Measured`].
 pub(super) fn measure(
     opts: &StreamBenchOptions,
     topics: &Setup,
@@ -246,12 +246,7 @@ pub(super) fn measure(
     let pending: Pending = Arc::default();
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &opts.brokers)
-        .set("group.id", unique("latency"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
+    let consumer = watcher(&opts.brokers, "latency")?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topics.recs, 0, Offset::End)?;
     consumer.assign(&tpl)?;
@@ -328,6 +323,17 @@ pub(super) fn measure(
     })
 }
 
+/// A consumer that watches a topic as messages arrive (assigned by the caller, nothing
+/// committed), answered within 5 ms of one.
+fn watcher(brokers: &str, group: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique(group))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?)
+}
+
 /// A plain consumer of every partition of the clicks topic from its end, until `stop`: each
 /// click's milliseconds from its produce call (the message's create time) to its receipt here.
 fn transit_reader(
@@ -335,12 +341,7 @@ fn transit_reader(
     topic: &str,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<Vec<f64>>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("transit"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
+    let consumer = watcher(brokers, "transit")?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     for t in metadata.topics() {
