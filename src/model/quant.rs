@@ -255,9 +255,12 @@ struct Out<'a> {
 }
 
 /// A user's best items so far, skipping the items they have: the bar an item must reach is the
-/// lowest kept logit once the buffer was first cut back.
+/// lowest kept logit once the buffer was first cut back. Blocks are offered in ascending order,
+/// so the user's seen items are walked once, with a cursor, instead of searched per item.
 struct Best<'a> {
     seen: &'a [u32],
+    /// The first seen item not below the last block offered.
+    cursor: usize,
     top: TopK,
 }
 
@@ -265,24 +268,47 @@ impl<'a> Best<'a> {
     fn new(seen: &'a [u32], count: usize) -> Self {
         Self {
             seen,
+            cursor: 0,
             top: TopK::new(count),
         }
     }
 
+    /// Offers the block of items from `first` whose lanes `mask` marks (of `items` in all).
     fn offer(&mut self, first: usize, mask: u16, logits: &[f32; BLOCK], items: usize) {
-        for (lane, &logit) in logits.iter().enumerate() {
-            let i = first + lane;
-            if mask & (1 << lane) == 0 || i >= items {
-                continue;
-            }
-            if self.seen.binary_search(&(i as u32)).is_err() {
-                self.top.push(i as u32, logit);
+        let mut mask = mask & !self.seen_in(first) & real_items(first, items);
+        while mask != 0 {
+            let lane = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            if logits[lane] >= self.top.bar() {
+                self.top.push((first + lane) as u32, logits[lane]);
             }
         }
     }
 
+    /// The lanes of the block from `first` that hold a seen item (the seen list may repeat
+    /// one).
+    fn seen_in(&mut self, first: usize) -> u16 {
+        let seen = self.seen;
+        while seen.get(self.cursor).is_some_and(|&i| (i as usize) < first) {
+            self.cursor += 1;
+        }
+        seen[self.cursor..]
+            .iter()
+            .map(|&i| i as usize - first)
+            .take_while(|&lane| lane < BLOCK)
+            .fold(0u16, |m, lane| m | 1 << lane)
+    }
+
     fn finish(self) -> Vec<(u32, f32)> {
         self.top.finish_unordered()
+    }
+}
+
+/// The lanes of the block from `first` that hold one of the `items` (the last block is padded).
+fn real_items(first: usize, items: usize) -> u16 {
+    match items.saturating_sub(first) {
+        n if n >= BLOCK => u16::MAX,
+        n => ((1u32 << n) - 1) as u16,
     }
 }
 

@@ -27,11 +27,36 @@ pub(crate) fn best_k(mut v: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
 
 /// The best `k` of a stream of (item, score): a bounded candidate buffer cut back to the best
 /// `k` by partial selection whenever it fills (never a sort of the whole stream). A score below
-/// [`TopK::bar`] can no longer enter, so callers skip it before pushing.
+/// [`TopK::bar`] can no longer enter, so callers skip it before pushing. Entries are kept as
+/// integer keys ordered as [`better`] orders pairs, so the selection compares plain integers.
 pub(crate) struct TopK {
     k: usize,
-    buf: Vec<(u32, f32)>,
+    buf: Vec<u64>,
     bar: f32,
+}
+
+/// A key that sorts ascending as [`better`] orders (item, score): the score's bits made
+/// monotonic and inverted above, the item below (finite scores; the callers skip the others).
+fn key(item: u32, score: f32) -> u64 {
+    // −0 + 0 is +0: the two zeros are one score, as `better` has them
+    let bits = (score + 0.0).to_bits();
+    let monotonic = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
+    };
+    (u64::from(!monotonic) << 32) | u64::from(item)
+}
+
+/// The (item, score) of a [`key`].
+fn unkey(key: u64) -> (u32, f32) {
+    let monotonic = !((key >> 32) as u32);
+    let bits = if monotonic >> 31 == 1 {
+        monotonic & !(1 << 31)
+    } else {
+        !monotonic
+    };
+    (key as u32, f32::from_bits(bits))
 }
 
 impl TopK {
@@ -56,24 +81,35 @@ impl TopK {
         if self.k == 0 {
             return;
         }
-        self.buf.push((item, score));
+        self.buf.push(key(item, score));
         if self.buf.len() >= Self::cap(self.k) {
-            cut_to_best(&mut self.buf, self.k);
+            self.cut();
             // an equal score arriving later has a higher index and loses the tie, but keeping
             // it is harmless: the final selection orders it correctly
-            self.bar = self.buf[self.k - 1].1;
+            self.bar = unkey(self.buf[self.k - 1]).1;
         }
     }
 
+    /// Cuts the buffer to its best `k`, the `k`-th best last.
+    fn cut(&mut self) {
+        let k = self.k;
+        if self.buf.len() > k && k > 0 {
+            self.buf.select_nth_unstable(k - 1);
+        }
+        self.buf.truncate(k);
+    }
+
     /// The best `k` pushed, best first.
-    pub(crate) fn finish(self) -> Vec<(u32, f32)> {
-        best_k(self.buf, self.k)
+    pub(crate) fn finish(mut self) -> Vec<(u32, f32)> {
+        self.cut();
+        self.buf.sort_unstable();
+        self.buf.into_iter().map(unkey).collect()
     }
 
     /// The best `k` pushed, in no particular order (for a caller that orders them again).
     pub(crate) fn finish_unordered(mut self) -> Vec<(u32, f32)> {
-        cut_to_best(&mut self.buf, self.k);
-        self.buf
+        self.cut();
+        self.buf.into_iter().map(unkey).collect()
     }
 }
 
@@ -139,6 +175,29 @@ mod tests {
             assert_eq!(got, brute(&scores, &seen, k));
             assert!(got.iter().all(|(i, _)| seen.binary_search(i).is_err()));
         }
+    }
+
+    #[test]
+    fn keys_order_as_better_does_and_give_back_their_pair() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut pairs: Vec<(u32, f32)> = (0..2000)
+            .map(|_| (rng.gen_range(0..50), rng.gen_range(-3..3) as f32 * 0.5))
+            .collect();
+        pairs.extend([
+            (1, 0.0),
+            (2, -0.0),
+            (3, f32::MAX),
+            (4, -f32::MAX),
+            (5, 1e-40),
+        ]);
+        for &(i, s) in &pairs {
+            assert_eq!(unkey(key(i, s)), (i, s));
+        }
+        let mut by_pair = pairs.clone();
+        by_pair.sort_by(better);
+        let mut by_key = pairs;
+        by_key.sort_by_key(|&(i, s)| key(i, s));
+        assert_eq!(by_pair, by_key);
     }
 
     #[test]

@@ -498,11 +498,32 @@ impl Exact<'_> {
             .iter()
             .map(|c| Vec::with_capacity(c.len()))
             .collect();
-        for p in pairs {
+        // a row is fetched from memory well before it is needed: rows are far apart in a
+        // catalogue-sized matrix, so the hardware's prefetcher only follows one once it is read
+        const AHEAD: usize = 4;
+        for (at, &p) in pairs.iter().enumerate() {
+            if let Some(&next) = pairs.get(at + AHEAD) {
+                self.prefetch_row((next >> 32) as usize, width);
+            }
             let (item, u) = ((p >> 32) as u32, (p & 0xffff_ffff) as usize);
             out[u].push((item, self.score(&h[u * width..(u + 1) * width], item)));
         }
         out
+    }
+
+    /// Asks the CPU to bring item `i`'s row (`width` floats) into its caches.
+    fn prefetch_row(&self, i: usize, width: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(row) = self.wt.get(i * width..(i + 1) * width) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            for line in row.chunks(16) {
+                // SAFETY: a prefetch only hints the cache and never faults; the address is
+                // within the slice
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (i, width);
     }
 }
 

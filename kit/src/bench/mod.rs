@@ -49,6 +49,8 @@ pub struct ModelBenchRow {
     pub steps_per_second: f64,
     pub distinct_items_per_batch: f64,
     pub score_users: usize,
+    /// Users ranked per call (a serving replica's scoring batch), all at once by default.
+    pub score_batch: usize,
     pub score_seconds: f64,
     pub users_per_second: f64,
     pub single_user_ms: f64,
@@ -70,6 +72,8 @@ pub struct ModelBenchOptions {
     pub dense_at: Vec<usize>,
     pub steps: usize,
     pub score_users: usize,
+    /// Users ranked per call (`None`: all at once).
+    pub score_batch: Option<usize>,
     pub config: ModelConfig,
 }
 
@@ -119,11 +123,15 @@ struct ScoringTime {
     top10: Vec<Vec<u32>>,
 }
 
-/// Times `model` ranking the top 100 of `rows` at once, then of 20 users one at a time.
-fn time_scoring(model: &MultiVae, rows: &[&[u32]]) -> Result<ScoringTime> {
+/// Times `model` ranking the top 100 of `rows`, `batch` users a call, then of 20 users one at a
+/// time.
+fn time_scoring(model: &MultiVae, rows: &[&[u32]], batch: usize) -> Result<ScoringTime> {
     model.recommend(&rows[..rows.len().min(100)], 100)?; // warm-up
     let t0 = Instant::now();
-    let recs = model.recommend(rows, 100)?;
+    let mut recs = Vec::with_capacity(rows.len());
+    for part in rows.chunks(batch.max(1)) {
+        recs.extend(model.recommend(part, 100)?);
+    }
     let seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let reps = 20;
@@ -159,10 +167,12 @@ pub fn run_model_bench(
             trainer.set_first_layer(layer);
             let (step_seconds, distinct) = time_steps(&mut trainer, &data, opts.steps, batch)?;
             let rows: Vec<&[u32]> = (0..opts.score_users).map(|u| data.row(u)).collect();
-            let exact = time_scoring(&trainer.model().for_serving_with(Scoring::Exact)?, &rows)?;
+            let score_batch = opts.score_batch.unwrap_or(rows.len()).max(1);
+            let exact_copy = trainer.model().for_serving_with(Scoring::Exact)?;
+            let exact = time_scoring(&exact_copy, &rows, score_batch)?;
             let int8_copy = trainer.model().for_serving_with(Scoring::Int8)?;
             let int8 = if int8_copy.int8_enabled() {
-                Some(time_scoring(&int8_copy, &rows)?)
+                Some(time_scoring(&int8_copy, &rows, score_batch)?)
             } else {
                 None
             };
@@ -179,6 +189,7 @@ pub fn run_model_bench(
                 steps_per_second: 1.0 / step_seconds,
                 distinct_items_per_batch: distinct,
                 score_users: rows.len(),
+                score_batch,
                 score_seconds,
                 users_per_second: rows.len() as f64 / score_seconds,
                 single_user_ms,
@@ -205,18 +216,19 @@ pub fn run_model_bench(
 /// The rows as a markdown table.
 pub fn model_table(rows: &[ModelBenchRow]) -> String {
     let mut s = String::from(
-        "| device | items | first layer | step (s) | steps/s | distinct items/batch | top-100 users/s | 1-user fold-in (ms) | int8 users/s | int8 1-user (ms) | same top 10 |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| device | items | first layer | step (s) | steps/s | distinct items/batch | users a call | top-100 users/s | 1-user fold-in (ms) | int8 users/s | int8 1-user (ms) | same top 10 |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let or_dash = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("–".to_string(), f);
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {:.4} | {:.2} | {:.0} | {:.0} | {:.2} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.4} | {:.2} | {:.0} | {} | {:.0} | {:.2} | {} | {} | {} |\n",
             r.device,
             r.items,
             r.first_layer,
             r.step_seconds,
             r.steps_per_second,
             r.distinct_items_per_batch,
+            r.score_batch,
             r.users_per_second,
             r.single_user_ms,
             or_dash(r.int8_users_per_second, &|v| format!("{v:.0}")),

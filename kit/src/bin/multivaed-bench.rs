@@ -212,6 +212,9 @@ struct ModelBenchArgs {
     /// Users scored per size.
     #[arg(long, default_value_t = 2000)]
     score_users: usize,
+    /// Users ranked per call, as a serving replica's scoring batch (default: all at once).
+    #[arg(long)]
+    score_batch: Option<usize>,
     /// Device: "cpu", "cuda:N" or "auto" (CUDA needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
     device: multivaed::config::DeviceChoice,
@@ -356,6 +359,7 @@ fn run_bench(cmd: BenchCommand) -> Result<()> {
                 dense_at: args.dense_at,
                 steps: args.steps,
                 score_users: args.score_users,
+                score_batch: args.score_batch,
                 config: args.model.config()?,
             };
             let rows = bench::run_model_bench(&opts, |r| {
