@@ -1,41 +1,35 @@
 //! Top-K selection over one row of scores: a single pass with a bounded candidate buffer and
 //! partial selection (never a full sort of the catalogue), skipping items the user already has.
 
-use std::cmp::Ordering;
-
-/// Best first: higher score, then lower item index (a deterministic order for ties).
-pub(crate) fn better(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+/// Best first: higher score, then lower item index (a deterministic order for ties): the order
+/// [`TopK`]'s keys keep, and the tests' reference.
+#[cfg(test)]
+pub(crate) fn better(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.partial_cmp(&a.1)
-        .unwrap_or(Ordering::Equal)
+        .unwrap_or(std::cmp::Ordering::Equal)
         .then(a.0.cmp(&b.0))
 }
 
-/// Cuts `v` to its best `k`, in no particular order except that the `k`-th best is last.
-pub(crate) fn cut_to_best(v: &mut Vec<(u32, f32)>, k: usize) {
-    if v.len() > k && k > 0 {
-        v.select_nth_unstable_by(k - 1, better);
-    }
-    v.truncate(k);
-}
-
 /// The best `k` of `v`, best first.
-pub(crate) fn best_k(mut v: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
-    cut_to_best(&mut v, k);
-    v.sort_unstable_by(better);
-    v
+pub(crate) fn best_k(v: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
+    let mut top = TopK::new(k);
+    for (item, score) in v {
+        top.push(item, score);
+    }
+    top.finish()
 }
 
 /// The best `k` of a stream of (item, score): a bounded candidate buffer cut back to the best
 /// `k` by partial selection whenever it fills (never a sort of the whole stream). A score below
 /// [`TopK::bar`] can no longer enter, so callers skip it before pushing. Entries are kept as
-/// integer keys ordered as [`better`] orders pairs, so the selection compares plain integers.
+/// integer keys ordered as `better` orders pairs, so the selection compares plain integers.
 pub(crate) struct TopK {
     k: usize,
     buf: Vec<u64>,
     bar: f32,
 }
 
-/// A key that sorts ascending as [`better`] orders (item, score): the score's bits made
+/// A key that sorts ascending as `better` orders (item, score): the score's bits made
 /// monotonic and inverted above, the item below (finite scores; the callers skip the others).
 fn key(item: u32, score: f32) -> u64 {
     // −0 + 0 is +0: the two zeros are one score, as `better` has them
