@@ -258,6 +258,12 @@ pub struct ServeConfig {
     /// the restore fails with an error (the replica stops, to be restarted).
     #[serde(with = "humantime_serde")]
     pub restore_timeout: Duration,
+    /// Role `serve`: the shortest time between two changelog transactions (Kafka Streams'
+    /// `commit.interval.ms` under exactly-once). Each costs the broker a transaction log write
+    /// and a marker per partition whatever it carries, so batches stored meanwhile share one; a
+    /// click's recommendation never waits for it. A crash re-consumes at most this much.
+    #[serde(with = "humantime_serde")]
+    pub changelog_commit_interval: Duration,
     /// How the catalogue is scored: `int8` (a reduced-precision candidate pass where the CPU has
     /// AVX-512 VNNI or AVX2 and the catalogue is large enough to gain from it, then the
     /// candidates re-ranked exactly) or `exact` (every item in fp32).
@@ -517,6 +523,7 @@ impl Default for ServeConfig {
             online_eval_users: 100_000,
             state_cleanup_delay: Duration::from_secs(600),
             restore_timeout: Duration::from_secs(1800),
+            changelog_commit_interval: Duration::from_millis(100),
             scoring: crate::model::Scoring::Int8,
         }
     }
@@ -686,7 +693,7 @@ impl Config {
             .validate()
             .map_err(|e| anyhow::anyhow!("model.{e}"))?;
         self.events.validate()?;
-        let checks: [(bool, &str); 21] = [
+        let checks: [(bool, &str); 22] = [
             (
                 self.kafka.batch_size > 0,
                 "kafka.batch_size: must be at least 1",
@@ -712,6 +719,10 @@ impl Config {
                 "train.keep_versions: must be at least 1",
             ),
             (self.serve.k > 0, "serve.k: must be at least 1"),
+            (
+                self.serve.changelog_commit_interval <= Duration::from_secs(10),
+                "serve.changelog_commit_interval: must be at most 10s (a crash re-consumes what it held back)",
+            ),
             (
                 self.serve.batch_size > 0,
                 "serve.batch_size: must be at least 1",
@@ -855,7 +866,7 @@ mod tests {
     #[test]
     fn a_gate_without_validation_users_or_a_round_on_no_news_is_refused() {
         type Tweak = fn(&mut Config);
-        let cases: [(Tweak, &str); 5] = [
+        let cases: [(Tweak, &str); 6] = [
             (
                 |c: &mut Config| c.train.validation_users = 0,
                 "train.validation_users",
@@ -875,6 +886,10 @@ mod tests {
             (
                 |c: &mut Config| c.http.max_concurrent_pulls = 0,
                 "http.max_concurrent_pulls",
+            ),
+            (
+                |c: &mut Config| c.serve.changelog_commit_interval = Duration::from_secs(11),
+                "serve.changelog_commit_interval",
             ),
         ];
         for (tweak, key) in cases {

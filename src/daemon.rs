@@ -437,6 +437,7 @@ impl Daemon {
                     rescore_window: serve.rescore_window,
                     cleanup_delay: serve.state_cleanup_delay,
                     restore_timeout: serve.restore_timeout,
+                    commit_interval: serve.changelog_commit_interval,
                     horizon,
                     transactions: self.metrics.changelog_transactions.clone(),
                     restore_records: self.metrics.restore_records.clone(),

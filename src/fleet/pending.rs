@@ -1,10 +1,11 @@
 //! The changelog's group commit: batches a serving replica has stored and not yet written to the
-//! changelog, merged so that one transaction carries every batch stored while the previous
-//! transaction was in flight. A click waits for its store write, never for a transaction.
+//! changelog, merged so that one transaction carries every batch stored since the previous one
+//! began, at most one transaction per commit interval (as Kafka Streams commits under
+//! exactly-once). A click waits for its store write, never for a transaction.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::ingest::Group;
 use crate::store::{HistoryIds, PartitionOffset};
@@ -97,9 +98,20 @@ impl Pending {
     }
 }
 
+/// How the writer paces its transactions.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pace {
+    /// The shortest time between the starts of two transactions: each costs the broker a
+    /// transaction log write and a marker in every partition it touched, whatever it carries.
+    pub interval: Duration,
+    /// Stored batches that may wait: the store waits beyond it, and the writer does not wait
+    /// for the interval once half of it waits.
+    pub max_waiting: usize,
+}
+
 /// The stored batches a replica's changelog writer takes, one merged transaction at a time.
-#[derive(Default)]
 pub(super) struct Queue {
+    pace: Pace,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -109,12 +121,28 @@ struct State {
     pending: Pending,
     /// A transaction is being written.
     writing: bool,
+    /// When the last transaction was taken.
+    last_taken: Option<Instant>,
+    /// Callers waiting for everything pending to be written: the writer does not wait for the
+    /// interval meanwhile.
+    draining: usize,
     /// Why the writer stopped: every later batch is refused with it.
     failed: Option<String>,
     closed: bool,
 }
 
 impl Queue {
+    pub fn new(pace: Pace) -> Self {
+        Self {
+            pace: Pace {
+                max_waiting: pace.max_waiting.max(1),
+                ..pace
+            },
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -151,9 +179,10 @@ impl Queue {
         }
     }
 
-    /// Adds a stored batch once fewer than `max_waiting` wait (the store never runs more than
-    /// that ahead of the changelog); the writer's failure if it failed.
-    pub fn push(&self, max_waiting: usize, add: impl FnOnce(&mut Pending)) -> Result<(), String> {
+    /// Adds a stored batch once fewer than [`Pace::max_waiting`] wait (the store never runs more
+    /// than that ahead of the changelog); the writer's failure if it failed.
+    pub fn push(&self, add: impl FnOnce(&mut Pending)) -> Result<(), String> {
+        let max_waiting = self.pace.max_waiting;
         let mut s = self.wait_while(|s| s.pending.len() >= max_waiting)?;
         add(&mut s.pending);
         self.changed.notify_all();
@@ -163,19 +192,46 @@ impl Queue {
     /// Waits until every pushed batch is written (or the writer failed: its reason), giving up
     /// at `until` when there is one.
     pub fn wait_idle(&self, until: Option<Instant>) -> Result<(), String> {
-        self.wait_while_until(|s| s.writing || !s.pending.is_empty(), until)
-            .map(drop)
+        self.state().draining += 1;
+        self.changed.notify_all();
+        let idle = self.wait_while_until(|s| s.writing || !s.pending.is_empty(), until);
+        let mut s = match idle {
+            Ok(s) => s,
+            Err(why) => {
+                self.state().draining -= 1;
+                return Err(why);
+            }
+        };
+        s.draining -= 1;
+        Ok(())
     }
 
-    /// The writer's next transaction: everything pending, once something is; `None` once the
-    /// queue is closed or the writer failed.
+    /// The writer's next transaction: everything pending, once something is and the interval
+    /// since the last one has passed (at once while the store waits for room or someone waits
+    /// for the queue to drain); `None` once the queue is closed or the writer failed.
     pub fn next(&self) -> Option<Batch> {
         let mut s = self.wait_while(|s| s.pending.is_empty()).ok()?;
-        if s.closed {
-            return None;
+        loop {
+            if s.closed || s.failed.is_some() {
+                return None;
+            }
+            let due = s.last_taken.map(|at| at + self.pace.interval);
+            let wait = due.map_or(Duration::ZERO, |due| {
+                due.saturating_duration_since(Instant::now())
+            });
+            let hurry = s.draining > 0 || 2 * s.pending.len() >= self.pace.max_waiting;
+            if wait.is_zero() || hurry {
+                break;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         let batch = s.pending.take()?;
         s.writing = true;
+        s.last_taken = Some(Instant::now());
         Some(batch)
     }
 
@@ -284,12 +340,65 @@ mod tests {
         assert!(b.reread.contains("u1") && !b.stored.contains_key("u1"));
     }
 
+    fn add(p: &mut Pending) {
+        p.add([], ["u".to_string()], &[offset(0, 1)], group())
+    }
+
+    #[test]
+    fn transactions_start_an_interval_apart_unless_the_store_or_a_drain_waits() {
+        let interval = Duration::from_millis(300);
+        let q = Arc::new(Queue::new(Pace {
+            interval,
+            max_waiting: 4,
+        }));
+        q.push(add).expect("room");
+        let first = Instant::now();
+        assert_eq!(q.next().expect("the first at once").batches, 1);
+        assert!(first.elapsed() < interval, "the first waits for nothing");
+        q.finished(None);
+        q.push(add).expect("room");
+        assert_eq!(q.next().expect("the second").batches, 1);
+        assert!(
+            first.elapsed() >= interval,
+            "the second an interval after the first"
+        );
+        q.finished(None);
+
+        // half of the room taken: the store would soon wait, so no interval
+        let taken = Instant::now();
+        q.push(add).expect("room");
+        q.push(add).expect("room");
+        assert_eq!(q.next().expect("two merged").batches, 2);
+        assert!(
+            taken.elapsed() < interval,
+            "taken at once when half the room waits"
+        );
+        q.finished(None);
+
+        // a drain does not wait for the interval either
+        q.push(add).expect("room");
+        let drained = Instant::now();
+        let drain = {
+            let q = q.clone();
+            std::thread::spawn(move || q.wait_idle(None))
+        };
+        assert_eq!(q.next().expect("drained").batches, 1);
+        q.finished(None);
+        assert_eq!(drain.join().expect("drain"), Ok(()));
+        assert!(
+            drained.elapsed() < interval / 2,
+            "a drain hurries the writer"
+        );
+    }
+
     #[test]
     fn the_queue_bounds_what_waits_hands_it_over_merged_and_reports_a_failure() {
-        let q = Arc::new(Queue::default());
-        let add = |p: &mut Pending| p.add([], ["u".to_string()], &[offset(0, 1)], group());
-        q.push(2, add).expect("room");
-        q.push(2, add).expect("room");
+        let q = Arc::new(Queue::new(Pace {
+            interval: Duration::ZERO,
+            max_waiting: 2,
+        }));
+        q.push(add).expect("room");
+        q.push(add).expect("room");
         let writer = {
             let q = q.clone();
             std::thread::spawn(move || {
@@ -302,23 +411,23 @@ mod tests {
             })
         };
         // a third batch waits for room: pushed once the writer took the first two
-        q.push(2, add)
+        q.push(add)
             .expect("room after the writer took the first two");
         let idle = q.wait_idle(None);
         let (first, second, stopped) = writer.join().expect("writer");
         assert_eq!((first, second), (2, 1), "two merged, then the third");
         assert_eq!(idle, Err("the broker refused".to_string()));
         assert!(stopped, "a failed writer takes nothing more");
-        assert_eq!(q.push(2, add), Err("the broker refused".to_string()));
+        assert_eq!(q.push(add), Err("the broker refused".to_string()));
     }
 
     #[test]
     fn a_bounded_wait_gives_up_on_a_transaction_that_does_not_end() {
-        let q = Queue::default();
-        q.push(2, |p| {
-            p.add([], ["u".to_string()], &[offset(0, 1)], group())
-        })
-        .expect("room");
+        let q = Queue::new(Pace {
+            interval: Duration::ZERO,
+            max_waiting: 2,
+        });
+        q.push(add).expect("room");
         let _in_flight = q.next().expect("a batch");
         let started = Instant::now();
         let limit = std::time::Duration::from_millis(100);

@@ -15,7 +15,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::changelog::{self, Changelog, Consumed, Horizon, Marker, UserRecord, WriteError};
-use super::pending::{Batch, Queue};
+use super::pending::{Batch, Pace, Queue};
 use crate::activity::Activity;
 use crate::config::KafkaConfig;
 use crate::ingest::{Group, Partitions, Start, Take};
@@ -37,6 +37,8 @@ pub struct ReplicaContext {
     pub cleanup_delay: Duration,
     /// `serve.restore_timeout`: the longest one partition's restore may take.
     pub restore_timeout: Duration,
+    /// `serve.changelog_commit_interval`: the shortest time between two changelog transactions.
+    pub commit_interval: Duration,
     /// Past it, a local copy is restored from the changelog's beginning (see [`Horizon`]).
     pub horizon: Horizon,
     /// `multivaed_changelog_transactions_total` (label: result).
@@ -86,8 +88,9 @@ struct Resumed {
     replay_until: Option<i64>,
 }
 
-/// Stored batches that may wait for the changelog writer: beyond, the store waits for it.
-const MAX_WAITING: usize = 4;
+/// Stored batches that may wait for the changelog writer: beyond, the store waits for it (at
+/// 1k clicks/s a replica stores ~100 small batches a second).
+const MAX_WAITING: usize = 64;
 /// How long a fenced changelog transaction is tried again with the consumer's metadata of now.
 const REFRESH_FOR: Duration = Duration::from_secs(5);
 /// The longest a claim is tried (a broker down fails the restore instead of holding it).
@@ -105,11 +108,15 @@ impl Replica {
     /// The replica and its changelog writer thread.
     pub fn start(cx: ReplicaContext) -> Result<Arc<Self>> {
         let changelog = Changelog::new(&cx.kafka, cx.announcer.id.clone());
+        let queue = Queue::new(Pace {
+            interval: cx.commit_interval,
+            max_waiting: MAX_WAITING,
+        });
         let replica = Arc::new(Self {
             cx,
             changelog,
             batch: Mutex::new(()),
-            queue: Arc::new(Queue::default()),
+            queue: Arc::new(queue),
             pending: Mutex::new(HashSet::new()),
             consumed: Mutex::new(HashMap::new()),
             unwritten: Mutex::new(Vec::new()),
@@ -576,9 +583,7 @@ impl Partitions for Replica {
         let reread =
             (replayed.iter().cloned()).chain(applied.forgotten.iter().map(|f| f.user.clone()));
         self.queue
-            .push(MAX_WAITING, |pending| {
-                pending.add(written, reread, offsets, group)
-            })
+            .push(|pending| pending.add(written, reread, offsets, group))
             .map_err(|e| anyhow::anyhow!("cannot write the changelog: {e}"))?;
         Ok(applied)
     }

@@ -235,6 +235,90 @@ pub struct ServeLatency {
     /// `multivaed_click_stage_seconds` during the load: (stage, p50 ms, p99 ms, count).
     pub stages: Vec<(String, f64, f64, f64)>,
     pub scoring: String,
+    /// Where the machine's cores went during the load.
+    pub cpu: LoadCpu,
+}
+
+/// Cores in use during the load, on average: the machine's (`/proc/stat`), each daemon's
+/// (`multivaed_process_cpu_seconds_total`), the benchmark's own producer and consumer, and the rest (on a
+/// machine running nothing else: the broker).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadCpu {
+    pub machine: f64,
+    pub replica: f64,
+    pub trainer: f64,
+    pub benchmark: f64,
+    pub rest: f64,
+}
+
+/// CPU seconds so far: the machine's busy time, each daemon's, the benchmark's.
+struct CpuSample {
+    at: Instant,
+    machine: f64,
+    replica: f64,
+    trainer: f64,
+    benchmark: f64,
+}
+
+impl CpuSample {
+    fn take(replica: &Daemon, trainer: &Daemon) -> Self {
+        Self {
+            at: Instant::now(),
+            machine: machine_busy_seconds(),
+            replica: metric(replica, "multivaed_process_cpu_seconds_total"),
+            trainer: metric(trainer, "multivaed_process_cpu_seconds_total"),
+            benchmark: own_cpu_seconds(),
+        }
+    }
+
+    fn since(&self, before: &CpuSample) -> LoadCpu {
+        let wall = self.at.duration_since(before.at).as_secs_f64().max(1e-9);
+        let cores = |now: f64, then: f64| (now - then) / wall;
+        let machine = cores(self.machine, before.machine);
+        let replica = cores(self.replica, before.replica);
+        let trainer = cores(self.trainer, before.trainer);
+        let benchmark = cores(self.benchmark, before.benchmark);
+        LoadCpu {
+            machine,
+            replica,
+            trainer,
+            benchmark,
+            rest: machine - replica - trainer - benchmark,
+        }
+    }
+}
+
+/// Seconds every core of the machine has spent busy (not idle, not waiting for I/O).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = (stat.lines().next().unwrap_or_default())
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let idle = ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0);
+    (ticks.iter().sum::<f64>() - idle) / clock_ticks()
+}
+
+/// This process's CPU seconds (user and system).
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<f64> = (stat.rsplit_once(')').map_or("", |(_, rest)| rest))
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // after the state letter (not a number): utime and stime are the 11th and 12th numbers
+    (fields.get(10).unwrap_or(&0.0) + fields.get(11).unwrap_or(&0.0)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant of the system and has no preconditions
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
 }
 
 /// A trainer and a serving replica; the trainer's first model over `items` items (the paper's
@@ -314,12 +398,18 @@ pub fn serve_latency(
         exe: opts.exe.clone(),
         work_dir: dir.clone(),
     };
+    let mut samples = Vec::new();
+    let mut sample = || samples.push(CpuSample::take(&replica, &trainer));
     let super::stream::Measured {
         latencies: mut l,
         sent: clicks,
         achieved,
         transit,
-    } = super::stream::measure(&stream_opts, &fleet.setup, users, rate, 300)?;
+    } = super::stream::measure(&stream_opts, &fleet.setup, users, rate, 300, &mut sample)?;
+    let cpu = match samples.as_slice() {
+        [start, end] => end.since(start),
+        _ => bail!("the load was not sampled at its start and end"),
+    };
     l.sort_by(|a, b| a.total_cmp(b));
     let inside = super::stream::bucket_delta(
         &inside0,
@@ -354,6 +444,7 @@ pub fn serve_latency(
         transit_p99_ms: super::stream::quantile(&transit, 0.99),
         stages,
         scoring: scoring.to_string(),
+        cpu,
     };
     eprintln!(
         "fleet latency at {rate} clicks/s ({scoring}): end to end p50 {:.1} ms p99 {:.1} ms; in the replica p50 {:.1} ms p99 {:.1} ms; {} of {} answered",
@@ -366,5 +457,10 @@ pub fn serve_latency(
     for (s, p50, p99, n) in &f.stages {
         eprintln!("  stage {s}: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} observations)");
     }
+    let c = &f.cpu;
+    eprintln!(
+        "  cores in use: the machine {:.2}: the replica {:.2}, the trainer {:.2}, the benchmark {:.2}, the rest (the broker) {:.2}",
+        c.machine, c.replica, c.trainer, c.benchmark, c.rest
+    );
     Ok(f)
 }

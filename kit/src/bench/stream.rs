@@ -236,12 +236,14 @@ pub(super) struct Measured {
 }
 
 /// Steady load at `rate` for `seconds`: see [`Measured`].
+/// `at_load` is called as the first click is sent and after the last.
 pub(super) fn measure(
     opts: &StreamBenchOptions,
     topics: &Setup,
     users: usize,
     rate: f64,
     seed: u64,
+    at_load: &mut dyn FnMut(),
 ) -> Result<Measured> {
     let pending: Pending = Arc::default();
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
@@ -287,6 +289,7 @@ pub(super) fn measure(
     // behind by seconds before the daemon sees a click
     let p = producer_to(&opts.brokers, "5")?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    at_load();
     let start = Instant::now();
     let mut sent = 0usize;
     while start.elapsed().as_secs_f64() < opts.seconds {
@@ -307,6 +310,7 @@ pub(super) fn measure(
         sent += 1;
     }
     let achieved = sent as f64 / start.elapsed().as_secs_f64();
+    at_load();
     p.flush(Duration::from_secs(30))?;
     // stragglers
     std::thread::sleep(Duration::from_secs(3));
@@ -497,7 +501,7 @@ fn latency(opts: &StreamBenchOptions) -> Result<Vec<LatencyFigures>> {
             sent: clicks,
             achieved,
             transit,
-        } = measure(opts, &topics, users, rate, seed)?;
+        } = measure(opts, &topics, users, rate, seed, &mut || {})?;
         produced += clicks;
         l.sort_by(|a, b| a.total_cmp(b));
         let batches = metric(d, "multivaed_scoring_duration_seconds_count")? - batches0;
