@@ -194,16 +194,9 @@ impl Queue {
     pub fn wait_idle(&self, until: Option<Instant>) -> Result<(), String> {
         self.state().draining += 1;
         self.changed.notify_all();
-        let idle = self.wait_while_until(|s| s.writing || !s.pending.is_empty(), until);
-        let mut s = match idle {
-            Ok(s) => s,
-            Err(why) => {
-                self.state().draining -= 1;
-                return Err(why);
-            }
-        };
-        s.draining -= 1;
-        Ok(())
+        let idle = (self.wait_while_until(|s| s.writing || !s.pending.is_empty(), until)).map(drop);
+        self.state().draining -= 1;
+        idle
     }
 
     /// The writer's next transaction: everything pending, once something is and the interval

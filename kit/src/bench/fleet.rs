@@ -288,37 +288,27 @@ impl CpuSample {
     }
 }
 
-/// Seconds every core of the machine has spent busy (not idle, not waiting for I/O).
+/// Seconds every core of the machine has spent busy (not idle, not waiting for I/O; a guest's
+/// time is already in `user`).
 fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<f64> = (stat.lines().next().unwrap_or_default())
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    let idle = ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0);
-    (ticks.iter().sum::<f64>() - idle) / clock_ticks()
+    use procfs::CurrentSI;
+    procfs::KernelStats::current().map_or(0.0, |stat| {
+        let t = stat.total;
+        let busy = t.user
+            + t.nice
+            + t.system
+            + t.irq.unwrap_or(0)
+            + t.softirq.unwrap_or(0)
+            + t.steal.unwrap_or(0);
+        busy as f64 / procfs::ticks_per_second() as f64
+    })
 }
 
 /// This process's CPU seconds (user and system).
 fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<f64> = (stat.rsplit_once(')').map_or("", |(_, rest)| rest))
-        .split_whitespace()
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    // after the state letter (not a number): utime and stime are the 11th and 12th numbers
-    (fields.get(10).unwrap_or(&0.0) + fields.get(11).unwrap_or(&0.0)) / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf reads a constant of the system and has no preconditions
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as f64
-    } else {
-        100.0
-    }
+    (procfs::process::Process::myself().and_then(|p| p.stat())).map_or(0.0, |s| {
+        (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64
+    })
 }
 
 /// A trainer and a serving replica; the trainer's first model over `items` items (the paper's
