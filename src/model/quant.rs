@@ -1,6 +1,7 @@
 //! The scorer's reduced-precision candidate pass: the output layer in int8 (one scale per item),
-//! multiplied with AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds an instruction, four times fp32's)
-//! or, on a CPU with AVX2 only, `vpmaddubsw` + `vpmaddwd` (64 multiply-adds in six instructions
+//! multiplied with AMX (`tdpbusd`, 16 users × 16 items × 64 hidden units an instruction) where
+//! the CPU and the kernel allow it, AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds an instruction,
+//! four times fp32's) or, on a CPU with AVX2 only, `vpmaddubsw` + `vpmaddwd` (64 multiply-adds in six instructions
 //! against fp32's eight FMAs, and a quarter of the bytes read), detected at run time. Only
 //! candidates come from it: they are re-scored exactly in fp32, so a published score is always
 //! exact and a ranking differs from the exact one only when an item of the exact top-k falls
@@ -40,6 +41,9 @@ pub fn scoring() -> Scoring {
 /// The int8 kernel a CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    /// AMX-INT8 tiles (the sums made 16 users by 16 items at a time), AVX-512 for the rest:
+    /// activations in 8 bits.
+    Amx,
     /// AVX-512 VNNI: activations in 8 bits.
     Vnni,
     /// AVX2: activations in 7 bits, so that `vpmaddubsw`'s pairs of products never saturate
@@ -51,7 +55,7 @@ impl Kernel {
     /// The largest quantized activation magnitude.
     fn levels(self) -> f32 {
         match self {
-            Kernel::Vnni => 127.0,
+            Kernel::Amx | Kernel::Vnni => 127.0,
             Kernel::Avx2 => 63.0,
         }
     }
@@ -63,19 +67,24 @@ impl Kernel {
 
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::Amx => "amx-int8",
             Kernel::Vnni => "avx512-vnni",
             Kernel::Avx2 => "avx2",
         }
     }
 }
 
-/// The int8 kernel this CPU runs, if any.
+/// The int8 kernel this CPU runs, if any: the fastest it has.
 pub fn int8_kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
-            return Some(Kernel::Vnni);
+            return Some(if amx::usable() {
+                Kernel::Amx
+            } else {
+                Kernel::Vnni
+            });
         }
         if has!("avx2") && has!("fma") {
             return Some(Kernel::Avx2);
@@ -109,7 +118,7 @@ const CHUNK_BLOCKS: usize = 26;
 pub(crate) struct Int8Output {
     kernel: Kernel,
     hidden: usize,
-    /// Hidden units padded to a multiple of 4, in groups of 4.
+    /// Hidden units padded to a multiple of 4 (of 64 for AMX, a tile's depth), in groups of 4.
     groups: usize,
     items: usize,
     packed: Vec<i8>,
@@ -129,7 +138,10 @@ impl Int8Output {
         items: usize,
         kernel: Kernel,
     ) -> Self {
-        let groups = hidden.div_ceil(4);
+        let groups = match kernel {
+            Kernel::Amx => hidden.div_ceil(amx::DEPTH) * amx::DEPTH / 4,
+            Kernel::Vnni | Kernel::Avx2 => hidden.div_ceil(4),
+        };
         let padded = items.div_ceil(BLOCK) * BLOCK;
         let mut packed = vec![0i8; padded * groups * 4];
         let mut scale = vec![0f32; padded];
@@ -171,23 +183,42 @@ impl Int8Output {
         seen: &[&[u32]],
         count: usize,
     ) -> Vec<Vec<(u32, f32)>> {
+        self.candidates_in(h, seen, count, 0..self.blocks())
+    }
+
+    /// The packed blocks of 16 items (the last one padded).
+    pub(crate) fn blocks(&self) -> usize {
+        self.scale.len() / BLOCK
+    }
+
+    /// As [`Int8Output::candidates`], among the items of `blocks` only (block `b` holds items
+    /// `16b..16b + 16`).
+    pub(crate) fn candidates_in(
+        &self,
+        h: &[f32],
+        seen: &[&[u32]],
+        count: usize,
+        blocks: std::ops::Range<usize>,
+    ) -> Vec<Vec<(u32, f32)>> {
         let users = seen.len();
         assert_eq!(h.len(), users * self.hidden);
         let (acts, act_scale) = self.quantize_activations(h, users);
+        // SAFETY: a copy is quantized for AMX only where `int8_kernel()` named it, which asked
+        // the kernel for the tiles first
+        let _tiles = (self.kernel == Kernel::Amx).then(|| unsafe { amx::Tiles::load() });
         let mut best: Vec<Best<'_>> = seen.iter().map(|s| Best::new(s, count)).collect();
-        let blocks = self.scale.len() / BLOCK;
         let row = self.groups * 4;
         let block_bytes = self.groups * BLOCK * 4;
         let mut logits = [[0f32; BLOCK]; USERS];
         let mut masks = [0u16; USERS];
         let mut thresholds = [0f32; USERS];
-        for chunk in (0..blocks).step_by(CHUNK_BLOCKS) {
+        for chunk in blocks.clone().step_by(CHUNK_BLOCKS) {
             for first in (0..users).step_by(USERS) {
                 let n = (users - first).min(USERS);
-                let acts = &acts[first * row..(first + n) * row];
+                let acts = &acts[first * row..(first + USERS) * row];
                 let scales = &act_scale[first..first + n];
                 let best = &mut best[first..first + n];
-                for b in chunk..(chunk + CHUNK_BLOCKS).min(blocks) {
+                for b in chunk..(chunk + CHUNK_BLOCKS).min(blocks.end) {
                     let items = b * BLOCK..(b + 1) * BLOCK;
                     let block = Block {
                         w: &self.packed[b * block_bytes..(b + 1) * block_bytes],
@@ -216,11 +247,12 @@ impl Int8Output {
     }
 
     /// Each user's activations as unsigned bytes `round(h/a) + o` (a = max|h|/L, L and o the
-    /// kernel's), padded to whole groups of 4, with `a`.
+    /// kernel's), padded to whole groups of 4, with `a`; the rows padded to a whole part of
+    /// users (a tile's 16 rows: the padding's sums are made and never read).
     fn quantize_activations(&self, h: &[f32], users: usize) -> (Vec<u8>, Vec<f32>) {
         let row = self.groups * 4;
         let (levels, o) = (self.kernel.levels(), self.kernel.act_offset());
-        let mut acts = vec![o as u8; users * row];
+        let mut acts = vec![o as u8; users.div_ceil(USERS) * USERS * row];
         let mut scales = vec![0f32; users];
         for u in 0..users {
             let x = &h[u * self.hidden..(u + 1) * self.hidden];
@@ -333,6 +365,12 @@ fn scores_of_block(
         // above.
         unsafe {
             match kernel {
+                Kernel::Amx => {
+                    assert!(
+                        groups.is_multiple_of(amx::DEPTH / 4) && acts.len() >= USERS * groups * 4
+                    );
+                    amx::block(acts, act_scale, groups, block, out)
+                }
                 Kernel::Vnni => in_parts(USERS, acts, act_scale, groups, out, |a, s, o| {
                     match s.len() {
                         USERS => vnni::block::<USERS>(a, s, groups, block, o),
@@ -476,12 +514,24 @@ mod vnni {
                 *acc = _mm512_dpbusd_epi32(*acc, x, wv);
             }
         }
+        logits(&acc, act_scale, block, out);
+    }
+
+    /// Each user's 16 sums to logits, `a·s·(sum − offset) + bias`, kept when one reaches the
+    /// user's threshold.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn logits(
+        acc: &[__m512i],
+        act_scale: &[f32],
+        block: &Block<'_>,
+        out: Out<'_>,
+    ) {
         let scale = _mm512_loadu_ps(block.scale.as_ptr());
         let offset = _mm512_loadu_si512(block.offset.as_ptr() as *const __m512i);
         let bias = _mm512_loadu_ps(block.bias.as_ptr());
-        for (u, acc) in acc.iter().enumerate() {
-            let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, offset));
-            let s = _mm512_mul_ps(_mm512_set1_ps(act_scale[u]), scale);
+        for (u, &s) in act_scale.iter().enumerate() {
+            let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u], offset));
+            let s = _mm512_mul_ps(_mm512_set1_ps(s), scale);
             let logits = _mm512_fmadd_ps(sums, s, bias);
             let bar = _mm512_set1_ps(out.thresholds[u]);
             let mask = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(logits, bar);
@@ -489,6 +539,155 @@ mod vnni {
             if mask != 0 {
                 _mm512_storeu_ps(out.logits[u].as_mut_ptr(), logits);
             }
+        }
+    }
+}
+
+/// AMX: the sums of 16 users (a tile's rows, the missing ones padding) by a block's 16 items
+/// in one tile register, 64 hidden units a `tdpbusd`; the logits from them as VNNI makes them.
+/// Rust has no AMX intrinsics yet, so the few instructions are written as assembly; the tile
+/// registers are named there and nothing else in the process uses them.
+mod amx {
+    /// Hidden units one `tdpbusd` multiplies (a tile row of 64 activation bytes).
+    pub(super) const DEPTH: usize = 64;
+
+    /// Whether this CPU has AMX-INT8 and the operating system lets this process use it: Linux
+    /// hands the tiles' state (8 KB a thread) only to a process that asks.
+    pub(super) fn usable() -> bool {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(|| has_amx_int8() && request_tiles())
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn has_amx_int8() -> bool {
+        // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        leaf.edx & (0b11 << 24) == 0b11 << 24
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    fn has_amx_int8() -> bool {
+        false
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn request_tiles() -> bool {
+        // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), from the kernel's uapi headers
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request for a permission; it touches no memory of ours
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    fn request_tiles() -> bool {
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) use kernel::{block, Tiles};
+
+    /// No tiles off x86-64 (where no copy is quantized for AMX).
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) struct Tiles;
+
+    #[cfg(not(target_arch = "x86_64"))]
+    impl Tiles {
+        pub(super) unsafe fn load() -> Self {
+            Tiles
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod kernel {
+        use std::arch::asm;
+        use std::arch::x86_64::*;
+
+        use super::super::{vnni, Block, Out, BLOCK, USERS};
+        use super::DEPTH;
+
+        /// The shapes of the three tiles used (palette 1): tmm0 the sums (16 rows of 16 int32),
+        /// tmm4 the users' activations and tmm6 a block's weights (16 rows of 64 bytes each).
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+
+        /// The tiles configured on this thread until dropped, then released (a thread holding
+        /// none saves no tile state when it is switched out).
+        pub(in super::super) struct Tiles(());
+
+        impl Tiles {
+            /// # Safety
+            /// Only where [`super::usable`] holds.
+            pub(in super::super) unsafe fn load() -> Self {
+                let mut c = Config([0; 64]);
+                c.0[0] = 1;
+                for t in [0, 4, 6] {
+                    c.0[16 + 2 * t] = 64;
+                    c.0[48 + t] = 16;
+                }
+                asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
+                Tiles(())
+            }
+        }
+
+        impl Drop for Tiles {
+            fn drop(&mut self) {
+                // SAFETY: the tiles were configured by `load`
+                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+            }
+        }
+
+        #[repr(C, align(64))]
+        struct Sums([[i32; BLOCK]; USERS]);
+
+        /// 16 rows of `acts` (a user's `groups · 4` bytes each) by one block: per 64 hidden
+        /// units, a tile of the users' bytes and a tile of the block's (16 groups of 4 hidden
+        /// units × 16 items, 64 bytes each, as packed) multiplied into the sums.
+        ///
+        /// # Safety
+        /// Tiles loaded on this thread; `acts` holds 16 rows; `groups` is a multiple of 16.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        pub(in super::super) unsafe fn block(
+            acts: &[u8],
+            act_scale: &[f32],
+            groups: usize,
+            block: &Block<'_>,
+            out: Out<'_>,
+        ) {
+            let row = groups * 4;
+            let (a, w) = (acts.as_ptr(), block.w.as_ptr());
+            asm!("tilezero tmm0", options(nostack, nomem));
+            for step in 0..row / DEPTH {
+                asm!(
+                    "tileloadd tmm4, [{a} + {row}*1]",
+                    "tileloadd tmm6, [{w} + {width}*1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    a = in(reg) a.add(step * DEPTH),
+                    w = in(reg) w.add(step * DEPTH * BLOCK),
+                    row = in(reg) row,
+                    width = in(reg) BLOCK * 4,
+                    options(nostack, readonly),
+                );
+            }
+            let mut sums = Sums([[0; BLOCK]; USERS]);
+            asm!(
+                "tilestored [{s} + {width}*1], tmm0",
+                s = in(reg) sums.0.as_mut_ptr(),
+                width = in(reg) BLOCK * 4,
+                options(nostack),
+            );
+            let mut acc = [_mm512_setzero_si512(); USERS];
+            for (acc, sums) in acc.iter_mut().zip(&sums.0).take(act_scale.len()) {
+                *acc = _mm512_load_si512(sums.as_ptr() as *const __m512i);
+            }
+            vnni::logits(&acc, act_scale, block, out);
         }
     }
 }
@@ -505,6 +704,7 @@ mod tests {
     #[test]
     fn int8_candidates_hold_the_exact_top_items() {
         let kernels: &[Kernel] = match int8_kernel() {
+            Some(Kernel::Amx) => &[Kernel::Amx, Kernel::Vnni, Kernel::Avx2],
             Some(Kernel::Vnni) => &[Kernel::Vnni, Kernel::Avx2],
             Some(Kernel::Avx2) => &[Kernel::Avx2],
             None => {
@@ -514,6 +714,45 @@ mod tests {
         };
         for &kernel in kernels {
             candidates_hold_the_exact_top_items(kernel);
+        }
+    }
+
+    /// AMX makes VNNI's integer sums (its deeper rows padded with zero weights), so both find
+    /// the same candidates with the same approximate logits, to the bit.
+    #[test]
+    fn amx_finds_what_vnni_finds() {
+        if int8_kernel() != Some(Kernel::Amx) {
+            eprintln!("no AMX on this CPU: the AMX kernel is not used here");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (hidden, items) = (600, 2003);
+        let w: Vec<f32> = (0..hidden * items)
+            .map(|_| rng.gen_range(-0.1..0.1))
+            .collect();
+        let bias: Vec<f32> = (0..items).map(|_| rng.gen_range(-0.5..0.5)).collect();
+        let amx = Int8Output::new(&w, &bias, hidden, items, Kernel::Amx);
+        let vnni = Int8Output::new(&w, &bias, hidden, items, Kernel::Vnni);
+        for users in [1, 9, 16, 17, 40] {
+            let h: Vec<f32> = (0..users * hidden)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            let seen: Vec<Vec<u32>> = (0..users)
+                .map(|u| (0..u as u32 * 7).step_by(3).collect())
+                .collect();
+            let seen: Vec<&[u32]> = seen.iter().map(|s| s.as_slice()).collect();
+            let bits = |q: &Int8Output| -> Vec<Vec<(u32, u32)>> {
+                q.candidates(&h, &seen, 50)
+                    .into_iter()
+                    .map(|c| {
+                        let mut c: Vec<(u32, u32)> =
+                            c.into_iter().map(|(i, l)| (i, l.to_bits())).collect();
+                        c.sort_unstable();
+                        c
+                    })
+                    .collect()
+            };
+            assert_eq!(bits(&amx), bits(&vnni), "{users} users");
         }
     }
 

@@ -603,6 +603,13 @@ fn an_int8_serving_copy_ranks_as_the_exact_one() {
     let hidden = [1u32, 7, 250];
     let want = exact.recommend_weighted(&refs, None, &hidden, 20).unwrap();
     let got = int8.recommend_weighted(&refs, None, &hidden, 20).unwrap();
+    // a serving replica's smallest batches take the catalogue split (with more than one
+    // thread): the same candidates, so the same lists
+    let in_small_batches: Vec<Vec<(u32, f32)>> = refs
+        .chunks(7)
+        .flat_map(|c| int8.recommend_weighted(c, None, &hidden, 20).unwrap())
+        .collect();
+    assert!(got == in_small_batches, "small batches rank differently");
     let mut same = 0;
     for ((w, g), seen) in want.iter().zip(&got).zip(&rows) {
         assert_eq!(g.len(), 20);

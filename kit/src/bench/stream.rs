@@ -436,15 +436,18 @@ pub(super) fn produce_catalogue(
 ) -> Result<()> {
     let p = producer_to(brokers, "20")?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for u in 0..users {
-        send(&p, topic, &format!("u{u}"), &format!("i{}", u % items))?;
-    }
+    // the users' tastes first, each user's guaranteed click last: a trainer waiting for every
+    // user (`train.min_users`) then trains on the tastes, not on one click a user (a model of
+    // those lost to popularity on validation and was rejected)
     let group = (items / 200).max(1);
     for _ in 0..users * 5 {
         let u = rng.gen_range(0..users);
         let r: f64 = rng.gen();
         let i = ((u % 200) * group + (r * r * group as f64) as usize) % items;
         send(&p, topic, &format!("u{u}"), &format!("i{i}"))?;
+    }
+    for u in 0..users {
+        send(&p, topic, &format!("u{u}"), &format!("i{}", u % items))?;
     }
     p.flush(Duration::from_secs(120))?;
     Ok(())
