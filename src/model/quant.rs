@@ -717,6 +717,15 @@ mod tests {
         }
     }
 
+    /// A random output layer [hidden × items] and its bias.
+    fn random_output(rng: &mut impl Rng, hidden: usize, items: usize) -> (Vec<f32>, Vec<f32>) {
+        let w = (0..hidden * items)
+            .map(|_| rng.gen_range(-0.1..0.1))
+            .collect();
+        let bias = (0..items).map(|_| rng.gen_range(-0.5..0.5)).collect();
+        (w, bias)
+    }
+
     /// AMX makes VNNI's integer sums (its deeper rows padded with zero weights), so both find
     /// the same candidates with the same approximate logits, to the bit.
     #[test]
@@ -727,10 +736,7 @@ mod tests {
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (hidden, items) = (600, 2003);
-        let w: Vec<f32> = (0..hidden * items)
-            .map(|_| rng.gen_range(-0.1..0.1))
-            .collect();
-        let bias: Vec<f32> = (0..items).map(|_| rng.gen_range(-0.5..0.5)).collect();
+        let (w, bias) = random_output(&mut rng, hidden, items);
         let amx = Int8Output::new(&w, &bias, hidden, items, Kernel::Amx);
         let vnni = Int8Output::new(&w, &bias, hidden, items, Kernel::Vnni);
         for users in [1, 9, 16, 17, 40] {
@@ -759,10 +765,7 @@ mod tests {
     fn candidates_hold_the_exact_top_items(kernel: Kernel) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let (hidden, items) = (602, 1001);
-        let w: Vec<f32> = (0..hidden * items)
-            .map(|_| rng.gen_range(-0.1..0.1))
-            .collect();
-        let bias: Vec<f32> = (0..items).map(|_| rng.gen_range(-0.5..0.5)).collect();
+        let (w, bias) = random_output(&mut rng, hidden, items);
         let q = Int8Output::new(&w, &bias, hidden, items, kernel);
         for users in [1, 5, 16, 37] {
             let h: Vec<f32> = (0..users * hidden)
